@@ -1,0 +1,553 @@
+"""
+Stage 2: sources -> memmappable token shards.
+
+    python prepare.py config/demo.py                       # tokenize every configured source
+    python prepare.py config/demo.py --analyze_only=True   # what would be read; writes nothing
+
+Each source in the config's `sources` dict becomes
+
+    <data_dir>/<name>/{train,val}/shard_00000.bin   tokens (uint16 if the vocab fits, else uint32)
+                                  docs_00000.bin    int64 offset of each document's first token
+                                  mask_00000.bin    uint8 loss mask, chat sources only (1 = train on it)
+                                  meta.json         counts, shard list, tokenizer sha256, settings
+
+Every document starts with <s> (bos), so a training window always shows where one ends and the
+next begins. Chat sources are rendered with the chat template (tokenizer.render_conversation).
+Documents go to train or val whole: a seeded shuffle of document indices picks val_frac of them.
+
+Safe to interrupt: a source is built in <name>.tmp/ (shards renamed from temp names as they close,
+meta.json last) and swapped in when complete. A rerun skips sources whose meta.json matches the
+inputs, settings and tokenizer, and redoes the rest. Same inputs, tokenizer and seed give
+byte-identical shards, whatever the number of worker processes.
+"""
+import codecs
+import collections
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+
+from configurator import atomic_file, configure, die, suggest
+
+FORMAT_VERSION = 1
+DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
+
+# kind -> (format, {setting: default}). 'text' sources train on every token; 'chat' sources are
+# conversations with a loss mask. A setting a kind does not know is an error (typos must not pass).
+KINDS = {
+    'roam': ('text', {'path': None, 'glob': '**/*.md', 'add_title': True, 'val_frac': 0.1}),
+    'text': ('text', {'path': None, 'separator': None, 'val_frac': 0.1}),
+    'primer': ('chat', {'path': None, 'val_frac': 0.1}),
+    'chat': ('chat', {'path': None, 'val_frac': 0.1}),
+    'dolly': ('chat', {'path': None, 'val_frac': 0.1, 'categories': None}),
+    'oasst1': ('chat', {'path': None, 'val_frac': 0.1, 'lang': 'en'}),
+}
+
+
+def source_settings(name, src):
+    """Validate one entry of the `sources` config dict and fill in its defaults."""
+    if not isinstance(src, dict) or 'kind' not in src:
+        die(f"sources['{name}'] must be a dict with a 'kind' (one of {', '.join(KINDS)}), got {src!r}")
+    if src['kind'] not in KINDS:
+        die(f"sources['{name}']: unknown kind {src['kind']!r}{suggest(src['kind'], KINDS)}; kinds: {', '.join(KINDS)}")
+    fmt, defaults = KINDS[src['kind']]
+    for key in src:
+        if key != 'kind' and key not in defaults:
+            die(f"sources['{name}']: unknown setting {key!r}{suggest(key, defaults)} for kind "
+                f"'{src['kind']}'; it takes {', '.join(defaults)}")
+    out = {'name': name, 'kind': src['kind'], 'format': fmt, **defaults, **src}
+    if out['path'] is None:
+        die(f"sources['{name}'] needs a 'path'")
+    if not (isinstance(out['val_frac'], (int, float)) and 0 <= out['val_frac'] < 1):
+        die(f"sources['{name}']: val_frac must be a number in [0, 1), got {out['val_frac']!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading sources. Each reader yields (where, document): `where` names the file (and line) for
+# error messages; a document is a str (text sources) or a list of messages (chat sources).
+# Empty documents are skipped and counted in stats. With problems=None a bad file stops the run;
+# with a list (analyze_only) the problem is recorded and reading goes on.
+
+def source_files(src):
+    """The files a source reads, sorted; a missing path or an empty folder stops with its name."""
+    paths = src['path'] if isinstance(src['path'], list) else [src['path']]
+    files = []
+    for p in paths:
+        p = os.path.expanduser(p)
+        if src['kind'] == 'roam':
+            if not os.path.isdir(p):
+                die(f"sources['{src['name']}']: {p} is not a folder (a roam source is an exported folder of .md pages)")
+            # include_hidden: Roam pages titled '.something' are real pages; escape: folders named [[x]]
+            found = [f for f in glob.glob(os.path.join(glob.escape(p), src['glob']), recursive=True,
+                                          include_hidden=True) if os.path.isfile(f)]
+            if not found:
+                die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the right folder?")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        elif any(c in p for c in '*?['):
+            found = [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
+            if not found:
+                die(f"sources['{src['name']}']: no files match {p}")
+            files += found
+        else:
+            die(f"sources['{src['name']}']: {p} does not exist (check the 'path' of this source)")
+    return sorted(set(files))
+
+
+def read_utf8(path, problems):
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`, "
+               "or remove it from the source")
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror}"
+    if problems is None:
+        die(msg)
+    problems.append(msg)
+    return None
+
+
+def read_roam(src, stats=None, problems=None):
+    root = os.path.expanduser(src['path'])
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is None:
+            continue
+        if not text.strip():
+            stats is not None and stats.update(['empty'])
+            continue
+        title = os.path.splitext(os.path.relpath(path, root))[0]  # pages with '/' in the title are nested
+        yield path, (f"{title}\n{text}" if src['add_title'] else text)
+
+
+def read_text(src, stats=None, problems=None):
+    sep = src['separator']
+    for path in source_files(src):
+        if sep is None:
+            text = read_utf8(path, problems)
+            docs = [] if text is None else [text]
+        else:
+            docs = split_stream(path, sep, problems)
+        for doc in docs:
+            if doc.strip():
+                yield path, doc
+            else:
+                stats is not None and stats.update(['empty'])
+
+
+def split_stream(path, sep, problems, block=1 << 20):
+    """Documents of a file split on `sep`, read a block at a time (memory: the largest document)."""
+    decoder, rest, offset = codecs.getincrementaldecoder('utf-8')(), '', 0
+    with open(path, 'rb') as f:
+        while True:
+            data = f.read(block)
+            try:
+                rest += decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                msg = f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it or remove it from the source"
+                if problems is None:
+                    die(msg)
+                problems.append(msg)
+                return
+            offset += len(data)
+            *docs, rest = rest.split(sep)
+            yield from docs
+            if not data:
+                break
+    yield rest
+
+
+ROLE_LINE = re.compile(r'^(system|user|assistant):\s?(.*)$', re.IGNORECASE)
+
+
+def parse_primer(text, path):
+    """Primer format: dialogues separated by "\\n\\n<dialogue>\\n\\n"; in each, lines starting with
+    `system: `, `user: ` or `assistant: ` begin a turn, other lines continue the turn above."""
+    text = text.replace('\r\n', '\n')
+    if DIALOGUE_DELIM not in text:
+        die(f"{path}: no dialogue delimiter found. Separate dialogues with a line <dialogue> "
+            "between blank lines, i.e. the text \"\\n\\n<dialogue>\\n\\n\"")
+    line_no = 1
+    for block in text.split(DIALOGUE_DELIM):
+        start = line_no + (len(block) - len(block.lstrip('\n')))
+        line_no += block.count('\n') + DIALOGUE_DELIM.count('\n')
+        if not block.strip():
+            continue
+        messages = []
+        for i, line in enumerate(block.strip('\n').split('\n')):
+            m = ROLE_LINE.match(line)
+            if m:
+                messages.append({'role': m.group(1).lower(), 'content': m.group(2)})
+            elif messages:
+                messages[-1]['content'] += '\n' + line
+            elif line.strip():
+                die(f"{path} line {start + i}: a dialogue must start with 'system: ', 'user: ' or "
+                    f"'assistant: ', found {line[:60]!r}")
+        for m in messages:
+            m['content'] = m['content'].strip()
+        yield f"{path} line {start}", messages
+
+
+def read_primer(src, stats=None, problems=None):
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is not None:
+            yield from parse_primer(text, path)
+
+
+def read_jsonl(path, problems):
+    """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt', encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                msg = f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
+                if problems is None:
+                    die(msg)
+                problems.append(msg)
+
+
+def read_chat(src, stats=None, problems=None):
+    for path in source_files(src):
+        for n, obj in read_jsonl(path, problems):
+            messages = obj.get('messages') if isinstance(obj, dict) else None
+            if messages is None:
+                die(f"{path} line {n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+            yield f"{path} line {n}", messages
+
+
+def read_dolly(src, stats=None, problems=None):
+    """databricks-dolly-15k rows: instruction (+ context) -> user, response -> assistant."""
+    for path in source_files(src):
+        for n, row in read_jsonl(path, problems):
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ('instruction', 'response')):
+                die(f"{path} line {n}: a dolly row needs string fields 'instruction' and 'response'")
+            if src['categories'] is not None and row.get('category') not in src['categories']:
+                continue
+            context = (row.get('context') or '').strip()
+            user = row['instruction'].strip() + (f"\n\n{context}" if context else '')
+            if stats is not None:
+                stats.update([f"category {row.get('category')}"])
+            yield f"{path} line {n}", [{'role': 'user', 'content': user},
+                                        {'role': 'assistant', 'content': row['response'].strip()}]
+
+
+def best_path(message, lang):
+    """oasst1: follow the best-ranked live reply at every turn, from the prompt down to a leaf."""
+    path = []
+    while message is not None:
+        if message.get('deleted') or (lang and message.get('lang') != lang) or not message.get('text', '').strip():
+            break
+        path.append({'role': 'user' if message['role'] == 'prompter' else 'assistant',
+                     'content': message['text'].strip()})
+        live = [r for r in message.get('replies') or [] if not r.get('deleted')]
+        ranked = sorted(live, key=lambda r: r['rank'] if r.get('rank') is not None else float('inf'))
+        message = ranked[0] if ranked else None
+    if path and path[-1]['role'] == 'user':
+        path.pop()  # a conversation ends with an assistant reply
+    return path
+
+
+def read_oasst1(src, stats=None, problems=None):
+    """OpenAssistant message trees (the *.trees.jsonl[.gz] export): one conversation per tree."""
+    for path in source_files(src):
+        for n, tree in read_jsonl(path, problems):
+            if not isinstance(tree, dict) or not isinstance(tree.get('prompt'), dict):
+                die(f"{path} line {n}: expected an oasst1 message tree with a 'prompt' (the *.trees.jsonl export)")
+            messages = best_path(tree['prompt'], src['lang'])
+            if messages:
+                yield f"{path} line {n}", messages
+            elif stats is not None:
+                stats.update(['trees skipped (deleted, other language or no reply)'])
+
+
+READERS = {'roam': read_roam, 'text': read_text, 'primer': read_primer, 'chat': read_chat,
+           'dolly': read_dolly, 'oasst1': read_oasst1}
+
+
+def iter_documents(src, stats=None, problems=None):
+    return READERS[src['kind']](src, stats, problems)
+
+
+def iter_texts(src):
+    """Plain text of a source, for training the tokenizer: documents, or each message of a chat."""
+    for _, doc in iter_documents(src):
+        if isinstance(doc, str):
+            yield doc
+        else:
+            yield from (m['content'] for m in doc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing. Workers each load the tokenizer once and turn a batch of documents into arrays.
+
+worker_tok = None
+
+
+def init_worker(tokenizer_path):
+    global worker_tok
+    import tokenizer
+    worker_tok = tokenizer.Tokenizer(tokenizer_path)
+
+
+def tokenize_batch(batch, max_conversation_tokens):
+    """[(where, doc)] -> [(ids, mask or None, n_bytes, truncated)]; rendering errors name the document."""
+    import tokenizer
+    out = []
+    for where, doc in batch:
+        if isinstance(doc, str):
+            ids, mask, n_bytes = [worker_tok.bos_id] + worker_tok.encode(doc), None, len(doc.encode('utf-8'))
+        else:
+            try:
+                ids, mask = tokenizer.render_conversation(worker_tok, doc)
+            except ValueError as e:
+                return f"{where}: {e}"
+            if sum(mask) == 0:
+                return f"{where}: this conversation has no assistant reply to train on"
+            n_bytes = sum(len(m['content'].encode('utf-8')) for m in doc)
+        truncated = mask is not None and len(ids) > max_conversation_tokens
+        if truncated:
+            ids, mask = ids[:max_conversation_tokens], mask[:max_conversation_tokens]
+        out.append((np.array(ids, dtype=np.uint32), None if mask is None else np.array(mask, dtype=np.uint8),
+                    n_bytes, truncated))
+    return out
+
+
+def batches(docs, target_bytes=1 << 18):
+    batch, size = [], 0
+    for where, doc in docs:
+        batch.append((where, doc))
+        size += len(doc) if isinstance(doc, str) else sum(len(m['content']) for m in doc)
+        if size >= target_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def tokenized(docs, tokenizer_path, num_proc, max_conversation_tokens):
+    """Tokenize documents in order, in parallel, with a bounded number of batches in flight (so
+    memory does not grow with the corpus, unlike Pool.imap which reads its input eagerly)."""
+    if num_proc <= 1:
+        init_worker(tokenizer_path)
+        for batch in batches(docs):
+            yield tokenize_batch(batch, max_conversation_tokens)
+        return
+    with mp.Pool(num_proc, initializer=init_worker, initargs=(tokenizer_path,)) as pool:
+        pending = collections.deque()
+        for batch in batches(docs):
+            pending.append(pool.apply_async(tokenize_batch, (batch, max_conversation_tokens)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class SplitWriter:
+    """Appends documents to shard files in `folder`, starting a new shard when the next document
+    would pass `shard_tokens`. Files are written under temp names and renamed when complete."""
+
+    def __init__(self, folder, dtype, shard_tokens, chat):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.dtype, self.shard_tokens, self.chat = folder, dtype, shard_tokens, chat
+        self.shards, self.files = [], None
+        self.tokens = self.documents = self.truncated = self.bytes = 0
+
+    def open_shard(self):
+        n = len(self.shards)
+        names = [f'shard_{n:05d}.bin', f'docs_{n:05d}.bin'] + ([f'mask_{n:05d}.bin'] if self.chat else [])
+        self.files = [(name, open(os.path.join(self.folder, name + '.tmp'), 'wb')) for name in names]
+        self.shards.append({'file': names[0], 'tokens': 0, 'documents': 0})
+
+    def close_shard(self):
+        for name, f in self.files:
+            f.close()
+            os.replace(os.path.join(self.folder, name + '.tmp'), os.path.join(self.folder, name))
+        self.files = None
+
+    def add(self, ids, mask, n_bytes, truncated):
+        shard = self.shards[-1] if self.shards else None
+        if self.files is None or (shard['tokens'] and shard['tokens'] + len(ids) > self.shard_tokens):
+            if self.files is not None:
+                self.close_shard()
+            self.open_shard()
+            shard = self.shards[-1]
+        self.files[0][1].write(ids.astype(self.dtype).tobytes())
+        self.files[1][1].write(np.array([shard['tokens']], dtype=np.int64).tobytes())
+        if self.chat:
+            self.files[2][1].write(mask.tobytes())
+        shard['tokens'] += len(ids)
+        shard['documents'] += 1
+        self.tokens += len(ids)
+        self.documents += 1
+        self.bytes += n_bytes
+        self.truncated += truncated
+
+    def finish(self, meta):
+        if self.files is not None:
+            self.close_shard()
+        meta = {**meta, 'tokens': self.tokens, 'documents': self.documents, 'bytes': self.bytes,
+                'shards': self.shards}
+        if self.chat:
+            meta['truncated'] = self.truncated
+        with atomic_file(os.path.join(self.folder, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=2)
+        return meta
+
+
+def fingerprint(src, files, tok_sha, cfg):
+    """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, seed, format."""
+    inputs = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.seed, cfg.shard_tokens,
+                      cfg.max_conversation_tokens], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def val_indices(n, val_frac, seed, name):
+    """Which documents go to val: a seeded shuffle of 0..n-1, first val_frac of it (at least one)."""
+    k = 0 if n < 2 or val_frac == 0 else max(1, round(n * val_frac))
+    rng = np.random.default_rng([seed, *name.encode()])
+    is_val = np.zeros(n, dtype=bool)
+    is_val[rng.permutation(n)[:k]] = True
+    return is_val
+
+
+def prepare_source(cfg, name, tok):
+    src = source_settings(name, cfg.sources[name])
+    files = source_files(src)
+    final = os.path.join(cfg.data_dir, name)
+    fp = fingerprint(src, files, tok.sha256, cfg)
+    metas = [os.path.join(final, split, 'meta.json') for split in ('train', 'val')]
+    if all(os.path.exists(p) and json.load(open(p)).get('fingerprint') == fp for p in metas):
+        print(f"prepare: {name} is up to date, skipping")
+        return
+    tmp = final + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier run was interrupted: start this source over
+
+    stats = collections.Counter()
+    n_docs = sum(1 for _ in iter_documents(src, stats))  # cheap pass: count, for the split and the ETA
+    if n_docs == 0:
+        die(f"sources['{name}']: no documents found in {src['path']} ({stats['empty']} empty files). "
+            "Point 'path' at your text.")
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    is_val = val_indices(n_docs, src['val_frac'], cfg.seed, name)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    chat = src['format'] == 'chat'
+    writers = {s: SplitWriter(os.path.join(tmp, s), dtype, cfg.shard_tokens, chat) for s in ('train', 'val')}
+    num_proc = cfg.num_proc or os.cpu_count()
+    print(f"prepare: {name} ({src['kind']}): {n_docs:,} documents, {total_bytes / 1e6:.1f} MB, "
+          f"{int(is_val.sum())} for val, {num_proc} processes")
+
+    t0 = last = time.time()
+    i = 0
+    for result in tokenized(iter_documents(src), tok.path, num_proc, cfg.max_conversation_tokens):
+        if isinstance(result, str):
+            die(result)
+        for ids, mask, n_bytes, truncated in result:
+            writers['val' if is_val[i] else 'train'].add(ids, mask, n_bytes, truncated)
+            i += 1
+        if time.time() - last > 2:
+            last = time.time()
+            done = sum(w.bytes for w in writers.values())
+            rate = done / (last - t0)
+            print(f"  {name}: {i:,}/{n_docs:,} docs, {done / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s, "
+                  f"ETA {max(0, total_bytes - done) / max(rate, 1):.0f}s", flush=True)
+
+    meta = {'format_version': FORMAT_VERSION, 'source': src, 'format': src['format'],
+            'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size, 'tokenizer_sha256': tok.sha256,
+            'seed': cfg.seed, 'fingerprint': fp, 'reader_counts': dict(stats)}
+    for split, w in writers.items():
+        m = w.finish({**meta, 'split': split})
+        extra = f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens" if chat else ''
+        print(f"  {name}/{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
+              f"{len(m['shards'])} shards{extra}")
+    old = final + '.old'
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    dt = time.time() - t0
+    print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} MB/s)")
+
+
+def analyze(cfg, names):
+    """Per source: files, documents, bytes, estimated tokens, empty and unreadable files."""
+    import tokenizer
+    tok = tokenizer.Tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path) else None
+    print(f"{'source':<16} {'kind':<8} {'files':>7} {'docs':>9} {'MB':>9} {'est. tokens':>13} {'empty':>6} {'bad':>4}")
+    for name in names:
+        src = source_settings(name, cfg.sources[name])
+        files = source_files(src)
+        stats, problems = collections.Counter(), []
+        n_docs, text_bytes, sample_bytes, sample_tokens = 0, 0, 0, 0
+        for _, doc in iter_documents(src, stats, problems):
+            n_docs += 1
+            text = doc if isinstance(doc, str) else '\n'.join(m['content'] for m in doc)
+            text_bytes += len(text.encode('utf-8'))
+            if tok and sample_bytes < 2_000_000:  # tokenize the first ~2 MB to estimate the rest
+                sample_bytes += len(text.encode('utf-8'))
+                sample_tokens += len(tok.encode(text))
+        total = sum(os.path.getsize(f) for f in files)
+        bytes_per_token = sample_bytes / sample_tokens if sample_tokens else 4.0
+        print(f"{name:<16} {src['kind']:<8} {len(files):>7,} {n_docs:>9,} {total / 1e6:>9.2f} "
+              f"{int(text_bytes / bytes_per_token):>13,} {stats['empty']:>6} {len(problems):>4}")
+        for p in problems:
+            print(f"    unreadable: {p}")
+    if tok is None:
+        print("(no tokenizer yet: tokens estimated at 4 bytes per token)")
+
+
+def load_split(data_dir, name, split, tokenizer_sha256=None):
+    """Read a prepared split's meta.json and check it; used by train.py and eval.py."""
+    path = os.path.join(data_dir, name, split, 'meta.json')
+    if not os.path.exists(path):
+        die(f"no prepared data for source '{name}' ({path} is missing): run `python prepare.py <your config>`")
+    meta = json.load(open(path))
+    if tokenizer_sha256 and meta['tokenizer_sha256'] != tokenizer_sha256:
+        die(f"{path} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}, the current one is "
+            f"{tokenizer_sha256[:12]}): re-run `python prepare.py <your config>` to re-tokenize it")
+    folder = os.path.dirname(path)
+    for shard in meta['shards']:
+        shard['path'] = os.path.join(folder, shard['file'])
+        size = os.path.getsize(shard['path']) if os.path.exists(shard['path']) else -1
+        if size != shard['tokens'] * np.dtype(meta['dtype']).itemsize:
+            die(f"{shard['path']} is missing or has the wrong size for {shard['tokens']} {meta['dtype']} tokens: "
+                f"re-run `python prepare.py <your config>`")
+    return meta
+
+
+def main():
+    cfg = configure()
+    names = cfg.prepare_sources or list(cfg.sources)
+    for name in names:
+        if name not in cfg.sources:
+            die(f"prepare_sources names '{name}'{suggest(name, cfg.sources)}, which is not in sources")
+    if not names:
+        die("no sources configured: add some to `sources` in your config")
+    if cfg.analyze_only:
+        return analyze(cfg, names)
+    import tokenizer
+    tok = tokenizer.Tokenizer(cfg.tokenizer_path)
+    for name in names:
+        prepare_source(cfg, name, tok)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,98 @@
+"""Shared helpers: a small generated corpus, configs pointing at it, and running the stage scripts."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+WORDS = ("the a bike chain wheel brake garden tomato bread starter radio valve sea cold cat note idea model "
+         "token loss attention layer learns slowly quickly fixes bakes reads swims writes under over with "
+         "from into and but because today tomorrow morning evening water flour salt seed leaf").split()
+
+
+def sentence(rng):
+    words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+    return ' '.join(words).capitalize() + rng.choice('.!?')
+
+
+def write_corpus(root, pages=30, dialogues=24, seed=0):
+    """A Roam-style export (nested folders, bullets, links), a primer and a plain text file."""
+    rng = random.Random(seed)
+    roam = os.path.join(root, 'roam')
+    for i in range(pages):
+        folder = os.path.join(roam, *(['projects', 'garden'][: i % 3]))
+        os.makedirs(folder, exist_ok=True)
+        lines = []
+        for _ in range(rng.randint(3, 12)):
+            depth = rng.randint(0, 2)
+            lines.append('    ' * depth + f"- {sentence(rng)} [[page {rng.randint(0, pages)}]] #tag{rng.randint(0, 5)}")
+        with open(os.path.join(folder, f'page {i}.md'), 'w', encoding='utf-8') as f:
+            f.write('\n'.join(lines) + '\n')
+    open(os.path.join(roam, 'empty page.md'), 'w').close()
+    blocks = []
+    for i in range(dialogues):
+        turns = ['system: you are a terse test bot.']
+        for _ in range(rng.randint(1, 3)):
+            turns += [f"user: {sentence(rng)}", f"assistant: {sentence(rng)}"]
+        if i % 5 == 0:
+            turns[-1] += f"\n{sentence(rng)}"  # a turn running on over a second line
+        blocks.append('\n'.join(turns))
+    with open(os.path.join(root, 'primer.txt'), 'w', encoding='utf-8') as f:
+        f.write('\n\n<dialogue>\n\n'.join(blocks) + '\n')
+    with open(os.path.join(root, 'story.txt'), 'w', encoding='utf-8') as f:
+        for _ in range(40):
+            f.write(' '.join(sentence(rng) for _ in range(5)) + '\n\n')
+        f.write('Unicode: café — 20°C 😀 中文 ▁ tabs\tand  spaces\n')
+    return root
+
+
+def write_config(path, out_dir, corpus, **extra):
+    """A config file for the generated corpus; extra keys are written as Python literals."""
+    keys = {
+        'out_dir': out_dir,
+        'sources': {
+            'roam': {'kind': 'roam', 'path': os.path.join(corpus, 'roam')},
+            'primer': {'kind': 'primer', 'path': os.path.join(corpus, 'primer.txt'), 'val_frac': 0.2},
+            'story': {'kind': 'text', 'path': os.path.join(corpus, 'story.txt'), 'separator': '\n\n'},
+        },
+        'vocab_size': 512,
+        'num_proc': 1,
+        **extra,
+    }
+    with open(path, 'w') as f:
+        for k, v in keys.items():
+            f.write(f"{k} = {v!r}\n")
+    return str(path)
+
+
+def run(script, *args, check=False, timeout=600, **kw):
+    """Run a stage script like a user would; returns the CompletedProcess (stdout+stderr text)."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope='session')
+def corpus(tmp_path_factory):
+    return write_corpus(str(tmp_path_factory.mktemp('corpus')))
+
+
+@pytest.fixture(scope='session')
+def prepared(tmp_path_factory, corpus):
+    """A config with a trained tokenizer and prepared shards (shared by tests that only read)."""
+    root = tmp_path_factory.mktemp('prepared')
+    cfg = write_config(root / 'cfg.py', str(root / 'out'), corpus)
+    run('tokenizer.py', cfg, check=True)
+    run('prepare.py', cfg, check=True)
+    return cfg, str(root / 'out')
+
+
+def load_cfg(*argv):
+    from configurator import configure
+    return configure(list(map(str, argv)))

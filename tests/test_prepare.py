@@ -1,0 +1,230 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, load_cfg, run, write_config, write_corpus
+import prepare
+from tokenizer import Tokenizer
+
+
+def tree_bytes(root):
+    """{relative path: bytes} of every file under root."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = open(p, 'rb').read()
+    return out
+
+
+def test_layout_meta_and_split(prepared):
+    cfg_path, out = prepared
+    cfg = load_cfg(cfg_path)
+    tok = Tokenizer(cfg.tokenizer_path)
+    for name in ('roam', 'primer', 'story'):
+        metas = {s: prepare.load_split(cfg.data_dir, name, s, tok.sha256) for s in ('train', 'val')}
+        src = prepare.source_settings(name, cfg.sources[name])
+        n_docs = sum(1 for _ in prepare.iter_documents(src))
+        assert metas['train']['documents'] + metas['val']['documents'] == n_docs
+        assert metas['val']['documents'] == max(1, round(n_docs * src['val_frac']))
+        for split, meta in metas.items():
+            assert meta['dtype'] == 'uint16' and meta['tokenizer_sha256'] == tok.sha256
+            assert meta['source']['path'] == src['path'] and meta['split'] == split
+            assert sum(s['tokens'] for s in meta['shards']) == meta['tokens']
+            for shard in meta['shards']:
+                ids = np.fromfile(shard['path'], dtype=np.uint16)
+                starts = np.fromfile(shard['path'].replace('shard_', 'docs_'), dtype=np.int64)
+                assert len(ids) == shard['tokens'] and len(starts) == shard['documents']
+                assert (ids[starts] == tok.bos_id).all() and (ids == tok.bos_id).sum() == len(starts)
+                if meta['format'] == 'chat':
+                    mask = np.fromfile(shard['path'].replace('shard_', 'mask_'), dtype=np.uint8)
+                    assert len(mask) == len(ids) and set(np.unique(mask)) == {0, 1}
+                    assert (ids[mask == 1] == tok.eot_id).sum() > 0  # eot ends each assistant turn
+    # train and val hold different documents
+    roam = [prepare.load_split(cfg.data_dir, 'roam', s) for s in ('train', 'val')]
+    texts = [Tokenizer(cfg.tokenizer_path).decode(np.fromfile(m['shards'][0]['path'], dtype=np.uint16).tolist())
+             for m in roam]
+    val_pages = {line for line in texts[1].split('\n') if line.startswith('page ') or line.startswith('projects/')}
+    assert val_pages and not any(p in texts[0].split('\n') for p in val_pages)
+
+
+def test_roam_any_nesting_titles_and_empty_pages(corpus):
+    src = prepare.source_settings('roam', {'kind': 'roam', 'path': os.path.join(corpus, 'roam')})
+    stats = __import__('collections').Counter()
+    docs = list(prepare.iter_documents(src, stats))
+    titles = {doc.split('\n')[0] for _, doc in docs}
+    assert 'projects/garden/page 2' in titles and 'projects/page 1' in titles and 'page 0' in titles
+    assert stats['empty'] == 1 and len(docs) == 30
+
+
+def test_primer_parsing(tmp_path):
+    p = tmp_path / 'primer.txt'
+    p.write_text("system: be brief.\nUser: hi\nassistant: hello.\nsecond line\n\n<dialogue>\n\n\n\n<dialogue>\n\n"
+                 "user: again\nassistant: no.\n")
+    convs = [c for _, c in prepare.read_primer({'path': str(p), 'kind': 'primer', 'name': 'p'})]
+    assert convs == [[{'role': 'system', 'content': 'be brief.'}, {'role': 'user', 'content': 'hi'},
+                      {'role': 'assistant', 'content': 'hello.\nsecond line'}],
+                     [{'role': 'user', 'content': 'again'}, {'role': 'assistant', 'content': 'no.'}]]
+
+
+def test_same_inputs_give_byte_identical_shards_whatever_the_process_count(tmp_path, prepared):
+    cfg_path, out = prepared
+    shutil.copy(os.path.join(out, 'tokenizer.model'), tmp_path / 'tokenizer.model')
+    run('prepare.py', cfg_path, f'--data_dir={tmp_path}/data2', '--num_proc=2', check=True)
+    a, b = tree_bytes(os.path.join(out, 'data')), tree_bytes(tmp_path / 'data2')
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_rerun_skips_finished_sources_and_redoes_changed_ones(tmp_path, corpus):
+    local = write_corpus(str(tmp_path / 'corpus'), pages=5, dialogues=4)
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), local)
+    run('tokenizer.py', cfg, check=True)
+    run('prepare.py', cfg, check=True)
+    p = run('prepare.py', cfg, check=True)
+    assert p.stdout.count('up to date') == 3
+    with open(os.path.join(local, 'story.txt'), 'a') as f:
+        f.write('A new paragraph.\n')
+    p = run('prepare.py', cfg, check=True)
+    assert p.stdout.count('up to date') == 2 and 'story/train' in p.stdout
+
+
+def test_analyze_only_writes_nothing(tmp_path, corpus):
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus)
+    p = run('prepare.py', cfg, '--analyze_only=True', check=True)
+    assert not (tmp_path / 'out').exists()
+    lines = {line.split()[0]: line.split() for line in p.stdout.splitlines()[1:4]}
+    assert lines['roam'][2:5] == ['31', '30', lines['roam'][4]] and lines['roam'][-2] == '1'  # files, docs, empty
+    assert 'est' in p.stdout and '4 bytes per token' in p.stdout
+
+
+def test_interrupted_prepare_then_rerun_equals_a_clean_run(tmp_path):
+    """Kill prepare.py (SIGKILL) while it writes shards; the rerun must give the clean run's bytes."""
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = np.array('alpha beta gamma delta river stone cloud seven orange quiet'.split())
+    with open(corpus / 'big.txt', 'w') as f:
+        for _ in range(3000):
+            f.write(' '.join(rng.choice(words, 120)) + '\n\n')
+    sources = {'big': {'kind': 'text', 'path': str(corpus / 'big.txt'), 'separator': '\n\n'}}
+    clean = write_config(tmp_path / 'clean.py', str(tmp_path / 'clean'), '', sources=sources, shard_tokens=4000,
+                         vocab_size=320)
+    run('tokenizer.py', clean, check=True)
+    run('prepare.py', clean, check=True)
+    killed = write_config(tmp_path / 'killed.py', str(tmp_path / 'killed'), '', sources=sources, shard_tokens=4000,
+                          vocab_size=320,
+                          tokenizer_path=str(tmp_path / 'clean' / 'tokenizer.model'))
+    proc = subprocess.Popen([sys.executable, 'prepare.py', killed], cwd=REPO, stdout=subprocess.DEVNULL)
+    marker = tmp_path / 'killed' / 'data' / 'big.tmp' / 'train' / 'shard_00003.bin'
+    deadline = time.time() + 60
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "prepare finished before it could be interrupted: make the corpus bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'data' / 'big' / 'train' / 'meta.json').exists()
+    run('prepare.py', killed, check=True)
+    a, b = tree_bytes(tmp_path / 'clean' / 'data'), tree_bytes(tmp_path / 'killed' / 'data')
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert len([k for k in a if 'shard_' in k]) > 4
+
+
+# ---- bad input: a clear message naming the path, a non-zero exit, nothing half-written ----
+
+def prepare_error(tmp_path, sources, tokenizer_from=None, **extra):
+    if tokenizer_from:
+        extra['tokenizer_path'] = os.path.join(tokenizer_from, 'tokenizer.model')
+    cfg = write_config(tmp_path / 'bad.py', str(tmp_path / 'out'), '', sources=sources, **extra)
+    p = run('prepare.py', cfg)
+    assert p.returncode != 0, p.stdout
+    assert 'Traceback' not in p.stderr, p.stderr
+    assert not (tmp_path / 'out' / 'data').exists() or not any(
+        f == 'meta.json' for _, _, fs in os.walk(tmp_path / 'out' / 'data') for f in fs)
+    return p.stderr
+
+
+def test_missing_path(tmp_path, prepared):
+    err = prepare_error(tmp_path, {'x': {'kind': 'text', 'path': str(tmp_path / 'nope.txt')}}, prepared[1])
+    assert 'nope.txt' in err and 'does not exist' in err
+
+
+def test_empty_folder(tmp_path, prepared):
+    (tmp_path / 'export').mkdir()
+    err = prepare_error(tmp_path, {'r': {'kind': 'roam', 'path': str(tmp_path / 'export')}}, prepared[1])
+    assert 'export' in err and 'no files match' in err
+
+
+def test_only_empty_pages(tmp_path, prepared):
+    (tmp_path / 'export').mkdir()
+    (tmp_path / 'export' / 'blank.md').write_text('  \n')
+    err = prepare_error(tmp_path, {'r': {'kind': 'roam', 'path': str(tmp_path / 'export')}}, prepared[1])
+    assert 'no documents' in err and '1 empty' in err
+
+
+def test_file_that_is_not_utf8(tmp_path, prepared):
+    (tmp_path / 'latin1.txt').write_bytes('caf\xe9 au lait'.encode('latin-1'))
+    err = prepare_error(tmp_path, {'t': {'kind': 'text', 'path': str(tmp_path / 'latin1.txt')}}, prepared[1])
+    assert 'latin1.txt' in err and 'not valid UTF-8' in err and 'byte 3' in err
+
+
+def test_primer_without_delimiter(tmp_path, prepared):
+    (tmp_path / 'primer.txt').write_text('user: hi\nassistant: hello\n')
+    err = prepare_error(tmp_path, {'p': {'kind': 'primer', 'path': str(tmp_path / 'primer.txt')}}, prepared[1])
+    assert 'primer.txt' in err and '<dialogue>' in err
+
+
+def test_primer_roles_out_of_order(tmp_path, prepared):
+    (tmp_path / 'primer.txt').write_text('user: a\nassistant: b\n\n<dialogue>\n\nassistant: first?\nuser: x\n')
+    err = prepare_error(tmp_path, {'p': {'kind': 'primer', 'path': str(tmp_path / 'primer.txt')}}, prepared[1])
+    assert 'primer.txt line 6' in err and "role 'assistant'" in err
+
+
+def test_malformed_jsonl_line(tmp_path, prepared):
+    (tmp_path / 'chat.jsonl').write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                         '{"role": "assistant", "content": "yo"}]}\n{"messages": [\n')
+    err = prepare_error(tmp_path, {'c': {'kind': 'chat', 'path': str(tmp_path / 'chat.jsonl')}}, prepared[1])
+    assert 'chat.jsonl line 2' in err and 'not valid JSON' in err
+
+
+def test_unknown_kind_and_setting(tmp_path, prepared):
+    err = prepare_error(tmp_path, {'r': {'kind': 'roma', 'path': 'x'}}, prepared[1])
+    assert "unknown kind 'roma'" in err and "did you mean 'roam'" in err
+    err = prepare_error(tmp_path, {'r': {'kind': 'text', 'path': 'x', 'seperator': '\n'}}, prepared[1])
+    assert "'seperator'" in err and "did you mean 'separator'" in err
+
+
+def test_no_tokenizer_yet(tmp_path, corpus):
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus)
+    p = run('prepare.py', cfg)
+    assert p.returncode != 0 and 'tokenizer.py' in p.stderr and 'tokenizer.model' in p.stderr
+
+
+def test_shards_from_another_tokenizer_say_rerun_prepare(prepared):
+    cfg = load_cfg(prepared[0])
+    with pytest.raises(SystemExit) as e:
+        prepare.load_split(cfg.data_dir, 'roam', 'train', tokenizer_sha256='0' * 64)
+    assert 'another tokenizer' in str(e.value) and 'prepare.py' in str(e.value) and 'roam' in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        prepare.load_split(cfg.data_dir, 'nosuch', 'train')
+    assert "source 'nosuch'" in str(e.value) and 'prepare.py' in str(e.value)
+
+
+def test_interrupted_rerun_keeps_old_complete_shards_until_new_ones_are_done(tmp_path, prepared):
+    """A failing rerun (here: a file turned non-UTF-8) leaves the earlier complete shards in place."""
+    corpus = write_corpus(str(tmp_path / 'corpus'), pages=3, dialogues=3)
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus,
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))
+    run('prepare.py', cfg, check=True)
+    before = tree_bytes(tmp_path / 'out' / 'data' / 'story')
+    with open(os.path.join(corpus, 'story.txt'), 'ab') as f:
+        f.write(b'\xff\xfe broken\n')
+    p = run('prepare.py', cfg)
+    assert p.returncode != 0 and 'story.txt' in p.stderr
+    assert tree_bytes(tmp_path / 'out' / 'data' / 'story') == before

@@ -1,0 +1,112 @@
+import io
+import os
+import random
+
+import pytest
+import sentencepiece as spm
+
+from conftest import run, write_config
+from tokenizer import SPECIALS, Tokenizer
+
+# code points from many scripts and the awkward corners: controls, spaces of every kind,
+# SentencePiece's own U+2581, combining marks, emoji with joiners, CJK, RTL, private use
+RANGES = [(0x0, 0x7F), (0x80, 0x24F), (0x300, 0x36F), (0x391, 0x3C9), (0x400, 0x4FF), (0x590, 0x6FF),
+          (0x2000, 0x206F), (0x2580, 0x2585), (0x3000, 0x303F), (0x4E00, 0x4FFF), (0xAC00, 0xAC40),
+          (0xE000, 0xE010), (0xFE00, 0xFE0F), (0xFFF0, 0xFFFD), (0x1F300, 0x1F64F), (0x1F900, 0x1F9FF),
+          (0x10FFF0, 0x10FFFF)]
+
+
+def random_text(rng):
+    out = []
+    for _ in range(rng.randint(0, 40)):
+        r = rng.random()
+        if r < 0.3:
+            out.append(rng.choice([' ', '  ', '   ', '\t', '\n', '\n\n', '\r\n', '\u2581', '\u2581\u2581', ' \u2581 ']))
+        elif r < 0.5:
+            out.append(rng.choice(['hello', ' world', 'the', 'Café', '<|sys|>', '<s>', '</s>', '<unk>', '<0x41>']))
+        else:
+            lo, hi = rng.choice(RANGES)
+            out.append(chr(rng.randint(lo, hi)))
+    return ''.join(out)
+
+
+@pytest.fixture(scope='module')
+def tok(prepared):
+    return Tokenizer(os.path.join(prepared[1], 'tokenizer.model'))
+
+
+def test_fixed_special_ids(tok):
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id, tok.eot_id) == tuple(range(7))
+    assert [tok.sp.id_to_piece(i) for i in range(7)] == SPECIALS
+    assert tok.vocab_size == 512 and len(tok.sha256) == 64
+
+
+def test_any_text_round_trips_exactly(tok):
+    rng = random.Random(0)
+    fixed = ['', ' ', '  leading', 'trailing  ', '\n\nx\n', 'a\u2581b', '\u2581', 'tab\there', '😀👍🏽👨‍👩‍👧 中文 العربية',
+             'x' * 5000, '\x00\x01\x7f', 'e\u0301', '\ufeffbom']
+    for s in fixed + [random_text(rng) for _ in range(2000)]:
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s, (s, ids)
+
+
+def test_no_text_encodes_to_a_special_id(tok):
+    rng = random.Random(1)
+    texts = [''.join(SPECIALS), ' '.join(SPECIALS), '<|sys|><|usr|><|asst|><|eot|>'] + [random_text(rng) for _ in range(500)]
+    for s in texts:
+        assert min(tok.encode(s), default=7) >= 7, s
+
+
+def test_decode_matches_sentencepiece(tok):
+    rng = random.Random(2)
+    for _ in range(200):
+        s = random_text(rng).replace('\u2581', '')  # SentencePiece itself cannot round-trip U+2581
+        assert tok.decode(tok.encode(s)) == tok.sp.decode(tok.sp.encode(s))
+
+
+def test_same_inputs_and_seed_give_the_same_model(tmp_path, corpus):
+    paths = []
+    for name in ('a', 'b'):
+        cfg = write_config(tmp_path / f'{name}.py', str(tmp_path / name), corpus)
+        run('tokenizer.py', cfg, check=True)
+        paths.append(tmp_path / name / 'tokenizer.model')
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'c'), corpus, tokenizer_type='unigram', vocab_size=400)
+    run('tokenizer.py', cfg, check=True)
+    assert (tmp_path / 'c' / 'tokenizer.model').read_bytes() != paths[0].read_bytes()
+
+
+def test_rerun_skips_and_changed_settings_do_not_overwrite(tmp_path, corpus):
+    cfg = write_config(tmp_path / 'a.py', str(tmp_path / 'out'), corpus)
+    run('tokenizer.py', cfg, check=True)
+    model = tmp_path / 'out' / 'tokenizer.model'
+    before = model.read_bytes()
+    p = run('tokenizer.py', cfg)
+    assert p.returncode == 0 and 'up to date' in p.stdout
+    p = run('tokenizer.py', cfg, '--vocab_size=640')
+    assert p.returncode != 0 and 'other settings' in p.stderr and str(model) in p.stderr
+    assert model.read_bytes() == before
+
+
+def test_vocab_too_large_is_a_clear_error(tmp_path, corpus):
+    cfg = write_config(tmp_path / 'a.py', str(tmp_path / 'out'), corpus, vocab_size=60000)
+    p = run('tokenizer.py', cfg)
+    assert p.returncode != 0 and 'vocab_size=60000' in p.stderr and 'Lower vocab_size' in p.stderr
+    assert not (tmp_path / 'out' / 'tokenizer.model').exists()
+
+
+def test_a_model_trained_elsewhere_is_refused(tmp_path):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(['hello world'] * 50 + ['other words here'] * 50),
+                                   model_writer=model, vocab_size=15, minloglevel=2)
+    path = tmp_path / 'other.model'
+    path.write_bytes(model.getvalue())
+    with pytest.raises(SystemExit) as e:
+        Tokenizer(str(path))
+    assert str(path) in str(e.value) and 'not made by tokenizer.py' in str(e.value)
+
+
+def test_missing_tokenizer_says_to_run_tokenizer_py(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        Tokenizer(str(tmp_path / 'none.model'))
+    assert 'tokenizer.py' in str(e.value)

@@ -1,0 +1,245 @@
+"""
+Stage 1: the tokenizer and the chat template.
+
+    python tokenizer.py config/demo.py                          # train out/demo/tokenizer.model
+    python tokenizer.py config/demo.py --show_chat=conv.json    # see how a conversation is rendered
+
+A SentencePiece model trained on the configured sources (a byte budget per source caps what is
+read), set up so that any UTF-8 text round-trips exactly: byte fallback on (no unknown tokens),
+identity normalization, no whitespace collapsing, no dummy leading space.
+
+Ids 0-6 are fixed: 0 <unk>, 1 <s> (bos: starts every document), 2 </s> (eos), 3 <|sys|>, 4 <|usr|>,
+5 <|asst|>, 6 <|eot|> (end of an assistant turn). They are SentencePiece *control* symbols: no input
+text ever encodes to them, not even their literal spelling, so a user cannot forge a turn.
+"""
+import hashlib
+import io
+import json
+import os
+import re
+
+import sentencepiece as spm
+
+from configurator import atomic_file, configure, die
+
+SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
+SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
+TRAIN_THREADS = 4  # fixed on purpose: SentencePiece's result depends on its thread count
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    def __init__(self, model_path):
+        if not os.path.isfile(model_path):
+            die(f"no tokenizer at {model_path}: train one first with `python tokenizer.py <your config>`")
+        self.path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.sha256 = file_sha256(model_path)
+        self.vocab_size = self.sp.get_piece_size()
+        for i, piece in enumerate(SPECIALS):
+            if self.vocab_size <= i or self.sp.id_to_piece(i) != piece or not (self.sp.is_control(i) or i == 0):
+                found = self.sp.id_to_piece(i) if i < self.vocab_size else None
+                die(f"{model_path} was not made by tokenizer.py: id {i} should be the control symbol {piece!r}, "
+                    f"found {found!r}. Train a tokenizer with `python tokenizer.py <your config>`.")
+        self.unk_id, self.bos_id, self.eos_id, self.sys_id, self.usr_id, self.asst_id, self.eot_id = range(7)
+        # bytes of every id, for decode and for streaming output one token at a time
+        self.id_bytes = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                self.id_bytes.append(bytes([int(piece[3:5], 16)]))  # '<0xE2>'
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                self.id_bytes.append(b'')
+            else:
+                self.id_bytes.append(piece.replace(SPACE, ' ').encode('utf-8'))
+        self.space_bytes = [self.sp.piece_to_id(f'<0x{b:02X}>') for b in SPACE.encode('utf-8')]
+
+    def encode(self, text):
+        # SentencePiece turns spaces into U+2581 and back, so a literal U+2581 in the text would come
+        # back as a space. Encode around it and spell it with byte tokens instead.
+        if SPACE not in text:
+            return self.sp.encode(text)
+        ids = []
+        for i, part in enumerate(text.split(SPACE)):
+            if i:
+                ids += self.space_bytes
+            ids += self.sp.encode(part)
+        return ids
+
+    def decode(self, ids):
+        return b''.join(self.id_bytes[i] for i in ids).decode('utf-8', errors='replace')
+
+
+# ----------------------------------------------------------------------------------------------
+# The chat template: one function turns a conversation into (ids, mask) for training AND for chat.
+#   [bos] [sys] system... [usr] user... [asst] reply... [eot] [usr] user... [asst] reply... [eot]
+# mask is 1 exactly on assistant content tokens and the eot that ends each assistant turn: the model
+# learns to answer and to stop, never to imitate the user or the system prompt.
+
+def check_roles(messages):
+    """Raise ValueError unless messages are: optional system, then user/assistant alternating."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation must be a non-empty list of {'role', 'content'} messages")
+    expected = 'user'
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get('content'), str) or 'role' not in m:
+            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string 'content', got {m!r:.80}")
+        role = m['role']
+        if role == 'system' and i == 0:
+            continue
+        if role != expected:
+            want = "'system' (first only), 'user'" if i == 0 else repr(expected)
+            raise ValueError(f"message {i + 1} has role {role!r} where {want} was expected "
+                             "(roles go: optional system, then user and assistant taking turns)")
+        expected = 'assistant' if role == 'user' else 'user'
+
+
+def render_turn(tok, role, content):
+    """The ids and mask one message adds: [role] content, and [eot] after an assistant's content."""
+    ids = [{'system': tok.sys_id, 'user': tok.usr_id, 'assistant': tok.asst_id}[role]] + tok.encode(content)
+    if role != 'assistant':
+        return ids, [0] * len(ids)
+    return ids + [tok.eot_id], [0] + [1] * len(ids)
+
+
+def render_conversation(tok, messages):
+    check_roles(messages)
+    ids, mask = [tok.bos_id], [0]
+    for m in messages:
+        turn_ids, turn_mask = render_turn(tok, m['role'], m['content'])
+        ids += turn_ids
+        mask += turn_mask
+    return ids, mask
+
+
+def render_for_reply(tok, messages):
+    """Prompt ids for generating the next assistant turn: the conversation, then [asst]."""
+    return render_conversation(tok, messages)[0] + [tok.asst_id]
+
+
+def show_conversation(tok, messages):
+    """Readable rendering: special tokens by name, trained tokens inside ⟦ ⟧."""
+    ids, mask = render_conversation(tok, messages)
+    out, inside = [], False
+    for i, m in zip(ids, mask):
+        if m != inside:
+            out.append('⟦' if m else '⟧')
+            inside = m
+        out.append(SPECIALS[i] if i < len(SPECIALS) else tok.decode([i]))
+    out.append('⟧' if inside else '')
+    return ''.join(out), len(ids), sum(mask)
+
+
+def load_conversation_file(path):
+    """The first conversation in a .json, .jsonl or primer .txt file (for --show_chat)."""
+    if not os.path.isfile(path):
+        die(f"--show_chat: no file {path}")
+    if path.endswith('.txt'):
+        import prepare  # the primer parser lives with the other source readers
+        return next(iter(prepare.read_primer({'path': path})))[1]
+    text = open(path, encoding='utf-8').read()
+    try:
+        obj = json.loads(text.splitlines()[0] if path.endswith('.jsonl') else text)
+    except (json.JSONDecodeError, IndexError) as e:
+        die(f"{path}: not a JSON conversation ({e}); expected [{{'role': ..., 'content': ...}}, ...] "
+            "or {'messages': [...]}")
+    return obj['messages'] if isinstance(obj, dict) and 'messages' in obj else obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def tokenizer_settings(cfg):
+    """Everything the trained model depends on; recorded beside it to decide skip vs conflict."""
+    budgets = cfg.tokenizer_sources or {name: cfg.tokenizer_max_bytes for name in cfg.sources}
+    for name in budgets:
+        if name not in cfg.sources:
+            die(f"tokenizer_sources names '{name}', which is not in sources ({', '.join(cfg.sources)})")
+    return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type, 'seed': cfg.seed,
+            'sources': {name: {'settings': cfg.sources[name], 'max_bytes': budgets[name]} for name in budgets}}
+
+
+def training_sentences(cfg, settings):
+    """Lines of text from each source up to its byte budget. '\\n' is a piece of its own, so a line
+    is a natural training sentence; very long lines are cut so SentencePiece does not drop them."""
+    import prepare
+    for name, s in settings['sources'].items():
+        src = prepare.source_settings(name, s['settings'])
+        seen = 0
+        for text in prepare.iter_texts(src):
+            for line in text.split('\n'):
+                for i in range(0, len(line), 4000):
+                    chunk = line[i:i + 4000]
+                    if chunk:
+                        yield chunk
+                        seen += len(chunk.encode('utf-8')) + 1
+            if s['max_bytes'] is not None and seen >= s['max_bytes']:
+                break
+        print(f"tokenizer: read {seen / 1e6:.2f} MB from {name}")
+
+
+def train_tokenizer(cfg):
+    settings = tokenizer_settings(cfg)
+    path = cfg.tokenizer_path
+    info_path = path + '.json'
+    if os.path.exists(path):
+        old = json.load(open(info_path)) if os.path.exists(info_path) else {}
+        if old.get('settings') == json.loads(json.dumps(settings)):
+            print(f"tokenizer: {path} is up to date with this config, nothing to do")
+            return
+        die(f"{path} exists but was trained with other settings ({info_path} differs from this config). "
+            "Shards and checkpoints made with it depend on it, so it is not replaced silently: delete it "
+            "(and re-run prepare.py) to train a new one, or set --tokenizer_path to a new file.")
+    if cfg.tokenizer_type not in ('bpe', 'unigram'):
+        die(f"tokenizer_type must be 'bpe' or 'unigram', got {cfg.tokenizer_type!r}")
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    spm.set_random_generator_seed(cfg.seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_sentences(cfg, settings), model_writer=model,
+            vocab_size=cfg.vocab_size, model_type=cfg.tokenizer_type,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=SPECIALS[3:],
+            user_defined_symbols=['\n'],  # a newline is always its own token, never merged
+            byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+            character_coverage=0.9995, max_sentence_length=16384, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, num_threads=TRAIN_THREADS, minloglevel=2)
+    except RuntimeError as e:
+        m = re.search(r'value <= (\d+)', str(e))
+        if m:
+            die(f"vocab_size={cfg.vocab_size} is too large for this little text: SentencePiece can make at most "
+                f"{m.group(1)} pieces from it. Lower vocab_size or add text to the sources.")
+        die(f"SentencePiece training failed: {e}")
+    with atomic_file(path) as f:
+        f.write(model.getvalue())
+    with atomic_file(info_path, 'w') as f:
+        json.dump({'settings': settings, 'sha256': file_sha256(path)}, f, indent=2)
+    tok = Tokenizer(path)
+    print(f"tokenizer: wrote {path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
+
+
+def main():
+    cfg = configure()
+    if cfg.show_chat:
+        tok = Tokenizer(cfg.tokenizer_path)
+        messages = load_conversation_file(cfg.show_chat)
+        try:
+            text, n, trained = show_conversation(tok, messages)
+        except ValueError as e:
+            die(f"{cfg.show_chat}: {e}")
+        print(text)
+        print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the <|eot|> that ends each")
+        return
+    train_tokenizer(cfg)
+
+
+if __name__ == '__main__':
+    main()
