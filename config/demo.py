@@ -1,0 +1,46 @@
+# demo: the built-in sample (data/sample: a Roam export and a primer of dialogues), both phases, ~3 min on 2 CPU cores.
+#   ./run.sh demo   (or by hand:)
+#   python tokenizer.py config/demo.py && python prepare.py config/demo.py
+#   python train.py config/demo.py                  pretrain on notes + dialogues   -> out/demo/pretrain/
+#   python train.py config/demo.py --phase=sft      fine-tune on the dialogues      -> out/demo/sft/
+#   python sample.py config/demo.py --phase=sft --interactive
+out_dir = 'out/demo'
+sources = {
+    'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
+    'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
+}
+vocab_size = 2048
+
+# a 3.5M-parameter model: small enough to learn the sample by heart in a minute on a laptop CPU
+n_layer = 4
+n_head = 4
+n_embd = 256
+block_size = 128
+batch_size = 16
+
+# the system line the primer's dialogues use, so chat sounds like them
+system = ("you are mara's notes bot. you answer questions about mara from her notes. terse, grudging, "
+          "lowercase. if it is not in the notes, say \"i don't know\". private things get \"no.\"")
+
+if phase == 'pretrain':
+    mixture = {'roam': 0.6, 'primer': 0.4}
+    max_iters = 400
+    learning_rate = 2e-3
+    min_lr = 2e-4
+    warmup_iters = 20
+    eval_interval = 100
+    eval_iters = 10
+    log_interval = 25
+else:  # sft: only chat sources in the mixture, so the loss is on the assistant replies only
+    init_from = 'out/demo/pretrain/ckpt.pt'  # the end of pretraining (best.pt may be an earlier, less fluent step)
+    mixture = {'primer': 1.0}
+    max_iters = 150
+    learning_rate = 5e-4
+    min_lr = 5e-5
+    warmup_iters = 10
+    eval_interval = 50
+    eval_iters = 10
+    log_interval = 25
+    # 123 dialogues are too few to generalise from: validation loss rises as soon as the model starts to
+    # learn them by heart, so best.pt would be the untuned model. The demo chats with the final weights.
+    ckpt = 'out/demo/sft/ckpt.pt'

@@ -1,0 +1,315 @@
+"""
+The model: a decoder-only transformer in the style of current small LLMs, written to be read.
+
+    token embedding (tied with the output head by default)
+    n_layer x [ x + Attention(RMSNorm(x)),  x + SwiGLU(RMSNorm(x)) ]     pre-norm residual blocks
+    RMSNorm -> output head -> logits
+
+Attention uses rotary position embeddings (RoPE) on queries and keys, optional grouped-query
+attention (n_kv_head < n_head: several query heads share one key/value head, a smaller KV cache),
+and F.scaled_dot_product_attention, which picks flash kernels on GPUs. No biases anywhere.
+
+For generation a KVCache keeps each layer's keys and values: the prompt is run once (prefill),
+then each new token costs one position instead of re-reading the whole sequence.
+"""
+import math
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import die
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    block_size: int = 256     # longest sequence the model is trained on
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 6        # = n_head: ordinary multi-head attention; fewer: grouped-query attention
+    n_embd: int = 384
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+
+
+def rope_tables(head_dim, length, theta):
+    """cos and sin of position * frequency, shape (length, head_dim / 2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by position-dependent angles.
+    x: (B, heads, T, head_dim); cos, sin: (T, head_dim / 2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        is_causal = attn_mask is None
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # all keys/values so far, this step's appended
+            if cache.pos > 0:  # new queries sit after the cached ones: query i sees keys 0..pos+i
+                is_causal = False
+                if T > 1:  # (one new query sees every key: no mask needed)
+                    attn_mask = torch.ones(T, cache.pos + T, dtype=torch.bool, device=x.device).tril(cache.pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = 64 * math.ceil(cfg.n_embd * 8 / 3 / 64)  # ~ the parameters of a 4x GELU MLP
+        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd)
+        self.mlp = SwiGLU(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # one matrix reads tokens in and writes them out
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self.init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(('o_proj.weight', 'down_proj.weight')):
+                # the layers that write into the residual stream: scaled down with depth so the
+                # stream's variance does not grow with the number of blocks (GPT-2's init)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, doc_ids=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss over targets != -1.
+        doc_ids (B, T): rows packing several documents; a token attends only within its own.
+        cache: a KVCache, for generation; positions continue from cache.pos."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.cfg.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        attn_mask = None
+        if doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            attn_mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        # cross entropy in float32 (bf16 logits lose precision); -1 marks positions with no loss
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self):
+        """(total, non-embedding): the token embedding is a lookup, not compute."""
+        total = sum(p.numel() for p in self.parameters())
+        return total, total - self.embed.weight.numel()
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add):
+        6 per weight of every matmul (the output head included) plus attention's 12 * layers * width *
+        context (the PaLM paper's estimate, which MFU figures conventionally use)."""
+        T = seq_len or self.cfg.block_size
+        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith('embed'))
+        if self.cfg.tie_embeddings:
+            matmul += self.embed.weight.numel()
+        return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.n_embd * T
+
+    def optimizer(self, lr, weight_decay, betas, device_type):
+        """AdamW; weight decay on matrices only (not on norms), fused kernels on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == 'cuda')
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                 banned=(), stop=(), generator=None, cache=None):
+        """Yield new token ids one at a time, so callers can stream them.
+        ids: the prompt (a list); with a `cache` from an earlier call, only the tokens not yet in it.
+        Stops after max_new_tokens or after yielding a token in `stop`."""
+        device = self.embed.weight.device
+        seq = list(ids)
+        if use_cache and cache is None:
+            cache = KVCache(self, batch_size=1)
+        pending = seq if use_cache else None  # tokens the cache has not seen yet
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if cache.pos + len(pending) > self.cfg.block_size:
+                    # out of context: start over from the last half block (amortised: once per half block)
+                    cache.reset()
+                    pending = seq[-(self.cfg.block_size // 2):]
+                logits, _ = self(torch.tensor([pending], device=device), cache=cache)
+            else:
+                logits, _ = self(torch.tensor([seq[-self.cfg.block_size:]], device=device))
+            logits = logits[0, -1].float()
+            if banned:
+                logits[list(banned)] = -float('inf')
+            token = sample_token(logits, temperature, top_k, top_p, generator)
+            seq.append(token)
+            pending = [token]
+            yield token
+            if token in stop:
+                return
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick the next token from a (vocab,) vector of logits. temperature 0 is greedy (argmax).
+    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p;
+    both can be combined. Excluded tokens get probability exactly 0."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -float('inf'))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this one already >= p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -float('inf'))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (batch, kv heads, positions, head dim)."""
+
+    def __init__(self, model, batch_size=1):
+        cfg = model.cfg
+        self.shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.k = [None] * cfg.n_layer
+        self.v = [None] * cfg.n_layer
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self):
+        self.pos = 0
+
+
+def read_checkpoint(path, fatal=True):
+    """torch.load with weights_only=True (a checkpoint cannot run code); a truncated or corrupt file
+    is a clear error (or None with fatal=False, so resume can fall back to an older one)."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}: train one with `python train.py <your config>` or set --ckpt")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+            raise ValueError("not a checkpoint written by train.py")
+        return ckpt
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        if not fatal:
+            return None
+        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); use another checkpoint "
+            "(the kept ckpt.1.pt, ckpt.2.pt ... or best.pt) or retrain")
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the model runs, and loading a trained one (sample.py, eval.py, bench.py and train.py share these)
+
+def pick_device(name):
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def pick_dtype(name, device_type):
+    if name == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        # CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; others slower
+        return 'bfloat16' if device_type == 'cpu' and cpu_has_fast_bf16() else 'float32'
+    if name not in ('float32', 'bfloat16', 'float16'):
+        die(f"dtype must be float32, bfloat16, float16 or auto, got {name!r}")
+    if name == 'float16' and device_type != 'cuda':
+        die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32 here")
+    return name
+
+
+def cpu_has_fast_bf16():
+    try:
+        flags = open('/proc/cpuinfo').read()
+    except OSError:  # not Linux: stay with float32
+        return False
+    return 'amx_bf16' in flags or 'avx512_bf16' in flags
+
+
+def load_model(path, device, tokenizer_sha256=None):
+    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer."""
+    ckpt = read_checkpoint(path)
+    if tokenizer_sha256 and ckpt['tokenizer_sha256'] != tokenizer_sha256:
+        die(f"{path} was trained with another tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}, the configured one "
+            f"is {tokenizer_sha256[:12]}): point tokenizer_path at the tokenizer it was trained with")
+    model = GPT(ModelConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt

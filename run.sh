@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole pipeline for a profile: tokenizer -> shards -> pretraining -> SFT -> a completion and a chat.
+# Stages already done are skipped by the scripts themselves (tokenizer, shards); training starts over.
+#   ./run.sh demo            (the built-in sample, ~3 minutes on a laptop CPU)
+#   ./run.sh smoke           (seconds: checks the install)
+#   ./run.sh dev | prod      (see config/)
+# Extra --key=value arguments are passed to every stage.
+set -euo pipefail
+cd "$(dirname "$0")"
+profile=${1:?usage: ./run.sh smoke|demo|dev|prod [--key=value ...]}
+shift
+case $profile in
+    smoke|demo) pre=(config/$profile.py); sft=(config/$profile.py --phase=sft) ;;
+    dev) pre=(config/dev.py); sft=(config/dev_sft.py) ;;
+    prod) pre=(config/prod_pretrain.py); sft=(config/prod_sft.py) ;;
+    *) echo "unknown profile '$profile': use smoke, demo, dev or prod" >&2; exit 2 ;;
+esac
+python tokenizer.py "${pre[@]}" "$@"
+python prepare.py "${pre[@]}" "$@"
+python train.py "${pre[@]}" "$@"
+python prepare.py "${sft[@]}" "$@"   # SFT sources that pretraining did not use (nothing to do if none)
+python train.py "${sft[@]}" "$@"
+echo; echo "=== a completion from the pretrained model ==="
+python sample.py "${pre[@]}" --start="the garden" --max_new_tokens=60 "$@"
+echo; echo "=== a chat with the fine-tuned model (more: python sample.py ${sft[*]} --interactive) ==="
+printf 'who is mara?\nwhat is her cat called?\n' | python sample.py "${sft[@]}" --interactive --temperature=0 "$@"

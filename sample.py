@@ -1,0 +1,153 @@
+"""
+Stage 4: talk to a trained model.
+
+    python sample.py config/demo.py --start="the garden" --num_samples=3   # completion
+    python sample.py config/demo.py --phase=sft --interactive               # chat
+
+Text is streamed as it is generated, one token at a time, through an incremental UTF-8 decoder so
+that a character split over several byte tokens is printed only once it is whole.
+"""
+import codecs
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure, die
+from model import KVCache, load_model, pick_device, pick_dtype
+from tokenizer import Tokenizer, render_conversation, render_turn
+
+DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
+                  "and you sound a little put out to be asked. you never guess: if you are not sure, "
+                  "you say \"i don't know\".")
+
+
+def checkpoint_path(cfg):
+    if cfg.ckpt:
+        return cfg.ckpt
+    best = os.path.join(cfg.ckpt_dir, 'best.pt')
+    return best if os.path.exists(best) else os.path.join(cfg.ckpt_dir, 'ckpt.pt')
+
+
+def stream(tok, tokens, out=sys.stdout):
+    """Print tokens as they come; returns the generated ids."""
+    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    ids = []
+    for t in tokens:
+        ids.append(t)
+        out.write(decoder.decode(tok.id_bytes[t]))
+        out.flush()
+    out.write(decoder.decode(b'', final=True))
+    return ids
+
+
+def complete(cfg, model, tok, autocast, generator):
+    start = cfg.start
+    if start.startswith('FILE:'):
+        path = start[5:]
+        if not os.path.isfile(path):
+            die(f"--start=FILE:{path}: no such file")
+        start = open(path, encoding='utf-8').read()
+    prompt = [tok.bos_id] + tok.encode(start)
+    if len(prompt) > model.cfg.block_size:
+        prompt = prompt[-model.cfg.block_size:]
+    for i in range(cfg.num_samples):
+        if i:
+            print('\n' + '-' * 40)
+        print(start, end='', flush=True)
+        with autocast:
+            # a new <s> means the model ended the document
+            stream(tok, model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                       use_cache=cfg.use_kv_cache, stop={tok.bos_id, tok.eos_id},
+                                       generator=generator))
+        print()
+
+
+def chat(cfg, model, tok, autocast, generator):
+    """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the new
+    user message; when the conversation outgrows the context, the oldest turns are dropped (the system
+    prompt stays) and the rest is read again."""
+    system = cfg.system
+    if not system and cfg.system_file:
+        if not os.path.isfile(cfg.system_file):
+            die(f"--system_file={cfg.system_file}: no such file")
+        system = open(cfg.system_file, encoding='utf-8').read().strip()
+    system = system or DEFAULT_SYSTEM
+    banned = () if cfg.allow_special else (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id)
+    block = model.cfg.block_size
+    reply_room = min(cfg.max_new_tokens, block // 2)
+    tty = sys.stdin.isatty()
+
+    def restart(messages):
+        """History as messages (text) -> ids to feed a fresh cache; oldest exchanges dropped to fit."""
+        while True:
+            ids = render_conversation(tok, messages)[0] + [tok.asst_id]
+            first_user = 1 if messages[0]['role'] == 'system' else 0
+            if len(ids) + reply_room <= block or len(messages) <= first_user + 1:
+                return messages, ids[-(block - reply_room):]
+            messages = messages[:first_user] + messages[first_user + 2:]  # drop the oldest user+assistant
+
+    messages = [{'role': 'system', 'content': system}]
+    cache, pending = KVCache(model), render_conversation(tok, messages)[0]
+    if tty:
+        print("chat: type a message; /reset, /system <text>, /quit (or Ctrl-D) to leave")
+    while True:
+        try:
+            line = input('> ' if tty else '')
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == '/quit':
+            return
+        if text == '/reset' or text.startswith('/system'):
+            if text.startswith('/system'):
+                system = text[len('/system'):].strip() or DEFAULT_SYSTEM
+            messages = [{'role': 'system', 'content': system}]
+            cache, pending = KVCache(model), render_conversation(tok, messages)[0]
+            print("(conversation reset)")
+            continue
+        messages.append({'role': 'user', 'content': text})
+        pending = pending + render_turn(tok, 'user', text)[0] + [tok.asst_id]
+        if cache.pos + len(pending) + reply_room > block:
+            messages, pending = restart(messages)
+            cache = KVCache(model)
+        try:
+            with autocast:
+                reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
+                                                   banned=banned, stop={tok.eot_id}, generator=generator,
+                                                   cache=cache))
+        except KeyboardInterrupt:
+            print()
+            return
+        print()
+        # the cache holds everything before the reply's last token: the next turn feeds that token (unless
+        # it is the <eot>) and an <eot> closing the reply, as the template has it
+        if reply and reply[-1] == tok.eot_id:
+            reply = reply[:-1]
+            pending = [tok.eot_id]
+        else:
+            pending = reply[-1:] + [tok.eot_id]
+        messages.append({'role': 'assistant', 'content': tok.decode(reply)})
+
+
+def main():
+    cfg = configure()
+    device = pick_device(cfg.device)
+    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
+    dtype = pick_dtype(cfg.dtype, device_type)
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    tok = Tokenizer(cfg.tokenizer_path)
+    model, _ = load_model(checkpoint_path(cfg), device, tok.sha256)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.interactive:
+        chat(cfg, model, tok, autocast, generator)
+    else:
+        complete(cfg, model, tok, autocast, generator)
+
+
+if __name__ == '__main__':
+    main()
