@@ -103,6 +103,12 @@ KEYS = {
     'system': ('', "chat system prompt; '' = system_file, else the built-in default voice"),
     'system_file': ('', "read the chat system prompt from this file"),
     'allow_special': (False, "let the model generate role tokens (sys/usr/asst/bos) in chat"),
+
+    # --- bench.py ---
+    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, prepare"),
+    'bench_json': ('', "also write the figures to this JSON file"),
+    'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
+    'bench_steps': (10, "timed training steps per configuration (after 3 warm-up steps)"),
 }
 
 

@@ -306,7 +306,7 @@ def init_worker(tokenizer_path):
     worker_tok = tokenizer.Tokenizer(tokenizer_path)
 
 
-def tokenize_batch(batch, max_conversation_tokens):
+def tokenize_batch(batch, max_conversation_tokens, dtype):
     """[(where, doc)] -> [(ids, mask or None, n_bytes, truncated)]; rendering errors name the document."""
     import tokenizer
     out = []
@@ -324,7 +324,7 @@ def tokenize_batch(batch, max_conversation_tokens):
         truncated = mask is not None and len(ids) > max_conversation_tokens
         if truncated:
             ids, mask = ids[:max_conversation_tokens], mask[:max_conversation_tokens]
-        out.append((np.array(ids, dtype=np.uint32), None if mask is None else np.array(mask, dtype=np.uint8),
+        out.append((np.array(ids, dtype=dtype), None if mask is None else np.array(mask, dtype=np.uint8),
                     n_bytes, truncated))
     return out
 
@@ -341,19 +341,19 @@ def batches(docs, target_bytes=1 << 18):
         yield batch
 
 
-def tokenized(docs, tokenizer_path, num_proc, max_conversation_tokens):
+def tokenized(docs, tokenizer_path, num_proc, max_conversation_tokens, dtype):
     """Tokenize documents in order, in parallel, with a bounded number of batches in flight (so
     memory does not grow with the corpus, unlike Pool.imap which reads its input eagerly)."""
     if num_proc <= 1:
         init_worker(tokenizer_path)
         for batch in batches(docs):
-            yield tokenize_batch(batch, max_conversation_tokens)
+            yield tokenize_batch(batch, max_conversation_tokens, dtype)
         return
     with mp.Pool(num_proc, initializer=init_worker, initargs=(tokenizer_path,)) as pool:
         pending = collections.deque()
         for batch in batches(docs):
-            pending.append(pool.apply_async(tokenize_batch, (batch, max_conversation_tokens)))
-            if len(pending) >= 2 * num_proc:
+            pending.append(pool.apply_async(tokenize_batch, (batch, max_conversation_tokens, dtype)))
+            if len(pending) >= 4 * num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -388,7 +388,7 @@ class SplitWriter:
                 self.close_shard()
             self.open_shard()
             shard = self.shards[-1]
-        self.files[0][1].write(ids.astype(self.dtype).tobytes())
+        self.files[0][1].write(ids.tobytes())
         self.files[1][1].write(np.array([shard['tokens']], dtype=np.int64).tobytes())
         if self.chat:
             self.files[2][1].write(mask.tobytes())
@@ -456,7 +456,7 @@ def prepare_source(cfg, name, tok):
 
     t0 = last = time.time()
     i = 0
-    for result in tokenized(iter_documents(src), tok.path, num_proc, cfg.max_conversation_tokens):
+    for result in tokenized(iter_documents(src), tok.path, num_proc, cfg.max_conversation_tokens, dtype):
         if isinstance(result, str):
             die(result)
         for ids, mask, n_bytes, truncated in result:

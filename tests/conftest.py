@@ -96,3 +96,36 @@ def prepared(tmp_path_factory, corpus):
 def load_cfg(*argv):
     from configurator import configure
     return configure(list(map(str, argv)))
+
+
+# a model small enough that a training step takes milliseconds
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
+            warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, dtype='float32')
+
+
+def metrics(out_dir):
+    """Rows of every metrics.jsonl under out_dir/runs, oldest run first."""
+    import glob
+    import json
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out_dir, 'runs', '*', 'metrics.jsonl')), key=os.path.getmtime):
+        rows += [json.loads(line) for line in open(path)]
+    return rows
+
+
+def tiny_train_config(path, prepared, out_dir, **extra):
+    """A config training the TINY model on the `prepared` fixture's tokenizer and shards."""
+    from configurator import configure
+    base = configure([prepared[0]])
+    keys = {**TINY, 'sources': base.sources, 'tokenizer_path': base.tokenizer_path, 'data_dir': base.data_dir,
+            'mixture': {'roam': 0.5, 'story': 0.3, 'primer': 0.2}, 'max_iters': 6, 'eval_interval': 3, **extra}
+    return write_config(path, str(out_dir), '', **keys)
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, prepared):
+    """(config path, out_dir) of a tiny model pretrained for a few steps."""
+    root = tmp_path_factory.mktemp('trained')
+    cfg = tiny_train_config(root / 'cfg.py', prepared, root / 'out', max_iters=20, eval_interval=10)
+    run('train.py', cfg, check=True)
+    return cfg, str(root / 'out')

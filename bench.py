@@ -1,0 +1,249 @@
+"""
+Benchmarks: figures, not tests. Prints a table per section; --bench_json=file.json also saves them.
+
+    python bench.py                                  # every section
+    python bench.py --bench=train,decode             # some of them
+    python bench.py --bench=prepare --bench_corpus=../shared/data/gutenberg/corpus_clean.txt
+
+Sections:
+  matmul   the machine's measured fp32 and bf16 matmul peaks (the yardstick for CPU MFU)
+  train    training tokens/s, achieved FLOP/s and MFU per model size, dtype and compile
+  decode   generation tokens/s with and without the KV cache
+  prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
+           on the whole corpus and on its first half
+On GPU, MFU is against the datasheet peak of the card (train.PEAK_FLOPS); on CPU against the measured
+bf16 matmul peak of the same run.
+"""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from configurator import configure, die
+from model import GPT, ModelConfig, pick_device
+from train import peak_flops
+
+# (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
+SIZES = {
+    'cpu': [('12M', 6, 6, 384, 256, 16, 2048), ('3.7M', 4, 4, 256, 128, 16, 2048)],
+    'cuda': [('124M', 12, 12, 768, 1024, 16, 50304), ('350M', 24, 16, 1024, 1024, 8, 50304)],
+}
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n=2048, reps=20):
+    """FLOP/s of a large square matmul: the practical ceiling for the model's matmuls."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def bench_train(device, size, dtype, compiled, steps):
+    name, n_layer, n_head, n_embd, block, batch, vocab_size = size
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=n_head,
+                            n_kv_head=n_head, n_embd=n_embd)).to(device)
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    optimizer = model.optimizer(1e-4, 0.1, (0.9, 0.95), device_type)
+    run = torch.compile(model) if compiled else model
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else torch.autocast(
+        device_type, enabled=False)
+    x = torch.randint(0, vocab_size, (batch, block), device=device)
+    y = torch.randint(0, vocab_size, (batch, block), device=device)
+
+    def step():
+        with autocast:
+            _, loss = run(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    sync(device)
+    warmup = time.perf_counter() - t0
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t) / steps
+    tok_s = batch * block / dt
+    return {'model': name, 'params_M': round(model.num_params()[0] / 1e6, 2), 'dtype': dtype, 'compile': compiled,
+            'batch': batch, 'block': block, 'ms_per_step': round(dt * 1000, 1), 'tokens_per_s': round(tok_s),
+            'flops_per_s': model.flops_per_token(block) * tok_s, 'warmup_s': round(warmup, 1)}
+
+
+def bench_decode(device, size, prompt_len=256, new_tokens=256):
+    name, n_layer, n_head, n_embd, _, _, vocab_size = size
+    torch.manual_seed(0)
+    # the context holds prompt + reply, so both ways compute the same thing
+    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=prompt_len + new_tokens, n_layer=n_layer,
+                            n_head=n_head, n_kv_head=n_head, n_embd=n_embd)).to(device).eval()
+    prompt = torch.randint(0, vocab_size, (prompt_len,)).tolist()
+    rows = []
+    for use_cache in (True, False):
+        list(model.generate(prompt, 8, temperature=0, use_cache=use_cache))  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        out = list(model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache))
+        sync(device)
+        dt = time.perf_counter() - t
+        rows.append({'model': name, 'kv_cache': use_cache, 'prompt': prompt_len, 'new_tokens': len(out),
+                     'tokens_per_s': round(len(out) / dt, 1)})
+    return rows
+
+
+def tree_rss(pid):
+    """Resident memory of a process and its children, in bytes (Linux /proc)."""
+    total = 0
+    pids = [pid]
+    try:
+        children = open(f'/proc/{pid}/task/{pid}/children').read().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in open(f'/proc/{p}/status'):
+                if line.startswith('VmRSS:'):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def run_measured(cmd):
+    """Run a command; return (seconds, peak RSS of its process tree, output)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    out = proc.communicate()[0]
+    watcher.join()
+    if proc.returncode != 0:
+        die(f"{' '.join(cmd)} failed:\n{out}")
+    return time.perf_counter() - t, peak[0], out
+
+
+def bench_prepare(corpus, vocab_size):
+    if not os.path.isfile(corpus):
+        print(f"prepare: skipped, no corpus at {corpus} (set --bench_corpus)")
+        return []
+    work = tempfile.mkdtemp(prefix='bench_prepare_')
+    rows = []
+    try:
+        half = os.path.join(work, 'half.txt')
+        with open(corpus, 'rb') as f, open(half, 'wb') as g:
+            data = f.read()
+            cut = data.find(b'\n\n\n', len(data) // 2)
+            g.write(data[:cut if cut > 0 else len(data) // 2])
+        cores = os.cpu_count()
+        for label, path in (('full', corpus), ('half', half)):
+            cfg = os.path.join(work, 'cfg.py')
+            with open(cfg, 'w') as f:
+                f.write(f"out_dir = {os.path.join(work, 'out')!r}\nvocab_size = {vocab_size}\n"
+                        f"sources = {{'corpus': {{'kind': 'text', 'path': {path!r}, 'separator': '\\n\\n\\n'}}}}\n"
+                        f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
+            if not os.path.exists(os.path.join(work, 'tokenizer.model')):
+                run_measured([sys.executable, 'tokenizer.py', cfg])
+            for num_proc in sorted({1, cores}):
+                shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
+                dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg, f'--num_proc={num_proc}'])
+                metas = [json.load(open(os.path.join(work, 'out', 'data', 'corpus', s, 'meta.json')))
+                         for s in ('train', 'val')]
+                mb = os.path.getsize(path) / 1e6
+                tokens = sum(m['tokens'] for m in metas)
+                rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc, 'seconds': round(dt, 1),
+                             'MB_per_s': round(mb / dt, 2), 'tokens_per_s': round(tokens / dt),
+                             'peak_rss_MB': round(rss / 1e6)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def table(rows, title):
+    if not rows:
+        return
+    cols = list(rows[0])
+    fmt = lambda v: f"{v / 1e9:.1f} G" if isinstance(v, float) and v > 1e6 else str(v)
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n{title}")
+    print('  '.join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print('  '.join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def main():
+    cfg = configure()
+    device = pick_device(cfg.device)
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    sections = cfg.bench.split(',') if cfg.bench != 'all' else ['matmul', 'train', 'decode', 'prepare']
+    for s in sections:
+        if s not in ('matmul', 'train', 'decode', 'prepare'):
+            die(f"--bench: unknown section {s!r}; use matmul, train, decode, prepare or all")
+    gpu = torch.cuda.get_device_name() if device_type == 'cuda' else None
+    results = {'machine': {'device': device, 'gpu': gpu, 'cpu': platform.processor() or platform.machine(),
+                           'cores': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads()}}
+    print(f"bench on {device} ({gpu or results['machine']['cpu']}, {os.cpu_count()} cores, torch {torch.__version__})")
+    peaks = {}
+    if 'matmul' in sections or 'train' in sections:
+        n = 8192 if device_type == 'cuda' else 2048
+        peaks = {dt: matmul_peak(device, getattr(torch, dt), n) for dt in ('float32', 'bfloat16')}
+        results['matmul'] = [{'dtype': dt, 'n': n, 'flops_per_s': v} for dt, v in peaks.items()]
+        table(results['matmul'], "matmul peak (measured, FLOP/s)")
+    if 'train' in sections:
+        rows = []
+        for size in SIZES[device_type]:
+            for dtype, compiled in (('float32', False), ('bfloat16', False), ('bfloat16', True)):
+                r = bench_train(device, size, dtype, compiled, cfg.bench_steps)
+                datasheet = peak_flops(device_type, dtype)
+                r['mfu_%'] = round(100 * r['flops_per_s'] / (datasheet or peaks[dtype]), 1)
+                r['mfu_of'] = 'datasheet' if datasheet else f'measured {dtype} matmul'
+                rows.append(r)
+                print(f"  {r['model']} {dtype} compile={compiled}: {r['tokens_per_s']:,} tok/s, MFU {r['mfu_%']}%",
+                      flush=True)
+        results['train'] = rows
+        table(rows, "training (random tokens, AdamW step included)")
+    if 'decode' in sections:
+        results['decode'] = [r for size in SIZES[device_type][:1] for r in bench_decode(device, size)]
+        table(results['decode'], "decode, batch 1, greedy")
+        kv, full = results['decode'][0]['tokens_per_s'], results['decode'][1]['tokens_per_s']
+        print(f"KV cache speed-up: {kv / full:.1f}x")
+    if 'prepare' in sections:
+        results['prepare'] = bench_prepare(cfg.bench_corpus, 8192)
+        table(results['prepare'], "prepare.py (tokenizer: 8192-piece BPE)")
+    if cfg.bench_json:
+        with open(cfg.bench_json, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwrote {cfg.bench_json}")
+
+
+if __name__ == '__main__':
+    main()

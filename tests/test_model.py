@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from model import GPT, KVCache, ModelConfig, read_checkpoint, sample_token
+
+
+def tiny(n_kv_head=4, block_size=32, seed=0):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=4, n_kv_head=n_kv_head,
+                           n_embd=32)).eval()
+
+
+@pytest.mark.parametrize('n_kv_head', [4, 2, 1])
+@pytest.mark.parametrize('prompt_len', [1, 7, 31, 32])
+def test_kv_cache_matches_full_forward(n_kv_head, prompt_len):
+    """Prefill part of the sequence, then feed the rest in pieces: every position's logits must match
+    a single full forward, up to float rounding, including a sequence filling the whole context."""
+    model = tiny(n_kv_head)
+    idx = torch.randint(0, 97, (2, prompt_len))
+    full, _ = model(idx)
+    cache = KVCache(model, batch_size=2)
+    split = max(1, prompt_len // 2)
+    pieces = [model(idx[:, :split], cache=cache)[0]]
+    pos = split
+    while pos < prompt_len:
+        n = 1 if pos % 2 else 3  # single steps and multi-token chunks after the prefill
+        pieces.append(model(idx[:, pos:pos + n], cache=cache)[0])
+        pos += n
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == prompt_len
+
+
+@pytest.mark.parametrize('prompt_len', [1, 10, 31])
+def test_greedy_with_cache_gives_exactly_the_tokens_without(prompt_len):
+    model = tiny()
+    prompt = torch.randint(0, 97, (prompt_len,)).tolist()
+    n = 32 - prompt_len  # up to the context limit
+    with_cache = list(model.generate(prompt, n, temperature=0, use_cache=True))
+    without = list(model.generate(prompt, n, temperature=0, use_cache=False))
+    assert with_cache == without and len(with_cache) == n
+
+
+def test_generation_continues_past_the_context_limit():
+    model = tiny()
+    out = list(model.generate([1, 2, 3], 80, temperature=1.0, use_cache=True, generator=torch.Generator().manual_seed(0)))
+    assert len(out) == 80
+
+
+def test_longer_than_block_is_an_error():
+    with pytest.raises(ValueError, match='block_size'):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_packed_documents_do_not_see_each_other():
+    """With doc_ids, the second document in a row gets the logits it gets alone (RoPE is relative)."""
+    model = tiny()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 9))
+    row = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 12 + [1] * 9])
+    packed, _ = model(row, doc_ids=doc_ids)
+    alone, _ = model(b)
+    torch.testing.assert_close(packed[:, 12:], alone, atol=1e-5, rtol=1e-5)
+    mixed, _ = model(row)  # without doc_ids the second document does attend to the first
+    assert not torch.allclose(mixed[:, 12:], alone, atol=1e-3)
+
+
+def test_param_counts_and_flops():
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = GPT(cfg)
+    total, non_embedding = model.num_params()
+    assert total == sum(p.numel() for p in model.parameters()) and total - non_embedding == 100 * 64
+    hidden = 64 * -(-64 * 8 // 3 // 64)
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * hidden  # q, o; k, v (2 heads of 16); SwiGLU
+    assert total == 2 * per_layer + 2 * 2 * 64 + 64 + 100 * 64  # + norms + final norm + tied embedding
+    assert model.flops_per_token() == 6 * (2 * per_layer + 100 * 64) + 12 * 2 * 64 * 16
+
+
+def test_loss_ignores_minus_one_targets():
+    model = tiny()
+    x = torch.randint(0, 97, (1, 8))
+    y = torch.randint(0, 97, (1, 8))
+    _, loss_all = model(x, y)
+    y2 = y.clone()
+    y2[0, :4] = -1
+    logits, loss_half = model(x, y2)
+    expected = torch.nn.functional.cross_entropy(logits[0, 4:], y[0, 4:])
+    torch.testing.assert_close(loss_half, expected)
+    assert not torch.isclose(loss_all, loss_half)
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch():
+    model = tiny().train()
+    opt = model.optimizer(3e-3, 0.0, (0.9, 0.95), 'cpu')
+    x = torch.randint(0, 97, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    first = None
+    for _ in range(80):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.2 * first
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    logits = torch.randn(97)
+    draw = lambda seed: [sample_token(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(seed)) for _ in range(1)]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [sample_token(logits, 1.0, 20, 0.9, g1) for _ in range(50)] == [sample_token(logits, 1.0, 20, 0.9, g2) for _ in range(50)]
+    assert sample_token(logits, 0) == int(logits.argmax())
+    assert draw(1) == draw(1)
+
+
+def test_top_k_and_top_p_never_pick_an_excluded_token():
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3
+    order = torch.argsort(logits, descending=True).tolist()
+    probs = torch.softmax(logits, -1)[order]
+    nucleus = order[:int((probs.cumsum(0) < 0.7).sum()) + 1]  # smallest set reaching p=0.7
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p, allowed in [(5, 1.0, order[:5]), (0, 0.7, nucleus), (3, 0.7, nucleus[:3]), (1, 1.0, order[:1])]:
+        seen = {sample_token(logits, 1.5, top_k, top_p, g) for _ in range(2000)}
+        assert seen <= set(allowed), (top_k, top_p, seen - set(allowed))
+        assert len(seen) == len(allowed)  # and everything allowed can come out
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    model = tiny()
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': {}}, path)
+    assert read_checkpoint(str(path))['model'].keys() == model.state_dict().keys()
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as e:
+        read_checkpoint(str(path))
+    assert 'truncated or corrupt' in str(e.value) and str(path) in str(e.value)
+    assert read_checkpoint(str(path), fatal=False) is None
