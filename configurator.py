@@ -100,8 +100,8 @@ KEYS = {
     'top_p': (0.95, "sample only among the most likely tokens that make up probability p; 1.0 = off"),
     'use_kv_cache': (True, "reuse keys/values of earlier positions while generating (much faster)"),
     'interactive': (False, "chat: a multi-turn conversation on stdin/stdout (one message per line)"),
-    'system': ('', "chat system prompt; '' = system_file, else the built-in default voice"),
-    'system_file': ('', "read the chat system prompt from this file"),
+    'system': ('', "chat system prompt; '' = the built-in default voice (system_file wins if set)"),
+    'system_file': ('', "read the chat system prompt from this file (overrides system)"),
     'allow_special': (False, "let the model generate role tokens (sys/usr/asst/bos) in chat"),
 
     # --- bench.py ---

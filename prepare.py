@@ -307,7 +307,7 @@ def init_worker(tokenizer_path):
 
 
 def tokenize_batch(batch, max_conversation_tokens, dtype):
-    """[(where, doc)] -> [(ids, mask or None, n_bytes, truncated)]; rendering errors name the document."""
+    """[(where, doc)] -> [(ids, mask or None, n_bytes, truncated) or None if dropped]; an error names the document."""
     import tokenizer
     out = []
     for where, doc in batch:
@@ -324,6 +324,9 @@ def tokenize_batch(batch, max_conversation_tokens, dtype):
         truncated = mask is not None and len(ids) > max_conversation_tokens
         if truncated:
             ids, mask = ids[:max_conversation_tokens], mask[:max_conversation_tokens]
+            if sum(mask) == 0:  # the cut left no reply to learn from
+                out.append(None)
+                continue
         out.append((np.array(ids, dtype=dtype), None if mask is None else np.array(mask, dtype=np.uint8),
                     n_bytes, truncated))
     return out
@@ -459,8 +462,11 @@ def prepare_source(cfg, name, tok):
     for result in tokenized(iter_documents(src), tok.path, num_proc, cfg.max_conversation_tokens, dtype):
         if isinstance(result, str):
             die(result)
-        for ids, mask, n_bytes, truncated in result:
-            writers['val' if is_val[i] else 'train'].add(ids, mask, n_bytes, truncated)
+        for doc in result:
+            if doc is None:
+                stats.update(['conversations dropped (no reply left within max_conversation_tokens)'])
+            else:
+                writers['val' if is_val[i] else 'train'].add(*doc)
             i += 1
         if time.time() - last > 2:
             last = time.time()
@@ -469,6 +475,10 @@ def prepare_source(cfg, name, tok):
             print(f"  {name}: {i:,}/{n_docs:,} docs, {done / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s, "
                   f"ETA {max(0, total_bytes - done) / max(rate, 1):.0f}s", flush=True)
 
+    if sum(w.documents for w in writers.values()) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        die(f"sources['{name}']: no documents left: max_conversation_tokens={cfg.max_conversation_tokens} cuts every "
+            "conversation before its first reply. Raise max_conversation_tokens.")
     meta = {'format_version': FORMAT_VERSION, 'source': src, 'format': src['format'],
             'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size, 'tokenizer_sha256': tok.sha256,
             'seed': cfg.seed, 'fingerprint': fp, 'reader_counts': dict(stats)}

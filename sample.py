@@ -30,8 +30,9 @@ def checkpoint_path(cfg):
     return best if os.path.exists(best) else os.path.join(cfg.ckpt_dir, 'ckpt.pt')
 
 
-def stream(tok, tokens, out=sys.stdout):
+def stream(tok, tokens, out=None):
     """Print tokens as they come; returns the generated ids."""
+    out = out or sys.stdout
     decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
     ids = []
     for t in tokens:
@@ -64,29 +65,31 @@ def complete(cfg, model, tok, autocast, generator):
         print()
 
 
+def fit_history(tok, messages, budget):
+    """Messages ending with a user turn -> (kept messages, prompt ids of at most `budget` tokens). The
+    oldest user+assistant exchanges go first; the system prompt stays. If the last message alone is too
+    long, its start is cut."""
+    first = 1 if messages[0]['role'] == 'system' else 0
+    while True:
+        ids = render_conversation(tok, messages)[0] + [tok.asst_id]
+        if len(ids) <= budget or len(messages) <= first + 1:
+            return messages, ids[-budget:]
+        messages = messages[:first] + messages[first + 2:]
+
+
 def chat(cfg, model, tok, autocast, generator):
     """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the new
     user message; when the conversation outgrows the context, the oldest turns are dropped (the system
     prompt stays) and the rest is read again."""
-    system = cfg.system
-    if not system and cfg.system_file:
+    system = cfg.system or DEFAULT_SYSTEM
+    if cfg.system_file:  # a file is the deliberate choice: it wins over `system`
         if not os.path.isfile(cfg.system_file):
             die(f"--system_file={cfg.system_file}: no such file")
         system = open(cfg.system_file, encoding='utf-8').read().strip()
-    system = system or DEFAULT_SYSTEM
     banned = () if cfg.allow_special else (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id)
     block = model.cfg.block_size
     reply_room = min(cfg.max_new_tokens, block // 2)
     tty = sys.stdin.isatty()
-
-    def restart(messages):
-        """History as messages (text) -> ids to feed a fresh cache; oldest exchanges dropped to fit."""
-        while True:
-            ids = render_conversation(tok, messages)[0] + [tok.asst_id]
-            first_user = 1 if messages[0]['role'] == 'system' else 0
-            if len(ids) + reply_room <= block or len(messages) <= first_user + 1:
-                return messages, ids[-(block - reply_room):]
-            messages = messages[:first_user] + messages[first_user + 2:]  # drop the oldest user+assistant
 
     messages = [{'role': 'system', 'content': system}]
     cache, pending = KVCache(model), render_conversation(tok, messages)[0]
@@ -96,7 +99,8 @@ def chat(cfg, model, tok, autocast, generator):
         try:
             line = input('> ' if tty else '')
         except (EOFError, KeyboardInterrupt):
-            print()
+            if tty:
+                print()
             return
         text = line.strip()
         if not text:
@@ -113,7 +117,7 @@ def chat(cfg, model, tok, autocast, generator):
         messages.append({'role': 'user', 'content': text})
         pending = pending + render_turn(tok, 'user', text)[0] + [tok.asst_id]
         if cache.pos + len(pending) + reply_room > block:
-            messages, pending = restart(messages)
+            messages, pending = fit_history(tok, messages, block - reply_room)
             cache = KVCache(model)
         try:
             with autocast:

@@ -141,10 +141,10 @@ def load_conversation_file(path):
     """The first conversation in a .json, .jsonl or primer .txt file (for --show_chat)."""
     if not os.path.isfile(path):
         die(f"--show_chat: no file {path}")
+    text = open(path, encoding='utf-8').read()
     if path.endswith('.txt'):
         import prepare  # the primer parser lives with the other source readers
-        return next(iter(prepare.read_primer({'path': path})))[1]
-    text = open(path, encoding='utf-8').read()
+        return next(prepare.parse_primer(text, path))[1]
     try:
         obj = json.loads(text.splitlines()[0] if path.endswith('.jsonl') else text)
     except (json.JSONDecodeError, IndexError) as e:

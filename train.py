@@ -410,11 +410,12 @@ def main():
         # a resumed run skips the evaluation its checkpoint was saved after (it would only repeat it)
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
                 cfg.init_from == 'resume' and iter_num == start_iter):
-            val_loss, per_source = evaluate()
-            shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
-            log(f"step {iter_num}: val loss {val_loss:.4f} ({shown})")
-            record(iter=iter_num, val_loss=val_loss, val=per_source)
-            if val_loss < best_val:
+            if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
+                val_loss, per_source = evaluate()
+                shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
+                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown})")
+                record(iter=iter_num, val_loss=val_loss, val=per_source)
+            if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
                     save_checkpoint({'model': raw_model.state_dict(), 'iter': iter_num, 'best_val': best_val,
@@ -488,7 +489,7 @@ def main():
         metrics.close()
     if ddp:
         dist.destroy_process_group()
-    log(f"done: best val loss {best_val:.4f}; checkpoints in {cfg.ckpt_dir}")
+    log(f"done: best val loss {best_val:.4f}; checkpoints in {cfg.ckpt_dir}" if val else f"done: checkpoints in {cfg.ckpt_dir}")
 
 
 if __name__ == '__main__':

@@ -129,3 +129,36 @@ def trained(tmp_path_factory, prepared):
     cfg = tiny_train_config(root / 'cfg.py', prepared, root / 'out', max_iters=20, eval_interval=10)
     run('train.py', cfg, check=True)
     return cfg, str(root / 'out')
+
+
+SFT_SYSTEM = 'you are a test bot.'
+SFT_CONVERSATIONS = [
+    [('what does the cat eat?', 'salt and flour.'), ('and the sea?', 'the sea is cold today.')],
+    [('when does the radio work?', 'tomorrow morning, slowly.')],
+    [('and the sea?', 'the sea is cold today.')],
+    [('who fixes the bike?', 'the model learns to fix it.')],
+]
+
+
+@pytest.fixture(scope='session')
+def sft_trained(tmp_path_factory, prepared):
+    """(config path, out_dir) of a tiny model fine-tuned until it knows SFT_CONVERSATIONS by heart."""
+    import json
+    root = tmp_path_factory.mktemp('sft')
+    with open(root / 'qa.jsonl', 'w') as f:
+        for exchanges in SFT_CONVERSATIONS:
+            messages = [{'role': 'system', 'content': SFT_SYSTEM}]
+            for q, a in exchanges:
+                messages += [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]
+            f.write(json.dumps({'messages': messages}) + '\n')
+    from configurator import configure
+    base = configure([prepared[0]])
+    cfg = write_config(root / 'cfg.py', str(root / 'out'), '', sources={'qa': {'kind': 'chat', 'path': str(root / 'qa.jsonl'),
+                                                                              'val_frac': 0.0}},
+                       tokenizer_path=base.tokenizer_path,
+                       **{**TINY, 'n_layer': 2, 'n_embd': 64, 'block_size': 96, 'batch_size': 4, 'log_interval': 50,
+                          'warmup_iters': 10, 'phase': 'sft', 'mixture': {'qa': 1.0}, 'val_sources': [],
+                          'max_iters': 300, 'eval_interval': 300, 'system': SFT_SYSTEM})
+    run('prepare.py', cfg, check=True)
+    run('train.py', cfg, check=True)
+    return cfg, str(root / 'out')

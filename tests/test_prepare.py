@@ -228,3 +228,82 @@ def test_interrupted_rerun_keeps_old_complete_shards_until_new_ones_are_done(tmp
     p = run('prepare.py', cfg)
     assert p.returncode != 0 and 'story.txt' in p.stderr
     assert tree_bytes(tmp_path / 'out' / 'data' / 'story') == before
+
+
+# ---- SFT sources ----
+
+def msg(role, text, rank=None, replies=(), deleted=False, lang='en'):
+    return {'role': role, 'text': text, 'rank': rank, 'replies': list(replies), 'deleted': deleted, 'lang': lang,
+            'message_id': text}
+
+
+def test_oasst_follows_the_best_ranked_live_replies(tmp_path):
+    import gzip
+    trees = [
+        {'message_tree_id': 't1', 'prompt': msg('prompter', 'q1', replies=[
+            msg('assistant', 'second best', rank=1),
+            msg('assistant', 'deleted best', rank=0, deleted=True),
+            msg('assistant', 'best', rank=0, replies=[
+                msg('prompter', 'follow-up', rank=0, replies=[
+                    msg('assistant', 'worse', rank=2), msg('assistant', 'better', rank=1)]),
+                msg('prompter', 'other follow-up', rank=1)])])},
+        {'message_tree_id': 't2', 'prompt': msg('prompter', 'frage', lang='de', replies=[msg('assistant', 'antwort', rank=0, lang='de')])},
+        {'message_tree_id': 't3', 'prompt': msg('prompter', 'no answer yet')},
+        {'message_tree_id': 't4', 'prompt': msg('prompter', 'q4', replies=[
+            msg('assistant', 'a4', rank=0, replies=[msg('prompter', 'dangling question', rank=0)])])},
+    ]
+    path = tmp_path / 'trees.jsonl.gz'
+    with gzip.open(path, 'wt') as f:
+        f.writelines(json.dumps(t) + '\n' for t in trees)
+    src = prepare.source_settings('o', {'kind': 'oasst1', 'path': str(path)})
+    stats = __import__('collections').Counter()
+    convs = [c for _, c in prepare.iter_documents(src, stats)]
+    assert convs == [
+        [{'role': 'user', 'content': 'q1'}, {'role': 'assistant', 'content': 'best'},
+         {'role': 'user', 'content': 'follow-up'}, {'role': 'assistant', 'content': 'better'}],
+        [{'role': 'user', 'content': 'q4'}, {'role': 'assistant', 'content': 'a4'}],  # trailing question dropped
+    ]
+    assert sum(v for k, v in stats.items() if k.startswith('trees skipped')) == 2  # German, and unanswered
+    src_all = prepare.source_settings('o', {'kind': 'oasst1', 'path': str(path), 'lang': None})
+    assert len(list(prepare.iter_documents(src_all))) == 3
+
+
+def test_dolly_mapping_keeps_context_and_category(tmp_path):
+    rows = [{'instruction': 'Summarise this.', 'context': 'A long text.', 'response': 'Short.', 'category': 'summarization'},
+            {'instruction': 'Name a colour.', 'context': '', 'response': 'Blue.', 'category': 'open_qa'}]
+    path = tmp_path / 'dolly.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    src = prepare.source_settings('d', {'kind': 'dolly', 'path': str(path)})
+    stats = __import__('collections').Counter()
+    convs = [c for _, c in prepare.iter_documents(src, stats)]
+    assert convs == [[{'role': 'user', 'content': 'Summarise this.\n\nA long text.'}, {'role': 'assistant', 'content': 'Short.'}],
+                     [{'role': 'user', 'content': 'Name a colour.'}, {'role': 'assistant', 'content': 'Blue.'}]]
+    assert stats['category summarization'] == 1 and stats['category open_qa'] == 1
+    only = prepare.source_settings('d', {'kind': 'dolly', 'path': str(path), 'categories': ['open_qa']})
+    assert len(list(prepare.iter_documents(only))) == 1
+
+
+def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepared):
+    convs = [[{'role': 'user', 'content': f'question {i}'}, {'role': 'assistant', 'content': f'answer {i}'}]
+             for i in range(10)]
+    (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'messages': c}) + '\n' for c in convs))
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', sources={'c': {'kind': 'chat', 'path': str(tmp_path / 'c.jsonl')}},
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), max_conversation_tokens=12)
+    run('prepare.py', cfg, check=True)
+    tok = Tokenizer(os.path.join(prepared[1], 'tokenizer.model'))
+    metas = [prepare.load_split(str(tmp_path / 'out' / 'data'), 'c', s) for s in ('train', 'val')]
+    assert sum(m['documents'] for m in metas) == 10 and metas[0]['truncated'] + metas[1]['truncated'] == 10
+    meta = metas[0]
+    ids = np.fromfile(meta['shards'][0]['path'], dtype=np.uint16)
+    starts = np.fromfile(meta['shards'][0]['path'].replace('shard_', 'docs_'), dtype=np.int64)
+    mask = np.fromfile(meta['shards'][0]['path'].replace('shard_', 'mask_'), dtype=np.uint8)
+    assert len(ids) == len(mask) == 12 * meta['documents'] and list(starts) == list(range(0, len(ids), 12))
+    from tokenizer import render_conversation
+    rendered = [render_conversation(tok, c) for c in convs]
+    for s in starts:
+        full_ids, full_mask = next(r for r in rendered if r[0][:12] == ids[s:s + 12].tolist())
+        assert mask[s:s + 12].tolist() == full_mask[:12] and sum(full_mask[:12]) > 0
+    cfg = write_config(tmp_path / 'd.py', str(tmp_path / 'out2'), '', sources={'c': {'kind': 'chat', 'path': str(tmp_path / 'c.jsonl')}},
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), max_conversation_tokens=6)
+    p = run('prepare.py', cfg)
+    assert p.returncode != 0 and 'no documents left' in p.stderr

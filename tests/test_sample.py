@@ -60,3 +60,66 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(trained, tmp_path):
     torch.save(state, tmp_path / 'foreign.pt')
     p = run('sample.py', cfg, f'--ckpt={tmp_path}/foreign.pt')
     assert p.returncode != 0 and 'another tokenizer' in p.stderr
+
+
+# ---- chat ----
+
+def test_repl_with_piped_stdin_answers_each_line_and_resets(sft_trained):
+    from conftest import SFT_CONVERSATIONS
+    cfg, _ = sft_trained
+    (q1, a1), (q2, a2) = SFT_CONVERSATIONS[0]
+    q3, a3 = SFT_CONVERSATIONS[1][0]
+    p = run('sample.py', cfg, '--interactive', '--temperature=0', '--max_new_tokens=60',
+            input=f'{q1}\n{q2}\n/reset\n{q3}\n\n/quit\nnever read\n', check=True)
+    # replies stop at <|eot|>: exactly the trained reply, nothing generated after it
+    assert p.stdout.splitlines() == [a1, a2, '(conversation reset)', a3]
+
+
+def test_repl_exits_cleanly_at_end_of_input_and_on_bad_system_file(sft_trained):
+    cfg, _ = sft_trained
+    p = run('sample.py', cfg, '--interactive', '--temperature=0', input='')
+    assert p.returncode == 0 and p.stderr == ''
+    p = run('sample.py', cfg, '--interactive', '--system_file=/nonexistent/voice.txt', input='hi\n')
+    assert p.returncode != 0 and 'voice.txt' in p.stderr
+
+
+def test_chat_keeps_the_kv_cache_across_turns(sft_trained, monkeypatch, capsys):
+    """The second turn must feed only its new tokens, not the whole conversation again."""
+    from conftest import SFT_CONVERSATIONS
+    from contextlib import nullcontext
+    cfg_path, out = sft_trained
+    cfg = load_cfg(cfg_path, '--temperature=0')
+    tok = Tokenizer(cfg.tokenizer_path)
+    model, _ = sample.load_model(os.path.join(out, 'sft', 'ckpt.pt'), 'cpu', tok.sha256)
+    fed = []
+    forward = model.forward
+    monkeypatch.setattr(model, 'forward', lambda idx, *a, **k: fed.append(idx.shape[1]) or forward(idx, *a, **k))
+    (q1, a1), (q2, a2) = SFT_CONVERSATIONS[0]
+    monkeypatch.setattr('sys.stdin', io.StringIO(f'{q1}\n{q2}\n'))
+    sample.chat(cfg, model, tok, nullcontext(), torch.Generator().manual_seed(0))
+    assert capsys.readouterr().out.splitlines() == [a1, a2]
+    prefills = [n for n in fed if n > 1]
+    first = len(sample.render_conversation(tok, [{'role': 'system', 'content': cfg.system},
+                                                 {'role': 'user', 'content': q1}])[0]) + 1
+    second = 1 + len(sample.render_turn(tok, 'user', q2)[0]) + 1  # <eot>, the user turn, <asst>
+    assert prefills == [first, second]
+    assert sum(fed) == first + second + len(tok.encode(a1)) + len(tok.encode(a2))  # + one step per reply token
+
+
+def test_long_history_keeps_the_system_prompt_and_drops_the_oldest_turns(trained):
+    tok = Tokenizer(load_cfg(trained[0]).tokenizer_path)
+    messages = [{'role': 'system', 'content': 'be brief.'}]
+    for i in range(10):
+        messages += [{'role': 'user', 'content': f'question number {i}'}, {'role': 'assistant', 'content': f'answer {i}'}]
+    messages.append({'role': 'user', 'content': 'last question'})
+    kept, ids = sample.fit_history(tok, messages, 60)
+    assert len(ids) <= 60 and kept[0] == messages[0] and kept[-1] == messages[-1]
+    assert 3 <= len(kept) < len(messages) and kept[1:] == messages[len(messages) - len(kept) + 1:]
+    assert ids == sample.render_conversation(tok, kept)[0] + [tok.asst_id]
+
+
+def test_chat_survives_a_conversation_longer_than_the_context(sft_trained):
+    cfg, _ = sft_trained
+    lines = ''.join(f'what does the cat eat? and the sea? number {i}\n' for i in range(12))
+    p = run('sample.py', cfg, '--interactive', '--max_new_tokens=20', input=lines, check=True)
+    assert len(p.stdout.splitlines()) == 12

@@ -8,7 +8,8 @@ import torch
 from conftest import load_cfg, metrics, run, tiny_train_config
 import prepare
 import train
-from tokenizer import Tokenizer
+from model import GPT, ModelConfig, load_model
+from tokenizer import Tokenizer, render_conversation
 
 
 def write_split(data_dir, name, tokens, chat=False, docs=None):
@@ -194,3 +195,53 @@ def test_resume_without_a_checkpoint(tmp_path, prepared):
 def test_float16_on_cpu_says_what_to_use(tmp_path, prepared):
     err = train_error(tmp_path, prepared, dtype='float16', device='cpu')
     assert 'float16' in err and 'bfloat16' in err
+
+
+# ---- SFT ----
+
+def test_the_mask_survives_from_prepare_to_the_loss(prepared):
+    """End to end: primer text -> prepare.py shards -> the batch train.py builds -> the loss. The loss must
+    be the cross entropy over exactly the positions predicting assistant tokens and <|eot|>."""
+    cfg = load_cfg(prepared[0])
+    tok = Tokenizer(cfg.tokenizer_path)
+    splits = {'primer': train.Split(cfg.data_dir, 'primer', 'train', tok.sha256)}
+    assert train.sft_mode(splits)
+    x, y, doc, _ = train.get_batch(splits, {'primer': 1.0}, np.random.default_rng(3), 4, 64, 'cpu', True)
+    # what the targets must be, recomputed from the source text with the chat template
+    src = prepare.source_settings('primer', cfg.sources['primer'])
+    rendered = {tuple(ids): mask for ids, mask in
+                (render_conversation(tok, c) for _, c in prepare.iter_documents(src))}
+    n_checked = 0
+    for row in range(4):
+        for k in set(doc[row].tolist()) - {-1}:
+            pos = (doc[row] == k).nonzero().flatten()
+            tokens = x[row, pos].tolist() + [y[row, pos[-1]].item()]
+            ids, mask = next((list(i), m) for i, m in rendered.items() if list(i[:len(pos)]) == tokens[:len(pos)])
+            want = [t if m else -1 for t, m in zip(ids[1:len(pos) + 1], mask[1:len(pos) + 1])]
+            want += [-1] * (len(pos) - len(want))  # the last position faces the next conversation: no target
+            assert y[row, pos].tolist() == want
+            n_checked += 1
+    assert n_checked >= 4
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    logits, loss = model(x, y, doc)
+    keep = y != -1
+    manual = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(loss, manual)
+    assert 0 < keep.sum() < (x != 0).sum()  # some positions train, many do not
+
+
+def test_sft_overfit_answers_its_prompts_with_the_trained_replies(sft_trained):
+    from conftest import SFT_CONVERSATIONS, SFT_SYSTEM
+    cfg_path, out = sft_trained
+    cfg = load_cfg(cfg_path)
+    tok = Tokenizer(cfg.tokenizer_path)
+    model, _ = load_model(os.path.join(out, 'sft', 'ckpt.pt'), 'cpu', tok.sha256)
+    for exchanges in SFT_CONVERSATIONS:
+        messages = [{'role': 'system', 'content': SFT_SYSTEM}]
+        for q, a in exchanges:
+            messages.append({'role': 'user', 'content': q})
+            prompt = render_conversation(tok, messages)[0] + [tok.asst_id]
+            reply = list(model.generate(prompt, 40, temperature=0, stop={tok.eot_id}))
+            assert reply[-1] == tok.eot_id and tok.decode(reply[:-1]) == a
+            messages.append({'role': 'assistant', 'content': a})
