@@ -53,6 +53,10 @@ KEYS = {
     'analyze_only': (False, "prepare.py: report files, documents, bytes and estimated tokens; write nothing"),
     'prepare_sources': (None, "list of source names prepare.py works on; None = every source"),
     'max_conversation_tokens': (4096, "SFT conversations longer than this are truncated when prepared"),
+    'cache_dir': ('out/cache', "downloaded corpora and benchmark files, kept across runs (a rerun downloads nothing)"),
+    'download_retries': (5, "retries of a failed download (5xx, dropped connection, timeout), with backoff"),
+    'download_timeout': (30.0, "seconds to wait for a server before retrying"),
+    'download_backoff': (2.0, "seconds before the first retry; doubles each time"),
 
     # --- the model (model.py) ---
     'n_layer': (6, "transformer blocks"),

@@ -34,21 +34,40 @@ import time
 
 import numpy as np
 
+import download
 from configurator import atomic_file, configure, die, suggest
 
 FORMAT_VERSION = 1
 DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
 
+HF = 'https://huggingface.co/datasets'
 # kind -> (format, {setting: default}). 'text' sources train on every token; 'chat' sources are
 # conversations with a loss mask. A setting a kind does not know is an error (typos must not pass).
+# Public corpora are downloaded into cache_dir (download.py): point url/base_url at a mirror if you
+# like; files that never change are checked against their size and sha256. Set 'path' to use a local
+# copy instead of downloading.
 KINDS = {
     'roam': ('text', {'path': None, 'glob': '**/*.md', 'add_title': True, 'val_frac': 0.1}),
     'text': ('text', {'path': None, 'separator': None, 'val_frac': 0.1}),
     'primer': ('chat', {'path': None, 'val_frac': 0.1}),
     'chat': ('chat', {'path': None, 'val_frac': 0.1}),
-    'dolly': ('chat', {'path': None, 'val_frac': 0.1, 'categories': None}),
-    'oasst1': ('chat', {'path': None, 'val_frac': 0.1, 'lang': 'en'}),
+    'dolly': ('chat', {'path': None, 'url': f'{HF}/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl',
+                       'sha256': None, 'size': None, 'val_frac': 0.1, 'categories': None}),
+    'oasst1': ('chat', {'path': None, 'url': f'{HF}/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz',
+                        'sha256': '2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7', 'size': 34145252,
+                        'val_frac': 0.1, 'lang': 'en'}),
+    'tinyshakespeare': ('text', {'path': None, 'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                                 'tinyshakespeare/input.txt', 'sha256': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
+                                 'size': 1115394, 'separator': '\n\n', 'val_frac': 0.1}),
+    # streamed: parquet shards fetched one at a time, only while the token budgets still need text
+    'fineweb_edu': ('text', {'base_url': f'{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
+                             'files': [f'{i:03d}_00000.parquet' for i in range(14)],
+                             'train_tokens': 200_000_000, 'val_tokens': 5_000_000}),
+    'wikitext': ('text', {'base_url': f'{HF}/Salesforce/wikitext/resolve/main/wikitext-103-raw-v1',
+                          'train_files': ['train-00000-of-00002.parquet', 'train-00001-of-00002.parquet'],
+                          'val_files': ['validation-00000-of-00001.parquet'], 'train_tokens': None, 'val_tokens': None}),
 }
+STREAMED = ('fineweb_edu', 'wikitext')  # no counting pass: val is their own split (wikitext) or comes first (budgets)
 
 
 def source_settings(name, src):
@@ -63,10 +82,14 @@ def source_settings(name, src):
             die(f"sources['{name}']: unknown setting {key!r}{suggest(key, defaults)} for kind "
                 f"'{src['kind']}'; it takes {', '.join(defaults)}")
     out = {'name': name, 'kind': src['kind'], 'format': fmt, **defaults, **src}
-    if out['path'] is None:
+    if 'path' in out and out['path'] is None and out.get('url') is None:
         die(f"sources['{name}'] needs a 'path'")
-    if not (isinstance(out['val_frac'], (int, float)) and 0 <= out['val_frac'] < 1):
+    if 'val_frac' in out and not (isinstance(out['val_frac'], (int, float)) and 0 <= out['val_frac'] < 1):
         die(f"sources['{name}']: val_frac must be a number in [0, 1), got {out['val_frac']!r}")
+    for key in ('train_tokens', 'val_tokens'):
+        v = out.get(key)
+        if key in out and not (v is None and out['kind'] == 'wikitext') and not (isinstance(v, (int, float)) and v >= 0):
+            die(f"sources['{name}']: {key} must be a number of tokens >= 0, got {v!r}")
     return out
 
 
@@ -77,7 +100,12 @@ def source_settings(name, src):
 # with a list (analyze_only) the problem is recorded and reading goes on.
 
 def source_files(src):
-    """The files a source reads, sorted; a missing path or an empty folder stops with its name."""
+    """The files a source reads, sorted; a missing path or an empty folder stops with its name. A
+    single-file public corpus without a 'path' is downloaded into the cache first."""
+    if src['kind'] in STREAMED:
+        return []  # fetched while reading
+    if src['path'] is None:
+        return [download.fetch(src['url'], src['sha256'], src['size'], label=src['name'])]
     paths = src['path'] if isinstance(src['path'], list) else [src['path']]
     files = []
     for p in paths:
@@ -277,17 +305,71 @@ def read_oasst1(src, stats=None, problems=None):
                 stats.update(['trees skipped (deleted, other language or no reply)'])
 
 
-READERS = {'roam': read_roam, 'text': read_text, 'primer': read_primer, 'chat': read_chat,
-           'dolly': read_dolly, 'oasst1': read_oasst1}
+def read_parquet_texts(path, column='text'):
+    """(row, text) of a parquet file, a row group at a time (bounded memory)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        die(f"reading {path} needs pyarrow (parquet): pip install pyarrow, or pip install -r requirements-dev.txt")
+    f = pq.ParquetFile(path)
+    if column not in f.schema_arrow.names:
+        die(f"{path} has no column '{column}' (it has {', '.join(f.schema_arrow.names)})")
+    row = 0
+    for batch in f.iter_batches(columns=[column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield row, text or ''
+            row += 1
+
+
+def streamed_files(src):
+    """(url, split) of each file of a streamed corpus, in reading order; split None: decided by budget."""
+    if src['kind'] == 'fineweb_edu':
+        return [(f"{src['base_url']}/{f}", None) for f in src['files']]
+    return ([(f"{src['base_url']}/{f}", 'val') for f in src['val_files']] +
+            [(f"{src['base_url']}/{f}", 'train') for f in src['train_files']])
+
+
+WIKI_TITLE = re.compile(r'^ = [^=].* = \n?$')  # ' = Title = ', not ' = = Section = = '
+
+
+def read_streamed_file(src, url, split):
+    """Documents of one file of fineweb-edu (a row each) or WikiText raw (rows are lines; an article
+    starts at its ' = Title = ' line), fetched into the cache first."""
+    path = download.fetch(url, label=f"{src['name']}/{os.path.basename(url)}")
+    if src['kind'] == 'fineweb_edu':
+        for row, text in read_parquet_texts(path):
+            if text.strip():
+                yield f"{path} row {row}", text, split
+        return
+    article, first = [], 0
+    for row, line in read_parquet_texts(path):
+        if WIKI_TITLE.match(line) and ''.join(article).strip():
+            yield f"{path} row {first}", ''.join(article), split
+            article, first = [], row
+        article.append(line)
+    if ''.join(article).strip():
+        yield f"{path} row {first}", ''.join(article), split
+
+
+def read_streamed(src, stats=None, problems=None):
+    for url, split in streamed_files(src):
+        yield from read_streamed_file(src, url, split)
+
+
+READERS = {'roam': read_roam, 'text': read_text, 'primer': read_primer, 'chat': read_chat, 'dolly': read_dolly,
+           'oasst1': read_oasst1, 'tinyshakespeare': read_text, 'fineweb_edu': read_streamed,
+           'wikitext': read_streamed}
 
 
 def iter_documents(src, stats=None, problems=None):
-    return READERS[src['kind']](src, stats, problems)
+    """(where, document, split): split is 'train'/'val' where the corpus has its own, else None."""
+    for item in READERS[src['kind']](src, stats, problems):
+        yield item if len(item) == 3 else (*item, None)
 
 
 def iter_texts(src):
     """Plain text of a source, for training the tokenizer: documents, or each message of a chat."""
-    for _, doc in iter_documents(src):
+    for _, doc, _ in iter_documents(src):
         if isinstance(doc, str):
             yield doc
         else:
@@ -307,10 +389,11 @@ def init_worker(tokenizer_path):
 
 
 def tokenize_batch(batch, max_conversation_tokens, dtype):
-    """[(where, doc)] -> [(ids, mask or None, n_bytes, truncated) or None if dropped]; an error names the document."""
+    """[(where, doc, split)] -> [(ids, mask or None, n_bytes, truncated, split) or None if dropped];
+    an error is returned as a message naming the document."""
     import tokenizer
     out = []
-    for where, doc in batch:
+    for where, doc, split in batch:
         if isinstance(doc, str):
             ids, mask, n_bytes = [worker_tok.bos_id] + worker_tok.encode(doc), None, len(doc.encode('utf-8'))
         else:
@@ -328,14 +411,15 @@ def tokenize_batch(batch, max_conversation_tokens, dtype):
                 out.append(None)
                 continue
         out.append((np.array(ids, dtype=dtype), None if mask is None else np.array(mask, dtype=np.uint8),
-                    n_bytes, truncated))
+                    n_bytes, truncated, split))
     return out
 
 
 def batches(docs, target_bytes=1 << 18):
     batch, size = [], 0
-    for where, doc in docs:
-        batch.append((where, doc))
+    for item in docs:
+        batch.append(item)
+        doc = item[1]
         size += len(doc) if isinstance(doc, str) else sum(len(m['content']) for m in doc)
         if size >= target_bytes:
             yield batch
@@ -433,52 +517,78 @@ def val_indices(n, val_frac, seed, name):
 
 def prepare_source(cfg, name, tok):
     src = source_settings(name, cfg.sources[name])
-    files = source_files(src)
+    remote = src['kind'] in STREAMED or src.get('path', '') is None  # identified by url and settings
     final = os.path.join(cfg.data_dir, name)
-    fp = fingerprint(src, files, tok.sha256, cfg)
+    fp = fingerprint(src, [] if remote else source_files(src), tok.sha256, cfg)
     metas = [os.path.join(final, split, 'meta.json') for split in ('train', 'val')]
     if all(os.path.exists(p) and json.load(open(p)).get('fingerprint') == fp for p in metas):
         print(f"prepare: {name} is up to date, skipping")
         return
+    files = source_files(src)  # a remote file not yet in the cache is downloaded here
     tmp = final + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)  # an earlier run was interrupted: start this source over
 
     stats = collections.Counter()
-    n_docs = sum(1 for _ in iter_documents(src, stats))  # cheap pass: count, for the split and the ETA
-    if n_docs == 0:
-        die(f"sources['{name}']: no documents found in {src['path']} ({stats['empty']} empty files). "
-            "Point 'path' at your text.")
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    is_val = val_indices(n_docs, src['val_frac'], cfg.seed, name)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     chat = src['format'] == 'chat'
     writers = {s: SplitWriter(os.path.join(tmp, s), dtype, cfg.shard_tokens, chat) for s in ('train', 'val')}
     num_proc = cfg.num_proc or os.cpu_count()
-    print(f"prepare: {name} ({src['kind']}): {n_docs:,} documents, {total_bytes / 1e6:.1f} MB, "
-          f"{int(is_val.sum())} for val, {num_proc} processes")
+    budget = {'train': src.get('train_tokens'), 'val': src.get('val_tokens')}
+    if src['kind'] in STREAMED:
+        # val is the corpus's own split, or the first val_tokens of it; each split stops at its budget
+        n_docs, is_val, total = None, None, sum(v for v in budget.values() if v) or None
+        print(f"prepare: {name} ({src['kind']}): streaming, budgets {budget}, {num_proc} processes")
+    else:
+        n_docs = sum(1 for _ in iter_documents(src, stats))  # cheap pass: count, for the split and the ETA
+        if n_docs == 0:
+            die(f"sources['{name}']: no documents found in {src['path']} ({stats['empty']} empty files). "
+                "Point 'path' at your text.")
+        total = sum(os.path.getsize(f) for f in files)
+        is_val = val_indices(n_docs, src['val_frac'], cfg.seed, name)
+        print(f"prepare: {name} ({src['kind']}): {n_docs:,} documents, {total / 1e6:.1f} MB, "
+              f"{int(is_val.sum())} for val, {num_proc} processes")
+
+    def full(split):
+        return budget[split] is not None and writers[split].tokens >= budget[split]
 
     t0 = last = time.time()
     i = 0
-    for result in tokenized(iter_documents(src), tok.path, num_proc, cfg.max_conversation_tokens, dtype):
+    # streamed corpora go one file at a time and check their budgets before the next file is fetched
+    parts = [read_streamed_file(src, *f) for f in streamed_files(src)] if is_val is None else [iter_documents(src)]
+    results = (r for part in parts if not (is_val is None and full('train') and full('val'))
+               for r in tokenized(part, tok.path, num_proc, cfg.max_conversation_tokens, dtype))
+    for result in results:
         if isinstance(result, str):
             die(result)
         for doc in result:
             if doc is None:
                 stats.update(['conversations dropped (no reply left within max_conversation_tokens)'])
+            elif is_val is not None:
+                writers['val' if is_val[i] else 'train'].add(*doc[:4])
             else:
-                writers['val' if is_val[i] else 'train'].add(*doc)
+                split = doc[4] or ('val' if not full('val') else 'train')
+                if not full(split):
+                    writers[split].add(*doc[:4])
             i += 1
+        if is_val is None and full('train') and full('val'):
+            break  # budgets met: stop reading, so no further shard is downloaded
         if time.time() - last > 2:
             last = time.time()
-            done = sum(w.bytes for w in writers.values())
-            rate = done / (last - t0)
-            print(f"  {name}: {i:,}/{n_docs:,} docs, {done / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s, "
-                  f"ETA {max(0, total_bytes - done) / max(rate, 1):.0f}s", flush=True)
+            if n_docs:
+                done = sum(w.bytes for w in writers.values())
+                rate, of = done / (last - t0), f"{i:,}/{n_docs:,} docs, {done / 1e6:.1f} MB"
+            else:
+                done = sum(w.tokens for w in writers.values())
+                rate, of = done / (last - t0), f"{i:,} docs, {done / 1e6:.1f}M tokens"
+            eta = f", ETA {max(0, total - done) / max(rate, 1):.0f}s" if total else ''
+            speed = f"{sum(w.bytes for w in writers.values()) / (last - t0) / 1e6:.2f} MB/s"
+            print(f"  {name}: {of}, {speed}{eta}", flush=True)
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        die(f"sources['{name}']: no documents left: max_conversation_tokens={cfg.max_conversation_tokens} cuts every "
-            "conversation before its first reply. Raise max_conversation_tokens.")
+        why = (f"max_conversation_tokens={cfg.max_conversation_tokens} cuts every conversation before its first reply. "
+               "Raise max_conversation_tokens." if chat else "every document was empty or over budget.")
+        die(f"sources['{name}']: no documents left: {why}")
     meta = {'format_version': FORMAT_VERSION, 'source': src, 'format': src['format'],
             'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size, 'tokenizer_sha256': tok.sha256,
             'seed': cfg.seed, 'fingerprint': fp, 'reader_counts': dict(stats)}
@@ -497,29 +607,84 @@ def prepare_source(cfg, name, tok):
     print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} MB/s)")
 
 
+# bytes of text per byte of downloaded file, to estimate tokens before downloading (rough: parquet is
+# compressed, the jsonl files carry metadata)
+TEXT_PER_FILE_BYTE = {'fineweb_edu': 1.5, 'wikitext': 1.5, 'dolly': 0.95, 'oasst1': 1.0, 'tinyshakespeare': 1.0}
+
+
+def analyze_remote(src, bytes_per_token):
+    """What a public corpus would download (sizes from HEAD requests), and its tokens per split."""
+    to_tokens = lambda size: int((size or 0) * TEXT_PER_FILE_BYTE[src['kind']] / bytes_per_token)
+    files = streamed_files(src) if src['kind'] in STREAMED else [(src['url'], None)]
+    need, est = [], {'train': 0, 'val': 0}
+    for url, split in files:
+        size = download.remote_size(url)
+        tokens = to_tokens(size)
+        if src['kind'] == 'fineweb_edu':  # val first, then train, then stop: later shards are not fetched
+            if all(est[s] >= src[f'{s}_tokens'] for s in est):
+                break
+            for s in ('val', 'train'):
+                take = min(tokens, max(0, src[f'{s}_tokens'] - est[s]))
+                est[s], tokens = est[s] + take, tokens - take
+        elif split:
+            cap = src[f'{split}_tokens']
+            est[split] = min(est[split] + tokens, cap) if cap is not None else est[split] + tokens
+        else:
+            est['val'] += int(tokens * src['val_frac'])
+            est['train'] += tokens - int(tokens * src['val_frac'])
+        need.append((url, size))
+    return need, est
+
+
 def analyze(cfg, names):
-    """Per source: files, documents, bytes, estimated tokens, empty and unreadable files."""
+    """Per source: files, documents, bytes, estimated tokens per split, empty and unreadable files; for a
+    public corpus not downloaded yet, what would be downloaded. Writes nothing."""
     import tokenizer
     tok = tokenizer.Tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path) else None
-    print(f"{'source':<16} {'kind':<8} {'files':>7} {'docs':>9} {'MB':>9} {'est. tokens':>13} {'empty':>6} {'bad':>4}")
+    rows, notes, ratios = [], [], []
     for name in names:
         src = source_settings(name, cfg.sources[name])
+        remote = src['kind'] in STREAMED or (src.get('path', '') is None and not os.path.exists(download.cache_path(src['url'])))
+        if remote:
+            rows.append((name, src, None))
+            continue
         files = source_files(src)
         stats, problems = collections.Counter(), []
         n_docs, text_bytes, sample_bytes, sample_tokens = 0, 0, 0, 0
-        for _, doc in iter_documents(src, stats, problems):
+        for _, doc, _ in iter_documents(src, stats, problems):
             n_docs += 1
             text = doc if isinstance(doc, str) else '\n'.join(m['content'] for m in doc)
             text_bytes += len(text.encode('utf-8'))
             if tok and sample_bytes < 2_000_000:  # tokenize the first ~2 MB to estimate the rest
                 sample_bytes += len(text.encode('utf-8'))
                 sample_tokens += len(tok.encode(text))
-        total = sum(os.path.getsize(f) for f in files)
-        bytes_per_token = sample_bytes / sample_tokens if sample_tokens else 4.0
-        print(f"{name:<16} {src['kind']:<8} {len(files):>7,} {n_docs:>9,} {total / 1e6:>9.2f} "
-              f"{int(text_bytes / bytes_per_token):>13,} {stats['empty']:>6} {len(problems):>4}")
-        for p in problems:
-            print(f"    unreadable: {p}")
+        if sample_tokens:
+            ratios.append(sample_bytes / sample_tokens)
+        rows.append((name, src, (files, n_docs, text_bytes, sample_bytes, sample_tokens, stats, problems)))
+    default_ratio = sum(ratios) / len(ratios) if ratios else 4.0
+    print(f"{'source':<16} {'kind':<15} {'files':>6} {'docs':>9} {'MB':>9} {'est. train tok':>15} "
+          f"{'est. val tok':>13} {'empty':>6} {'bad':>4}")
+    for name, src, local in rows:
+        if local is None:
+            need, est = analyze_remote(src, default_ratio)
+            known = [size for _, size in need if size is not None]
+            cached = sum(os.path.exists(download.cache_path(url)) for url, _ in need)
+            print(f"{name:<16} {src['kind']:<15} {len(need):>6} {'?':>9} {sum(known) / 1e6:>9.1f} "
+                  f"{est['train']:>15,} {est['val']:>13,} {'-':>6} {'-':>4}")
+            unknown = len(need) - len(known)
+            notes.append(f"{name}: would download {len(need)} file(s), {sum(known) / 1e6:,.1f} MB"
+                         + (f" (+{unknown} of unknown size: no answer to HEAD)" if unknown else '')
+                         + (f"; {cached} already in {download.SETTINGS['cache_dir']}" if cached else ''))
+            continue
+        files, n_docs, text_bytes, sample_bytes, sample_tokens, stats, problems = local
+        ratio = sample_bytes / sample_tokens if sample_tokens else default_ratio
+        tokens = int(text_bytes / ratio)
+        val = int(tokens * src.get('val_frac', 0))
+        print(f"{name:<16} {src['kind']:<15} {len(files):>6,} {n_docs:>9,} {sum(os.path.getsize(f) for f in files) / 1e6:>9.2f} "
+              f"{tokens - val:>15,} {val:>13,} {stats['empty']:>6} {len(problems):>4}")
+        notes += [f"{name}: unreadable: {p}" for p in problems]
+    for note in notes:
+        print('  ' + note)
     if tok is None:
         print("(no tokenizer yet: tokens estimated at 4 bytes per token)")
 
@@ -551,6 +716,7 @@ def main():
             die(f"prepare_sources names '{name}'{suggest(name, cfg.sources)}, which is not in sources")
     if not names:
         die("no sources configured: add some to `sources` in your config")
+    download.setup(cfg)
     if cfg.analyze_only:
         return analyze(cfg, names)
     import tokenizer

@@ -238,6 +238,8 @@ def main():
         print(text)
         print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the <|eot|> that ends each")
         return
+    import download
+    download.setup(cfg)  # a public corpus among the sources is fetched (or read from the cache)
     train_tokenizer(cfg)
 
 

@@ -59,7 +59,7 @@ def test_roam_any_nesting_titles_and_empty_pages(corpus):
     src = prepare.source_settings('roam', {'kind': 'roam', 'path': os.path.join(corpus, 'roam')})
     stats = __import__('collections').Counter()
     docs = list(prepare.iter_documents(src, stats))
-    titles = {doc.split('\n')[0] for _, doc in docs}
+    titles = {doc.split('\n')[0] for _, doc, _ in docs}
     assert 'projects/garden/page 2' in titles and 'projects/page 1' in titles and 'page 0' in titles
     assert stats['empty'] == 1 and len(docs) == 30
 
@@ -257,7 +257,7 @@ def test_oasst_follows_the_best_ranked_live_replies(tmp_path):
         f.writelines(json.dumps(t) + '\n' for t in trees)
     src = prepare.source_settings('o', {'kind': 'oasst1', 'path': str(path)})
     stats = __import__('collections').Counter()
-    convs = [c for _, c in prepare.iter_documents(src, stats)]
+    convs = [c for _, c, _ in prepare.iter_documents(src, stats)]
     assert convs == [
         [{'role': 'user', 'content': 'q1'}, {'role': 'assistant', 'content': 'best'},
          {'role': 'user', 'content': 'follow-up'}, {'role': 'assistant', 'content': 'better'}],
@@ -275,7 +275,7 @@ def test_dolly_mapping_keeps_context_and_category(tmp_path):
     path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
     src = prepare.source_settings('d', {'kind': 'dolly', 'path': str(path)})
     stats = __import__('collections').Counter()
-    convs = [c for _, c in prepare.iter_documents(src, stats)]
+    convs = [c for _, c, _ in prepare.iter_documents(src, stats)]
     assert convs == [[{'role': 'user', 'content': 'Summarise this.\n\nA long text.'}, {'role': 'assistant', 'content': 'Short.'}],
                      [{'role': 'user', 'content': 'Name a colour.'}, {'role': 'assistant', 'content': 'Blue.'}]]
     assert stats['category summarization'] == 1 and stats['category open_qa'] == 1

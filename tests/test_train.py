@@ -210,7 +210,7 @@ def test_the_mask_survives_from_prepare_to_the_loss(prepared):
     # what the targets must be, recomputed from the source text with the chat template
     src = prepare.source_settings('primer', cfg.sources['primer'])
     rendered = {tuple(ids): mask for ids, mask in
-                (render_conversation(tok, c) for _, c in prepare.iter_documents(src))}
+                (render_conversation(tok, c) for _, c, _ in prepare.iter_documents(src))}
     n_checked = 0
     for row in range(4):
         for k in set(doc[row].tolist()) - {-1}:

@@ -1,0 +1,120 @@
+"""
+HTTP downloads into a cache folder, made to survive real networks (used by prepare.py and eval.py).
+
+    path = fetch(url, sha256=None, size=None)
+
+- A file already in the cache is used as it is: a rerun downloads nothing.
+- The body goes to <file>.part; an interrupted transfer resumes from where it stopped with an HTTP
+  Range request (a server that ignores Range sends the whole file again, which we then take).
+- Timeouts; retries with exponential backoff on 5xx/429 answers, dropped connections and timeouts;
+  other 4xx answers (404...) stop at once with the URL in the message.
+- Size and sha256 are checked where known: a mismatch deletes the file and says so.
+- Only a complete, checked file is renamed to its final name.
+- Progress lines while it runs: MB done, MB/s, ETA.
+"""
+import hashlib
+import os
+import time
+import urllib.parse
+
+import requests
+
+from configurator import die
+
+# set from the config by the scripts (setup); tests point them at a local server and short delays
+SETTINGS = {'cache_dir': 'out/cache', 'retries': 5, 'timeout': 30.0, 'backoff': 2.0}
+
+
+def setup(cfg):
+    SETTINGS.update(cache_dir=cfg.cache_dir, retries=cfg.download_retries, timeout=cfg.download_timeout,
+                    backoff=cfg.download_backoff)
+
+
+def cache_path(url):
+    """Where a URL lives in the cache: <cache_dir>/<host>/<path>, so equal file names do not collide."""
+    u = urllib.parse.urlparse(url)
+    parts = [p for p in (u.netloc.replace(':', '_') + u.path).split('/') if p not in ('', '.', '..')]
+    return os.path.join(SETTINGS['cache_dir'], *parts)
+
+
+def remote_size(url):
+    """Content-Length from a HEAD request (following redirects), the cached size, or None."""
+    if os.path.exists(cache_path(url)):
+        return os.path.getsize(cache_path(url))
+    try:
+        r = requests.head(url, allow_redirects=True, timeout=SETTINGS['timeout'])
+        return int(r.headers['Content-Length']) if r.ok and 'Content-Length' in r.headers else None
+    except requests.RequestException:
+        return None
+
+
+class Retry(Exception):
+    pass
+
+
+def fetch(url, sha256=None, size=None, label=None):
+    path = cache_path(url)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = path + '.part'
+    label = label or os.path.basename(path)
+    attempt = 0
+    while True:
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            headers = {'Range': f'bytes={have}-'} if have else {}
+            with requests.get(url, headers=headers, stream=True, timeout=SETTINGS['timeout']) as r:
+                if r.status_code == 416 and have:  # nothing left to send: the part holds the whole file
+                    break
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise Retry(f"HTTP {r.status_code} {r.reason}")
+                if r.status_code not in (200, 206):
+                    die(f"download of {url} failed: HTTP {r.status_code} {r.reason}. Check the address "
+                        f"(the source's url or base_url setting) or that you are online.")
+                resume = r.status_code == 206 and r.headers.get('Content-Range', '').startswith(f'bytes {have}-')
+                done = have if resume else 0
+                length = r.headers.get('Content-Length')
+                total = done + int(length) if length is not None else size
+                if have and not resume:
+                    print(f"  {label}: the server does not resume, downloading it again")
+                t0 = last = time.time()
+                start = done
+                with open(part, 'ab' if resume else 'wb') as f:
+                    for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
+                        f.write(chunk)
+                        done += len(chunk)
+                        if time.time() - last > 2:
+                            last = time.time()
+                            rate = (done - start) / (last - t0)
+                            eta = f", ETA {(total - done) / max(rate, 1):.0f}s" if total else ''
+                            of = f"/{total / 1e6:.1f}" if total else ''
+                            print(f"  downloading {label}: {done / 1e6:.1f}{of} MB, {rate / 1e6:.2f} MB/s{eta}", flush=True)
+                if total is not None and done < total:
+                    raise Retry(f"connection closed after {done:,} of {total:,} bytes")
+                break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, Retry) as e:
+            attempt += 1
+            if attempt > SETTINGS['retries']:
+                die(f"download of {url} failed after {SETTINGS['retries']} retries ({e}). Rerun to resume from "
+                    f"the {os.path.getsize(part) if os.path.exists(part) else 0:,} bytes already in {part}.")
+            wait = SETTINGS['backoff'] * 2 ** (attempt - 1)
+            print(f"  {label}: {e}; retry {attempt}/{SETTINGS['retries']} in {wait:.1f}s", flush=True)
+            time.sleep(wait)
+    got = os.path.getsize(part)
+    if size is not None and got != size:
+        os.remove(part)
+        die(f"download of {url} has {got:,} bytes, expected {size:,}; the file was removed, rerun to fetch it again")
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            os.remove(part)
+            die(f"download of {url} does not match its sha256 (expected {sha256[:16]}..., got {h.hexdigest()[:16]}...): "
+                "the file was removed. Rerun to fetch it again; if the publisher changed the file on purpose, set the "
+                "source's 'sha256' to None.")
+    os.replace(part, path)
+    print(f"  downloaded {label} ({got / 1e6:.1f} MB)")
+    return path
