@@ -22,6 +22,7 @@ non-zero exit) and `atomic_file` (write to a temp file, fsync, rename: never a h
 """
 import ast
 import contextlib
+import copy
 import difflib
 import json
 import os
@@ -238,7 +239,7 @@ def configure(argv=None):
                 die(f"--{name} needs a value: --{name}=...")
             text = 'True'  # --compile alone means --compile=True
         overrides[name] = check_type(name, parse_value(name, text), f"--{name}")
-    ns = {name: default for name, (default, _) in KEYS.items()}
+    ns = {name: copy.deepcopy(default) for name, (default, _) in KEYS.items()}  # configs may mutate them
     ns.update(overrides)  # visible to config files, so they can branch on e.g. phase
     for path in files:
         run_config_file(path, ns)

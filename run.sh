@@ -4,7 +4,8 @@
 #   ./run.sh demo            (the built-in sample, ~3 minutes on a laptop CPU)
 #   ./run.sh smoke           (seconds: checks the install)
 #   ./run.sh dev | prod      (see config/)
-# Extra --key=value arguments are passed to every stage.
+# Extra --key=value arguments are passed to every stage. Several GPUs: TRAIN="torchrun --standalone
+# --nproc_per_node=8" ./run.sh prod  (TRAIN replaces `python` for the two training commands).
 set -euo pipefail
 cd "$(dirname "$0")"
 profile=${1:?usage: ./run.sh smoke|demo|dev|prod [--key=value ...]}
@@ -17,9 +18,9 @@ case $profile in
 esac
 python tokenizer.py "${pre[@]}" "$@"
 python prepare.py "${pre[@]}" "$@"
-python train.py "${pre[@]}" "$@"
+${TRAIN:-python} train.py "${pre[@]}" "$@"
 python prepare.py "${sft[@]}" "$@"   # SFT sources that pretraining did not use (nothing to do if none)
-python train.py "${sft[@]}" "$@"
+${TRAIN:-python} train.py "${sft[@]}" "$@"
 echo; echo "=== a completion from the pretrained model ==="
 python sample.py "${pre[@]}" --start="the garden" --max_new_tokens=60 "$@"
 echo; echo "=== a chat with the fine-tuned model (more: python sample.py ${sft[*]} --interactive) ==="

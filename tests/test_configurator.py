@@ -101,3 +101,20 @@ def test_help_lists_every_key_and_errors_exit_nonzero():
         assert f'--{name}=' in p.stdout
     p = run('tokenizer.py', '--bogus_key=1')
     assert p.returncode != 0 and 'bogus_key' in p.stderr
+
+
+def test_every_profile_loads_for_every_stage():
+    import glob
+    for path in sorted(glob.glob('config/*.py')):
+        cfg = load_cfg(path)
+        assert cfg.mixture and cfg.sources, path
+        first = open(path).readline()
+        assert first.startswith('# ') and len(first) > 30, f"{path} needs a one-line comment saying what it is for"
+    assert load_cfg('config/demo.py', '--phase=sft').mixture == {'primer': 1.0}
+
+
+def test_a_config_that_mutates_a_default_does_not_change_the_defaults(tmp_path):
+    p = tmp_path / 'c.py'
+    p.write_text("sources.update({'extra': {'kind': 'text', 'path': 'x'}})\n")
+    assert 'extra' in load_cfg(p).sources
+    assert 'extra' not in KEYS['sources'][0] and 'extra' not in load_cfg().sources

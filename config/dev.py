@@ -1,0 +1,30 @@
+# dev: a laptop-sized 12M model on Tiny Shakespeare (downloaded, 1 MB) + the sample notes and dialogues;
+# about 25 minutes on 2 CPU cores with bf16 + compile (faster on more cores). SFT after: config/dev_sft.py.
+#   ./run.sh dev
+out_dir = 'out/dev'
+sources = {
+    'tinyshakespeare': {'kind': 'tinyshakespeare'},
+    'roam': {'kind': 'roam', 'path': 'data/sample/roam'},  # point this at your own Roam export
+    'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
+}
+# named explicitly so that dev_sft.py, which adds sources, keeps the same tokenizer
+tokenizer_sources = {'tinyshakespeare': None, 'roam': None, 'primer': None}
+vocab_size = 4096
+
+n_layer = 6
+n_head = 6
+n_embd = 384
+block_size = 256
+dropout = 0.1
+batch_size = 16
+gradient_accumulation_steps = 2
+compile = True
+
+mixture = {'tinyshakespeare': 0.6, 'roam': 0.25, 'primer': 0.15}
+max_iters = 1000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+eval_interval = 100
+eval_iters = 20
+log_interval = 10

@@ -1,0 +1,17 @@
+# dev_sft: fine-tune the dev model to chat, on the primer + dolly-15k + oasst1 (downloaded, ~50 MB);
+# about 10 minutes on 2 CPU cores. Run after config/dev.py:  python train.py config/dev_sft.py
+include('dev.py')
+phase = 'sft'
+sources.update({
+    'dolly': {'kind': 'dolly'},
+    'oasst1': {'kind': 'oasst1'},
+})
+init_from = 'out/dev/pretrain/best.pt'
+mixture = {'primer': 0.4, 'dolly': 0.3, 'oasst1': 0.3}  # only chat sources: masked loss on the replies
+max_iters = 300
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = 20
+eval_interval = 50
+system = ("you are mara's notes bot. you answer questions about mara from her notes. terse, grudging, "
+          "lowercase. if it is not in the notes, say \"i don't know\". private things get \"no.\"")

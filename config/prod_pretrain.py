@@ -1,0 +1,33 @@
+# prod_pretrain: a 124M-parameter model, block 1024, on fineweb-edu + wikitext-103 + your notes + the primer.
+# 2.6B tokens: about 2 hours on one H100 (bf16, compile), ~20 minutes on 8 (torchrun). ~10 GB of downloads.
+#   ./run.sh prod        or   TRAIN="torchrun --standalone --nproc_per_node=8" ./run.sh prod
+out_dir = 'out/prod'
+sources = {
+    'fineweb_edu': {'kind': 'fineweb_edu', 'train_tokens': 2_000_000_000, 'val_tokens': 5_000_000},
+    'wikitext': {'kind': 'wikitext'},  # wikitext-103, ~120M tokens, its own validation split
+    'roam': {'kind': 'roam', 'path': 'data/sample/roam'},  # point these two at your own notes and dialogues
+    'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
+}
+# as the original tool: the notes, the primer, wikitext and 20 MB of fineweb
+tokenizer_sources = {'roam': None, 'primer': None, 'wikitext': 40_000_000, 'fineweb_edu': 20_000_000}
+vocab_size = 32768
+shard_tokens = 100_000_000
+
+n_layer = 14   # 14 x 7.1M + a 32768 x 768 embedding = 124M parameters
+n_head = 12
+n_embd = 768
+block_size = 1024
+batch_size = 32
+gradient_accumulation_steps = 16   # 32 x 1024 x 16 = 524k tokens per step (divisible by 1, 2, 4, 8 GPUs)
+dtype = 'bfloat16'
+compile = True
+
+mixture = {'fineweb_edu': 0.6, 'wikitext': 0.2, 'roam': 0.1, 'primer': 0.1}
+max_iters = 5000
+learning_rate = 6e-4
+min_lr = 6e-5
+warmup_iters = 200
+weight_decay = 0.1
+eval_interval = 250
+eval_iters = 40
+log_interval = 10
