@@ -694,7 +694,14 @@ def load_split(data_dir, name, split, tokenizer_sha256=None):
     path = os.path.join(data_dir, name, split, 'meta.json')
     if not os.path.exists(path):
         die(f"no prepared data for source '{name}' ({path} is missing): run `python prepare.py <your config>`")
-    meta = json.load(open(path))
+    try:
+        meta = json.load(open(path))
+        meta['shards'], meta['dtype'], meta['tokenizer_sha256']
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        die(f"{path} is damaged ({type(e).__name__}: {e}): re-run `python prepare.py <your config>`")
+    if meta['dtype'] not in ('uint16', 'uint32') or meta.get('format_version', FORMAT_VERSION) != FORMAT_VERSION:
+        die(f"{path}: shards in an unknown format (dtype {meta['dtype']}, format_version {meta.get('format_version')}): "
+            f"re-run `python prepare.py <your config>`")
     if tokenizer_sha256 and meta['tokenizer_sha256'] != tokenizer_sha256:
         die(f"{path} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}, the current one is "
             f"{tokenizer_sha256[:12]}): re-run `python prepare.py <your config>` to re-tokenize it")

@@ -142,10 +142,15 @@ def check_mixture(cfg):
 def save_checkpoint(obj, folder, name, keep=0):
     path = os.path.join(folder, name)
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # full disk, a second Ctrl-C...: the previous checkpoints stay as they were
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if keep > 0 and os.path.exists(path):
         base = path[:-3]
         for i in range(keep - 1, 0, -1):
@@ -264,7 +269,7 @@ def main():
     # --- data ---
     tok = Tokenizer(cfg.tokenizer_path)
     mixture = check_mixture(cfg)
-    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}
+    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}  # (checks they match the tokenizer)
     val_names = cfg.val_sources if cfg.val_sources is not None else list(mixture)
     for n in val_names:
         if n not in cfg.sources:
@@ -386,6 +391,9 @@ def main():
         return states
 
     def save(reason):
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            log(f"step {iter_num}: the weights are not finite, keeping the last good checkpoint instead of saving")
+            return
         state = checkpoint_state()  # every rank takes part (RNG states are gathered)
         if master:
             save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
@@ -455,9 +463,10 @@ def main():
             nonfinite_total += 1
             log(f"step {iter_num}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg.max_nonfinite:
-                die(f"{nonfinite_in_a_row} non-finite losses in a row at step {iter_num}: stopping. The last good "
-                    f"checkpoint is {os.path.join(cfg.ckpt_dir, 'ckpt.pt')}; try a lower learning_rate, "
-                    f"float32 or bfloat16 instead of float16, or check the data")
+                last = os.path.join(cfg.ckpt_dir, 'ckpt.pt')
+                last = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved yet"
+                die(f"{nonfinite_in_a_row} non-finite losses in a row at step {iter_num}: stopping ({last}). Try a lower "
+                    f"learning_rate, float32 or bfloat16 instead of float16, or check the data")
             iter_num += 1
             continue
         nonfinite_in_a_row = 0
@@ -493,4 +502,8 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the second Ctrl-C: leave at once, checkpoints as they were
+        print("\ninterrupted again: exiting without saving", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,184 @@
+"""The bad-input catalogue: every case runs a stage like a user would and must end with a non-zero exit, a
+message naming the culprit and the fix (no traceback), and every file that existed before untouched."""
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from conftest import run, tiny_train_config
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory, prepared, trained):
+    """A workspace: tokenizer, shards and a checkpoint, plus the config that uses them."""
+    root = tmp_path_factory.mktemp('bad_base')
+    shutil.copy(os.path.join(prepared[1], 'tokenizer.model'), root / 'tokenizer.model')
+    shutil.copytree(os.path.join(prepared[1], 'data'), root / 'data')
+    shutil.copy(os.path.join(trained[1], 'pretrain', 'ckpt.pt'), root / 'ckpt.pt')
+    return root
+
+
+@pytest.fixture
+def ws(tmp_path, base, prepared):
+    shutil.copytree(base, tmp_path / 'ws')
+    w = tmp_path / 'ws'
+    cfg = tiny_train_config(w / 'cfg.py', prepared, w / 'out', tokenizer_path=str(w / 'tokenizer.model'),
+                            data_dir=str(w / 'data'))
+    return w
+
+
+def write(path, text, mode='w'):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, mode) as f:
+        f.write(text)
+    return str(path)
+
+
+def foreign_tokenizer(w):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(['hello world'] * 50), model_writer=model, vocab_size=12,
+                                   minloglevel=2)
+    write(w / 'foreign.model', model.getvalue(), 'wb')
+    return [f"--tokenizer_path={w / 'foreign.model'}"]
+
+
+def edit_meta(w, name, **changes):
+    path = w / 'data' / name / 'train' / 'meta.json'
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def edit_ckpt(w, **changes):
+    state = torch.load(w / 'ckpt.pt', weights_only=True)
+    state.update(changes)
+    torch.save(state, w / 'other.pt')
+    return f"--init_from={w / 'other.pt'}"
+
+
+def src(w, kind, **settings):
+    return f"--sources={ {'s': {'kind': kind, **settings}}!r}"
+
+
+# (id, script, setup(w) -> extra args, words the message must contain)
+CASES = [
+    # --- configuration (every stage) ---
+    ('unknown key on the command line', 'train.py', lambda w: ['--lerning_rate=1e-3'], ['lerning_rate', "did you mean 'learning_rate'"]),
+    ('unknown key in a config file', 'prepare.py', lambda w: [write(w / 'typo.py', 'vocab_size = 512\nn_layers = 2\n')],
+     ['typo.py line 2', "'n_layers'", "did you mean 'n_layer'"]),
+    ('wrong type', 'train.py', lambda w: ['--batch_size=big'], ['batch_size must be int']),
+    ('bool given as a number', 'sample.py', lambda w: ['--interactive=1'], ['interactive must be True or False']),
+    ('missing config file', 'tokenizer.py', lambda w: [str(w / 'nope.py')], ['nope.py', 'not found']),
+    ('config file that fails', 'train.py', lambda w: [write(w / 'broken.py', 'max_iters = int("x")\n')],
+     ['broken.py', 'failed to run', 'ValueError']),
+    # --- tokenizer.py ---
+    ('tokenizer retrained with other settings', 'tokenizer.py', lambda w: ['--vocab_size=640'], ['other settings', 'delete it']),
+    ('vocab too large for the text', 'tokenizer.py', lambda w: [f"--tokenizer_path={w / 'new.model'}", '--vocab_size=90000'],
+     ['vocab_size=90000', 'Lower vocab_size']),
+    ('tokenizer source not in sources', 'tokenizer.py', lambda w: [f"--tokenizer_path={w / 'new.model'}",
+                                                                   "--tokenizer_sources={'wiki': 1000}"], ["'wiki'", 'not in sources']),
+    ('show_chat with roles out of order', 'tokenizer.py',
+     lambda w: [f"--show_chat={write(w / 'c.json', json.dumps([{'role': 'assistant', 'content': 'hi'}]))}"],
+     ['c.json', "role 'assistant'", 'user']),
+    # --- prepare.py ---
+    ('no tokenizer yet', 'prepare.py', lambda w: [f"--tokenizer_path={w / 'missing.model'}"], ['missing.model', 'tokenizer.py']),
+    ('tokenizer with wrong special ids', 'prepare.py', foreign_tokenizer, ['foreign.model', 'not made by tokenizer.py']),
+    ('missing path', 'prepare.py', lambda w: [src(w, 'text', path=str(w / 'gone.txt'))], ['gone.txt', 'does not exist']),
+    ('empty folder', 'prepare.py', lambda w: [os.makedirs(w / 'export') or src(w, 'roam', path=str(w / 'export'))],
+     ['export', 'no files match']),
+    ('empty source', 'prepare.py', lambda w: [src(w, 'text', path=write(w / 'blank.txt', '\n \n'))], ['no documents', 'blank.txt']),
+    ('file that is not UTF-8', 'prepare.py', lambda w: [src(w, 'text', path=write(w / 'l1.txt', 'caf\xe9'.encode('latin-1'), 'wb'))],
+     ['l1.txt', 'not valid UTF-8', 'iconv']),
+    ('primer with no delimiter', 'prepare.py', lambda w: [src(w, 'primer', path=write(w / 'p.txt', 'user: a\nassistant: b\n'))],
+     ['p.txt', '<dialogue>']),
+    ('primer line before any role', 'prepare.py',
+     lambda w: [src(w, 'primer', path=write(w / 'p.txt', 'hello\nuser: a\nassistant: b\n\n<dialogue>\n\nuser: c\nassistant: d\n'))],
+     ['p.txt line 1', "'user: '"]),
+    ('malformed jsonl line', 'prepare.py',
+     lambda w: [src(w, 'chat', path=write(w / 'c.jsonl', '{"messages": []}\n{"messages": [}\n'))], ['c.jsonl line 2', 'not valid JSON']),
+    ('conversation with roles out of order', 'prepare.py',
+     lambda w: [src(w, 'chat', path=write(w / 'c.jsonl', json.dumps({'messages': [{'role': 'user', 'content': 'a'},
+                                                                                   {'role': 'user', 'content': 'b'}]}) + '\n'))],
+     ['c.jsonl line 1', "role 'user'", "'assistant' was expected"]),
+    ('conversation without a reply', 'prepare.py',
+     lambda w: [src(w, 'chat', path=write(w / 'c.jsonl', json.dumps({'messages': [{'role': 'user', 'content': 'a'}]}) + '\n'))],
+     ['c.jsonl line 1', 'no assistant reply']),
+    ('dolly row missing a field', 'prepare.py', lambda w: [src(w, 'dolly', path=write(w / 'd.jsonl', '{"instruction": "x"}\n'))],
+     ['d.jsonl line 1', "'response'"]),
+    ('unknown source kind', 'prepare.py', lambda w: [src(w, 'roma', path='x')], ["unknown kind 'roma'", "did you mean 'roam'"]),
+    ('unknown source setting', 'prepare.py', lambda w: [src(w, 'text', path='x', sep='\n')], ["'sep'", 'separator']),
+    ('val_frac out of range', 'prepare.py', lambda w: [src(w, 'text', path='x', val_frac=1.5)], ['val_frac', '[0, 1)']),
+    ('prepare_sources names an unknown source', 'prepare.py', lambda w: ["--prepare_sources=['rooam']"],
+     ["'rooam'", "did you mean 'roam'"]),
+    # --- train.py ---
+    ('missing mixture source', 'train.py', lambda w: ["--mixture={'wikitext': 1.0}"], ["'wikitext'", 'not in sources', 'prepare.py']),
+    ('negative weight', 'train.py', lambda w: ["--mixture={'roam': -1.0, 'story': 1.0}"], ["'roam'", '>= 0']),
+    ('weights that add up to zero', 'train.py', lambda w: ["--mixture={'roam': 0.0}"], ['add up to 0']),
+    ('source not prepared', 'train.py', lambda w: [shutil.rmtree(w / 'data' / 'story') or '--max_iters=1'],
+     ["source 'story'", 'prepare.py']),
+    ('shards from another tokenizer', 'train.py', lambda w: [edit_meta(w, 'roam', tokenizer_sha256='ab' * 32) or '--max_iters=1'],
+     ['roam', 'another tokenizer', 'prepare.py']),
+    ('shard dtype mismatch', 'train.py', lambda w: [edit_meta(w, 'roam', dtype='uint32') or '--max_iters=1'],
+     ['shard_00000.bin', 'wrong size', 'prepare.py']),
+    ('damaged meta.json', 'train.py', lambda w: [write(w / 'data' / 'roam' / 'train' / 'meta.json', '{"shards": [') and '--max_iters=1'],
+     ['meta.json', 'damaged', 'prepare.py']),
+    ('block_size larger than the checkpoint', 'train.py', lambda w: [f"--init_from={w / 'ckpt.pt'}", '--block_size=64'],
+     ['block_size=64', 'block_size <= 32']),
+    ('model shape differs from the checkpoint', 'train.py', lambda w: [f"--init_from={w / 'ckpt.pt'}", '--n_layer=3'],
+     ['n_layer=1', 'set n_layer=1']),
+    ('checkpoint from another tokenizer', 'train.py', lambda w: [edit_ckpt(w, tokenizer_sha256='cd' * 32)],
+     ['other.pt', 'another tokenizer']),
+    ('truncated checkpoint', 'train.py',
+     lambda w: [write(w / 'cut.pt', (w / 'ckpt.pt').read_bytes()[:3000], 'wb') and f"--init_from={w / 'cut.pt'}"],
+     ['cut.pt', 'truncated or corrupt']),
+    ('init_from a file that does not exist', 'train.py', lambda w: ['--init_from=out/nowhere.pt'], ['nowhere.pt', 'scratch']),
+    ('resume without a checkpoint', 'train.py', lambda w: ['--init_from=resume'], ['no readable checkpoint', "init_from='scratch'"]),
+    ('out folder not writable', 'train.py', lambda w: [f"--out_dir={write(w / 'plain_file', 'x')}/run"],
+     ['plain_file', 'cannot write', 'out_dir']),
+    ('float16 on a CPU', 'train.py', lambda w: ['--dtype=float16', '--device=cpu'], ['float16', 'bfloat16']),
+    ('unknown dtype', 'train.py', lambda w: ['--dtype=fp8'], ["'fp8'", 'bfloat16']),
+    # --- sample.py (completion and chat) ---
+    ('no checkpoint to sample from', 'sample.py', lambda w: [f"--ckpt={w / 'none.pt'}"], ['none.pt', 'train.py']),
+    ('sample a checkpoint from another tokenizer', 'sample.py',
+     lambda w: [edit_ckpt(w, tokenizer_sha256='ef' * 32).replace('--init_from', '--ckpt')], ['other.pt', 'another tokenizer']),
+    ('sample a truncated checkpoint', 'sample.py',
+     lambda w: [f"--ckpt={write(w / 'cut.pt', (w / 'ckpt.pt').read_bytes()[:3000], 'wb') and w / 'cut.pt'}"],
+     ['cut.pt', 'truncated or corrupt']),
+    ('prompt file missing', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--start=FILE:nothing.txt'], ['nothing.txt', 'no such file']),
+    ('chat with a missing system file', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--interactive', '--system_file=voice.txt'],
+     ['voice.txt', 'no such file']),
+]
+
+
+def snapshot(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[p] = hashlib.sha256(open(p, 'rb').read()).hexdigest()
+    return out
+
+
+def test_the_catalogue_has_at_least_25_cases_across_every_stage():
+    assert len(CASES) >= 25
+    assert {script for _, script, _, _ in CASES} == {'tokenizer.py', 'prepare.py', 'train.py', 'sample.py'}
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_bad_input(ws, case):
+    _, script, setup, words = case
+    args = setup(ws)
+    before = snapshot(ws)
+    p = run(script, ws / 'cfg.py', *args, input='hello\n')
+    assert p.returncode != 0, p.stdout
+    assert 'Traceback' not in p.stderr, p.stderr
+    for word in words:
+        assert word in p.stderr, (word, p.stderr)
+    after = snapshot(ws)
+    damaged = [path for path, digest in before.items() if after.get(path) != digest]
+    assert not damaged, damaged

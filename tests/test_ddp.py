@@ -1,0 +1,41 @@
+"""DDP through torchrun on CPU (gloo): two processes must train exactly what one process trains with the
+same global batch, since each rank draws the micro-batches that one process would draw at its place."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, metrics, run, tiny_train_config
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared):
+    common = dict(max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1)
+    one = tiny_train_config(tmp_path / 'one.py', prepared, tmp_path / 'one', **common)
+    run('train.py', one, check=True)
+    two = tiny_train_config(tmp_path / 'two.py', prepared, tmp_path / 'two', **common)
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', two], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert '2 process(es)' in p.stdout and p.stdout.count('step 8 |') == 1  # rank 0 alone logs
+    assert len(glob.glob(str(tmp_path / 'two' / 'runs' / '*'))) == 1  # and writes one run folder
+    a, b = metrics(str(tmp_path / 'one')), metrics(str(tmp_path / 'two'))
+    losses = lambda rows: [r['loss'] for r in rows if 'loss' in r]
+    vals = lambda rows: [r['val_loss'] for r in rows if 'val_loss' in r]
+    assert len(losses(a)) == len(losses(b)) == 8
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5) and vals(a) == pytest.approx(vals(b), rel=1e-5)
+    wa = torch.load(tmp_path / 'one' / 'pretrain' / 'ckpt.pt', weights_only=True)
+    wb = torch.load(tmp_path / 'two' / 'pretrain' / 'ckpt.pt', weights_only=True)
+    for k in wa['model']:
+        torch.testing.assert_close(wa['model'][k], wb['model'][k], atol=1e-5, rtol=1e-4)
+    assert len(wb['rng']) == 2  # every rank's RNG state is saved
+
+
+def test_accumulation_must_divide_among_processes(tmp_path, prepared):
+    cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c', gradient_accumulation_steps=3, max_iters=2)
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', cfg], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and 'gradient_accumulation_steps=3 must be a multiple' in p.stdout + p.stderr
