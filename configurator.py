@@ -109,6 +109,16 @@ KEYS = {
     'system_file': ('', "read the chat system prompt from this file (overrides system)"),
     'allow_special': (False, "let the model generate role tokens (sys/usr/asst/bos) in chat"),
 
+    # --- eval.py ---
+    'eval_sources': (None, "prepared sources whose val split eval.py measures; None = every prepared one"),
+    'eval_tokens': (1_000_000, "eval.py: the first this many tokens of each val split (a fixed set)"),
+    'text_file': ('', "eval.py: measure loss, perplexity and bits per byte on this text file instead"),
+    'boolq': ('', "eval.py: BoolQ dev set: a .jsonl/.parquet path, a URL, or 'download'; '' = skip"),
+    'hellaswag': ('', "eval.py: HellaSwag val set: a .jsonl/.parquet path, a URL, or 'download'; '' = skip"),
+    'eval_limit': (0, "eval.py: use only the first N benchmark examples; 0 = all"),
+    'eval_chat': (False, "eval.py: ask benchmark and smoke questions through the chat template (SFT models)"),
+    'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
+
     # --- bench.py ---
     'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, prepare"),
     'bench_json': ('', "also write the figures to this JSON file"),

@@ -305,13 +305,21 @@ def read_oasst1(src, stats=None, problems=None):
                 stats.update(['trees skipped (deleted, other language or no reply)'])
 
 
-def read_parquet_texts(path, column='text'):
-    """(row, text) of a parquet file, a row group at a time (bounded memory)."""
+def parquet(path):
+    """A pyarrow ParquetFile; pyarrow is imported only here, where parquet is read."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         die(f"reading {path} needs pyarrow (parquet): pip install pyarrow, or pip install -r requirements-dev.txt")
-    f = pq.ParquetFile(path)
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a damaged or non-parquet file
+        die(f"cannot read {path} as parquet ({e}): is the download complete? delete it to fetch it again")
+
+
+def read_parquet_texts(path, column='text'):
+    """(row, text) of a parquet file, a row group at a time (bounded memory)."""
+    f = parquet(path)
     if column not in f.schema_arrow.names:
         die(f"{path} has no column '{column}' (it has {', '.join(f.schema_arrow.names)})")
     row = 0

@@ -1,0 +1,322 @@
+"""
+Stage 5: how good is a checkpoint?
+
+    python eval.py config/demo.py                                   # every prepared val split + smoke prompts
+    python eval.py config/prod_pretrain.py --boolq=download --hellaswag=download
+    python eval.py config/prod_sft.py --eval_chat=True --boolq=path/to/dev.jsonl
+    python eval.py config/demo.py --text_file=some.txt
+
+- Val splits (or --text_file): mean loss per target token (summed over tokens, not averaged over batch
+  means), perplexity, and bits per byte = summed nats / (ln 2 x UTF-8 bytes of the target text), with
+  special tokens counting zero bytes. Bits per byte compares models with different tokenizers. The set is
+  fixed (the first eval_tokens tokens of each split, in order), so numbers compare across checkpoints.
+- BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" / " no") has
+  the higher log-likelihood, beside the majority-class and always-no baselines on the same examples.
+- HellaSwag (context, four endings): each ending scored by summed log-prob (acc) and by log-prob per byte
+  of the ending (acc_norm, as lm-evaluation-harness does); random is 25%.
+- --eval_chat=True asks the same questions through the chat template (for SFT checkpoints).
+- A fixed list of prompts answered greedily, printed and saved.
+Results go to eval_results.json and eval_results.md beside the checkpoint (or in eval_out).
+"""
+import json
+import math
+import os
+import re
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import download
+import prepare
+from configurator import atomic_file, configure, die
+from model import load_model, pick_device, pick_dtype
+from sample import checkpoint_path
+from tokenizer import Tokenizer, render_for_reply
+
+HF = 'https://huggingface.co/datasets'
+BENCHMARK_URLS = {'boolq': f'{HF}/google/boolq/resolve/main/data/validation-00000-of-00001.parquet',
+                  'hellaswag': f'{HF}/Rowan/hellaswag/resolve/main/data/validation-00000-of-00001.parquet'}
+SMOKE_PROMPTS = ["The capital of France is", "Once upon a time, there was a", "To fix a flat tyre, first",
+                 "The best way to learn is", "Water boils at", "My favourite book is"]
+SMOKE_QUESTIONS = ["who are you?", "what is 2 + 2?", "what is the capital of france?", "tell me a joke.",
+                   "how do i fix a flat tyre?", "what did you do today?"]
+
+
+class Progress:
+    """A line every few seconds on long evaluations: done/total, rate, ETA."""
+
+    def __init__(self, label, total):
+        self.label, self.total, self.t0, self.last = label, total, time.time(), time.time()
+
+    def __call__(self, done):
+        if time.time() - self.last > 5:
+            self.last = time.time()
+            rate = done / (self.last - self.t0)
+            print(f"  {self.label}: {done:,}/{self.total:,} ({rate:.1f}/s, ETA {(self.total - done) / max(rate, 1e-9):.0f}s)",
+                  flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, perplexity, bits per byte
+
+@torch.no_grad()
+def score_sequences(model, sequences, autocast, device, batch_size, progress=None):
+    """Sum of target nats and number of targets for each (ids, targets) pair: position i predicts
+    targets[i]; -1 marks a position without a target. Sequences are at most block_size long."""
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        T = max(len(ids) for ids, _ in chunk)
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.full((len(chunk), T), -1, dtype=torch.long)
+        for i, (ids, targets) in enumerate(chunk):
+            x[i, :len(ids)] = torch.as_tensor(ids)
+            y[i, :len(targets)] = torch.as_tensor(targets)
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, _ = model(x)
+        nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')
+        out += [(float(n.sum()), int(k)) for n, k in zip(nats, (y != -1).sum(1))]
+        if progress:
+            progress(start + len(chunk))
+    return out
+
+
+def windows(tokens, T):
+    """Non-overlapping windows over a token stream: each predicts its T tokens from what precedes them
+    in the window."""
+    return [(tokens[s:s + T], tokens[s + 1:s + T + 1]) for s in range(0, len(tokens) - 1, T)]
+
+
+def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
+    """Mean loss per target token, perplexity and bits per byte over (ids, targets) sequences."""
+    scores = score_sequences(model, sequences, autocast, device, batch_size, Progress(label, len(sequences)))
+    nats = sum(s for s, _ in scores)
+    n = sum(k for _, k in scores)
+    n_bytes = sum(len(tok.id_bytes[t]) for _, targets in sequences for t in targets if t != -1)
+    if n == 0:
+        die(f"{label}: nothing to evaluate (no target tokens)")
+    return {'tokens': n, 'bytes': n_bytes, 'loss': nats / n, 'perplexity': math.exp(nats / n),
+            'bits_per_byte': nats / (math.log(2) * n_bytes) if n_bytes else None}
+
+
+def split_sequences(cfg, tok, name, T):
+    """The fixed evaluation set of a prepared val split: its first eval_tokens tokens, in order. Text is
+    cut into windows; chat conversations are evaluated one by one (truncated to the context), on their
+    assistant tokens only."""
+    meta = prepare.load_split(cfg.data_dir, name, 'val', tok.sha256)
+    dtype, chat, seqs, used = np.dtype(meta['dtype']), meta['format'] == 'chat', [], 0
+    for shard in meta['shards']:
+        if used >= cfg.eval_tokens:
+            break
+        n = min(shard['tokens'], cfg.eval_tokens - used)
+        ids = np.fromfile(shard['path'], dtype=dtype, count=n).astype(np.int64).tolist()
+        used += n
+        if not chat:
+            seqs += windows(ids, T)
+            continue
+        mask = np.fromfile(shard['path'].replace('shard_', 'mask_'), dtype=np.uint8, count=n).tolist()
+        starts = np.fromfile(shard['path'].replace('shard_', 'docs_'), dtype=np.int64).tolist()
+        for a, b in zip(starts, starts[1:] + [n]):
+            if a < n:
+                conv, m = ids[a:min(b, n)][:T + 1], mask[a:min(b, n)][:T + 1]
+                seqs.append((conv[:-1], [t if k else -1 for t, k in zip(conv[1:], m[1:])]))
+    return seqs
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple-choice benchmarks: the log-likelihood of each continuation after a prompt
+
+def read_rows(path, fields, what):
+    """Rows of a benchmark file (.jsonl, .json list, or .parquet) with the given fields."""
+    if not os.path.isfile(path):
+        die(f"{what}: cannot read {path}: no such file (give a path, or 'download')")
+    if path.endswith('.parquet'):
+        rows = prepare.parquet(path).read().to_pylist()
+    else:
+        rows = []
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        die(f"{what}: {path} line {n} is not valid JSON ({e.msg})")
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            die(f"{what}: {path} row {n} has no field {missing[0]!r} (a {what} file has {', '.join(fields)})")
+    return rows
+
+
+def benchmark_file(spec, name):
+    """'download' (the public file), a URL, or a local path."""
+    if spec == 'download':
+        spec = BENCHMARK_URLS[name]
+    if spec.startswith(('http://', 'https://')):
+        return download.fetch(spec, label=name)
+    return spec
+
+
+def continuation_logprobs(model, pairs, autocast, device, batch_size, label):
+    """(summed log-prob, tokens) of each continuation given its prompt; prompts cut from the left to fit."""
+    T = model.cfg.block_size
+    seqs = []
+    for prompt, cont in pairs:
+        ids = (prompt + cont)[-(T + 1):]
+        targets = [-1] * (len(ids) - 1 - len(cont)) + cont
+        seqs.append((ids[:-1], targets))
+    return [(-nats, n) for nats, n in score_sequences(model, seqs, autocast, device, batch_size,
+                                                        Progress(label, len(seqs)))]
+
+
+def prompt_ids(tok, text, chat):
+    if chat:
+        return render_for_reply(tok, [{'role': 'user', 'content': text}])
+    return [tok.bos_id] + tok.encode(text)
+
+
+def boolq(model, tok, rows, chat, autocast, device, batch_size):
+    """Zero-shot BoolQ: is log p(yes) > log p(no) after one fixed prompt?"""
+    pairs = []
+    for r in rows:
+        text = f"{r['passage']}\nQuestion: {r['question'].rstrip('?')}?\nAnswer"
+        prompt = prompt_ids(tok, text + (" yes or no?" if chat else ':'), chat)
+        for answer in ('yes', 'no'):  # a chat reply starts right after <|asst|>; text after "Answer:" with a space
+            pairs.append((prompt, tok.encode(answer if chat else ' ' + answer)))
+    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'boolq')
+    truth = [bool(r['answer']) for r in rows]
+    predicted = [scores[2 * i][0] > scores[2 * i + 1][0] for i in range(len(rows))]
+    n = len(rows)
+    acc = sum(p == t for p, t in zip(predicted, truth)) / n
+    yes = sum(truth) / n
+    return {'n': n, 'acc': acc, 'stderr': math.sqrt(acc * (1 - acc) / n), 'majority_baseline': max(yes, 1 - yes),
+            'always_no': 1 - yes, 'predicted_yes': sum(predicted) / n}
+
+
+def hellaswag_context(row):
+    text = row['ctx']
+    text = text.replace(' [title]', '. ')
+    text = re.sub(r'\[.*?\]', '', text)
+    return re.sub(r' +', ' ', text).strip()
+
+
+def hellaswag(model, tok, rows, chat, autocast, device, batch_size):
+    """Pick the ending with the highest log-prob (acc) and per byte of the ending (acc_norm)."""
+    pairs, lengths = [], []
+    for r in rows:
+        prompt = prompt_ids(tok, ("Continue: " if chat else '') + hellaswag_context(r), chat)
+        for ending in r['endings']:
+            ending = ending.strip() if chat else ' ' + ending.strip()
+            pairs.append((prompt, tok.encode(ending)))
+            lengths.append(len(ending.encode('utf-8')))
+    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'hellaswag')
+    acc = acc_norm = 0
+    for i, r in enumerate(rows):
+        k = len(r['endings'])
+        s = [scores[i * k + j][0] for j in range(k)]
+        norm = [s[j] / max(1, lengths[i * k + j]) for j in range(k)]
+        label = int(r['label'])
+        acc += int(np.argmax(s)) == label
+        acc_norm += int(np.argmax(norm)) == label
+    n = len(rows)
+    return {'n': n, 'acc': acc / n, 'acc_norm': acc_norm / n, 'stderr': math.sqrt((acc / n) * (1 - acc / n) / n),
+            'random_baseline': 0.25}
+
+
+# ----------------------------------------------------------------------------------------------
+
+def smoke(model, tok, chat, autocast, max_new_tokens=48):
+    """A fixed list of prompts answered greedily (with the KV cache)."""
+    out = []
+    for prompt in (SMOKE_QUESTIONS if chat else SMOKE_PROMPTS):
+        ids = prompt_ids(tok, prompt, chat)
+        stop = {tok.eot_id} if chat else {tok.bos_id, tok.eos_id}
+        with autocast:
+            new = list(model.generate(ids, max_new_tokens, temperature=0, stop=stop,
+                                      banned=(tok.bos_id, tok.sys_id, tok.usr_id, tok.asst_id) if chat else ()))
+        text = tok.decode([t for t in new if t not in stop])
+        out.append({'prompt': prompt, 'output': text})
+        shown = text.strip()[:300].replace('\n', '\n    ')
+        print(f"  > {prompt}\n    {shown}")
+    return out
+
+
+def markdown(results):
+    lines = [f"# eval of {results['ckpt']} (step {results['iter']})", '',
+             '| data | tokens | loss | perplexity | bits/byte |', '|---|---|---|---|---|']
+    for name, m in results['splits'].items():
+        bpb = f"{m['bits_per_byte']:.4f}" if m['bits_per_byte'] is not None else '-'
+        lines.append(f"| {name} | {m['tokens']:,} | {m['loss']:.4f} | {m['perplexity']:.2f} | {bpb} |")
+    for name in ('boolq', 'hellaswag'):
+        if name in results:
+            r = results[name]
+            extra = (f"majority {r['majority_baseline']:.3f}, always-no {r['always_no']:.3f}" if name == 'boolq'
+                     else f"acc_norm {r['acc_norm']:.3f}, random 0.25")
+            lines += ['', f"**{name}** (n={r['n']}): acc {r['acc']:.3f} ± {r['stderr']:.3f}; {extra}"]
+    return '\n'.join(lines) + '\n'
+
+
+def main():
+    cfg = configure()
+    download.setup(cfg)
+    device = pick_device(cfg.device)
+    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
+    dtype = pick_dtype(cfg.dtype, device_type)
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    tok = Tokenizer(cfg.tokenizer_path)
+    path = checkpoint_path(cfg)
+    model, ckpt = load_model(path, device, tok.sha256)
+    T, B = model.cfg.block_size, cfg.batch_size
+    results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'], 'tokenizer_sha256': tok.sha256,
+               'chat': cfg.eval_chat, 'splits': {}}
+    print(f"eval: {path} (step {ckpt['iter']}) on {device} {dtype}")
+
+    if cfg.text_file:
+        if not os.path.isfile(cfg.text_file):
+            die(f"--text_file: cannot read {cfg.text_file}: no such file")
+        try:
+            text = open(cfg.text_file, encoding='utf-8').read()
+        except UnicodeDecodeError as e:
+            die(f"--text_file: {cfg.text_file} is not valid UTF-8 (byte {e.start})")
+        ids = [tok.bos_id] + tok.encode(text)[:cfg.eval_tokens]
+        results['splits'][os.path.basename(cfg.text_file)] = split_metrics(model, tok, windows(ids, T), autocast,
+                                                                            device, B, cfg.text_file)
+    else:
+        names = cfg.eval_sources if cfg.eval_sources is not None else [
+            n for n in cfg.sources if os.path.exists(os.path.join(cfg.data_dir, n, 'val', 'meta.json'))]
+        for name in names:
+            seqs = split_sequences(cfg, tok, name, T)
+            if seqs:
+                results['splits'][name] = split_metrics(model, tok, seqs, autocast, device, B, f"{name}/val")
+    for name, m in results['splits'].items():
+        print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte "
+              f"{m['bits_per_byte']:.4f} ({m['tokens']:,} tokens)")
+
+    limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows
+    if cfg.boolq:
+        rows = limit(read_rows(benchmark_file(cfg.boolq, 'boolq'), ('question', 'passage', 'answer'), 'boolq'))
+        results['boolq'] = r = boolq(model, tok, rows, cfg.eval_chat, autocast, device, B)
+        print(f"boolq: acc {r['acc']:.3f} ± {r['stderr']:.3f} (n={r['n']}); majority {r['majority_baseline']:.3f}, "
+              f"always-no {r['always_no']:.3f}")
+    if cfg.hellaswag:
+        rows = limit(read_rows(benchmark_file(cfg.hellaswag, 'hellaswag'), ('ctx', 'endings', 'label'), 'hellaswag'))
+        results['hellaswag'] = r = hellaswag(model, tok, rows, cfg.eval_chat, autocast, device, B)
+        print(f"hellaswag: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} (n={r['n']}; random 0.25)")
+    print("smoke prompts (greedy):")
+    results['smoke'] = smoke(model, tok, cfg.eval_chat, autocast)
+
+    out_dir = cfg.eval_out or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_file(os.path.join(out_dir, 'eval_results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    with atomic_file(os.path.join(out_dir, 'eval_results.md'), 'w') as f:
+        f.write(markdown(results))
+    print(f"\n{markdown(results)}\nwrote {os.path.join(out_dir, 'eval_results.json')} and eval_results.md")
+
+
+if __name__ == '__main__':
+    main()

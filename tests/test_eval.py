@@ -1,0 +1,192 @@
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_cfg, run
+import eval as evaluate
+import prepare
+from model import GPT, ModelConfig
+from tokenizer import Tokenizer, render_conversation
+
+
+@pytest.fixture(scope='module')
+def tok(prepared):
+    return Tokenizer(load_cfg(prepared[0]).tokenizer_path)
+
+
+def random_model(tok, block_size=256):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_kv_head=2,
+                           n_embd=32)).eval()
+
+
+def test_bits_per_byte_and_perplexity_match_a_hand_computation(tok):
+    model = random_model(tok)
+    text = 'A short text, with café and 😀 — bytes count, tokens do not.'
+    ids = [tok.bos_id] + tok.encode(text)
+    m = evaluate.split_metrics(model, tok, evaluate.windows(ids, 256), nullcontext(), 'cpu', 4, 'x')
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    nats = -F.log_softmax(logits[0], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+    n = len(ids) - 1
+    assert m['tokens'] == n and m['bytes'] == len(text.encode('utf-8'))
+    assert m['loss'] == pytest.approx(nats / n, rel=1e-5)
+    assert m['perplexity'] == pytest.approx(math.exp(nats / n), rel=1e-5)
+    assert m['bits_per_byte'] == pytest.approx(nats / math.log(2) / len(text.encode('utf-8')), rel=1e-5)
+
+
+def test_long_text_is_scored_in_windows_with_every_token_counted_once(tok):
+    model = random_model(tok, block_size=16)
+    ids = [tok.bos_id] + tok.encode('one two three four five six seven eight nine ten ' * 4)
+    seqs = evaluate.windows(ids, 16)
+    assert sum(len(t) for _, t in seqs) == len(ids) - 1 and all(len(x) <= 16 for x, _ in seqs)
+    assert [t for _, ts in seqs for t in ts] == ids[1:]
+
+
+def test_chat_val_split_counts_only_assistant_tokens_and_eot_as_zero_bytes(prepared, tok):
+    cfg = load_cfg(prepared[0], '--eval_tokens=100000')
+    seqs = evaluate.split_sequences(cfg, tok, 'primer', 4096)
+    assert len(seqs) == prepare.load_split(cfg.data_dir, 'primer', 'val')['documents']
+    src = prepare.source_settings('primer', cfg.sources['primer'])
+    rendered = {tuple(render_conversation(tok, c)[0]): c for _, c, _ in prepare.iter_documents(src)}
+    for ids, targets in seqs:
+        conv = rendered[tuple(ids) + (targets[-1],)]  # the whole conversation, untruncated
+        replies = [m['content'] for m in conv if m['role'] == 'assistant']
+        trained = [t for t in targets if t != -1]
+        assert trained.count(tok.eot_id) == len(replies)
+        assert tok.decode(trained) == ''.join(replies)  # <|eot|> decodes to nothing ...
+        assert sum(len(tok.id_bytes[t]) for t in trained) == len(''.join(replies).encode())  # ... and counts 0 bytes
+
+
+class Stub(torch.nn.Module):
+    """A 'model' whose next-token preferences are fixed: +20 for `boost` tokens, or for `alt` tokens
+    when the row contains the `marker` token anywhere."""
+
+    def __init__(self, vocab, boost, alt=(), marker=None, block_size=512):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab, block_size=block_size)
+        self.vocab, self.boost, self.alt, self.marker = vocab, list(boost), list(alt), marker
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        logits[..., self.boost] = 20.0
+        if self.marker is not None:
+            has = (x == self.marker).any(dim=1)[:, None]
+            logits[..., self.alt] = torch.where(has, 20.0, 0.0)[..., None].expand(-1, x.shape[1], len(self.alt))
+            logits[..., self.boost] = torch.where(has, 0.0, 20.0)[..., None].expand(-1, x.shape[1], len(self.boost))
+        return logits, None
+
+
+@pytest.mark.parametrize('chat', [False, True])
+def test_boolq_picks_the_forced_answer_and_reports_baselines(tok, chat):
+    marker = tok.encode('\U0001F993')[-1]  # a byte token only this emoji has in these passages
+    yes = tok.encode('yes' if chat else ' yes')
+    no = tok.encode('no' if chat else ' no')
+    stub = Stub(tok.vocab_size, boost=no, alt=yes, marker=marker)  # says yes exactly when the marker is there
+    rows = [{'question': 'is it', 'passage': 'a plain passage \U0001F993', 'answer': True}] * 6 + \
+           [{'question': 'is it', 'passage': 'a plain passage', 'answer': False}] * 3 + \
+           [{'question': 'is it', 'passage': 'a plain passage', 'answer': True}]  # the stub gets this one wrong
+    r = evaluate.boolq(stub, tok, rows, chat, nullcontext(), 'cpu', 4)
+    assert r['n'] == 10 and r['acc'] == pytest.approx(0.9) and r['stderr'] == pytest.approx(math.sqrt(0.9 * 0.1 / 10))
+    assert r['majority_baseline'] == pytest.approx(0.7) and r['always_no'] == pytest.approx(0.3)
+    assert r['predicted_yes'] == pytest.approx(0.6)
+
+
+def test_hellaswag_acc_and_acc_norm_follow_summed_and_per_byte_log_probs(tok):
+    torch.manual_seed(1)
+    preference = torch.randn(tok.vocab_size) * 3
+    stub = Stub(tok.vocab_size, boost=[])
+    stub.forward = lambda x: (preference.expand(*x.shape, -1), None)
+    lp = F.log_softmax(preference, -1)
+    endings = ['stop.', 'it rolls over the hill and down into the cold sea', 'the cat', 'bread bread bread bread']
+    summed = [sum(lp[t].item() for t in tok.encode(' ' + e)) for e in endings]
+    per_byte = [s / len((' ' + e).encode()) for s, e in zip(summed, endings)]
+    best, best_norm = max(range(4), key=summed.__getitem__), max(range(4), key=per_byte.__getitem__)
+    rows = [{'ctx': 'A man [title] walks.', 'endings': endings, 'label': str(best)},
+            {'ctx': 'Then', 'endings': endings, 'label': best_norm}]
+    r = evaluate.hellaswag(stub, tok, rows, False, nullcontext(), 'cpu', 3)
+    assert r['acc'] == (1.0 if best == best_norm else 0.5) and r['acc_norm'] == (1.0 if best == best_norm else 0.5)
+    rows = [{'ctx': 'x', 'endings': endings, 'label': best}] * 3
+    assert evaluate.hellaswag(stub, tok, rows, False, nullcontext(), 'cpu', 3)['acc'] == 1.0
+    assert evaluate.hellaswag_context({'ctx': 'How to [header] fix a bike [title]  Take  it'}) == 'How to fix a bike. Take it'
+
+
+def test_acc_and_acc_norm_disagree_when_length_matters(tok):
+    """A short likely ending against a long ending of tokens nearly as likely: the summed log-prob prefers
+    the short one, the log-prob per byte the long one."""
+    from conftest import WORDS
+    single = sorted((w for w in WORDS if len(tok.encode(' ' + w)) == 1), key=len)  # words that are one token
+    short, word = single[0], single[-1]
+    long = ' '.join([word] * 6)
+    assert tok.encode(' ' + long) == tok.encode(' ' + word) * 6
+    pref = torch.full((tok.vocab_size,), -5.0)
+    pref[tok.encode(' ' + word)] = 4.9
+    pref[tok.encode(' ' + short)] = 5.0
+    stub = Stub(tok.vocab_size, boost=[])
+    stub.forward = lambda x: (pref.expand(*x.shape, -1), None)
+    lp = F.log_softmax(pref, -1)
+    s = [sum(lp[t].item() for t in tok.encode(' ' + e)) for e in (short, long)]
+    b = [len(' ' + e) for e in (short, long)]
+    assert s[0] > s[1] and s[0] / b[0] < s[1] / b[1]  # the fixture really pulls the two apart
+    rows = [{'ctx': 'say', 'endings': [short, long, 'zzz', 'qqq'], 'label': 0}]
+    r = evaluate.hellaswag(stub, tok, rows, False, nullcontext(), 'cpu', 4)
+    assert (r['acc'], r['acc_norm']) == (1.0, 0.0)
+
+
+def test_an_unreadable_benchmark_file_says_which_file(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        evaluate.read_rows(str(tmp_path / 'dev.jsonl'), ('question',), 'boolq')
+    assert 'dev.jsonl' in str(e.value) and 'no such file' in str(e.value)
+    (tmp_path / 'bad.jsonl').write_text('{"question": "a", "passage": "b", "answer": true}\n{oops\n')
+    with pytest.raises(SystemExit) as e:
+        evaluate.read_rows(str(tmp_path / 'bad.jsonl'), ('question',), 'boolq')
+    assert 'bad.jsonl line 2' in str(e.value)
+    (tmp_path / 'short.jsonl').write_text('{"question": "a"}\n')
+    with pytest.raises(SystemExit) as e:
+        evaluate.read_rows(str(tmp_path / 'short.jsonl'), ('question', 'passage', 'answer'), 'boolq')
+    assert 'short.jsonl row 1' in str(e.value) and "'passage'" in str(e.value)
+
+
+def test_eval_cli_writes_results_and_a_table(trained, tmp_path):
+    cfg, out = trained
+    (tmp_path / 'boolq.jsonl').write_text(''.join(json.dumps({'question': f'is {i} even', 'passage': f'{i} is a number.',
+                                                               'answer': i % 2 == 0}) + '\n' for i in range(6)))
+    (tmp_path / 'hs.jsonl').write_text(''.join(json.dumps({'ctx': f'Step {i}:', 'endings': ['a', 'b', 'c', 'd'],
+                                                            'label': i % 4}) + '\n' for i in range(8)))
+    p = run('eval.py', cfg, f'--boolq={tmp_path}/boolq.jsonl', f'--hellaswag={tmp_path}/hs.jsonl',
+            f'--eval_out={tmp_path}/res', check=True)
+    results = json.loads((tmp_path / 'res' / 'eval_results.json').read_text())
+    assert set(results['splits']) == {'roam', 'primer', 'story'}
+    assert results['boolq']['n'] == 6 and results['hellaswag']['n'] == 8 and len(results['smoke']) == 6
+    for m in results['splits'].values():
+        assert m['perplexity'] == pytest.approx(math.exp(m['loss'])) and m['bits_per_byte'] > 0
+    assert '| roam |' in (tmp_path / 'res' / 'eval_results.md').read_text() and 'boolq' in p.stdout
+    (tmp_path / 'doc.txt').write_text('The garden is cold today. ' * 30)
+    p = run('eval.py', cfg, f'--text_file={tmp_path}/doc.txt', f'--eval_out={tmp_path}/res2', check=True)
+    assert list(json.loads((tmp_path / 'res2' / 'eval_results.json').read_text())['splits']) == ['doc.txt']
+    p = run('eval.py', cfg, f'--boolq={tmp_path}/none.jsonl', f'--eval_out={tmp_path}/res3')
+    assert p.returncode != 0 and 'none.jsonl' in p.stderr and not (tmp_path / 'res3').exists()
+
+
+def test_benchmark_files_download_with_the_project_download_code(trained, tmp_path):
+    from test_download import Server
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    server = Server()
+    try:
+        pq.write_table(pa.table({'question': ['is it'] * 4, 'passage': ['yes it is'] * 4, 'answer': [True] * 4}),
+                       tmp_path / 'b.parquet')
+        server.files['/boolq/validation.parquet'] = (tmp_path / 'b.parquet').read_bytes()
+        args = (trained[0], f'--boolq={server.url}/boolq/validation.parquet', f'--cache_dir={tmp_path}/cache',
+                f'--eval_out={tmp_path}/res')
+        run('eval.py', *args, check=True)
+        run('eval.py', *args, check=True)
+        assert len(server.gets()) == 1  # the second evaluation reads the cache
+        assert json.loads((tmp_path / 'res' / 'eval_results.json').read_text())['boolq']['n'] == 4
+    finally:
+        server.httpd.shutdown()
