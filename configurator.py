@@ -94,6 +94,13 @@ KEYS = {
     'compile': (False, "wrap the model in torch.compile (CPU too; the first steps are slow)"),
     'device': ('auto', "auto (cuda, then mps, then cpu), or e.g. cpu, cuda, cuda:1, mps"),
     'run_id': ('', "name of this run's folder <out_dir>/runs/<run_id>; '' = <phase>-<date>-<time>"),
+    'lora_rank': (0, "> 0: freeze the model from init_from and train LoRA adapters of this rank instead"),
+    'lora_alpha': (16.0, "LoRA scale: the update is (lora_alpha / lora_rank) * B @ A"),
+    'lora_dropout': (0.05, "dropout on the input of the LoRA adapters"),
+    'lora_targets': (['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+                     "projections that get adapters (all of them: closer to full fine-tuning than q/v alone)"),
+    'lora_base': ('', "base checkpoint of a LoRA adapter; '' = the path the adapter recorded"),
+    'merge_lora': ('', "train.py: fold this LoRA adapter checkpoint into its base, write <name>_merged.pt, and stop"),
 
     # --- sample.py ---
     'ckpt': ('', "checkpoint to load; '' = <out_dir>/<phase>/best.pt (else ckpt.pt there)"),

@@ -269,7 +269,7 @@ def main():
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
     tok = Tokenizer(cfg.tokenizer_path)
     path = checkpoint_path(cfg)
-    model, ckpt = load_model(path, device, tok.sha256)
+    model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base)
     T, B = model.cfg.block_size, cfg.batch_size
     results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'], 'tokenizer_sha256': tok.sha256,
                'chat': cfg.eval_chat, 'splits': {}}

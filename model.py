@@ -230,6 +230,65 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+# ----------------------------------------------------------------------------------------------
+# LoRA: fine-tune a frozen model through low-rank updates W + (alpha / r) B A of chosen projections.
+# A starts random and B at zero, so training starts from the base model exactly; only A and B train.
+
+LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged(self):
+        """A plain nn.Linear with the update folded in: W + scale * B @ A."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
+        with torch.no_grad():
+            out.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)
+        return out.to(self.base.weight.device)
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Wrap the target projections of every block in LoRALinear and freeze everything else."""
+    for name in targets:
+        if name not in LORA_TARGETS:
+            die(f"lora_targets: {name!r} is not a projection of the model; choose from {', '.join(LORA_TARGETS)}")
+    for p in model.parameters():
+        p.requires_grad = False
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name in targets:
+                if isinstance(getattr(parent, name, None), nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight: a plain model again, as fast as the base."""
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, child.merged())
+    for p in model.parameters():
+        p.requires_grad = True
+    return model
+
+
+def adapter_state(model):
+    return {k: v for k, v in model.state_dict().items() if '.lora_' in k}
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far (batch, kv heads, positions, head dim)."""
 
@@ -260,7 +319,7 @@ def read_checkpoint(path, fatal=True):
         die(f"no checkpoint at {path}: train one with `python train.py <your config>` or set --ckpt")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        if not isinstance(ckpt, dict) or not ('model' in ckpt or 'adapter' in ckpt) or 'model_args' not in ckpt:
             raise ValueError("not a checkpoint written by train.py")
         return ckpt
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
@@ -304,12 +363,40 @@ def cpu_has_fast_bf16():
     return 'amx_bf16' in flags or 'avx512_bf16' in flags
 
 
-def load_model(path, device, tokenizer_sha256=None):
-    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer."""
+def load_model(path, device, tokenizer_sha256=None, base_path=''):
+    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer.
+    A LoRA adapter checkpoint is loaded onto its base model (the path it records, or base_path) and
+    merged into it."""
     ckpt = read_checkpoint(path)
     if tokenizer_sha256 and ckpt['tokenizer_sha256'] != tokenizer_sha256:
         die(f"{path} was trained with another tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}, the configured one "
             f"is {tokenizer_sha256[:12]}): point tokenizer_path at the tokenizer it was trained with")
     model = GPT(ModelConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
+    if 'adapter' in ckpt:
+        model.load_state_dict(base_weights(ckpt, path, base_path))
+        add_lora(model, **ckpt['lora'])
+        model.load_state_dict(ckpt['adapter'], strict=False)
+        model = merge_lora(model)
+    else:
+        model.load_state_dict(ckpt['model'])
     return model.to(device).eval(), ckpt
+
+
+def base_weights(adapter_ckpt, adapter_path, base_path=''):
+    """The base model's weights for a LoRA adapter, checked against the sha256 the adapter recorded."""
+    import hashlib
+    ref = adapter_ckpt['base']
+    path = base_path or ref['path']
+    if not os.path.isfile(path):
+        die(f"{adapter_path} is a LoRA adapter for {ref['path']}, which is missing: put it back or set --lora_base")
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    if h.hexdigest() != ref['sha256']:
+        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 {h.hexdigest()[:12]}, the "
+            f"adapter was trained on {ref['sha256'][:12]} ({ref['path']}). Use that base checkpoint (--lora_base).")
+    base = read_checkpoint(path)
+    if 'model' not in base:
+        die(f"{path} is itself an adapter: a LoRA base must be a full checkpoint (merge it first)")
+    return base['model']

@@ -145,7 +145,7 @@ def main():
     dtype = pick_dtype(cfg.dtype, device_type)
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
     tok = Tokenizer(cfg.tokenizer_path)
-    model, _ = load_model(checkpoint_path(cfg), device, tok.sha256)
+    model, _ = load_model(checkpoint_path(cfg), device, tok.sha256, cfg.lora_base)
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.interactive:
         chat(cfg, model, tok, autocast, generator)

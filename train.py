@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from configurator import atomic_file, configure, die, save_config
-from model import GPT, ModelConfig, pick_device, pick_dtype, read_checkpoint
-from tokenizer import Tokenizer
+from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, load_model, pick_device, pick_dtype,
+                   read_checkpoint)
+from tokenizer import Tokenizer, file_sha256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,8 +241,24 @@ def check_compatible(ckpt, path, args, tok):
             f"with: set block_size <= {saved['block_size']}")
 
 
+def merge_adapter(cfg):
+    """--merge_lora=adapter.pt: fold a LoRA adapter into its base, save a normal checkpoint beside it."""
+    path = cfg.merge_lora
+    model, ckpt = load_model(path, 'cpu', base_path=cfg.lora_base)
+    if 'adapter' not in ckpt:
+        die(f"--merge_lora={path} is not a LoRA adapter checkpoint (it has full weights already)")
+    out = path[:-3] + '_merged.pt' if path.endswith('.pt') else path + '_merged.pt'
+    save_checkpoint({'model': model.state_dict(), 'iter': ckpt['iter'], 'best_val': ckpt['best_val'],
+                     'model_args': ckpt['model_args'], 'config': ckpt['config'], 'tokenizer_sha256': ckpt['tokenizer_sha256'],
+                     'merged_from': {'adapter': os.path.abspath(path), 'base': ckpt['base']}},
+                    os.path.dirname(os.path.abspath(out)), os.path.basename(out))
+    print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")
+
+
 def main():
     cfg = configure()
+    if cfg.merge_lora:
+        return merge_adapter(cfg)
     # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
     ddp = int(os.environ.get('RANK', -1)) != -1
     device = pick_device(cfg.device)
@@ -292,10 +309,18 @@ def main():
 
     # --- model: from scratch, resumed, or initialised from another checkpoint ---
     args = model_args_from(cfg, tok.vocab_size)
-    iter_num, best_val, ckpt = 0, float('inf'), None
+    # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
+    lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
+            'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
+    iter_num, best_val, ckpt, weights, base_ref = 0, float('inf'), None, None, None
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
         check_compatible(ckpt, path, args, tok)
+        if ckpt.get('lora') != lora:
+            die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
+                f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
+        weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
+        base_ref = ckpt.get('base')
         iter_num, best_val = ckpt['iter'], ckpt['best_val']
         log(f"resuming from {path} at step {iter_num}")
     elif cfg.init_from != 'scratch':
@@ -303,10 +328,21 @@ def main():
             die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file")
         ckpt = read_checkpoint(cfg.init_from)
         check_compatible(ckpt, cfg.init_from, args, tok)
+        if 'adapter' in ckpt:
+            die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
+        weights = ckpt['model']
+        if lora:
+            base_ref = {'path': os.path.abspath(cfg.init_from), 'sha256': file_sha256(cfg.init_from)}
         log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
+    elif lora:
+        die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
     model = GPT(ModelConfig(**args))
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+    if weights is not None:
+        model.load_state_dict(weights)
+    if lora:
+        add_lora(model, **lora)
+        if cfg.init_from == 'resume':
+            model.load_state_dict(ckpt['adapter'], strict=False)
     model.to(device)
     optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -335,6 +371,10 @@ def main():
     peak = peak_flops(device_type, dtype)
     log(f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
         f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOP per token")
+    if lora:
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
+            f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
     log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
         f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
 
@@ -377,8 +417,14 @@ def main():
         overall = sum(losses[n] * w for n, w in weights.items()) / sum(weights.values())
         return overall, losses
 
+    def weights_state():
+        """The model's weights, or for LoRA only the adapters with a reference to the base."""
+        if lora:
+            return {'adapter': adapter_state(raw_model), 'lora': lora, 'base': base_ref}
+        return {'model': raw_model.state_dict()}
+
     def checkpoint_state():
-        return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        return {**weights_state(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
                 'tokenizer_sha256': tok.sha256, 'rng': gather_rng()}
 
@@ -426,7 +472,7 @@ def main():
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
-                    save_checkpoint({'model': raw_model.state_dict(), 'iter': iter_num, 'best_val': best_val,
+                    save_checkpoint({**weights_state(), 'iter': iter_num, 'best_val': best_val,
                                      'model_args': args, 'config': vars(cfg), 'tokenizer_sha256': tok.sha256},
                                     cfg.ckpt_dir, 'best.pt')
             if iter_num > 0:
