@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import download
 import prepare
+import sources
 from configurator import atomic_file, configure, die
 from model import load_model, pick_device, pick_dtype
 from sample import checkpoint_path
@@ -135,7 +136,7 @@ def read_rows(path, fields, what):
     if not os.path.isfile(path):
         die(f"{what}: cannot read {path}: no such file (give a path, or 'download')")
     if path.endswith('.parquet'):
-        rows = prepare.parquet(path).read().to_pylist()
+        rows = sources.parquet(path).read().to_pylist()
     else:
         rows = []
         with open(path, encoding='utf-8') as f:

@@ -20,6 +20,8 @@ import re
 
 import sentencepiece as spm
 
+import download
+import sources
 from configurator import atomic_file, configure, die
 
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
@@ -143,8 +145,7 @@ def load_conversation_file(path):
         die(f"--show_chat: no file {path}")
     text = open(path, encoding='utf-8').read()
     if path.endswith('.txt'):
-        import prepare  # the primer parser lives with the other source readers
-        return next(prepare.parse_primer(text, path))[1]
+        return next(sources.parse_primer(text, path))[1]
     try:
         obj = json.loads(text.splitlines()[0] if path.endswith('.jsonl') else text)
     except (json.JSONDecodeError, IndexError) as e:
@@ -169,11 +170,10 @@ def tokenizer_settings(cfg):
 def training_sentences(cfg, settings):
     """Lines of text from each source up to its byte budget. '\\n' is a piece of its own, so a line
     is a natural training sentence; very long lines are cut so SentencePiece does not drop them."""
-    import prepare
     for name, s in settings['sources'].items():
-        src = prepare.source_settings(name, s['settings'])
+        src = sources.source_settings(name, s['settings'])
         seen = 0
-        for text in prepare.iter_texts(src):
+        for text in sources.iter_texts(src):
             for line in text.split('\n'):
                 for i in range(0, len(line), 4000):
                     chunk = line[i:i + 4000]
@@ -238,7 +238,6 @@ def main():
         print(text)
         print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the <|eot|> that ends each")
         return
-    import download
     download.setup(cfg)  # a public corpus among the sources is fetched (or read from the cache)
     train_tokenizer(cfg)
 

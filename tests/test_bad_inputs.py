@@ -27,7 +27,7 @@ def base(tmp_path_factory, prepared, trained):
 def ws(tmp_path, base, prepared):
     shutil.copytree(base, tmp_path / 'ws')
     w = tmp_path / 'ws'
-    cfg = tiny_train_config(w / 'cfg.py', prepared, w / 'out', tokenizer_path=str(w / 'tokenizer.model'),
+    tiny_train_config(w / 'cfg.py', prepared, w / 'out', tokenizer_path=str(w / 'tokenizer.model'),
                             data_dir=str(w / 'data'))
     return w
 

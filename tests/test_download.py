@@ -12,6 +12,7 @@ import pytest
 from conftest import run, write_config
 import download
 import prepare
+import sources
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data')
 
@@ -206,7 +207,7 @@ def test_fineweb_budgets_stop_downloading_early_and_a_rerun_downloads_nothing(se
 
 def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path, prepared):
     def article(title, n):
-        return [f' = {title} = \n', '\n', f' = = Part = = \n'] + [f' Line {i} of {title} .\n' for i in range(n)] + ['\n']
+        return [f' = {title} = \n', '\n', ' = = Part = = \n'] + [f' Line {i} of {title} .\n' for i in range(n)] + ['\n']
     server.files['/wiki/train-0.parquet'] = parquet_bytes(article('Alpha', 5) + article('Beta', 3), tmp_path)
     server.files['/wiki/valid-0.parquet'] = parquet_bytes(article('Gamma', 4), tmp_path)
     src = {'wiki': {'kind': 'wikitext', 'base_url': server.url + '/wiki', 'train_files': ['train-0.parquet'],
@@ -216,7 +217,7 @@ def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path,
     data = str(tmp_path / 'out' / 'data')
     assert prepare.load_split(data, 'wiki', 'train')['documents'] == 2
     assert prepare.load_split(data, 'wiki', 'val')['documents'] == 1
-    docs = list(prepare.iter_documents(prepare.source_settings('wiki', src['wiki'])))
+    docs = list(sources.iter_documents(sources.source_settings('wiki', src['wiki'])))
     assert [d[2] for d in docs] == ['val', 'train', 'train'] and docs[1][1].startswith(' = Alpha = \n')
 
 
@@ -263,7 +264,7 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, '__import__', lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith('pyarrow') else real_import(name, *a, **k))
     with pytest.raises(SystemExit) as e:
-        next(prepare.read_parquet_texts(str(tmp_path / 'x.parquet')))
+        next(sources.read_parquet_texts(str(tmp_path / 'x.parquet')))
     assert 'pip install pyarrow' in str(e.value)
 
 

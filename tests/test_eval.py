@@ -1,6 +1,5 @@
 import json
 import math
-import os
 from contextlib import nullcontext
 
 import pytest
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from conftest import load_cfg, run
 import eval as evaluate
 import prepare
+import sources
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer, render_conversation
 
@@ -41,7 +41,6 @@ def test_bits_per_byte_and_perplexity_match_a_hand_computation(tok):
 
 
 def test_long_text_is_scored_in_windows_with_every_token_counted_once(tok):
-    model = random_model(tok, block_size=16)
     ids = [tok.bos_id] + tok.encode('one two three four five six seven eight nine ten ' * 4)
     seqs = evaluate.windows(ids, 16)
     assert sum(len(t) for _, t in seqs) == len(ids) - 1 and all(len(x) <= 16 for x, _ in seqs)
@@ -52,8 +51,8 @@ def test_chat_val_split_counts_only_assistant_tokens_and_eot_as_zero_bytes(prepa
     cfg = load_cfg(prepared[0], '--eval_tokens=100000')
     seqs = evaluate.split_sequences(cfg, tok, 'primer', 4096)
     assert len(seqs) == prepare.load_split(cfg.data_dir, 'primer', 'val')['documents']
-    src = prepare.source_settings('primer', cfg.sources['primer'])
-    rendered = {tuple(render_conversation(tok, c)[0]): c for _, c, _ in prepare.iter_documents(src)}
+    src = sources.source_settings('primer', cfg.sources['primer'])
+    rendered = {tuple(render_conversation(tok, c)[0]): c for _, c, _ in sources.iter_documents(src)}
     for ids, targets in seqs:
         conv = rendered[tuple(ids) + (targets[-1],)]  # the whole conversation, untruncated
         replies = [m['content'] for m in conv if m['role'] == 'assistant']

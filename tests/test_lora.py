@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import metrics, run, tiny_train_config
+from conftest import run, tiny_train_config
 from model import GPT, LoRALinear, ModelConfig, add_lora, adapter_state, merge_lora
 
 

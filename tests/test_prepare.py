@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, load_cfg, run, write_config, write_corpus
 import prepare
+import sources
 from tokenizer import Tokenizer
 
 
@@ -30,8 +31,8 @@ def test_layout_meta_and_split(prepared):
     tok = Tokenizer(cfg.tokenizer_path)
     for name in ('roam', 'primer', 'story'):
         metas = {s: prepare.load_split(cfg.data_dir, name, s, tok.sha256) for s in ('train', 'val')}
-        src = prepare.source_settings(name, cfg.sources[name])
-        n_docs = sum(1 for _ in prepare.iter_documents(src))
+        src = sources.source_settings(name, cfg.sources[name])
+        n_docs = sum(1 for _ in sources.iter_documents(src))
         assert metas['train']['documents'] + metas['val']['documents'] == n_docs
         assert metas['val']['documents'] == max(1, round(n_docs * src['val_frac']))
         for split, meta in metas.items():
@@ -56,9 +57,9 @@ def test_layout_meta_and_split(prepared):
 
 
 def test_roam_any_nesting_titles_and_empty_pages(corpus):
-    src = prepare.source_settings('roam', {'kind': 'roam', 'path': os.path.join(corpus, 'roam')})
+    src = sources.source_settings('roam', {'kind': 'roam', 'path': os.path.join(corpus, 'roam')})
     stats = __import__('collections').Counter()
-    docs = list(prepare.iter_documents(src, stats))
+    docs = list(sources.iter_documents(src, stats))
     titles = {doc.split('\n')[0] for _, doc, _ in docs}
     assert 'projects/garden/page 2' in titles and 'projects/page 1' in titles and 'page 0' in titles
     assert stats['empty'] == 1 and len(docs) == 30
@@ -68,7 +69,7 @@ def test_primer_parsing(tmp_path):
     p = tmp_path / 'primer.txt'
     p.write_text("system: be brief.\nUser: hi\nassistant: hello.\nsecond line\n\n<dialogue>\n\n\n\n<dialogue>\n\n"
                  "user: again\nassistant: no.\n")
-    convs = [c for _, c in prepare.read_primer({'path': str(p), 'kind': 'primer', 'name': 'p'})]
+    convs = [c for _, c in sources.read_primer({'path': str(p), 'kind': 'primer', 'name': 'p'})]
     assert convs == [[{'role': 'system', 'content': 'be brief.'}, {'role': 'user', 'content': 'hi'},
                       {'role': 'assistant', 'content': 'hello.\nsecond line'}],
                      [{'role': 'user', 'content': 'again'}, {'role': 'assistant', 'content': 'no.'}]]
@@ -255,17 +256,17 @@ def test_oasst_follows_the_best_ranked_live_replies(tmp_path):
     path = tmp_path / 'trees.jsonl.gz'
     with gzip.open(path, 'wt') as f:
         f.writelines(json.dumps(t) + '\n' for t in trees)
-    src = prepare.source_settings('o', {'kind': 'oasst1', 'path': str(path)})
+    src = sources.source_settings('o', {'kind': 'oasst1', 'path': str(path)})
     stats = __import__('collections').Counter()
-    convs = [c for _, c, _ in prepare.iter_documents(src, stats)]
+    convs = [c for _, c, _ in sources.iter_documents(src, stats)]
     assert convs == [
         [{'role': 'user', 'content': 'q1'}, {'role': 'assistant', 'content': 'best'},
          {'role': 'user', 'content': 'follow-up'}, {'role': 'assistant', 'content': 'better'}],
         [{'role': 'user', 'content': 'q4'}, {'role': 'assistant', 'content': 'a4'}],  # trailing question dropped
     ]
     assert sum(v for k, v in stats.items() if k.startswith('trees skipped')) == 2  # German, and unanswered
-    src_all = prepare.source_settings('o', {'kind': 'oasst1', 'path': str(path), 'lang': None})
-    assert len(list(prepare.iter_documents(src_all))) == 3
+    src_all = sources.source_settings('o', {'kind': 'oasst1', 'path': str(path), 'lang': None})
+    assert len(list(sources.iter_documents(src_all))) == 3
 
 
 def test_dolly_mapping_keeps_context_and_category(tmp_path):
@@ -273,14 +274,14 @@ def test_dolly_mapping_keeps_context_and_category(tmp_path):
             {'instruction': 'Name a colour.', 'context': '', 'response': 'Blue.', 'category': 'open_qa'}]
     path = tmp_path / 'dolly.jsonl'
     path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    src = prepare.source_settings('d', {'kind': 'dolly', 'path': str(path)})
+    src = sources.source_settings('d', {'kind': 'dolly', 'path': str(path)})
     stats = __import__('collections').Counter()
-    convs = [c for _, c, _ in prepare.iter_documents(src, stats)]
+    convs = [c for _, c, _ in sources.iter_documents(src, stats)]
     assert convs == [[{'role': 'user', 'content': 'Summarise this.\n\nA long text.'}, {'role': 'assistant', 'content': 'Short.'}],
                      [{'role': 'user', 'content': 'Name a colour.'}, {'role': 'assistant', 'content': 'Blue.'}]]
     assert stats['category summarization'] == 1 and stats['category open_qa'] == 1
-    only = prepare.source_settings('d', {'kind': 'dolly', 'path': str(path), 'categories': ['open_qa']})
-    assert len(list(prepare.iter_documents(only))) == 1
+    only = sources.source_settings('d', {'kind': 'dolly', 'path': str(path), 'categories': ['open_qa']})
+    assert len(list(sources.iter_documents(only))) == 1
 
 
 def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepared):

@@ -1,7 +1,6 @@
 import io
 import os
 
-import pytest
 import torch
 
 from conftest import load_cfg, run

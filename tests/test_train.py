@@ -7,6 +7,7 @@ import torch
 
 from conftest import load_cfg, metrics, run, tiny_train_config
 import prepare
+import sources
 import train
 from model import GPT, ModelConfig, load_model
 from tokenizer import Tokenizer, render_conversation
@@ -208,9 +209,9 @@ def test_the_mask_survives_from_prepare_to_the_loss(prepared):
     assert train.sft_mode(splits)
     x, y, doc, _ = train.get_batch(splits, {'primer': 1.0}, np.random.default_rng(3), 4, 64, 'cpu', True)
     # what the targets must be, recomputed from the source text with the chat template
-    src = prepare.source_settings('primer', cfg.sources['primer'])
+    src = sources.source_settings('primer', cfg.sources['primer'])
     rendered = {tuple(ids): mask for ids, mask in
-                (render_conversation(tok, c) for _, c, _ in prepare.iter_documents(src))}
+                (render_conversation(tok, c) for _, c, _ in sources.iter_documents(src))}
     n_checked = 0
     for row in range(4):
         for k in set(doc[row].tolist()) - {-1}:

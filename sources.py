@@ -1,0 +1,368 @@
+"""
+What the data is: the kinds of source a config's `sources` dict can name, and a reader for each.
+prepare.py turns them into shards; tokenizer.py trains on their text.
+
+    sources = {'notes': {'kind': 'roam', 'path': '~/roam-export'},
+               'chats': {'kind': 'chat', 'path': 'my_chats.jsonl', 'val_frac': 0.05},
+               'fineweb_edu': {'kind': 'fineweb_edu', 'train_tokens': 200_000_000}}
+
+A reader yields (where, document[, split]): `where` names the file (and line) for error messages; a
+document is a str (text sources) or a list of {'role', 'content'} messages (chat sources); split is
+'train'/'val' where a corpus has its own. Empty documents are skipped and counted in stats. With
+problems=None a bad file stops the run; with a list (analyze_only) the problem is recorded and reading
+goes on. To add a kind: a line in KINDS and a reader in READERS.
+"""
+import codecs
+import glob
+import gzip
+import json
+import os
+import re
+
+import download
+from configurator import die, suggest
+
+DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
+
+HF = 'https://huggingface.co/datasets'
+# kind -> (format, {setting: default}). 'text' sources train on every token; 'chat' sources are
+# conversations with a loss mask. A setting a kind does not know is an error (typos must not pass).
+# Public corpora are downloaded into cache_dir (download.py): point url/base_url at a mirror if you
+# like; files that never change are checked against their size and sha256. Set 'path' to use a local
+# copy instead of downloading.
+KINDS = {
+    'roam': ('text', {'path': None, 'glob': '**/*.md', 'add_title': True, 'val_frac': 0.1}),
+    'text': ('text', {'path': None, 'separator': None, 'val_frac': 0.1}),
+    'primer': ('chat', {'path': None, 'val_frac': 0.1}),
+    'chat': ('chat', {'path': None, 'val_frac': 0.1}),
+    'dolly': ('chat', {'path': None, 'url': f'{HF}/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl',
+                       'sha256': None, 'size': None, 'val_frac': 0.1, 'categories': None}),
+    'oasst1': ('chat', {'path': None, 'url': f'{HF}/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz',
+                        'sha256': '2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7', 'size': 34145252,
+                        'val_frac': 0.1, 'lang': 'en'}),
+    'tinyshakespeare': ('text', {'path': None, 'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                                 'tinyshakespeare/input.txt', 'sha256': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
+                                 'size': 1115394, 'separator': '\n\n', 'val_frac': 0.1}),
+    # streamed: parquet shards fetched one at a time, only while the token budgets still need text
+    'fineweb_edu': ('text', {'base_url': f'{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
+                             'files': [f'{i:03d}_00000.parquet' for i in range(14)],
+                             'train_tokens': 200_000_000, 'val_tokens': 5_000_000}),
+    'wikitext': ('text', {'base_url': f'{HF}/Salesforce/wikitext/resolve/main/wikitext-103-raw-v1',
+                          'train_files': ['train-00000-of-00002.parquet', 'train-00001-of-00002.parquet'],
+                          'val_files': ['validation-00000-of-00001.parquet'], 'train_tokens': None, 'val_tokens': None}),
+}
+STREAMED = ('fineweb_edu', 'wikitext')  # no counting pass: val is their own split (wikitext) or comes first (budgets)
+
+
+def source_settings(name, src):
+    """Validate one entry of the `sources` config dict and fill in its defaults."""
+    if not isinstance(src, dict) or 'kind' not in src:
+        die(f"sources['{name}'] must be a dict with a 'kind' (one of {', '.join(KINDS)}), got {src!r}")
+    if src['kind'] not in KINDS:
+        die(f"sources['{name}']: unknown kind {src['kind']!r}{suggest(src['kind'], KINDS)}; kinds: {', '.join(KINDS)}")
+    fmt, defaults = KINDS[src['kind']]
+    for key in src:
+        if key != 'kind' and key not in defaults:
+            die(f"sources['{name}']: unknown setting {key!r}{suggest(key, defaults)} for kind "
+                f"'{src['kind']}'; it takes {', '.join(defaults)}")
+    out = {'name': name, 'kind': src['kind'], 'format': fmt, **defaults, **src}
+    if 'path' in out and out['path'] is None and out.get('url') is None:
+        die(f"sources['{name}'] needs a 'path'")
+    if 'val_frac' in out and not (isinstance(out['val_frac'], (int, float)) and 0 <= out['val_frac'] < 1):
+        die(f"sources['{name}']: val_frac must be a number in [0, 1), got {out['val_frac']!r}")
+    for key in ('train_tokens', 'val_tokens'):
+        v = out.get(key)
+        if key in out and not (v is None and out['kind'] == 'wikitext') and not (isinstance(v, (int, float)) and v >= 0):
+            die(f"sources['{name}']: {key} must be a number of tokens >= 0, got {v!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading sources. Each reader yields (where, document): `where` names the file (and line) for
+# error messages; a document is a str (text sources) or a list of messages (chat sources).
+# Empty documents are skipped and counted in stats. With problems=None a bad file stops the run;
+# with a list (analyze_only) the problem is recorded and reading goes on.
+
+def source_files(src):
+    """The files a source reads, sorted; a missing path or an empty folder stops with its name. A
+    single-file public corpus without a 'path' is downloaded into the cache first."""
+    if src['kind'] in STREAMED:
+        return []  # fetched while reading
+    if src['path'] is None:
+        return [download.fetch(src['url'], src['sha256'], src['size'], label=src['name'])]
+    paths = src['path'] if isinstance(src['path'], list) else [src['path']]
+    files = []
+    for p in paths:
+        p = os.path.expanduser(p)
+        if src['kind'] == 'roam':
+            if not os.path.isdir(p):
+                die(f"sources['{src['name']}']: {p} is not a folder (a roam source is an exported folder of .md pages)")
+            # include_hidden: Roam pages titled '.something' are real pages; escape: folders named [[x]]
+            found = [f for f in glob.glob(os.path.join(glob.escape(p), src['glob']), recursive=True,
+                                          include_hidden=True) if os.path.isfile(f)]
+            if not found:
+                die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the right folder?")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        elif any(c in p for c in '*?['):
+            found = [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
+            if not found:
+                die(f"sources['{src['name']}']: no files match {p}")
+            files += found
+        else:
+            die(f"sources['{src['name']}']: {p} does not exist (check the 'path' of this source)")
+    return sorted(set(files))
+
+
+def read_utf8(path, problems):
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`, "
+               "or remove it from the source")
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror}"
+    if problems is None:
+        die(msg)
+    problems.append(msg)
+    return None
+
+
+def read_roam(src, stats=None, problems=None):
+    root = os.path.expanduser(src['path'])
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is None:
+            continue
+        if not text.strip():
+            stats is not None and stats.update(['empty'])
+            continue
+        title = os.path.splitext(os.path.relpath(path, root))[0]  # pages with '/' in the title are nested
+        yield path, (f"{title}\n{text}" if src['add_title'] else text)
+
+
+def read_text(src, stats=None, problems=None):
+    sep = src['separator']
+    for path in source_files(src):
+        if sep is None:
+            text = read_utf8(path, problems)
+            docs = [] if text is None else [text]
+        else:
+            docs = split_stream(path, sep, problems)
+        for doc in docs:
+            if doc.strip():
+                yield path, doc
+            else:
+                stats is not None and stats.update(['empty'])
+
+
+def split_stream(path, sep, problems, block=1 << 20):
+    """Documents of a file split on `sep`, read a block at a time (memory: the largest document)."""
+    decoder, rest, offset = codecs.getincrementaldecoder('utf-8')(), '', 0
+    with open(path, 'rb') as f:
+        while True:
+            data = f.read(block)
+            try:
+                rest += decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                msg = f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it or remove it from the source"
+                if problems is None:
+                    die(msg)
+                problems.append(msg)
+                return
+            offset += len(data)
+            *docs, rest = rest.split(sep)
+            yield from docs
+            if not data:
+                break
+    yield rest
+
+
+ROLE_LINE = re.compile(r'^(system|user|assistant):\s?(.*)$', re.IGNORECASE)
+
+
+def parse_primer(text, path):
+    """Primer format: dialogues separated by "\\n\\n<dialogue>\\n\\n"; in each, lines starting with
+    `system: `, `user: ` or `assistant: ` begin a turn, other lines continue the turn above."""
+    text = text.replace('\r\n', '\n')
+    if DIALOGUE_DELIM not in text:
+        die(f"{path}: no dialogue delimiter found. Separate dialogues with a line <dialogue> "
+            "between blank lines, i.e. the text \"\\n\\n<dialogue>\\n\\n\"")
+    line_no = 1
+    for block in text.split(DIALOGUE_DELIM):
+        start = line_no + (len(block) - len(block.lstrip('\n')))
+        line_no += block.count('\n') + DIALOGUE_DELIM.count('\n')
+        if not block.strip():
+            continue
+        messages = []
+        for i, line in enumerate(block.strip('\n').split('\n')):
+            m = ROLE_LINE.match(line)
+            if m:
+                messages.append({'role': m.group(1).lower(), 'content': m.group(2)})
+            elif messages:
+                messages[-1]['content'] += '\n' + line
+            elif line.strip():
+                die(f"{path} line {start + i}: a dialogue must start with 'system: ', 'user: ' or "
+                    f"'assistant: ', found {line[:60]!r}")
+        for m in messages:
+            m['content'] = m['content'].strip()
+        yield f"{path} line {start}", messages
+
+
+def read_primer(src, stats=None, problems=None):
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is not None:
+            yield from parse_primer(text, path)
+
+
+def read_jsonl(path, problems):
+    """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt', encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                msg = f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
+                if problems is None:
+                    die(msg)
+                problems.append(msg)
+
+
+def read_chat(src, stats=None, problems=None):
+    for path in source_files(src):
+        for n, obj in read_jsonl(path, problems):
+            messages = obj.get('messages') if isinstance(obj, dict) else None
+            if messages is None:
+                die(f"{path} line {n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+            yield f"{path} line {n}", messages
+
+
+def read_dolly(src, stats=None, problems=None):
+    """databricks-dolly-15k rows: instruction (+ context) -> user, response -> assistant."""
+    for path in source_files(src):
+        for n, row in read_jsonl(path, problems):
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ('instruction', 'response')):
+                die(f"{path} line {n}: a dolly row needs string fields 'instruction' and 'response'")
+            if src['categories'] is not None and row.get('category') not in src['categories']:
+                continue
+            context = (row.get('context') or '').strip()
+            user = row['instruction'].strip() + (f"\n\n{context}" if context else '')
+            if stats is not None:
+                stats.update([f"category {row.get('category')}"])
+            yield f"{path} line {n}", [{'role': 'user', 'content': user},
+                                        {'role': 'assistant', 'content': row['response'].strip()}]
+
+
+def best_path(message, lang):
+    """oasst1: follow the best-ranked live reply at every turn, from the prompt down to a leaf."""
+    path = []
+    while message is not None:
+        if message.get('deleted') or (lang and message.get('lang') != lang) or not message.get('text', '').strip():
+            break
+        path.append({'role': 'user' if message['role'] == 'prompter' else 'assistant',
+                     'content': message['text'].strip()})
+        live = [r for r in message.get('replies') or [] if not r.get('deleted')]
+        ranked = sorted(live, key=lambda r: r['rank'] if r.get('rank') is not None else float('inf'))
+        message = ranked[0] if ranked else None
+    if path and path[-1]['role'] == 'user':
+        path.pop()  # a conversation ends with an assistant reply
+    return path
+
+
+def read_oasst1(src, stats=None, problems=None):
+    """OpenAssistant message trees (the *.trees.jsonl[.gz] export): one conversation per tree."""
+    for path in source_files(src):
+        for n, tree in read_jsonl(path, problems):
+            if not isinstance(tree, dict) or not isinstance(tree.get('prompt'), dict):
+                die(f"{path} line {n}: expected an oasst1 message tree with a 'prompt' (the *.trees.jsonl export)")
+            messages = best_path(tree['prompt'], src['lang'])
+            if messages:
+                yield f"{path} line {n}", messages
+            elif stats is not None:
+                stats.update(['trees skipped (deleted, other language or no reply)'])
+
+
+def parquet(path):
+    """A pyarrow ParquetFile; pyarrow is imported only here, where parquet is read."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        die(f"reading {path} needs pyarrow (parquet): pip install pyarrow, or pip install -r requirements-dev.txt")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a damaged or non-parquet file
+        die(f"cannot read {path} as parquet ({e}): is the download complete? delete it to fetch it again")
+
+
+def read_parquet_texts(path, column='text'):
+    """(row, text) of a parquet file, a row group at a time (bounded memory)."""
+    f = parquet(path)
+    if column not in f.schema_arrow.names:
+        die(f"{path} has no column '{column}' (it has {', '.join(f.schema_arrow.names)})")
+    row = 0
+    for batch in f.iter_batches(columns=[column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield row, text or ''
+            row += 1
+
+
+def streamed_files(src):
+    """(url, split) of each file of a streamed corpus, in reading order; split None: decided by budget."""
+    if src['kind'] == 'fineweb_edu':
+        return [(f"{src['base_url']}/{f}", None) for f in src['files']]
+    return ([(f"{src['base_url']}/{f}", 'val') for f in src['val_files']] +
+            [(f"{src['base_url']}/{f}", 'train') for f in src['train_files']])
+
+
+WIKI_TITLE = re.compile(r'^ = [^=].* = \n?$')  # ' = Title = ', not ' = = Section = = '
+
+
+def read_streamed_file(src, url, split):
+    """Documents of one file of fineweb-edu (a row each) or WikiText raw (rows are lines; an article
+    starts at its ' = Title = ' line), fetched into the cache first."""
+    path = download.fetch(url, label=f"{src['name']}/{os.path.basename(url)}")
+    if src['kind'] == 'fineweb_edu':
+        for row, text in read_parquet_texts(path):
+            if text.strip():
+                yield f"{path} row {row}", text, split
+        return
+    article, first = [], 0
+    for row, line in read_parquet_texts(path):
+        if WIKI_TITLE.match(line) and ''.join(article).strip():
+            yield f"{path} row {first}", ''.join(article), split
+            article, first = [], row
+        article.append(line)
+    if ''.join(article).strip():
+        yield f"{path} row {first}", ''.join(article), split
+
+
+def read_streamed(src, stats=None, problems=None):
+    for url, split in streamed_files(src):
+        yield from read_streamed_file(src, url, split)
+
+
+READERS = {'roam': read_roam, 'text': read_text, 'primer': read_primer, 'chat': read_chat, 'dolly': read_dolly,
+           'oasst1': read_oasst1, 'tinyshakespeare': read_text, 'fineweb_edu': read_streamed,
+           'wikitext': read_streamed}
+
+
+def iter_documents(src, stats=None, problems=None):
+    """(where, document, split): split is 'train'/'val' where the corpus has its own, else None."""
+    for item in READERS[src['kind']](src, stats, problems):
+        yield item if len(item) == 3 else (*item, None)
+
+
+def iter_texts(src):
+    """Plain text of a source, for training the tokenizer: documents, or each message of a chat."""
+    for _, doc, _ in iter_documents(src):
+        if isinstance(doc, str):
+            yield doc
+        else:
+            yield from (m['content'] for m in doc)
