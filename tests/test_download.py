@@ -292,3 +292,16 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     assert meta['roam']['train']['reader_counts']['empty'] == 1845 - 486
     for n, m in meta.items():
         assert m['val']['documents'] == round(docs[n] * 0.1)
+
+
+def test_tokenizer_trains_on_a_downloaded_corpus_within_its_byte_budget(server, tmp_path):
+    words = 'river stone cloud seven orange quiet garden bread radio model token'.split()
+    for i in range(2):
+        texts = [' '.join(words[(j * 7 + k * 3) % len(words)] for k in range(60)) + f' doc {j}.' for j in range(300)]
+        server.files[f'/fw/{i:03d}_00000.parquet'] = parquet_bytes(texts, tmp_path)
+    src = {'fw': {'kind': 'fineweb_edu', 'base_url': server.url + '/fw', 'files': ['000_00000.parquet', '001_00000.parquet']}}
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), '', sources=src, vocab_size=300,
+                       tokenizer_sources={'fw': 20_000}, cache_dir=str(tmp_path / 'cache'), download_backoff=0.01)
+    p = run('tokenizer.py', cfg, check=True)
+    assert 'read 0.02 MB from fw' in p.stdout and (tmp_path / 'out' / 'tokenizer.model').exists()
+    assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']  # 20 kB came from the first shard alone
