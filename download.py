@@ -60,13 +60,22 @@ def fetch(url, sha256=None, size=None, label=None):
     part = path + '.part'
     label = label or os.path.basename(path)
     attempt = 0
+    etag_file = part + '.etag'
     while True:
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            headers = {'Range': f'bytes={have}-'} if have else {}
+            # identity: the bytes on disk are the bytes Range counts (no transparent gzip)
+            headers = {'Accept-Encoding': 'identity'}
+            if have:
+                headers['Range'] = f'bytes={have}-'
+                if os.path.exists(etag_file):  # resume only if the file is still the one we started on
+                    headers['If-Range'] = open(etag_file).read()
             with requests.get(url, headers=headers, stream=True, timeout=SETTINGS['timeout']) as r:
-                if r.status_code == 416 and have:  # nothing left to send: the part holds the whole file
-                    break
+                if r.status_code == 416 and have:  # nothing left to send: is the part the whole file?
+                    if r.headers.get('Content-Range', '').endswith(f'/{have}'):
+                        break
+                    os.remove(part)  # the file on the server is not the one we have half of
+                    continue
                 if r.status_code >= 500 or r.status_code == 429:
                     raise Retry(f"HTTP {r.status_code} {r.reason}")
                 if r.status_code not in (200, 206):
@@ -77,7 +86,10 @@ def fetch(url, sha256=None, size=None, label=None):
                 length = r.headers.get('Content-Length')
                 total = done + int(length) if length is not None else size
                 if have and not resume:
-                    print(f"  {label}: the server does not resume, downloading it again")
+                    print(f"  {label}: the server does not resume (or the file changed), downloading it again")
+                if r.headers.get('ETag') and not resume:
+                    with open(etag_file, 'w') as f:
+                        f.write(r.headers['ETag'])
                 t0 = last = time.time()
                 start = done
                 with open(part, 'ab' if resume else 'wb') as f:
@@ -116,5 +128,7 @@ def fetch(url, sha256=None, size=None, label=None):
                 "the file was removed. Rerun to fetch it again; if the publisher changed the file on purpose, set the "
                 "source's 'sha256' to None.")
     os.replace(part, path)
+    if os.path.exists(etag_file):
+        os.remove(etag_file)
     print(f"  downloaded {label} ({got / 1e6:.1f} MB)")
     return path

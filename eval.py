@@ -162,14 +162,19 @@ def benchmark_file(spec, name):
     return spec
 
 
-def continuation_logprobs(model, pairs, autocast, device, batch_size, label):
-    """(summed log-prob, tokens) of each continuation given its prompt; prompts cut from the left to fit."""
+def continuation_logprobs(model, pairs, autocast, device, batch_size, label, head=1):
+    """(summed log-prob, tokens) of each continuation given its prompt. A prompt too long for the context
+    loses tokens after its first `head` (<s>, and <|usr|> in chat), so it still starts as trained; a
+    continuation longer than the context is scored on its first block_size tokens."""
     T = model.cfg.block_size
     seqs = []
     for prompt, cont in pairs:
-        ids = (prompt + cont)[-(T + 1):]
-        targets = [-1] * (len(ids) - 1 - len(cont)) + cont
-        seqs.append((ids[:-1], targets))
+        cont = cont[:T]
+        room = T + 1 - len(cont)
+        if len(prompt) > room:
+            prompt = prompt[:min(head, room - 1)] + prompt[len(prompt) - (room - min(head, room - 1)):]
+        ids = prompt + cont
+        seqs.append((ids[:-1], [-1] * (len(prompt) - 1) + cont))
     return [(-nats, n) for nats, n in score_sequences(model, seqs, autocast, device, batch_size,
                                                         Progress(label, len(seqs)))]
 
@@ -188,7 +193,7 @@ def boolq(model, tok, rows, chat, autocast, device, batch_size):
         prompt = prompt_ids(tok, text + (" yes or no?" if chat else ':'), chat)
         for answer in ('yes', 'no'):  # a chat reply starts right after <|asst|>; text after "Answer:" with a space
             pairs.append((prompt, tok.encode(answer if chat else ' ' + answer)))
-    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'boolq')
+    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'boolq', head=2 if chat else 1)
     truth = [bool(r['answer']) for r in rows]
     predicted = [scores[2 * i][0] > scores[2 * i + 1][0] for i in range(len(rows))]
     n = len(rows)
@@ -214,7 +219,7 @@ def hellaswag(model, tok, rows, chat, autocast, device, batch_size):
             ending = ending.strip() if chat else ' ' + ending.strip()
             pairs.append((prompt, tok.encode(ending)))
             lengths.append(len(ending.encode('utf-8')))
-    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'hellaswag')
+    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'hellaswag', head=2 if chat else 1)
     acc = acc_norm = 0
     for i, r in enumerate(rows):
         k = len(r['endings'])

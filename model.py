@@ -154,9 +154,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        # cross entropy in float32 (bf16 logits lose precision); -1 marks positions with no loss
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        # cross entropy in float32 (bf16 logits lose precision); -1 marks positions with no loss. Summed and
+        # divided by the count so that a batch with no targets at all gives 0, not NaN
+        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                               reduction='sum')
+        return logits, nats / (targets != -1).sum().clamp(min=1)
 
     def num_params(self):
         """(total, non-embedding): the token embedding is a lookup, not compute."""
@@ -225,6 +227,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this one already >= p
+        drop[0] = False  # the most likely token always stays (top_p=0 is then greedy)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -float('inf'))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -212,41 +212,47 @@ def prepare_source(cfg, name, tok):
     def full(split):
         return budget[split] is not None and writers[split].tokens >= budget[split]
 
+    def done(split):
+        """A streamed file needs reading only while its split (val then train, if not its own) has room."""
+        return full(split) if split else full('val') and full('train')
+
     t0 = last = time.time()
     i = 0
     # streamed corpora go one file at a time and check their budgets before the next file is fetched
     if is_val is None:
-        parts = [sources.read_streamed_file(src, *f) for f in sources.streamed_files(src)]
+        parts = [(f[1], sources.read_streamed_file(src, *f)) for f in sources.streamed_files(src)]
     else:
-        parts = [sources.iter_documents(src)]
-    results = (r for part in parts if not (is_val is None and full('train') and full('val'))
-               for r in tokenized(part, tok.path, num_proc, cfg.max_conversation_tokens, dtype))
-    for result in results:
-        if isinstance(result, str):
-            die(result)
-        for doc in result:
-            if doc is None:
-                stats.update(['conversations dropped (no reply left within max_conversation_tokens)'])
-            elif is_val is not None:
-                writers['val' if is_val[i] else 'train'].add(*doc[:4])
-            else:
-                split = doc[4] or ('val' if not full('val') else 'train')
-                if not full(split):
-                    writers[split].add(*doc[:4])
-            i += 1
-        if is_val is None and full('train') and full('val'):
-            break  # budgets met: stop reading, so no further shard is downloaded
-        if time.time() - last > 2:
-            last = time.time()
-            if n_docs:
-                done = sum(w.bytes for w in writers.values())
-                rate, of = done / (last - t0), f"{i:,}/{n_docs:,} docs, {done / 1e6:.1f} MB"
-            else:
-                done = sum(w.tokens for w in writers.values())
-                rate, of = done / (last - t0), f"{i:,} docs, {done / 1e6:.1f}M tokens"
-            eta = f", ETA {max(0, total - done) / max(rate, 1):.0f}s" if total else ''
-            speed = f"{sum(w.bytes for w in writers.values()) / (last - t0) / 1e6:.2f} MB/s"
-            print(f"  {name}: {of}, {speed}{eta}", flush=True)
+        parts = [(None, sources.iter_documents(src))]
+    for part_split, part in parts:
+        if is_val is None and done(part_split):
+            continue  # its budget is met: this file is never downloaded
+        for result in tokenized(part, tok.path, num_proc, cfg.max_conversation_tokens, dtype):
+            if isinstance(result, str):
+                die(result)
+            for doc in result:
+                if doc is None:
+                    stats.update(['conversations dropped (no reply left within max_conversation_tokens)'])
+                elif is_val is not None:
+                    writers['val' if is_val[i] else 'train'].add(*doc[:4])
+                else:
+                    split = doc[4] or ('val' if not full('val') else 'train')
+                    if not full(split):
+                        writers[split].add(*doc[:4])
+                i += 1
+            if is_val is None and done(part_split):
+                break  # budget met: stop reading this file
+            if time.time() - last > 2:
+                last = time.time()
+                if n_docs:
+                    done_units = sum(w.bytes for w in writers.values())
+                    of = f"{i:,}/{n_docs:,} docs, {done_units / 1e6:.1f} MB"
+                else:
+                    done_units = sum(w.tokens for w in writers.values())
+                    of = f"{i:,} docs, {done_units / 1e6:.1f}M tokens"
+                rate = done_units / (last - t0)
+                eta = f", ETA {max(0, total - done_units) / max(rate, 1):.0f}s" if total else ''
+                speed = f"{sum(w.bytes for w in writers.values()) / (last - t0) / 1e6:.2f} MB/s"
+                print(f"  {name}: {of}, {speed}{eta}", flush=True)
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -222,17 +222,25 @@ def read_primer(src, stats=None, problems=None):
 def read_jsonl(path, problems):
     """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                msg = f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
-                if problems is None:
-                    die(msg)
-                problems.append(msg)
+    n = 0
+    try:
+        with opener(path, 'rt', encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    msg = f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
+                    if problems is None:
+                        die(msg)
+                    problems.append(msg)
+    except (UnicodeDecodeError, EOFError, OSError) as e:  # bad bytes, a truncated or damaged .gz
+        what = 'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else f'unreadable ({e})'
+        msg = f"{path} is {what} after line {n}: fix the file, or delete it if it was downloaded to fetch it again"
+        if problems is None:
+            die(msg)
+        problems.append(msg)
 
 
 def read_chat(src, stats=None, problems=None):

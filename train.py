@@ -198,6 +198,29 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------------------------
 
+def freeze_base(path, ckpt_dir):
+    """A LoRA run's base, kept as <ckpt_dir>/base.pt out of reach of checkpoint rotation and of later
+    runs that rewrite the original file (a hard link where possible: no copy). Returns its reference."""
+    frozen = os.path.join(ckpt_dir, 'base.pt')
+    if not (os.path.exists(frozen) and os.path.samefile(path, frozen)):
+        tmp = frozen + '.tmp'
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:  # another filesystem: copy it
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, frozen)
+    return {'path': os.path.abspath(frozen), 'sha256': file_sha256(frozen), 'from': os.path.abspath(path)}
+
+
+def saved_best_val(ckpt_dir):
+    """best.pt's validation loss: after a fallback to an older ckpt, it may be better than the one saved there."""
+    path = os.path.join(ckpt_dir, 'best.pt')
+    ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
+    return ckpt['best_val'] if ckpt else float('inf')
+
+
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -306,6 +329,8 @@ def main():
             os.remove(os.path.join(cfg.ckpt_dir, '.write_test'))
         except OSError as e:
             die(f"cannot write to {cfg.ckpt_dir} ({e.strerror}): set out_dir to a writable folder")
+    if ddp:
+        dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 
     # --- model: from scratch, resumed, or initialised from another checkpoint ---
     args = model_args_from(cfg, tok.vocab_size)
@@ -321,7 +346,7 @@ def main():
                 f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
         weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
         base_ref = ckpt.get('base')
-        iter_num, best_val = ckpt['iter'], ckpt['best_val']
+        iter_num, best_val = ckpt['iter'], min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
         log(f"resuming from {path} at step {iter_num}")
     elif cfg.init_from != 'scratch':
         if not os.path.isfile(cfg.init_from):
@@ -332,11 +357,12 @@ def main():
             die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
         weights = ckpt['model']
         if lora:
-            base_ref = {'path': os.path.abspath(cfg.init_from), 'sha256': file_sha256(cfg.init_from)}
+            base_ref = freeze_base(cfg.init_from, cfg.ckpt_dir) if master else None
         log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
     elif lora:
         die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
     model = GPT(ModelConfig(**args))
+    torch.manual_seed(cfg.seed + rank)  # same init everywhere (DDP also broadcasts rank 0's), own dropout per rank
     if weights is not None:
         model.load_state_dict(weights)
     if lora:
@@ -348,7 +374,8 @@ def main():
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     if cfg.init_from == 'resume':
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        if ckpt['scaler']:  # empty when the checkpoint's run did not use float16
+            scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
     ckpt = None  # free memory
     raw_model = model
@@ -361,8 +388,8 @@ def main():
 
     total, non_embedding = raw_model.num_params()
     ckpt_bytes = 12 * total  # fp32 weights + two AdamW moments
-    free = shutil.disk_usage(cfg.ckpt_dir).free
-    if master and free < 3 * ckpt_bytes:
+    free = shutil.disk_usage(cfg.ckpt_dir).free if master else float('inf')
+    if free < 3 * ckpt_bytes:
         die(f"only {free / 1e9:.2f} GB free in {cfg.ckpt_dir}; checkpoints need about {3 * ckpt_bytes / 1e9:.2f} GB "
             f"(ckpt.pt, its temp file while saving, best.pt): free some space or set out_dir elsewhere")
     B, T = cfg.batch_size, cfg.block_size
@@ -445,7 +472,7 @@ def main():
             save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
             log(f"saved {os.path.join(cfg.ckpt_dir, 'ckpt.pt')} at step {iter_num} ({reason})")
 
-    # Ctrl-C: finish the current step, save, exit. A second Ctrl-C exits at once.
+    # Ctrl-C (or a scheduler's SIGTERM): finish the current step, save, exit. A second one exits at once.
     stop = {'requested': False}
 
     def on_sigint(signum, frame):
@@ -455,6 +482,7 @@ def main():
         print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr)
 
     signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigint)
 
     # --- the loop ---
     start_iter = iter_num
@@ -531,12 +559,13 @@ def main():
             t_last, step_last = now, iter_num
             tok_s = tokens_per_step / dt
             flops_s = flops_per_step / dt
-            speed = f"MFU {100 * flops_s / peak:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
+            mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
+            speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
             extra = f" | {truncated} conversations truncated" if truncated else ''
             log(f"step {iter_num} | loss {loss_value:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
                 f"{tok_s:,.0f} tok/s | {speed}{extra}")
             record(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000, tokens_per_sec=tok_s,
-                   flops_per_sec=flops_s, mfu=(flops_s / peak if peak else None), truncated=truncated,
+                   flops_per_sec=flops_s, mfu=mfu, truncated=truncated,
                    nonfinite=nonfinite_total)
             truncated = 0
 

@@ -22,7 +22,7 @@ class Server:
     ('500', 'cut': send half the body then drop the connection, 'norange': ignore Range)."""
 
     def __init__(self):
-        self.files, self.fail, self.log = {}, {}, []
+        self.files, self.fail, self.log, self.headers = {}, {}, [], []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -39,17 +39,22 @@ class Server:
 
             def respond(self, head):
                 server.log.append((self.command, self.path, self.headers.get('Range')))
+                server.headers.append(dict(self.headers))
                 action = server.fail.get(self.path, []).pop(0) if server.fail.get(self.path) else None
                 if self.path not in server.files:
                     return self.send_error(404, 'Not Found')
                 if action == '500':
                     return self.send_error(500, 'Internal Server Error')
                 data, start = server.files[self.path], 0
+                etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
                 rng = self.headers.get('Range')
+                if self.headers.get('If-Range') not in (None, etag):
+                    rng = None  # the file changed since the client's first part: send all of it (RFC 9110)
                 if rng and action != 'norange':
                     start = int(rng.split('=')[1].split('-')[0])
                     if start >= len(data):
                         self.send_response(416)
+                        self.send_header('Content-Range', f'bytes */{len(data)}')
                         self.send_header('Content-Length', '0')
                         self.end_headers()
                         return
@@ -58,6 +63,7 @@ class Server:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                self.send_header('ETag', etag)
                 self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
                 if head:
@@ -111,6 +117,41 @@ def test_resume_after_the_server_cuts_the_body(server, cache):
     assert len(gets) == 2 and gets[0][2] is None
     resumed_at = int(gets[1][2][len('bytes='):-1])
     assert len(BLOB) // 2 - (1 << 16) < resumed_at <= len(BLOB) // 2  # all but the last chunk was kept
+
+
+def test_downloads_ask_for_the_bytes_as_they_are(server, cache):
+    server.files['/blob.bin'] = BLOB
+    download.fetch(server.url + '/blob.bin')
+    assert server.headers[0].get('Accept-Encoding') == 'identity'  # no transparent gzip under Range
+
+
+def test_a_complete_part_file_is_finished_without_downloading_it_again(server, cache):
+    server.files['/blob.bin'] = BLOB
+    url = server.url + '/blob.bin'
+    os.makedirs(os.path.dirname(download.cache_path(url)), exist_ok=True)
+    with open(download.cache_path(url) + '.part', 'wb') as f:
+        f.write(BLOB)  # as if the connection dropped just after the last byte
+    path = download.fetch(url, sha256=hashlib.sha256(BLOB).hexdigest())
+    assert open(path, 'rb').read() == BLOB and server.log[-1][2] == f'bytes={len(BLOB)}-'
+    other = b'x' * (len(BLOB) // 2)  # a part file longer than the file now on the server
+    server.files['/other.bin'] = other
+    with open(download.cache_path(server.url + '/other.bin') + '.part', 'wb') as f:
+        f.write(BLOB)
+    assert open(download.fetch(server.url + '/other.bin'), 'rb').read() == other
+
+
+def test_a_file_that_changed_between_attempts_is_fetched_whole(server, cache, monkeypatch):
+    server.files['/blob.bin'] = BLOB
+    server.fail['/blob.bin'] = ['cut']
+    sleep = download.time.sleep
+
+    def publisher_replaces_the_file_then_sleep(seconds):  # between the cut attempt and the retry
+        server.files['/blob.bin'] = BLOB[::-1]
+        sleep(seconds)
+    monkeypatch.setattr(download.time, 'sleep', publisher_replaces_the_file_then_sleep)
+    path = download.fetch(server.url + '/blob.bin')
+    assert open(path, 'rb').read() == BLOB[::-1]  # not half old, half new
+    assert 'If-Range' in server.headers[1]
 
 
 def test_a_server_that_ignores_range_is_read_again_from_the_start(server, cache):
@@ -305,3 +346,18 @@ def test_tokenizer_trains_on_a_downloaded_corpus_within_its_byte_budget(server, 
     p = run('tokenizer.py', cfg, check=True)
     assert 'read 0.02 MB from fw' in p.stdout and (tmp_path / 'out' / 'tokenizer.model').exists()
     assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']  # 20 kB came from the first shard alone
+
+
+def test_wikitext_train_budget_stops_downloading_without_a_val_budget(server, tmp_path, prepared):
+    def articles(prefix, n):
+        return [line for i in range(n) for line in (f' = {prefix} {i} = \n', f' Some text about {prefix} {i} .\n')]
+    server.files['/w/val.parquet'] = parquet_bytes(articles('Val', 3), tmp_path)
+    server.files['/w/train-0.parquet'] = parquet_bytes(articles('Train', 40), tmp_path)
+    server.files['/w/train-1.parquet'] = parquet_bytes(articles('More', 40), tmp_path)
+    src = {'w': {'kind': 'wikitext', 'base_url': server.url + '/w', 'val_files': ['val.parquet'],
+                 'train_files': ['train-0.parquet', 'train-1.parquet'], 'train_tokens': 50}}
+    run('prepare.py', corpus_config(tmp_path, prepared, src), check=True)
+    assert [g[1] for g in server.gets()] == ['/w/val.parquet', '/w/train-0.parquet']
+    data = str(tmp_path / 'out' / 'data')
+    assert prepare.load_split(data, 'w', 'val')['documents'] == 3  # no val budget: all of it
+    assert 50 <= prepare.load_split(data, 'w', 'train')['tokens'] < 50 + 40

@@ -189,3 +189,15 @@ def test_benchmark_files_download_with_the_project_download_code(trained, tmp_pa
         assert json.loads((tmp_path / 'res' / 'eval_results.json').read_text())['boolq']['n'] == 4
     finally:
         server.httpd.shutdown()
+
+
+def test_a_continuation_longer_than_the_context_and_a_prompt_cut_to_fit(tok):
+    model = random_model(tok, block_size=16)
+    prompt, cont = list(range(10, 40)), list(range(50, 70))
+    (score, n), = evaluate.continuation_logprobs(model, [(prompt, cont)], nullcontext(), 'cpu', 2, 'x')
+    assert n == 16 and score < 0  # scored on the first block_size tokens of the continuation
+    seen = []
+    model.forward = lambda x: seen.append(x[0].tolist()) or (torch.zeros(*x.shape, tok.vocab_size), None)
+    chat_prompt = [tok.bos_id, tok.usr_id] + list(range(100, 140)) + [tok.asst_id]
+    evaluate.continuation_logprobs(model, [(chat_prompt, [7, 8])], nullcontext(), 'cpu', 2, 'x', head=2)
+    assert seen[0][:2] == [tok.bos_id, tok.usr_id] and seen[0][-2:] == [tok.asst_id, 7] and len(seen[0]) == 16

@@ -71,7 +71,9 @@ def test_lora_training_logs_counts_and_saves_only_adapters_with_a_base_reference
     assert 'LoRA rank 4' in p.stdout and 'training' in p.stdout and 'the base is frozen' in p.stdout
     ckpt = torch.load(root / 'out' / 'lora' / 'ckpt.pt', weights_only=True)
     assert 'model' not in ckpt and ckpt['adapter'] and all('.lora_' in k for k in ckpt['adapter'])
-    assert ckpt['base']['path'] == os.path.abspath(base) and len(ckpt['base']['sha256']) == 64
+    from tokenizer import file_sha256
+    assert ckpt['base']['path'] == str(root / 'out' / 'lora' / 'base.pt') and ckpt['base']['from'] == os.path.abspath(base)
+    assert ckpt['base']['sha256'] == file_sha256(base)  # a frozen copy (a hard link) of the base it started from
     assert ckpt['lora'] == {'rank': 4, 'alpha': 8.0, 'dropout': 0.05, 'targets': list(ckpt['lora']['targets'])}
     assert os.path.getsize(root / 'out' / 'lora' / 'best.pt') < os.path.getsize(base) / 2
 
@@ -130,3 +132,20 @@ def test_lora_needs_a_trained_model(prepared, tmp_path):
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c', lora_rank=4)
     p = run('train.py', cfg)
     assert p.returncode != 0 and 'init_from' in p.stderr
+
+
+def test_a_lora_run_keeps_its_base_even_when_the_base_lives_in_its_own_checkpoint_folder(trained, prepared, tmp_path):
+    """init_from is the ckpt.pt that this very run's checkpoint rotation rewrites: the base must survive."""
+    import shutil
+    folder = tmp_path / 'out' / 'pretrain'
+    folder.mkdir(parents=True)
+    shutil.copy(os.path.join(trained[1], 'pretrain', 'ckpt.pt'), folder / 'ckpt.pt')
+    cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'out', mixture={'primer': 1.0},
+                            init_from=str(folder / 'ckpt.pt'), lora_rank=4, max_iters=6, eval_interval=2,
+                            keep_checkpoints=1)
+    run('train.py', cfg, check=True)
+    adapter = torch.load(folder / 'ckpt.pt', weights_only=True)
+    assert adapter['base']['path'] == str(folder / 'base.pt') and 'model' in torch.load(folder / 'base.pt', weights_only=True)
+    run('sample.py', cfg, f"--ckpt={folder / 'ckpt.pt'}", '--max_new_tokens=5', check=True)
+    p = run('train.py', cfg, '--init_from=resume', '--max_iters=8', check=True)
+    assert 'resuming from' in p.stdout

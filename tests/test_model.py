@@ -135,3 +135,15 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         read_checkpoint(str(path))
     assert 'truncated or corrupt' in str(e.value) and str(path) in str(e.value)
     assert read_checkpoint(str(path), fatal=False) is None
+
+
+def test_a_batch_with_no_targets_has_zero_loss_not_nan():
+    model = tiny()
+    _, loss = model(torch.randint(0, 97, (2, 8)), torch.full((2, 8), -1))
+    assert loss.item() == 0.0
+
+
+def test_top_p_zero_is_greedy():
+    logits = torch.randn(50)
+    g = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, 1.0, 0, 0.0, g) for _ in range(50)} == {int(logits.argmax())}

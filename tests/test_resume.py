@@ -78,17 +78,19 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, prepared)
     p = run('train.py', cfg, '--init_from=resume', check=True)
     assert 'truncated or corrupt' in p.stderr and 'resuming from' in p.stdout and 'ckpt.1.pt at step 8' in p.stdout
     assert_identical(final_state(tmp_path / 'c'), final_state(tmp_path / 'ref'))
+    assert final_state(tmp_path / 'c')['best_val'] == final_state(tmp_path / 'ref')['best_val']
     for name in ('ckpt.pt', 'ckpt.1.pt', 'ckpt.2.pt'):  # every file is readable, the corrupt one replaced
         torch.load(tmp_path / 'c' / 'pretrain' / name, weights_only=True)
 
 
-def test_ctrl_c_saves_and_exits_cleanly_and_the_run_resumes(tmp_path, prepared):
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['ctrl-c', 'sigterm'])
+def test_ctrl_c_saves_and_exits_cleanly_and_the_run_resumes(tmp_path, prepared, sig):
     ref = tiny_train_config(tmp_path / 'ref.py', prepared, tmp_path / 'ref', **COMMON)
     run('train.py', ref, check=True)
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c', **COMMON)
     proc = start(cfg)
     wait_for_step(proc, 6)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and 'interrupted' in err and '(interrupted)' in out
     stopped = final_state(tmp_path / 'c')['iter']
