@@ -1,5 +1,5 @@
 # dev_sft: fine-tune the dev model to chat, on the primer + dolly-15k + oasst1 (downloaded, ~50 MB);
-# about 10 minutes on 2 CPU cores. Run after config/dev.py:  python train.py config/dev_sft.py
+# about 15 minutes on 2 CPU cores. Run after config/dev.py:  python train.py config/dev_sft.py
 include('dev.py')
 phase = 'sft'
 sources.update({
