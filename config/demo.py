@@ -31,7 +31,7 @@ if phase == 'pretrain':
     eval_interval = 100
     eval_iters = 10
     log_interval = 25
-else:  # sft: only chat sources in the mixture, so the loss is on the assistant replies only
+else:  # sft (or lora): only chat sources in the mixture, so the loss is on the assistant replies only
     init_from = 'out/demo/pretrain/ckpt.pt'  # the end of pretraining (best.pt may be an earlier, less fluent step)
     mixture = {'primer': 1.0}
     max_iters = 150
@@ -43,4 +43,4 @@ else:  # sft: only chat sources in the mixture, so the loss is on the assistant 
     log_interval = 25
     # 123 dialogues are too few to generalise from: validation loss rises as soon as the model starts to
     # learn them by heart, so best.pt would be the untuned model. The demo chats with the final weights.
-    ckpt = 'out/demo/sft/ckpt.pt'
+    ckpt = f'out/demo/{phase}/ckpt.pt'

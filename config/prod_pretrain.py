@@ -1,5 +1,6 @@
 # prod_pretrain: a 124M-parameter model, block 1024, on fineweb-edu + wikitext-103 + your notes + the primer.
-# 2.6B tokens: about 2 hours on one H100 (bf16, compile), ~20 minutes on 8 (torchrun). ~10 GB of downloads.
+# 2.6B tokens x 0.88 GFLOP/token: ~1.5-2 hours on one H100 at 40-50% MFU (an estimate: not yet timed on a GPU),
+# ~15 minutes on 8 (torchrun). ~10 GB of downloads.
 #   ./run.sh prod        or   TRAIN="torchrun --standalone --nproc_per_node=8" ./run.sh prod
 out_dir = 'out/prod'
 sources = {
