@@ -98,7 +98,7 @@ def chat(cfg, model, tok, autocast, generator):
     while True:
         try:
             line = input('> ' if tty else '')
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D, or the end of piped input
             if tty:
                 print()
             return
@@ -119,14 +119,9 @@ def chat(cfg, model, tok, autocast, generator):
         if cache.pos + len(pending) + reply_room > block:
             messages, pending = fit_history(tok, messages, block - reply_room)
             cache = KVCache(model)
-        try:
-            with autocast:
-                reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
-                                                   banned=banned, stop={tok.eot_id}, generator=generator,
-                                                   cache=cache))
-        except KeyboardInterrupt:
-            print()
-            return
+        with autocast:
+            reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
+                                               banned=banned, stop={tok.eot_id}, generator=generator, cache=cache))
         print()
         # the cache holds everything before the reply's last token: the next turn feeds that token (unless
         # it is the <eot>) and an <eot> closing the reply, as the template has it
@@ -147,10 +142,13 @@ def main():
     tok = Tokenizer(cfg.tokenizer_path)
     model, _ = load_model(checkpoint_path(cfg), device, tok.sha256, cfg.lora_base)
     generator = torch.Generator().manual_seed(cfg.seed)
-    if cfg.interactive:
-        chat(cfg, model, tok, autocast, generator)
-    else:
-        complete(cfg, model, tok, autocast, generator)
+    try:
+        if cfg.interactive:
+            chat(cfg, model, tok, autocast, generator)
+        else:
+            complete(cfg, model, tok, autocast, generator)
+    except KeyboardInterrupt:  # Ctrl-C, wherever it lands: leave cleanly
+        print()
 
 
 if __name__ == '__main__':

@@ -122,3 +122,26 @@ def test_chat_survives_a_conversation_longer_than_the_context(sft_trained):
     lines = ''.join(f'what does the cat eat? and the sea? number {i}\n' for i in range(12))
     p = run('sample.py', cfg, '--interactive', '--max_new_tokens=20', input=lines, check=True)
     assert len(p.stdout.splitlines()) == 12
+
+
+def test_repl_system_command_and_ctrl_c(sft_trained):
+    import signal
+    import subprocess
+    import sys
+    from conftest import REPO, SFT_CONVERSATIONS, SFT_SYSTEM
+    cfg, _ = sft_trained
+    q3, a3 = SFT_CONVERSATIONS[1][0]
+    # /system sets a new system prompt and starts over: with the one it was trained on, it answers as trained
+    p = run('sample.py', cfg, '--interactive', '--temperature=0', '--system=something else entirely',
+            input=f'/system {SFT_SYSTEM}\n{q3}\n', check=True)
+    assert p.stdout.splitlines() == ['(conversation reset)', a3]
+    # Ctrl-C while waiting for the next message: a clean exit, no traceback
+    proc = subprocess.Popen([sys.executable, 'sample.py', cfg, '--interactive', '--temperature=0'], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    proc.stdin.write(f'{q3}\n')
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == a3  # it has answered, and now waits for the next line
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and 'Traceback' not in err
