@@ -24,6 +24,7 @@ import ast
 import contextlib
 import copy
 import difflib
+import hashlib
 import json
 import os
 import sys
@@ -154,6 +155,15 @@ def atomic_file(path, mode='wb'):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path):
+    """sha256 of a file, read a MB at a time: recorded wherever shards or checkpoints depend on a file."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def suggest(name, known):

@@ -12,14 +12,13 @@ HTTP downloads into a cache folder, made to survive real networks (used by prepa
 - Only a complete, checked file is renamed to its final name.
 - Progress lines while it runs: MB done, MB/s, ETA.
 """
-import hashlib
 import os
 import time
 import urllib.parse
 
 import requests
 
-from configurator import die
+from configurator import die, file_sha256
 
 # set from the config by the scripts (setup); tests point them at a local server and short delays
 SETTINGS = {'cache_dir': 'out/cache', 'retries': 5, 'timeout': 30.0, 'backoff': 2.0}
@@ -118,13 +117,10 @@ def fetch(url, sha256=None, size=None, label=None):
         os.remove(part)
         die(f"download of {url} has {got:,} bytes, expected {size:,}; the file was removed, rerun to fetch it again")
     if sha256 is not None:
-        h = hashlib.sha256()
-        with open(part, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-        if h.hexdigest() != sha256:
+        got_sha = file_sha256(part)
+        if got_sha != sha256:
             os.remove(part)
-            die(f"download of {url} does not match its sha256 (expected {sha256[:16]}..., got {h.hexdigest()[:16]}...): "
+            die(f"download of {url} does not match its sha256 (expected {sha256[:16]}..., got {got_sha[:16]}...): "
                 "the file was removed. Rerun to fetch it again; if the publisher changed the file on purpose, set the "
                 "source's 'sha256' to None.")
     os.replace(part, path)

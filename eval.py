@@ -23,7 +23,6 @@ import math
 import os
 import re
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ import download
 import prepare
 import sources
 from configurator import atomic_file, configure, die
-from model import load_model, pick_device, pick_dtype
+from model import load_model, runtime
 from sample import checkpoint_path
 from tokenizer import Tokenizer, render_for_reply
 
@@ -269,10 +268,7 @@ def markdown(results):
 def main():
     cfg = configure()
     download.setup(cfg)
-    device = pick_device(cfg.device)
-    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
-    dtype = pick_dtype(cfg.dtype, device_type)
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    device, _, dtype, autocast = runtime(cfg.device, cfg.dtype)
     tok = Tokenizer(cfg.tokenizer_path)
     path = checkpoint_path(cfg)
     model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base)

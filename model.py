@@ -16,13 +16,14 @@ import math
 import os
 import pickle
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import die
+from configurator import die, file_sha256
 
 
 @dataclass
@@ -366,6 +367,15 @@ def cpu_has_fast_bf16():
     return 'amx_bf16' in flags or 'avx512_bf16' in flags
 
 
+def runtime(device_name, dtype_name):
+    """(device, device type, dtype name, autocast context) for the config's device and dtype keys."""
+    device = pick_device(device_name)
+    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
+    dtype = pick_dtype(dtype_name, device_type)
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, device_type, dtype, autocast
+
+
 def load_model(path, device, tokenizer_sha256=None, base_path=''):
     """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer.
     A LoRA adapter checkpoint is loaded onto its base model (the path it records, or base_path) and
@@ -387,17 +397,13 @@ def load_model(path, device, tokenizer_sha256=None, base_path=''):
 
 def base_weights(adapter_ckpt, adapter_path, base_path=''):
     """The base model's weights for a LoRA adapter, checked against the sha256 the adapter recorded."""
-    import hashlib
     ref = adapter_ckpt['base']
     path = base_path or ref['path']
     if not os.path.isfile(path):
         die(f"{adapter_path} is a LoRA adapter for {ref['path']}, which is missing: put it back or set --lora_base")
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    if h.hexdigest() != ref['sha256']:
-        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 {h.hexdigest()[:12]}, the "
+    sha = file_sha256(path)
+    if sha != ref['sha256']:
+        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 {sha[:12]}, the "
             f"adapter was trained on {ref['sha256'][:12]} ({ref['path']}). Use that base checkpoint (--lora_base).")
     base = read_checkpoint(path)
     if 'model' not in base:

@@ -10,12 +10,11 @@ that a character split over several byte tokens is printed only once it is whole
 import codecs
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure, die
-from model import KVCache, load_model, pick_device, pick_dtype
+from model import KVCache, load_model, runtime
 from tokenizer import Tokenizer, render_conversation, render_turn
 
 DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
@@ -135,10 +134,7 @@ def chat(cfg, model, tok, autocast, generator):
 
 def main():
     cfg = configure()
-    device = pick_device(cfg.device)
-    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
-    dtype = pick_dtype(cfg.dtype, device_type)
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    device, _, dtype, autocast = runtime(cfg.device, cfg.dtype)
     tok = Tokenizer(cfg.tokenizer_path)
     model, _ = load_model(checkpoint_path(cfg), device, tok.sha256, cfg.lora_base)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -12,7 +12,6 @@ Ids 0-6 are fixed: 0 <unk>, 1 <s> (bos: starts every document), 2 </s> (eos), 3 
 5 <|asst|>, 6 <|eot|> (end of an assistant turn). They are SentencePiece *control* symbols: no input
 text ever encodes to them, not even their literal spelling, so a user cannot forge a turn.
 """
-import hashlib
 import io
 import json
 import os
@@ -22,19 +21,11 @@ import sentencepiece as spm
 
 import download
 import sources
-from configurator import atomic_file, configure, die
+from configurator import atomic_file, configure, die, file_sha256
 
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
 SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
 TRAIN_THREADS = 4  # fixed on purpose: SentencePiece's result depends on its thread count
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Tokenizer:

@@ -23,7 +23,6 @@ import signal
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -32,10 +31,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from configurator import atomic_file, configure, die, save_config
-from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, load_model, pick_device, pick_dtype,
-                   read_checkpoint)
-from tokenizer import Tokenizer, file_sha256
+from configurator import atomic_file, configure, die, file_sha256, save_config
+from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, load_model, pick_device, read_checkpoint,
+                   runtime)
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,8 +298,7 @@ def main():
         die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
             f"number of processes ({world}): each process runs an equal share")
     accum = cfg.gradient_accumulation_steps // world
-    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
-    dtype = pick_dtype(cfg.dtype, device_type)
+    device, device_type, dtype, autocast = runtime(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -384,7 +382,6 @@ def main():
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
     total, non_embedding = raw_model.num_params()
     ckpt_bytes = 12 * total  # fp32 weights + two AdamW moments
