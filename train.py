@@ -52,13 +52,14 @@ class Split:
             die(f"source '{name}' has no {split} tokens (see {data_dir}/{name}/{split}/meta.json): "
                 f"give it more documents or a val_frac > 0")
         self.shard_p = np.array([s['tokens'] for s in self.shards]) / self.tokens
-        # every document as (shard, start, length): SFT rows are built from whole conversations
+        # every conversation as (shard, start, length): SFT rows are built from whole conversations
+        # (text sources are read as windows and never need their document index)
         docs = []
-        for i, s in enumerate(self.shards):
+        for i, s in enumerate(self.shards if self.chat else []):
             starts = np.fromfile(s['path'].replace('shard_', 'docs_'), dtype=np.int64)
             lengths = np.diff(np.append(starts, s['tokens']))
             docs.append(np.stack([np.full(len(starts), i), starts, lengths], axis=1))
-        self.docs = np.concatenate(docs)
+        self.docs = np.concatenate(docs) if docs else None
 
     def read(self, shard, start, n, kind='shard'):
         path = self.shards[shard]['path'].replace('shard_', f'{kind}_')
@@ -105,9 +106,10 @@ def get_batch(splits, weights, rng, B, T, device, sft):
     """B rows, each from a source drawn by weight; returns x, y, doc_ids (None for pretraining), truncated."""
     names = list(weights)
     p = np.array([weights[n] for n in names], dtype=np.float64)
+    p /= p.sum()
     rows = []
     for _ in range(B):
-        split = splits[names[rng.choice(len(names), p=p / p.sum())]]
+        split = splits[names[rng.choice(len(names), p=p)]]
         rows.append(packed_row(split, rng, T) if sft else window_row(split, rng, T))
     x = torch.from_numpy(np.stack([r[0] for r in rows]))
     y = torch.from_numpy(np.stack([r[1] for r in rows]))
