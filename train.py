@@ -285,20 +285,25 @@ def main():
         return merge_adapter(cfg)
     # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
     ddp = int(os.environ.get('RANK', -1)) != -1
+    world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
+    if cfg.gradient_accumulation_steps % world:  # checked before any process group or GPU is touched
+        die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
+            f"number of processes ({world}): each process runs an equal share")
     device = pick_device(cfg.device)
     if ddp:
+        local_rank = int(os.environ['LOCAL_RANK'])
+        if device.startswith('cuda') and local_rank >= torch.cuda.device_count():
+            die(f"this node runs more processes than it has GPUs ({torch.cuda.device_count()}): set torchrun's "
+                f"--nproc_per_node to at most {torch.cuda.device_count()} (or --device=cpu for CPU processes)")
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
         if device.startswith('cuda'):
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
     else:
-        rank, local_rank, world = 0, 0, 1
+        rank, local_rank = 0, 0
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    if cfg.gradient_accumulation_steps % world:
-        die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
-            f"number of processes ({world}): each process runs an equal share")
     accum = cfg.gradient_accumulation_steps // world
     device, device_type, dtype, autocast = runtime(device, cfg.dtype)
     torch.manual_seed(cfg.seed)

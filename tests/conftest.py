@@ -162,3 +162,7 @@ def sft_trained(tmp_path_factory, prepared):
     run('prepare.py', cfg, check=True)
     run('train.py', cfg, check=True)
     return cfg, str(root / 'out')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (skipped without one); run with -m gpu where one is lent')

@@ -1,4 +1,4 @@
-"""DDP through torchrun on CPU (gloo): two processes must train exactly what one process trains with the
+"""DDP through torchrun on CPU (gloo; pinned to the CPU so a one-GPU machine runs them too): two processes must train exactly what one process trains with the
 same global batch, since each rank draws the micro-batches that one process would draw at its place."""
 import glob
 import os
@@ -12,7 +12,7 @@ from conftest import REPO, metrics, run, tiny_train_config
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared):
-    common = dict(max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1)
+    common = dict(device='cpu', max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1)
     one = tiny_train_config(tmp_path / 'one.py', prepared, tmp_path / 'one', **common)
     run('train.py', one, check=True)
     two = tiny_train_config(tmp_path / 'two.py', prepared, tmp_path / 'two', **common)
@@ -35,7 +35,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared):
 
 
 def test_accumulation_must_divide_among_processes(tmp_path, prepared):
-    cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c', gradient_accumulation_steps=3, max_iters=2)
+    cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c', gradient_accumulation_steps=3, max_iters=2,
+                            device='cpu')
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'train.py', cfg], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and 'gradient_accumulation_steps=3 must be a multiple' in p.stdout + p.stderr

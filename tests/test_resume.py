@@ -101,8 +101,9 @@ def test_ctrl_c_saves_and_exits_cleanly_and_the_run_resumes(tmp_path, prepared, 
 
 def test_a_second_ctrl_c_exits_at_once_and_leaves_checkpoints_intact(tmp_path, prepared):
     # a model slow enough (~0.3 s a step) that the second Ctrl-C lands while the first is being honoured
+    # (on the CPU: on a GPU a step is so fast that the run may already be shutting down when the second one lands)
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c', n_layer=2, n_embd=256, block_size=128,
-                            batch_size=32, max_iters=1000, eval_interval=2, eval_iters=1, log_interval=1)
+                            batch_size=32, max_iters=1000, eval_interval=2, eval_iters=1, log_interval=1, device='cpu')
     proc = start(cfg)
     wait_for_step(proc, 3)
     before = (tmp_path / 'c' / 'pretrain' / 'ckpt.pt').read_bytes()
