@@ -36,7 +36,9 @@ KEYS = {
     'out_dir': ('out/demo', "folder for everything this experiment produces (tokenizer, data/, checkpoints, runs/)"),
     'data_dir': ('', "where prepared shards go; '' means <out_dir>/data"),
     'tokenizer_path': ('', "SentencePiece model file; '' means <out_dir>/tokenizer.model"),
-    'seed': (1337, "seed for everything random: tokenizer sampling, train/val split, batches, init, sampling"),
+    'seed': (1337, "seed for training and sampling: batches, init, dropout, generation (not the split: split_seed)"),
+    'split_seed': (0, "seed of the train/val split: a document is val by a hash of its content and this; "
+                      "change it to draw another val set"),
     'sources': ({
         'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
         'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
