@@ -76,6 +76,8 @@ KEYS = {
     'phase': ('pretrain', "name of this training run: checkpoints go to <out_dir>/<phase>/ (e.g. pretrain, sft)"),
     'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a source drawn by weight"),
     'val_sources': (None, "sources to report validation loss on; None = the mixture's"),
+    'best_on': (None, "sources whose val loss chooses best.pt (weighted as in the mixture); None = the largest"),
+    'max_epochs': (16, "warn when the run would repeat a source more times than this (train.py says why)"),
     'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to start from"),
     'batch_size': (16, "rows per micro-batch (per process)"),
     'gradient_accumulation_steps': (1, "micro-batches per optimizer step, in total over all processes"),
