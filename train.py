@@ -672,8 +672,10 @@ def main():
         return states
 
     def save(reason):
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            log(f"step {iter_num}: the weights are not finite, keeping the last good checkpoint instead of saving")
+        # weights that just gave a non-finite loss or gradient (skipped) may be finite but blown up: not saved either
+        if nonfinite_in_a_row or not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            log(f"step {iter_num}: the weights are not finite or the last step was, keeping the last good checkpoint "
+                f"instead of saving")
             return
         state = checkpoint_state()  # every rank takes part (RNG states are gathered)
         if master:
@@ -763,8 +765,8 @@ def main():
             if nonfinite_in_a_row >= cfg.max_nonfinite:
                 last = os.path.join(cfg.ckpt_dir, 'ckpt.pt')
                 last = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved yet"
-                die(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {iter_num}: stopping ({last}). "
-                    f"Try a lower learning_rate, float32 or bfloat16 instead of float16, or check the data")
+                die(f"{nonfinite_in_a_row} non-finite losses in a row (or gradient norms) at step {iter_num}: stopping "
+                    f"({last}). Try a lower learning_rate, float32 or bfloat16 instead of float16, or check the data")
         else:
             nonfinite_in_a_row = 0
             if cfg.grad_clip > 0:
