@@ -374,3 +374,9 @@ def test_llama_cpp_tokenizes_and_generates_like_us(exported):
             if len(got) == len(expected):
                 break
         assert got == expected
+    # a chat through the template inside the GGUF file (llama-cpp-python renders it), stopping at <|eot|>
+    messages = CHATS[1]
+    reply = greedy(model, render_for_reply(tok, messages), 40)
+    reply = reply[:reply.index(tok.eot_id)] if tok.eot_id in reply else reply
+    answer = llm.create_chat_completion(messages, temperature=0.0, max_tokens=40)['choices'][0]['message']['content']
+    assert reply and answer == tok.decode(reply)
