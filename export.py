@@ -356,9 +356,14 @@ def write_gguf(path, model, tok, sp, gguf_type, name):
     w.add_add_space_prefix(False)
     w.add_remove_extra_whitespaces(False)
     w.add_chat_template(CHAT_TEMPLATE)
+    fallback = []
     for tensor_name, weight in gguf_tensors(model):
         data, qtype = gguf_encode(gguf, weight, gguf_type)
         w.add_tensor(tensor_name, data, raw_dtype=qtype)  # (quantized data: its shape is in bytes)
+        if gguf_type == 'q8_0' and weight.ndim == 2 and qtype != gguf.GGMLQuantizationType.Q8_0:
+            fallback.append(tensor_name)
+    if fallback:
+        print(f"export: rows not a multiple of q8_0's 32-value blocks, stored f16: {', '.join(fallback)}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

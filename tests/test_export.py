@@ -380,3 +380,30 @@ def test_llama_cpp_tokenizes_and_generates_like_us(exported):
     reply = reply[:reply.index(tok.eot_id)] if tok.eot_id in reply else reply
     answer = llm.create_chat_completion(messages, temperature=0.0, max_tokens=40)['choices'][0]['message']['content']
     assert reply and answer == tok.decode(reply)
+
+
+def test_a_lora_adapter_is_merged_into_its_base(prepared, tmp_path):
+    from safetensors.torch import load_file
+    from configurator import file_sha256
+    from model import add_lora, adapter_state, merge_lora
+    cfg_path, _ = prepared
+    tok = Tokenizer(load_cfg(cfg_path).tokenizer_path)
+    base = make_checkpoint(tmp_path / 'base.pt', tok, n_kv_head=2)
+    lora = {'rank': 4, 'alpha': 8.0, 'dropout': 0.0, 'targets': ['q_proj', 'down_proj']}
+    tuned = add_lora(base, **{k: lora[k] for k in ('rank', 'alpha', 'dropout', 'targets')})
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith('lora_B'):
+                p.normal_(0, 0.05)  # as if trained: the update is no longer zero
+    torch.save({'adapter': adapter_state(tuned), 'lora': lora, 'model_args': torch.load(tmp_path / 'base.pt')['model_args'],
+                'base': {'path': str(tmp_path / 'base.pt'), 'sha256': file_sha256(tmp_path / 'base.pt')},
+                'iter': 1, 'best_val': None, 'config': {}, 'tokenizer_sha256': tok.sha256}, tmp_path / 'adapter.pt')
+    merged = merge_lora(tuned)
+    run('export.py', cfg_path, f'--ckpt={tmp_path}/adapter.pt', '--gguf_type=none', f'--export_dir={tmp_path}/x',
+        check=True)
+    weights = load_file(str(tmp_path / 'x' / 'hf' / 'model.safetensors'))
+    assert not any('lora' in k for k in weights)
+    for i, block in enumerate(merged.blocks):
+        assert torch.equal(weights[f'model.layers.{i}.self_attn.q_proj.weight'], block.attn.q_proj.weight)
+        assert torch.equal(weights[f'model.layers.{i}.mlp.down_proj.weight'], block.mlp.down_proj.weight)
+    assert not torch.equal(merged.blocks[0].attn.q_proj.weight, torch.load(tmp_path / 'base.pt')['model']['blocks.0.attn.q_proj.weight'])
