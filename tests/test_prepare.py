@@ -42,11 +42,11 @@ def test_layout_meta_and_split(prepared):
             assert sum(s['tokens'] for s in meta['shards']) == meta['tokens']
             for shard in meta['shards']:
                 ids = np.fromfile(shard['path'], dtype=np.uint16)
-                starts = np.fromfile(shard['path'].replace('shard_', 'docs_'), dtype=np.int64)
+                starts = np.fromfile(shard['docs_path'], dtype=np.int64)
                 assert len(ids) == shard['tokens'] and len(starts) == shard['documents']
                 assert (ids[starts] == tok.bos_id).all() and (ids == tok.bos_id).sum() == len(starts)
                 if meta['format'] == 'chat':
-                    mask = np.fromfile(shard['path'].replace('shard_', 'mask_'), dtype=np.uint8)
+                    mask = np.fromfile(shard['mask_path'], dtype=np.uint8)
                     assert len(mask) == len(ids) and set(np.unique(mask)) == {0, 1}
                     assert (ids[mask == 1] == tok.eot_id).sum() > 0  # eot ends each assistant turn
     # train and val hold different documents
@@ -392,8 +392,8 @@ def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepa
     assert sum(m['documents'] for m in metas) == 10 and metas[0]['truncated'] + metas[1]['truncated'] == 10
     meta = metas[0]
     ids = np.fromfile(meta['shards'][0]['path'], dtype=np.uint16)
-    starts = np.fromfile(meta['shards'][0]['path'].replace('shard_', 'docs_'), dtype=np.int64)
-    mask = np.fromfile(meta['shards'][0]['path'].replace('shard_', 'mask_'), dtype=np.uint8)
+    starts = np.fromfile(meta['shards'][0]['docs_path'], dtype=np.int64)
+    mask = np.fromfile(meta['shards'][0]['mask_path'], dtype=np.uint8)
     assert len(ids) == len(mask) == 12 * meta['documents'] and list(starts) == list(range(0, len(ids), 12))
     from tokenizer import render_conversation
     rendered = [render_conversation(tok, c) for c in convs]
