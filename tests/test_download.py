@@ -331,8 +331,10 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     assert docs == {'oasst1': 100, 'dolly': 387, 'roam': 486, 'shakespeare': 7223}  # 7,222 speeches, one cut where val begins
     assert shakespeare.decode().count('\n\n') + 1 == 7222
     assert meta['roam']['train']['reader_counts']['empty'] == 1845 - 486
-    for n, m in meta.items():
-        assert m['val']['documents'] == round(docs[n] * 0.1)
+    for n, m in meta.items():  # val by a hash of each document: ~10%, within 4 standard deviations of a binomial
+        if n == 'shakespeare':  # (its val is the last 10% of the characters: test_prepare checks that)
+            continue
+        assert abs(m['val']['documents'] - 0.1 * docs[n]) < 4 * (docs[n] * 0.1 * 0.9) ** 0.5, n
 
 
 def test_tokenizer_trains_on_a_downloaded_corpus_within_its_byte_budget(server, tmp_path):
