@@ -143,7 +143,8 @@ KEYS = {
 
     # --- export.py ---
     'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = <out_dir>/export/<phase>"),
-    'gguf_type': ('f16', "export.py: GGUF weights: f32, f16, bf16, q8_0 (fast CPU chat), or none (no GGUF)"),
+    'gguf_type': ('f16', ('f32', 'f16', 'bf16', 'q8_0', 'none'),
+                  "export.py: GGUF weights: f32, f16, bf16, q8_0 (fast CPU chat), or none (no GGUF)"),
     'overwrite': (False, "export.py: replace an export folder that already has files in it"),
 
     # --- bench.py ---

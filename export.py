@@ -69,8 +69,6 @@ OLLAMA_TEMPLATE = ('{{ if .System }}<|sys|>{{ .System }}{{ end }}{{ range .Messa
                    '{{ if eq .Role "user" }}<|usr|>{{ .Content }}{{ else if eq .Role "assistant" }}'
                    '<|asst|>{{ .Content }}<|eot|>{{ end }}{{ end }}<|asst|>')
 
-GGUF_TYPES = ('f32', 'f16', 'bf16', 'q8_0', 'none')
-
 
 def need(module):
     """Import an export-only package, or stop with the pip command that installs it."""
@@ -405,9 +403,7 @@ def swap_in(tmp, folder):
 
 
 def main():
-    cfg = configure()
-    if cfg.gguf_type not in GGUF_TYPES:
-        die(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {cfg.gguf_type!r}")
+    cfg = configure()  # (checks gguf_type against the choices in configurator.KEYS)
     need('safetensors')
     if cfg.gguf_type != 'none':
         need('gguf')

@@ -148,6 +148,7 @@ def test_values_out_of_range_stop_with_the_key_where_it_was_set_and_the_range(tm
     assert load_cfg(p, '--learning_rate=0.1').learning_rate == 0.1  # the command line wins, and is checked
     assert 'one of' in die_message('--tokenizer_type=bpee') and "did you mean 'bpe'" in die_message('--tokenizer_type=bpee')
     assert '96' in die_message('--n_embd=100', '--n_head=3')  # a value that works is suggested
+    assert "did you mean 'q8_0'" in die_message('--gguf_type=q8')  # export.py's choices, checked by configure too
 
 
 def test_a_string_where_a_list_is_expected_is_a_list_of_its_comma_separated_names(tmp_path):
