@@ -245,7 +245,12 @@ def test_chat_on_a_terminal_edits_the_line_and_recalls_history(sft_trained):
         seen = b''
         os.write(fd, b'/qit\x1b[D\x1b[Du\r')  # left twice, then the missing letter: /quit
         read_until(b'never', timeout=60)  # reads until the chat has left
-        _, status = os.waitpid(pid, 0)
+        for _ in range(300):  # (a chat that did not take /quit is still running: fail, do not wait for ever)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        assert done, f"the chat did not leave on /quit typed with arrow-key edits: {seen!r}"
         pid = None
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, seen
     finally:
