@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, die
+from configurator import check_writable, configure, die
 from model import load_model
 from sample import DEFAULT_SYSTEM, checkpoint_path
 from tokenizer import SPECIALS, Tokenizer
@@ -408,12 +408,13 @@ def main():
     if cfg.gguf_type != 'none':
         need('gguf')
     t0 = time.time()
+    folder = cfg.export_dir or os.path.join(cfg.out_dir, 'export', cfg.phase)
+    check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')  # (before the work, not after it)
     tok = Tokenizer(cfg.tokenizer_path)
-    path = checkpoint_path(cfg)
-    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base)
+    path, why = checkpoint_path(cfg)
+    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path)
     sp = read_sentencepiece(tok.path)
     check_exportable(cfg, model, sp, tok.path)
-    folder = cfg.export_dir or os.path.join(cfg.out_dir, 'export', cfg.phase)
     tmp = prepare_destination(folder, cfg.overwrite)
     try:
         name = f"smallchat-{os.path.basename(os.path.normpath(cfg.out_dir))}-{cfg.phase}"
