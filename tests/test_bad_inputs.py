@@ -273,6 +273,10 @@ CASES = [
      ['new.model', 'File too large', 'free some space'], 6_000),  # (the model is ~8 KB)
     ('disk already full before prepare starts', 'prepare.py', lambda w: [f"--data_dir={w / 'data2'}"],
      ['data2', 'cannot write', 'File too large', 'data_dir'], 1_000),
+    ('export folder that cannot be made', 'export.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=none', f"--export_dir={write(w / 'plain', 'x')}/exp/hf"],
+     ['plain/exp', 'cannot write', 'export_dir']),
+    ('export type misspelt', 'export.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=q8'], ["'q8'", "did you mean 'q8_0'"]),
     ('disk already full before eval starts', 'eval.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--eval_out={w / 'res'}"],
      ['res', 'cannot write', 'eval_out'], 1_000),
 ]
@@ -304,9 +308,9 @@ def snapshot(root):
     return out
 
 
-def test_the_catalogue_has_at_least_103_cases_across_every_stage():
-    assert len(CASES) >= 103  # 49 before issue 16
-    assert {case[1] for case in CASES} == {'tokenizer.py', 'prepare.py', 'train.py', 'sample.py', 'eval.py'}
+def test_the_catalogue_has_at_least_105_cases_across_every_stage():
+    assert len(CASES) >= 105  # 49 before issue 16
+    assert {case[1] for case in CASES} == {'tokenizer.py', 'prepare.py', 'train.py', 'sample.py', 'eval.py', 'export.py'}
     assert len({case[0] for case in CASES}) == len(CASES)
 
 
