@@ -6,7 +6,7 @@ sources.update({
     'dolly': {'kind': 'dolly'},
     'oasst1': {'kind': 'oasst1'},  # English, best-ranked path of each tree
 })
-init_from = 'out/prod/pretrain/best.pt'
+init_from = '{out_dir}/pretrain/best.pt'  # ({out_dir} is filled in at the end: it follows --out_dir)
 # ~32M tokens read: a few passes over dolly and oasst1; the sample primer (~10k tokens) ~13 times (max_epochs 16)
 mixture = {'dolly': 0.498, 'oasst1': 0.498, 'primer': 0.004}
 val_sources = ['dolly', 'oasst1', 'primer']
