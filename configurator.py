@@ -22,8 +22,9 @@ Three conveniences for config files:
   - `{out_dir}` and `{phase}` in a string value are filled in at the very end, so a path such as
     init_from = '{out_dir}/pretrain/best.pt' follows --out_dir (and the out_dir of a copied profile).
 
-This module also holds the two bits of plumbing every stage shares: `die` (a clear error and a
-non-zero exit) and `atomic_file` (write to a temp file, fsync, rename: never a half-written file).
+This module also holds the plumbing every stage shares: `die` (a clear error and a non-zero exit),
+`atomic_file` (write to a temp file, fsync, rename: never a half-written file) and `Progress` (the
+done/total, rate, ETA line of long jobs).
 """
 import ast
 import contextlib
@@ -35,6 +36,7 @@ import math
 import os
 import re
 import sys
+import time
 import types
 
 # Every key any stage reads: name -> (default, meaning) or (default, valid, meaning), grouped by the
@@ -198,6 +200,37 @@ def check_writable(folder, key):
     finally:
         if os.path.exists(test):
             os.remove(test)
+
+
+class Progress:
+    """The progress line of a long job (prepare, download, eval, train): done/total, rate and ETA, printed
+    at most every `every` seconds. Counts are in `unit`s of `scale` (unit='MB', scale=1e6 for bytes)."""
+
+    def __init__(self, label, total=None, unit='', scale=1, every=2.0):
+        self.label, self.total, self.unit, self.scale, self.every = label, total, unit, scale, every
+        self.t0 = self.last = time.time()
+
+    def due(self):
+        """Is it time for a line? (cheap: call it as often as you like)"""
+        if time.time() - self.last <= self.every:
+            return False
+        self.last = time.time()
+        return True
+
+    def line(self, done, start=0, extra=''):
+        """'12.0/40.0 MB, 3.10 MB/s, ETA 9s': `done` counts from the job's start, `start` of it was done before
+        this process began (a resumed download, a resumed run) and does not count toward the rate."""
+        rate = (done - start) / max(time.time() - self.t0, 1e-9)
+        fmt = (lambda n: f"{n / self.scale:,.1f}") if self.scale != 1 else (lambda n: f"{n:,}")
+        of = f"/{fmt(self.total)}" if self.total else ''
+        eta = f", ETA {max(0, self.total - done) / max(rate, 1e-9):.0f}s" if self.total else ''
+        unit = f" {self.unit}" if self.unit else ''
+        per = f"{rate / self.scale:.2f}" if self.scale != 1 else f"{rate:.1f}"
+        return f"{fmt(done)}{of}{unit}{extra}, {per} {self.unit or 'items'}/s{eta}"
+
+    def __call__(self, done, start=0, extra=''):
+        if self.due():
+            print(f"  {self.label}: {self.line(done, start, extra)}", flush=True)
 
 
 def file_sha256(path):

@@ -18,7 +18,9 @@ import urllib.parse
 
 import requests
 
-from configurator import die, file_sha256
+from configurator import Progress, die, file_sha256
+
+HF_DATASETS = 'https://huggingface.co/datasets'  # where sources.py and eval.py find public data sets
 
 # set from the config by the scripts (setup); tests point them at a local server and short delays
 SETTINGS = {'cache_dir': 'out/cache', 'retries': 5, 'timeout': 30.0, 'backoff': 2.0}
@@ -89,18 +91,12 @@ def fetch(url, sha256=None, size=None, label=None):
                 if r.headers.get('ETag') and not resume:
                     with open(etag_file, 'w') as f:
                         f.write(r.headers['ETag'])
-                t0 = last = time.time()
-                start = done
+                progress, start = Progress(f"downloading {label}", total, unit='MB', scale=1e6), done
                 with open(part, 'ab' if resume else 'wb') as f:
                     for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
                         f.write(chunk)
                         done += len(chunk)
-                        if time.time() - last > 2:
-                            last = time.time()
-                            rate = (done - start) / (last - t0)
-                            eta = f", ETA {(total - done) / max(rate, 1):.0f}s" if total else ''
-                            of = f"/{total / 1e6:.1f}" if total else ''
-                            print(f"  downloading {label}: {done / 1e6:.1f}{of} MB, {rate / 1e6:.2f} MB/s{eta}", flush=True)
+                        progress(done, start)  # (the resumed part does not count toward the rate)
                 if total is not None and done < total:
                     raise Retry(f"connection closed after {done:,} of {total:,} bytes")
                 break

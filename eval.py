@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import time
 
 import numpy as np
 import torch
@@ -35,32 +34,18 @@ import torch.nn.functional as F
 import download
 import prepare
 import sources
-from configurator import atomic_file, check_writable, configure, die
+from configurator import Progress, atomic_file, check_writable, configure, die
 from model import load_model, runtime
 from sample import checkpoint_path
 from tokenizer import Tokenizer, render_for_reply
 
-HF = 'https://huggingface.co/datasets'
+HF = download.HF_DATASETS
 BENCHMARK_URLS = {'boolq': f'{HF}/google/boolq/resolve/main/data/validation-00000-of-00001.parquet',
                   'hellaswag': f'{HF}/Rowan/hellaswag/resolve/main/data/validation-00000-of-00001.parquet'}
 SMOKE_PROMPTS = ["The capital of France is", "Once upon a time, there was a", "To fix a flat tyre, first",
                  "The best way to learn is", "Water boils at", "My favourite book is"]
 SMOKE_QUESTIONS = ["who are you?", "what is 2 + 2?", "what is the capital of france?", "tell me a joke.",
                    "how do i fix a flat tyre?", "what did you do today?"]
-
-
-class Progress:
-    """A line every few seconds on long evaluations: done/total, rate, ETA."""
-
-    def __init__(self, label, total):
-        self.label, self.total, self.t0, self.last = label, total, time.time(), time.time()
-
-    def __call__(self, done):
-        if time.time() - self.last > 5:
-            self.last = time.time()
-            rate = done / (self.last - self.t0)
-            print(f"  {self.label}: {done:,}/{self.total:,} ({rate:.1f}/s, ETA {(self.total - done) / max(rate, 1e-9):.0f}s)",
-                  flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +82,7 @@ def windows(tokens, T):
 
 def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
     """Mean loss per target token, perplexity and bits per byte over (ids, targets) sequences."""
-    scores = score_sequences(model, sequences, autocast, device, batch_size, Progress(label, len(sequences)))
+    scores = score_sequences(model, sequences, autocast, device, batch_size, Progress(label, len(sequences), every=5))
     nats = sum(s for s, _ in scores)
     n = sum(k for _, k in scores)
     n_bytes = sum(len(tok.id_bytes[t]) for _, targets in sequences for t in targets if t != -1)
@@ -211,7 +196,7 @@ def continuation_logprobs(model, pairs, autocast, device, batch_size, label, hea
         ids = prompt + cont
         seqs.append((ids[:-1], [-1] * (len(prompt) - 1) + cont))
     return [(-nats, n) for nats, n in score_sequences(model, seqs, autocast, device, batch_size,
-                                                        Progress(label, len(seqs)))]
+                                                        Progress(label, len(seqs), every=5))]
 
 
 def prompt_ids(tok, text, chat):
