@@ -36,7 +36,8 @@ import numpy as np
 
 import download
 import sources
-from configurator import atomic_file, check_writable, configure, die, suggest
+import tokenizer
+from configurator import Progress, atomic_file, check_writable, configure, die, suggest
 
 FORMAT_VERSION = 1
 
@@ -49,7 +50,6 @@ worker_tok = None
 
 def init_worker(tokenizer_path):
     global worker_tok
-    import tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process (one message, not one per worker)
     worker_tok = tokenizer.Tokenizer(tokenizer_path)
 
@@ -57,7 +57,6 @@ def init_worker(tokenizer_path):
 def tokenize_batch(batch, max_conversation_tokens, dtype):
     """[(where, doc, split)] -> [(ids, mask or None, n_bytes, truncated, split) or None if dropped];
     an error is returned as a message naming the document."""
-    import tokenizer
     out = []
     for where, doc, split in batch:
         if isinstance(doc, str):
@@ -205,82 +204,30 @@ def val_flags(src, split_seed, stats):
 
 
 def prepare_source(cfg, name, tok):
+    """One source -> <data_dir>/<name>/{train,val}/. Built in <name>.tmp/ and swapped in only when whole, so an
+    interrupted run leaves the old shards (or none), never half of a source. A source whose inputs, settings and
+    tokenizer are those of its meta.json is skipped: reruns are cheap."""
     src = sources.source_settings(name, cfg.sources[name])
-    remote = src['kind'] in sources.STREAMED or src.get('path', '') is None  # identified by url and settings
+    # a local source is identified by its files (size, mtime); a remote one by its url and settings alone, so
+    # that checking whether it is up to date never downloads it
+    remote = src['kind'] in sources.STREAMED or src.get('path', '') is None
     final = os.path.join(cfg.data_dir, name)
     fp = fingerprint(src, [] if remote else sources.source_files(src), tok.sha256, cfg)
     metas = [os.path.join(final, split, 'meta.json') for split in ('train', 'val')]
     if all(os.path.exists(p) and json.load(open(p)).get('fingerprint') == fp for p in metas):
         print(f"prepare: {name} is up to date, skipping")
         return
-    files = sources.source_files(src)  # a remote file not yet in the cache is downloaded here
     tmp = final + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)  # an earlier run was interrupted: start this source over
 
     stats = collections.Counter()
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32  # half the disk and page cache when it fits
     chat = src['format'] == 'chat'
     writers = {s: SplitWriter(os.path.join(tmp, s), dtype, cfg.shard_tokens, chat) for s in ('train', 'val')}
-    num_proc = cfg.num_proc or os.cpu_count()
-    budget = {'train': src.get('train_tokens'), 'val': src.get('val_tokens')}
-    if src['kind'] in sources.STREAMED:
-        # val is the corpus's own split, or the first val_tokens of it; each split stops at its budget
-        n_docs, is_val, total = None, None, sum(v for v in budget.values() if v) or None
-        print(f"prepare: {name} ({src['kind']}): streaming, budgets {budget}, {num_proc} processes")
-    else:
-        is_val = val_flags(src, cfg.split_seed, stats)  # a cheap pass: the split, and the count for the ETA
-        n_docs = len(is_val)
-        if n_docs == 0:
-            die(f"sources['{name}']: no documents found in {src['path']} ({stats['empty']} empty files). "
-                "Point 'path' at your text.")
-        total = sum(os.path.getsize(f) for f in files)
-        print(f"prepare: {name} ({src['kind']}): {n_docs:,} documents, {total / 1e6:.1f} MB, "
-              f"{int(is_val.sum())} for val, {num_proc} processes")
-
-    def full(split):
-        return budget[split] is not None and writers[split].tokens >= budget[split]
-
-    def done(split):
-        """A streamed file needs reading only while its split (val then train, if not its own) has room."""
-        return full(split) if split else full('val') and full('train')
-
-    t0 = last = time.time()
-    i = 0
-    # streamed corpora go one file at a time and check their budgets before the next file is fetched
-    if is_val is None:
-        parts = [(f[1], sources.read_streamed_file(src, *f)) for f in sources.streamed_files(src)]
-    else:
-        parts = [(None, sources.iter_documents(src))]
-    for part_split, part in parts:
-        if is_val is None and done(part_split):
-            continue  # its budget is met: this file is never downloaded
-        for result in tokenized(part, tok.path, num_proc, cfg.max_conversation_tokens, dtype):
-            if isinstance(result, str):
-                die(result)
-            for doc in result:
-                if doc is None:
-                    stats.update(['conversations dropped (no reply left within max_conversation_tokens)'])
-                elif is_val is not None:
-                    writers['val' if is_val[i] else 'train'].add(*doc[:4])
-                else:
-                    split = doc[4] or ('val' if not full('val') else 'train')
-                    if not full(split):
-                        writers[split].add(*doc[:4])
-                i += 1
-            if is_val is None and done(part_split):
-                break  # budget met: stop reading this file
-            if time.time() - last > 2:
-                last = time.time()
-                if n_docs:
-                    done_units = sum(w.bytes for w in writers.values())
-                    of = f"{i:,}/{n_docs:,} docs, {done_units / 1e6:.1f} MB"
-                else:
-                    done_units = sum(w.tokens for w in writers.values())
-                    of = f"{i:,} docs, {done_units / 1e6:.1f}M tokens"
-                rate = done_units / (last - t0)
-                eta = f", ETA {max(0, total - done_units) / max(rate, 1):.0f}s" if total else ''
-                speed = f"{sum(w.bytes for w in writers.values()) / (last - t0) / 1e6:.2f} MB/s"
-                print(f"  {name}: {of}, {speed}{eta}", flush=True)
+    t0 = time.time()
+    # the two ways of reading: a counted source is read twice (split, then tokens); a streamed one once, in order
+    write = write_streamed if src['kind'] in sources.STREAMED else write_counted
+    write(cfg, src, tok, dtype, writers, stats)
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,6 +242,7 @@ def prepare_source(cfg, name, tok):
         extra = f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens" if chat else ''
         print(f"  {name}/{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
               f"{len(m['shards'])} shards{extra}")
+    # swap in: the old folder steps aside before the new one takes its name, then goes
     old = final + '.old'
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -303,6 +251,75 @@ def prepare_source(cfg, name, tok):
     shutil.rmtree(old, ignore_errors=True)
     dt = time.time() - t0
     print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} MB/s)")
+
+
+def tokenized_docs(docs, cfg, tok, dtype, stats):
+    """The tokenized documents of `docs`, in order, a batch at a time: lists of (ids, mask, n_bytes, truncated,
+    split) or None for a conversation dropped (no reply left after the cut). A bad document stops the run."""
+    num_proc = cfg.num_proc or os.cpu_count()
+    for result in tokenized(docs, tok.path, num_proc, cfg.max_conversation_tokens, dtype):
+        if isinstance(result, str):
+            die(result)
+        if None in result:
+            stats['conversations dropped (no reply left within max_conversation_tokens)'] += result.count(None)
+        yield result
+
+
+def write_counted(cfg, src, tok, dtype, writers, stats):
+    """A local or single-file source. A cheap first pass reads every document once to decide its split
+    (val_flags: by hash, so the same document lands in the same split whatever else changes) and to count
+    them for the progress line; the second pass tokenizes in parallel and writes each to its split."""
+    files = sources.source_files(src)  # a remote file not yet in the cache is downloaded here
+    is_val = val_flags(src, cfg.split_seed, stats)
+    if len(is_val) == 0:
+        die(f"sources['{src['name']}']: no documents found in {src['path']} ({stats['empty']} empty files). "
+            "Point 'path' at your text.")
+    total = sum(os.path.getsize(f) for f in files)
+    print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} MB, "
+          f"{int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
+    progress = Progress(src['name'], total, unit='MB', scale=1e6)
+    i = 0  # the document's index in reading order, as in is_val
+    for result in tokenized_docs(sources.iter_documents(src), cfg, tok, dtype, stats):
+        for doc in result:
+            if doc is not None:
+                writers['val' if is_val[i] else 'train'].add(*doc[:4])
+            i += 1
+        # (bytes of text read against bytes of the files: a rough ETA, file bytes include markup and JSON)
+        progress(sum(w.bytes for w in writers.values()), extra=f", {i:,}/{len(is_val):,} docs")
+
+
+def write_streamed(cfg, src, tok, dtype, writers, stats):
+    """A corpus too big to read twice (fineweb-edu, wikitext): one pass, a file at a time, each fetched only
+    while its split still has room under its token budget. Val is the corpus's own split where it has one
+    (wikitext), else the first val_tokens read (fineweb-edu): the split needs no counting pass."""
+    budget = {'train': src.get('train_tokens'), 'val': src.get('val_tokens')}
+    print(f"prepare: {src['name']} ({src['kind']}): streaming, budgets {budget}, "
+          f"{cfg.num_proc or os.cpu_count()} processes")
+
+    def full(split):
+        return budget[split] is not None and writers[split].tokens >= budget[split]
+
+    def done(split):
+        """A file of its own split is needed while that split has room; an unsplit one while either has."""
+        return full(split) if split else full('val') and full('train')
+
+    total = sum(v for v in budget.values() if v) or None
+    progress = Progress(src['name'], total, unit='M tokens', scale=1e6)
+    i = 0
+    for url, file_split in sources.streamed_files(src):
+        if done(file_split):
+            continue  # its budget is met: this file is never downloaded
+        for result in tokenized_docs(sources.read_streamed_file(src, url, file_split), cfg, tok, dtype, stats):
+            for doc in result:
+                if doc is None:
+                    continue
+                split = doc[4] or ('val' if not full('val') else 'train')  # val fills first
+                if not full(split):
+                    writers[split].add(*doc[:4])
+            i += len(result)
+            if done(file_split):
+                break  # budget met: stop reading this file
+            progress(sum(w.tokens for w in writers.values()), extra=f", {i:,} docs")
 
 
 # bytes of text per byte of downloaded file, to estimate tokens before downloading (rough: parquet is
@@ -337,7 +354,6 @@ def analyze_remote(src, bytes_per_token):
 def analyze(cfg, names):
     """Per source: files, documents, bytes, estimated tokens per split, empty and unreadable files; for a
     public corpus not downloaded yet, what would be downloaded. Writes nothing."""
-    import tokenizer
     tok = tokenizer.Tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path) else None
     rows, notes, ratios = [], [], []
     for name in names:
@@ -428,7 +444,6 @@ def main():
     download.setup(cfg)
     if cfg.analyze_only:
         return analyze(cfg, names)
-    import tokenizer
     tok = tokenizer.Tokenizer(cfg.tokenizer_path)
     check_writable(cfg.data_dir, 'data_dir (or out_dir)')
     for name in names:

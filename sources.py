@@ -10,7 +10,7 @@ A reader yields (where, document[, split]): `where` names the file (and line) fo
 document is a str (text sources) or a list of {'role', 'content'} messages (chat sources); split is
 'train'/'val' where a corpus has its own. Empty documents are skipped and counted in stats. With
 problems=None a bad file stops the run; with a list (analyze_only) the problem is recorded and reading
-goes on. To add a kind: a line in KINDS and a reader in READERS.
+goes on. To add a kind: a reader and its line in KINDS (at the end of this file).
 """
 import codecs
 import fnmatch
@@ -24,34 +24,6 @@ from configurator import die, suggest
 
 DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
 
-HF = 'https://huggingface.co/datasets'
-# kind -> (format, {setting: default}). 'text' sources train on every token; 'chat' sources are
-# conversations with a loss mask. A setting a kind does not know is an error (typos must not pass).
-# Public corpora are downloaded into cache_dir (download.py): point url/base_url at a mirror if you
-# like; files that never change are checked against their size and sha256. Set 'path' to use a local
-# copy instead of downloading.
-KINDS = {
-    'roam': ('text', {'path': None, 'glob': '**/*.md', 'add_title': True, 'val_frac': 0.1}),
-    'text': ('text', {'path': None, 'separator': None, 'val_frac': 0.1}),
-    'primer': ('chat', {'path': None, 'val_frac': 0.1}),
-    'chat': ('chat', {'path': None, 'val_frac': 0.1}),
-    'dolly': ('chat', {'path': None, 'url': f'{HF}/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl',
-                       'sha256': None, 'size': None, 'val_frac': 0.1, 'categories': None}),
-    'oasst1': ('chat', {'path': None, 'url': f'{HF}/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz',
-                        'sha256': '2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7', 'size': 34145252,
-                        'val_frac': 0.1, 'lang': 'en'}),
-    'tinyshakespeare': ('text', {'path': None, 'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
-                                 'tinyshakespeare/input.txt', 'sha256': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
-                                 'size': 1115394, 'separator': '\n\n', 'val_frac': 0.1}),
-    # streamed: parquet shards fetched one at a time, only while the token budgets still need text
-    'fineweb_edu': ('text', {'base_url': f'{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
-                             'files': [f'{i:03d}_00000.parquet' for i in range(14)],
-                             'train_tokens': 200_000_000, 'val_tokens': 5_000_000}),
-    'wikitext': ('text', {'base_url': f'{HF}/Salesforce/wikitext/resolve/main/wikitext-103-raw-v1',
-                          'train_files': ['train-00000-of-00002.parquet', 'train-00001-of-00002.parquet'],
-                          'val_files': ['validation-00000-of-00001.parquet'], 'train_tokens': None, 'val_tokens': None}),
-}
-STREAMED = ('fineweb_edu', 'wikitext')  # no counting pass: val is their own split (wikitext) or comes first (budgets)
 
 
 def source_settings(name, src):
@@ -60,7 +32,7 @@ def source_settings(name, src):
         die(f"sources['{name}'] must be a dict with a 'kind' (one of {', '.join(KINDS)}), got {src!r}")
     if src['kind'] not in KINDS:
         die(f"sources['{name}']: unknown kind {src['kind']!r}{suggest(src['kind'], KINDS)}; kinds: {', '.join(KINDS)}")
-    fmt, defaults = KINDS[src['kind']]
+    fmt, _, defaults = KINDS[src['kind']]
     for key in src:
         if key != 'kind' and key not in defaults:
             die(f"sources['{name}']: unknown setting {key!r}{suggest(key, defaults)} for kind "
@@ -167,6 +139,13 @@ def source_files(src):
     return sorted(set(files))
 
 
+def problem(msg, problems):
+    """A bad file: stop the run with `msg`, or (analyze_only: `problems` is a list) record it and read on."""
+    if problems is None:
+        die(msg)
+    problems.append(msg)
+
+
 BOM = '\ufeff'  # the byte-order mark some editors (Notepad) put first in a UTF-8 file: not part of the text
 
 
@@ -181,9 +160,7 @@ def read_utf8(path, problems):
                "or remove it from the source")
     except OSError as e:
         msg = f"cannot read {path}: {e.strerror}"
-    if problems is None:
-        die(msg)
-    problems.append(msg)
+    problem(msg, problems)
     return None
 
 
@@ -194,7 +171,8 @@ def read_roam(src, stats=None, problems=None):
         if text is None:
             continue
         if not text.strip():
-            stats is not None and stats.update(['empty'])
+            if stats is not None:
+                stats.update(['empty'])
             continue
         title = os.path.splitext(os.path.relpath(path, root))[0]  # pages with '/' in the title are nested
         title = ' '.join(title.split())  # a tab or newline in a file name must not break the title line
@@ -206,8 +184,8 @@ def read_text(src, stats=None, problems=None):
         for doc in split_stream(path, src['separator'], problems):
             if doc.strip():
                 yield path, doc
-            else:
-                stats is not None and stats.update(['empty'])
+            elif stats is not None:
+                stats.update(['empty'])
 
 
 # A document longer than this is cut into pieces at line ends (each its own document, starting with <s>):
@@ -225,10 +203,7 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
     try:
         f = open(path, 'rb')
     except OSError as e:
-        msg = f"cannot read {path}: {e.strerror}"
-        if problems is None:
-            die(msg)
-        problems.append(msg)
+        problem(f"cannot read {path}: {e.strerror}", problems)
         return
     with f:
         while True:
@@ -236,11 +211,8 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
             try:
                 rest += decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                msg = (f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`, "
-                       "or remove it from the source")
-                if problems is None:
-                    die(msg)
-                problems.append(msg)
+                problem(f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it, e.g. `iconv -f latin1 "
+                        "-t utf-8`, or remove it from the source", problems)
                 return
             offset += len(data)
             if sep:
@@ -362,15 +334,11 @@ def read_jsonl(path, problems):
                         continue
                     msg = (f"{path} line {n}: {bad!r} is half of a UTF-16 surrogate pair standing alone (a cut emoji?), "
                            "which is not text: fix the line or remove it")
-                if problems is None:
-                    die(msg)
-                problems.append(msg)
+                problem(msg, problems)
     except (UnicodeDecodeError, EOFError, OSError) as e:  # bad bytes, a truncated or damaged .gz
         what = 'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else f'unreadable ({e})'
-        msg = f"{path} is {what} after line {n}: fix the file, or delete it if it was downloaded to fetch it again"
-        if problems is None:
-            die(msg)
-        problems.append(msg)
+        problem(f"{path} is {what} after line {n}: fix the file, or delete it if it was downloaded to fetch it again",
+                problems)
 
 
 def read_chat(src, stats=None, problems=None):
@@ -486,14 +454,46 @@ def read_streamed(src, stats=None, problems=None):
         yield from read_streamed_file(src, url, split)
 
 
-READERS = {'roam': read_roam, 'text': read_text, 'primer': read_primer, 'chat': read_chat, 'dolly': read_dolly,
-           'oasst1': read_oasst1, 'tinyshakespeare': read_tinyshakespeare, 'fineweb_edu': read_streamed,
-           'wikitext': read_streamed}
+# ----------------------------------------------------------------------------------------------
+# The kinds of source: kind -> (format, reader, {setting: default}). To add a kind, write its reader and
+# add its line here. 'text' sources train on every token; 'chat' sources are conversations with a loss
+# mask. A setting a kind does not know is an error (typos must not pass). Public corpora are downloaded
+# into cache_dir (download.py): point url/base_url at a mirror if you like; files that never change are
+# checked against their size and sha256. Set 'path' to use a local copy instead of downloading.
+HF = download.HF_DATASETS
+KINDS = {
+    'roam': ('text', read_roam, {'path': None, 'glob': '**/*.md', 'add_title': True, 'val_frac': 0.1}),
+    'text': ('text', read_text, {'path': None, 'separator': None, 'val_frac': 0.1}),
+    'primer': ('chat', read_primer, {'path': None, 'val_frac': 0.1}),
+    'chat': ('chat', read_chat, {'path': None, 'val_frac': 0.1}),
+    'dolly': ('chat', read_dolly, {
+        'path': None, 'url': f'{HF}/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl',
+        'sha256': None, 'size': None, 'val_frac': 0.1, 'categories': None}),
+    'oasst1': ('chat', read_oasst1, {
+        'path': None, 'url': f'{HF}/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz',
+        'sha256': '2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7', 'size': 34145252,
+        'val_frac': 0.1, 'lang': 'en'}),
+    'tinyshakespeare': ('text', read_tinyshakespeare, {
+        'path': None, 'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
+        'sha256': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed', 'size': 1115394,
+        'separator': '\n\n', 'val_frac': 0.1}),
+    # streamed: parquet shards fetched one at a time, only while the token budgets still need text
+    'fineweb_edu': ('text', read_streamed, {
+        'base_url': f'{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
+        'files': [f'{i:03d}_00000.parquet' for i in range(14)], 'train_tokens': 200_000_000, 'val_tokens': 5_000_000}),
+    'wikitext': ('text', read_streamed, {
+        'base_url': f'{HF}/Salesforce/wikitext/resolve/main/wikitext-103-raw-v1',
+        'train_files': ['train-00000-of-00002.parquet', 'train-00001-of-00002.parquet'],
+        'val_files': ['validation-00000-of-00001.parquet'], 'train_tokens': None, 'val_tokens': None}),
+}
+# no counting pass: val is their own split (wikitext) or comes first (budgets)
+STREAMED = tuple(kind for kind, (_, reader, _) in KINDS.items() if reader is read_streamed)
+
 
 
 def iter_documents(src, stats=None, problems=None):
     """(where, document, split): split is 'train'/'val' where the corpus has its own, else None."""
-    for item in READERS[src['kind']](src, stats, problems):
+    for item in KINDS[src['kind']][1](src, stats, problems):
         yield item if len(item) == 3 else (*item, None)
 
 
