@@ -96,19 +96,19 @@ def split_sequences(cfg, tok, name, T):
     """The fixed evaluation set of a prepared val split: its first eval_tokens tokens, in order. Text is
     cut into windows; chat conversations are evaluated one by one (truncated to the context), on their
     assistant tokens only."""
-    meta = prepare.load_split(cfg.data_dir, name, 'val', tok.sha256)
-    dtype, chat, seqs, used = np.dtype(meta['dtype']), meta['format'] == 'chat', [], 0
-    for shard in meta['shards']:
+    val = prepare.SplitReader(cfg.data_dir, name, 'val', tok.sha256)
+    seqs, used = [], 0
+    for i, shard in enumerate(val.shards):
         if used >= cfg.eval_tokens:
             break
         n = min(shard['tokens'], cfg.eval_tokens - used)
-        ids = np.fromfile(shard['path'], dtype=dtype, count=n).astype(np.int64).tolist()
+        ids = val.tokens(i)[:n].astype(np.int64).tolist()
         used += n
-        if not chat:
+        if not val.chat:
             seqs += windows(ids, T)
             continue
-        mask = np.fromfile(shard['mask_path'], dtype=np.uint8, count=n).tolist()
-        starts = np.fromfile(shard['docs_path'], dtype=np.int64).tolist()
+        mask = val.mask(i)[:n].tolist()
+        starts = val.doc_starts(i).tolist()
         for a, b in zip(starts, starts[1:] + [n]):
             if a < n:
                 conv, m = ids[a:min(b, n)][:T + 1], mask[a:min(b, n)][:T + 1]

@@ -50,10 +50,9 @@ SYS, USR, ASST = (SPECIALS.index(t) for t in ('<|sys|>', '<|usr|>', '<|asst|>'))
 
 class Split:
     def __init__(self, data_dir, name, split, tokenizer_sha256):
-        self.meta = prepare.load_split(data_dir, name, split, tokenizer_sha256)
-        self.name, self.chat = name, self.meta['format'] == 'chat'
-        self.dtype = np.dtype(self.meta['dtype'])
-        self.shards = self.meta['shards']
+        self.data = prepare.SplitReader(data_dir, name, split, tokenizer_sha256)
+        self.meta, self.shards, self.dtype, self.chat = self.data.meta, self.data.shards, self.data.dtype, self.data.chat
+        self.name = name
         self.tokens = sum(s['tokens'] for s in self.shards)
         if self.tokens == 0:
             die(f"source '{name}' has no {split} tokens (see {data_dir}/{name}/{split}/meta.json): "
@@ -62,7 +61,7 @@ class Split:
         self.pieces, self.cut_for = None, None  # SFT: the conversations cut for rows of cut_for tokens (cut_pieces)
 
     def read(self, shard, start, n):
-        mm = np.memmap(self.shards[shard]['path'], dtype=self.dtype, mode='r')
+        mm = self.data.tokens(shard)
         out = np.array(mm[start:start + n], dtype=np.int64)
         del mm
         return out
@@ -78,11 +77,11 @@ class Split:
         ranges, shard_of, trained, first = [], [], [], [0]
         self.truncated = self.long = 0  # conversations longer than R, and those of them with a turn cut to fit
         for i, s in enumerate(self.shards):
-            starts = np.fromfile(s['docs_path'], dtype=np.int64)
+            starts = self.data.doc_starts(i)
             ends = np.append(starts[1:], s['tokens'])
-            mask = np.fromfile(s['mask_path'], dtype=np.uint8)
+            mask = np.array(self.data.mask(i))
             sums = np.add.reduceat(mask, starts, dtype=np.int64) if len(starts) else starts
-            tokens = np.memmap(s['path'], dtype=self.dtype, mode='r')
+            tokens = self.data.tokens(i)
             for a, b, n in zip(starts.tolist(), ends.tolist(), sums.tolist()):
                 if b - a <= R:
                     cut, truncated = [((a, b),)], False
@@ -248,11 +247,10 @@ class Packer:
             at = 0
             for j, (k, p) in enumerate(row):
                 split = self.splits[self.names[k]]
-                shard = split.shards[split.pieces['shard'][p]]
-                if shard['path'] not in maps:
-                    maps[shard['path']] = (np.memmap(shard['path'], dtype=split.dtype, mode='r'),
-                                           np.memmap(shard['mask_path'], dtype=np.uint8, mode='r'))
-                ids, m = maps[shard['path']]
+                shard = (k, int(split.pieces['shard'][p]))
+                if shard not in maps:
+                    maps[shard] = split.data.tokens(shard[1]), split.data.mask(shard[1])
+                ids, m = maps[shard]
                 for b, e in split.pieces['ranges'][p].tolist():
                     toks[r, at:at + e - b], mask[r, at:at + e - b] = ids[b:e], m[b:e]
                     doc[r, at:at + e - b] = j
