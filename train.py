@@ -297,24 +297,19 @@ def check_mixture(cfg):
 # ckpt.pt are kept as ckpt.1.pt, ckpt.2.pt, ... so a corrupt latest file has a fallback.
 
 def save_checkpoint(obj, folder, name, keep=0):
+    """Write folder/name atomically (never a half-written checkpoint, even on a full disk or a second Ctrl-C),
+    first moving the previous one to name.1.pt, name.1.pt to name.2.pt ... (`keep` of them)."""
     path = os.path.join(folder, name)
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # full disk, a second Ctrl-C...: the previous checkpoints stay as they were
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if keep > 0 and os.path.exists(path):
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the new one is on disk before the old ones move
         base = path[:-3]
-        for i in range(keep - 1, 0, -1):
-            if os.path.exists(f'{base}.{i}.pt'):
-                os.replace(f'{base}.{i}.pt', f'{base}.{i + 1}.pt')
-        os.replace(path, f'{base}.1.pt')
-    os.replace(tmp, path)
+        if keep > 0 and os.path.exists(path):
+            for i in range(keep - 1, 0, -1):
+                if os.path.exists(f'{base}.{i}.pt'):
+                    os.replace(f'{base}.{i}.pt', f'{base}.{i + 1}.pt')
+            os.replace(path, f'{base}.1.pt')
     fd = os.open(folder, os.O_RDONLY)  # make the renames themselves durable
     os.fsync(fd)
     os.close(fd)
