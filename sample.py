@@ -21,7 +21,7 @@ import torch
 
 from configurator import configure, die
 from model import KVCache, load_model, runtime
-from tokenizer import Tokenizer, render_conversation, render_turn
+from tokenizer import Tokenizer, end_reply, not_in_reply, render_conversation, render_for_reply, render_user_turn
 
 DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
                   "and you sound a little put out to be asked. you never guess: if you are not sure, "
@@ -101,7 +101,7 @@ def fit_history(tok, messages, budget):
     long, its start is cut."""
     first = 1 if messages[0]['role'] == 'system' else 0
     while True:
-        ids = render_conversation(tok, messages)[0] + [tok.asst_id]
+        ids = render_for_reply(tok, messages)
         if len(ids) <= budget or len(messages) <= first + 1:
             return messages, ids[-budget:]
         messages = messages[:first] + messages[first + 2:]
@@ -120,7 +120,7 @@ def chat(cfg, model, tok, autocast, generator):
         except UnicodeDecodeError as e:
             die(f"--system_file={cfg.system_file} is not valid UTF-8 (byte {e.start}): convert it to UTF-8")
     system = configured
-    banned = () if cfg.allow_special else (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id)
+    banned = () if cfg.allow_special else not_in_reply(tok)
     block = model.cfg.block_size
     reply_room = min(cfg.max_new_tokens, block // 2)
     tty = sys.stdin.isatty()
@@ -159,7 +159,7 @@ def chat(cfg, model, tok, autocast, generator):
             print(f"({status})", file=sys.stderr)  # not on stdout, where a program reads one reply per line
             continue
         messages.append({'role': 'user', 'content': text})
-        pending = pending + render_turn(tok, 'user', text)[0] + [tok.asst_id]
+        pending = pending + render_user_turn(tok, text)
         if cache.pos + len(pending) + reply_room > block:
             messages, pending = fit_history(tok, messages, block - reply_room)
             cache = KVCache(model)
@@ -167,14 +167,11 @@ def chat(cfg, model, tok, autocast, generator):
             reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
                                                banned=banned, stop={tok.eot_id}, generator=generator, cache=cache), out)
         print(flush=True)
-        # the cache holds everything before the reply's last token: the next turn feeds that token (unless
-        # it is the <eot>) and an <eot> closing the reply, as the template has it
-        if reply and reply[-1] == tok.eot_id:
-            reply = reply[:-1]
-            pending = [tok.eot_id]
-        else:
-            pending = reply[-1:] + [tok.eot_id]
-        messages.append({'role': 'assistant', 'content': tok.decode(reply)})
+        # the cache holds everything before the reply's last generated token: the next turn feeds the rest of
+        # the reply as the template has it (that token, unless it was the <eot>, and the closing <eot>)
+        content, closed = end_reply(tok, reply)
+        pending = closed[max(len(reply) - 1, 0):]
+        messages.append({'role': 'assistant', 'content': tok.decode(content)})
 
 
 def main():

@@ -120,6 +120,25 @@ def render_for_reply(tok, messages):
     return render_conversation(tok, messages)[0] + [tok.asst_id]
 
 
+# What chat (sample.py) needs to go on from a conversation already fed to the model, a turn at a time.
+
+def render_user_turn(tok, content):
+    """A user message added to a conversation, then [asst] to ask for the reply."""
+    return render_turn(tok, 'user', content)[0] + [tok.asst_id]
+
+
+def end_reply(tok, reply):
+    """A generated reply -> (its content ids, the reply as the template has it: ending with one <|eot|>). A
+    reply stops at its <|eot|>, or without one when it ran out of room."""
+    content = reply[:-1] if reply and reply[-1] == tok.eot_id else reply
+    return content, content + [tok.eot_id]
+
+
+def not_in_reply(tok):
+    """The ids a reply must never contain: every special token but <|eot|>, which ends it."""
+    return (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id)
+
+
 def show_conversation(tok, messages):
     """Readable rendering: special tokens by name, trained tokens inside ⟦ ⟧."""
     ids, mask = render_conversation(tok, messages)
