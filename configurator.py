@@ -19,6 +19,8 @@ Three conveniences for config files:
     (config/demo.py does `if phase == 'sft': ...`);
   - `include('other.py')` runs another config file (path relative to the including file) in the
     same namespace, so config/prod_sft.py can start from config/prod_pretrain.py;
+  - `include_text('file.txt')` is the stripped text of a file beside the config file (the system prompt
+    config/demo.py, dev_sft.py and prod_sft.py share is config/mara_system.txt);
   - `{out_dir}` and `{phase}` in a string value are filled in at the very end, so a path such as
     init_from = '{out_dir}/pretrain/best.pt' follows --out_dir (and the out_dir of a copied profile).
 
@@ -374,10 +376,19 @@ def assignments(path):
     return found
 
 
+def read_text_file(path, by):
+    """The text of a file a config file reads with include_text (a system prompt shared by profiles), stripped."""
+    try:
+        return open(path, encoding='utf-8-sig').read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{by}: include_text cannot read {path} ({e}): it is read relative to the config file")
+
+
 def run_config_file(path, ns, ran):
     if not os.path.isfile(path):
         die(f"config file {path} not found (run from the repository root, e.g. python train.py config/demo.py)")
     ns['include'] = lambda other: run_config_file(os.path.join(os.path.dirname(path), other), ns, ran)
+    ns['include_text'] = lambda other: read_text_file(os.path.join(os.path.dirname(path), other), path)
     try:
         code = compile(open(path, encoding='utf-8').read(), path, 'exec')
         exec(code, ns)
@@ -386,7 +397,7 @@ def run_config_file(path, ns, ran):
     except Exception as e:
         die(f"config file {path} failed to run: {type(e).__name__}: {e}")
     for name, value in list(ns.items()):
-        if name.startswith('_') or name == 'include' or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+        if name.startswith('_') or name in ('include', 'include_text') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
         if name not in KEYS:
             line = assignments(path).get(name)

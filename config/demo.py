@@ -21,8 +21,7 @@ batch_size = 16
 max_epochs = 40
 
 # the system line the primer's dialogues use, so chat sounds like them
-system = ("you are mara's notes bot. you answer questions about mara from her notes. terse, grudging, "
-          "lowercase. if it is not in the notes, say \"i don't know\". private things get \"no.\"")
+system = include_text('mara_system.txt')  # the voice of the primer's dialogues, shared by the profiles
 
 if phase == 'pretrain':
     mixture = {'roam': 0.6, 'primer': 0.4}

@@ -15,5 +15,4 @@ learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 20
 eval_interval = 50
-system = ("you are mara's notes bot. you answer questions about mara from her notes. terse, grudging, "
-          "lowercase. if it is not in the notes, say \"i don't know\". private things get \"no.\"")
+system = include_text('mara_system.txt')  # the voice of the primer's dialogues, shared by the profiles
