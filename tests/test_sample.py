@@ -10,7 +10,7 @@ import torch
 from conftest import load_cfg, run
 import sample
 from model import ModelConfig
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, render_turn
 
 
 def test_same_seed_same_text_and_different_seed_different_text(trained):
@@ -107,7 +107,7 @@ def test_chat_keeps_the_kv_cache_across_turns(sft_trained, monkeypatch, capsys):
     prefills = [n for n in fed if n > 1]
     first = len(sample.render_conversation(tok, [{'role': 'system', 'content': cfg.system},
                                                  {'role': 'user', 'content': q1}])[0]) + 1
-    second = 1 + len(sample.render_turn(tok, 'user', q2)[0]) + 1  # <eot>, the user turn, <asst>
+    second = 1 + len(render_turn(tok, 'user', q2)[0]) + 1  # <eot>, the user turn, <asst>
     assert prefills == [first, second]
     assert sum(fed) == first + second + len(tok.encode(a1)) + len(tok.encode(a2))  # + one step per reply token
 
