@@ -13,7 +13,7 @@ Sections:
            on the whole corpus and on its first half
   bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb, 2 GB) and on
            a quarter of it: memory must not grow with the file (not in `all`: it writes ~3 GB to /tmp)
-On GPU, MFU is against the datasheet peak of the card (train.PEAK_FLOPS); on CPU against the measured
+On GPU, MFU is against the datasheet peak of the card (model.PEAK_FLOPS); on CPU against the measured
 bf16 matmul peak of the same run.
 """
 import json
@@ -30,8 +30,8 @@ import time
 import torch
 
 from configurator import configure, die
-from model import GPT, ModelConfig, pick_device
-from train import peak_flops
+from checkpoint import pick_device
+from model import GPT, ModelConfig, peak_flops
 
 # (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
 SIZES = {

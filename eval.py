@@ -35,8 +35,7 @@ import download
 import prepare
 import sources
 from configurator import Progress, atomic_file, check_writable, configure, die
-from model import load_model, runtime
-from sample import checkpoint_path
+from checkpoint import checkpoint_path, load_model, runtime
 from tokenizer import Tokenizer, render_for_reply
 
 HF = download.HF_DATASETS

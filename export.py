@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from configurator import check_writable, configure, die
-from model import load_model
-from sample import DEFAULT_SYSTEM, checkpoint_path
+from checkpoint import checkpoint_path, load_model
+from sample import DEFAULT_SYSTEM
 from tokenizer import SPECIALS, Tokenizer
 
 EXTRA = "pip install -r requirements-export.txt"

@@ -11,19 +11,16 @@ and F.scaled_dot_product_attention, which picks flash kernels on GPUs. No biases
 
 For generation a KVCache keeps each layer's keys and values: the prompt is run once (prefill),
 then each new token costs one position instead of re-reading the whole sequence.
+
+This file imports only torch and the standard library: copy it anywhere. Reading and writing
+checkpoints, and picking the device, live in checkpoint.py.
 """
 import math
-import os
-import pickle
-import zipfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from configurator import die, file_sha256
 
 
 @dataclass
@@ -214,6 +211,25 @@ class GPT(nn.Module):
                 return
 
 
+# For MFU (model FLOPs utilisation = flops_per_token * tokens/s / peak). Datasheet dense (no sparsity) bf16/fp16 tensor-core peaks, by the exact name torch.cuda.get_device_name()
+# gives: variants of one chip differ (an H100 PCIe does 756 TFLOP/s, the SXM one 989), and a substring would
+# match the wrong card ('L4' is in 'L40S'). A card not listed gets no MFU, only FLOP/s: add it here.
+PEAK_FLOPS = {
+    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
+    'NVIDIA H200': 989e12, 'NVIDIA H200 NVL': 835e12,
+    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-PCIE-40GB': 312e12,
+    'NVIDIA A100 80GB PCIe': 312e12,
+    'NVIDIA L4': 121e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12, 'NVIDIA GeForce RTX 4090': 165e12,
+}
+
+
+def peak_flops(device_type, dtype):
+    """Datasheet dense bf16/fp16 peak of the GPU, for MFU; None where unknown (CPU: we print FLOP/s)."""
+    if device_type != 'cuda' or dtype == 'float32':
+        return None
+    return PEAK_FLOPS.get(torch.cuda.get_device_name().strip())
+
+
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Pick the next token from a (vocab,) vector of logits. temperature 0 is greedy (argmax).
     top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p;
@@ -266,7 +282,7 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
     """Wrap the target projections of every block in LoRALinear and freeze everything else."""
     for name in targets:
         if name not in LORA_TARGETS:
-            die(f"lora_targets: {name!r} is not a projection of the model; choose from {', '.join(LORA_TARGETS)}")
+            raise ValueError(f"lora_targets: {name!r} is not a projection of the model; choose from {', '.join(LORA_TARGETS)}")
     for p in model.parameters():
         p.requires_grad = False
     for block in model.blocks:
@@ -314,124 +330,3 @@ class KVCache:
 
     def reset(self):
         self.pos = 0
-
-
-def read_checkpoint(path, fatal=True):
-    """torch.load with weights_only=True (a checkpoint cannot run code); a truncated or corrupt file
-    is a clear error (or None with fatal=False, so resume can fall back to an older one)."""
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one with `python train.py <your config>` or set --ckpt")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        if not isinstance(ckpt, dict) or not ('model' in ckpt or 'adapter' in ckpt) or 'model_args' not in ckpt:
-            raise ValueError("not a checkpoint written by train.py")
-        return ckpt
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        if not fatal:
-            return None
-        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); use another checkpoint "
-            "(the kept ckpt.1.pt, ckpt.2.pt ... or best.pt) or retrain")
-
-
-# ----------------------------------------------------------------------------------------------
-# Where the model runs, and loading a trained one (sample.py, eval.py, bench.py and train.py share these)
-
-def pick_device(name):
-    """'auto' -> the best device here; a named one is checked, so a missing GPU is a message, not a traceback."""
-    if name != 'auto':
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            die(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<n> or mps")
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            die(f"device={name!r} but this machine has no CUDA GPU that torch can use: set --device=cpu (or auto)")
-        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-            die(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}")
-        if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-            die(f"device={name!r} but MPS (Apple GPU) is not available here: set --device=cpu (or auto)")
-        if device.type not in ('cpu', 'cuda', 'mps'):
-            die(f"device={name!r}: this code runs on cpu, cuda or mps")
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
-def pick_dtype(name, device_type):
-    if name == 'auto':
-        if device_type == 'cuda':
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        # CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; others slower
-        return 'bfloat16' if device_type == 'cpu' and cpu_has_fast_bf16() else 'float32'
-    if name not in ('float32', 'bfloat16', 'float16'):
-        die(f"dtype must be float32, bfloat16, float16 or auto, got {name!r}")
-    if name == 'float16' and device_type != 'cuda':
-        die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32 here")
-    return name
-
-
-def cpu_has_fast_bf16():
-    try:
-        flags = open('/proc/cpuinfo').read()
-    except OSError:  # not Linux: stay with float32
-        return False
-    return 'amx_bf16' in flags or 'avx512_bf16' in flags
-
-
-def runtime(device_name, dtype_name):
-    """(device, device type, dtype name, autocast context) for the config's device and dtype keys."""
-    device = pick_device(device_name)
-    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
-    dtype = pick_dtype(dtype_name, device_type)
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    return device, device_type, dtype, autocast
-
-
-def check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256):
-    """A checkpoint works only with the tokenizer it was trained with. When they differ, the likely cause
-    is the wrong checkpoint or the wrong out_dir, so say which checkpoint was picked and why."""
-    if ckpt['tokenizer_sha256'] == tokenizer_sha256:
-        return
-    then = (ckpt.get('config') or {}).get('tokenizer_path')
-    die(f"{path} ({why}) was trained with another tokenizer: sha256 {ckpt['tokenizer_sha256'][:12]}"
-        + (f" (it was {then})" if then else '') + f", but the configured tokenizer {tokenizer_path} is "
-        f"{tokenizer_sha256[:12]}. Is out_dir right? Pick a checkpoint trained with this tokenizer, or point "
-        f"tokenizer_path at the one this checkpoint was trained with")
-
-
-def load_model(path, device, tokenizer_sha256=None, base_path='', why='the checkpoint asked for',
-               tokenizer_path='the configured tokenizer'):
-    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer
-    (`why` the checkpoint was picked goes into that message). A LoRA adapter checkpoint is loaded onto
-    its base model (the path it records, or base_path) and merged into it."""
-    ckpt = read_checkpoint(path)
-    if tokenizer_sha256:
-        check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256)
-    model = GPT(ModelConfig(**ckpt['model_args']))
-    if 'adapter' in ckpt:
-        model.load_state_dict(base_weights(ckpt, path, base_path))
-        add_lora(model, **ckpt['lora'])
-        model.load_state_dict(ckpt['adapter'], strict=False)
-        model = merge_lora(model)
-    else:
-        model.load_state_dict(ckpt['model'])
-    return model.to(device).eval(), ckpt
-
-
-def base_weights(adapter_ckpt, adapter_path, base_path=''):
-    """The base model's weights for a LoRA adapter, checked against the sha256 the adapter recorded."""
-    ref = adapter_ckpt['base']
-    path = base_path or ref['path']
-    if not os.path.isfile(path):
-        die(f"{adapter_path} is a LoRA adapter for {ref['path']}, which is missing: put it back or set --lora_base")
-    sha = file_sha256(path)
-    if sha != ref['sha256']:
-        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 {sha[:12]}, the "
-            f"adapter was trained on {ref['sha256'][:12]} ({ref['path']}). Use that base checkpoint (--lora_base).")
-    base = read_checkpoint(path)
-    if 'model' not in base:
-        die(f"{path} is itself an adapter: a LoRA base must be a full checkpoint (merge it first)")
-    return base['model']

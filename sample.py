@@ -20,23 +20,13 @@ import sys
 import torch
 
 from configurator import configure, die
-from model import KVCache, load_model, runtime
+from checkpoint import checkpoint_path, load_model, runtime
+from model import KVCache
 from tokenizer import Tokenizer, end_reply, not_in_reply, render_conversation, render_for_reply, render_user_turn
 
 DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
                   "and you sound a little put out to be asked. you never guess: if you are not sure, "
                   "you say \"i don't know\".")
-
-
-def checkpoint_path(cfg):
-    """(path, why): the checkpoint to load and why it is that one (for messages when it does not fit)."""
-    if cfg.ckpt:
-        return cfg.ckpt, f"ckpt, from {cfg.set_by.get('ckpt', 'the config')}"
-    best = os.path.join(cfg.ckpt_dir, 'best.pt')
-    if os.path.exists(best):
-        return best, f"the best checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir}, as ckpt is ''"
-    return (os.path.join(cfg.ckpt_dir, 'ckpt.pt'),
-            f"the latest checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir} (it has no best.pt), as ckpt is ''")
 
 
 def clean(text):

@@ -35,9 +35,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from configurator import atomic_file, check_writable, configure, die, file_sha256, save_config
-from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, check_tokenizer, load_model, pick_device,
-                   read_checkpoint, runtime)
+from configurator import check_writable, configure, die, save_config
+from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model, pick_device, read_checkpoint,
+                        runtime, save_checkpoint, saved_best_val)
+from model import GPT, ModelConfig, add_lora, adapter_state, peak_flops
 from tokenizer import SPECIALS, Tokenizer
 
 
@@ -292,41 +293,6 @@ def check_mixture(cfg):
     return {n: w for n, w in mixture.items() if w > 0}
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written atomically (temp file, fsync, rename); the previous keep_checkpoints versions of
-# ckpt.pt are kept as ckpt.1.pt, ckpt.2.pt, ... so a corrupt latest file has a fallback.
-
-def save_checkpoint(obj, folder, name, keep=0):
-    """Write folder/name atomically (never a half-written checkpoint, even on a full disk or a second Ctrl-C),
-    first moving the previous one to name.1.pt, name.1.pt to name.2.pt ... (`keep` of them)."""
-    path = os.path.join(folder, name)
-    with atomic_file(path) as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # the new one is on disk before the old ones move
-        base = path[:-3]
-        if keep > 0 and os.path.exists(path):
-            for i in range(keep - 1, 0, -1):
-                if os.path.exists(f'{base}.{i}.pt'):
-                    os.replace(f'{base}.{i}.pt', f'{base}.{i + 1}.pt')
-            os.replace(path, f'{base}.1.pt')
-    fd = os.open(folder, os.O_RDONLY)  # make the renames themselves durable
-    os.fsync(fd)
-    os.close(fd)
-
-
-def load_for_resume(folder, keep):
-    """The newest readable checkpoint: ckpt.pt, else the kept earlier versions."""
-    candidates = [os.path.join(folder, 'ckpt.pt')] + [os.path.join(folder, f'ckpt.{i}.pt') for i in range(1, keep + 1)]
-    for path in candidates:
-        if os.path.exists(path):
-            ckpt = read_checkpoint(path, fatal=False)
-            if ckpt is not None:
-                return path, ckpt
-            print(f"warning: {path} is truncated or corrupt, trying the previous checkpoint", file=sys.stderr)
-    die(f"init_from='resume' but no readable checkpoint in {folder}: start with init_from='scratch'")
-
-
 def rng_state():
     import random
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -349,29 +315,6 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------------------------
 
-def freeze_base(path, ckpt_dir):
-    """A LoRA run's base, kept as <ckpt_dir>/base.pt out of reach of checkpoint rotation and of later
-    runs that rewrite the original file (a hard link where possible: no copy). Returns its reference."""
-    frozen = os.path.join(ckpt_dir, 'base.pt')
-    if not (os.path.exists(frozen) and os.path.samefile(path, frozen)):
-        tmp = frozen + '.tmp'
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        try:
-            os.link(path, tmp)
-        except OSError:  # another filesystem: copy it
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, frozen)
-    return {'path': os.path.abspath(frozen), 'sha256': file_sha256(frozen), 'from': os.path.abspath(path)}
-
-
-def saved_best_val(ckpt_dir):
-    """best.pt's validation loss: after a fallback to an older ckpt, it may be better than the one saved there."""
-    path = os.path.join(ckpt_dir, 'best.pt')
-    ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
-    return ckpt['best_val'] if ckpt else float('inf')
-
-
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -383,42 +326,10 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# Datasheet dense (no sparsity) bf16/fp16 tensor-core peaks, by the exact name torch.cuda.get_device_name()
-# gives: variants of one chip differ (an H100 PCIe does 756 TFLOP/s, the SXM one 989), and a substring would
-# match the wrong card ('L4' is in 'L40S'). A card not listed gets no MFU, only FLOP/s: add it here.
-PEAK_FLOPS = {
-    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
-    'NVIDIA H200': 989e12, 'NVIDIA H200 NVL': 835e12,
-    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-PCIE-40GB': 312e12,
-    'NVIDIA A100 80GB PCIe': 312e12,
-    'NVIDIA L4': 121e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12, 'NVIDIA GeForce RTX 4090': 165e12,
-}
-
-
-def peak_flops(device_type, dtype):
-    """Datasheet dense bf16/fp16 peak of the GPU, for MFU; None where unknown (CPU: we print FLOP/s)."""
-    if device_type != 'cuda' or dtype == 'float32':
-        return None
-    return PEAK_FLOPS.get(torch.cuda.get_device_name().strip())
-
-
 def model_args_from(cfg, vocab_size):
     return asdict(ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta))
-
-
-def check_compatible(ckpt, path, why, args, tok):
-    """A checkpoint must come from this tokenizer and have this model's shape (block_size may shrink)."""
-    check_tokenizer(ckpt, path, why, tok.path, tok.sha256)
-    saved = ckpt['model_args']
-    for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings', 'rope_theta'):
-        if saved[key] != args[key]:
-            die(f"{path} has {key}={saved[key]} but this config makes {key}={args[key]}: "
-                f"set {key}={saved[key]} (the model's shape must match its checkpoint)")
-    if args['block_size'] > saved['block_size']:
-        die(f"block_size={args['block_size']} is larger than the {saved['block_size']} that {path} was trained "
-            f"with: set block_size <= {saved['block_size']}")
 
 
 def merge_adapter(cfg):

@@ -10,8 +10,8 @@ import torch
 
 from conftest import load_cfg, run
 import export
-from model import GPT, ModelConfig, load_model
-from sample import checkpoint_path
+from checkpoint import checkpoint_path, load_model
+from model import GPT, ModelConfig
 from tokenizer import SPACE, Tokenizer, render_conversation, render_for_reply
 
 gguf = pytest.importorskip('gguf', reason="the export extra is not installed: pip install -r requirements-export.txt")

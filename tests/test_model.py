@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import GPT, KVCache, ModelConfig, read_checkpoint, sample_token
+from checkpoint import read_checkpoint
+from model import GPT, KVCache, ModelConfig, sample_token
 
 
 def tiny(n_kv_head=4, block_size=32, seed=0):

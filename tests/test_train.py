@@ -13,7 +13,8 @@ TINY_SFT = {**TINY, 'batch_size': 8, 'val_sources': ['dolly'], 'eval_iters': 1}
 import prepare
 import sources
 import train
-from model import GPT, ModelConfig, load_model
+from checkpoint import load_model, save_checkpoint
+from model import GPT, ModelConfig, peak_flops
 from tokenizer import Tokenizer, render_conversation
 
 
@@ -240,13 +241,13 @@ def test_training_writes_checkpoints_config_and_metrics(tmp_path, prepared):
 def test_checkpoint_round_trips_exactly(tmp_path):
     state = {'model': {'w': torch.randn(3, 4), 'b': torch.randn(4).bfloat16()}, 'iter': 3, 'model_args': {},
              'rng': [train.rng_state()]}
-    train.save_checkpoint(state, str(tmp_path), 'ckpt.pt', keep=2)
+    save_checkpoint(state, str(tmp_path), 'ckpt.pt', keep=2)
     loaded = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert all(torch.equal(loaded['model'][k], v) for k, v in state['model'].items())
     assert torch.equal(loaded['rng'][0]['torch'], state['rng'][0]['torch'])
     for i in range(4):  # older versions are kept, the oldest dropped
         state['iter'] = 10 + i
-        train.save_checkpoint(state, str(tmp_path), 'ckpt.pt', keep=2)
+        save_checkpoint(state, str(tmp_path), 'ckpt.pt', keep=2)
     kept = sorted(f for f in os.listdir(tmp_path))
     assert kept == ['ckpt.1.pt', 'ckpt.2.pt', 'ckpt.pt']
     assert [torch.load(tmp_path / f, weights_only=True)['iter'] for f in kept] == [12, 11, 13]
@@ -491,8 +492,8 @@ def test_evaluation_time_is_not_in_ms_per_step(tmp_path, prepared, monkeypatch):
                                         ('NVIDIA A100-SXM4-80GB', 312e12), ('NVIDIA RTX 6000 Ada Generation', None)])
 def test_mfu_peaks_match_exact_device_names(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: name)
-    assert train.peak_flops('cuda', 'bfloat16') == peak
-    assert train.peak_flops('cuda', 'float32') is None and train.peak_flops('cpu', 'bfloat16') is None
+    assert peak_flops('cuda', 'bfloat16') == peak
+    assert peak_flops('cuda', 'float32') is None and peak_flops('cpu', 'bfloat16') is None
 
 
 # ---- mixtures ----

@@ -1,0 +1,231 @@
+"""
+Checkpoints: what train.py writes and every other stage reads, and where the model runs.
+
+    ckpt = read_checkpoint(path)                  # torch.load(weights_only=True): a checkpoint cannot run code
+    model, ckpt = load_model(path, device, tok.sha256)   # a trained model (a LoRA adapter merged into its base)
+    device, device_type, dtype, autocast = runtime(cfg.device, cfg.dtype)
+
+A checkpoint is a dict: 'model' (or 'adapter' and 'base' for LoRA), 'model_args' (ModelConfig), 'config',
+'tokenizer_sha256', 'iter', 'best_val'; train.py's ckpt.pt adds optimizer and RNG state for resume. It is
+written atomically (temp file, fsync, rename); the previous keep_checkpoints versions of ckpt.pt stay as
+ckpt.1.pt, ckpt.2.pt ... so a corrupt latest file has a fallback. model.py knows none of this: it stays
+plain torch, to be copied anywhere.
+"""
+import os
+import pickle
+import shutil
+import sys
+import zipfile
+from contextlib import nullcontext
+
+import torch
+
+from configurator import atomic_file, die, file_sha256
+from model import GPT, ModelConfig, add_lora, merge_lora
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing
+
+def read_checkpoint(path, fatal=True):
+    """torch.load with weights_only=True (a checkpoint cannot run code); a truncated or corrupt file
+    is a clear error (or None with fatal=False, so resume can fall back to an older one)."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}: train one with `python train.py <your config>` or set --ckpt")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(ckpt, dict) or not ('model' in ckpt or 'adapter' in ckpt) or 'model_args' not in ckpt:
+            raise ValueError("not a checkpoint written by train.py")
+        return ckpt
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        if not fatal:
+            return None
+        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); use another checkpoint "
+            "(the kept ckpt.1.pt, ckpt.2.pt ... or best.pt) or retrain")
+
+
+
+def save_checkpoint(obj, folder, name, keep=0):
+    """Write folder/name atomically (never a half-written checkpoint, even on a full disk or a second Ctrl-C),
+    first moving the previous one to name.1.pt, name.1.pt to name.2.pt ... (`keep` of them)."""
+    path = os.path.join(folder, name)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the new one is on disk before the old ones move
+        base = path[:-3]
+        if keep > 0 and os.path.exists(path):
+            for i in range(keep - 1, 0, -1):
+                if os.path.exists(f'{base}.{i}.pt'):
+                    os.replace(f'{base}.{i}.pt', f'{base}.{i + 1}.pt')
+            os.replace(path, f'{base}.1.pt')
+    fd = os.open(folder, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(fd)
+    os.close(fd)
+
+
+def load_for_resume(folder, keep):
+    """The newest readable checkpoint: ckpt.pt, else the kept earlier versions."""
+    candidates = [os.path.join(folder, 'ckpt.pt')] + [os.path.join(folder, f'ckpt.{i}.pt') for i in range(1, keep + 1)]
+    for path in candidates:
+        if os.path.exists(path):
+            ckpt = read_checkpoint(path, fatal=False)
+            if ckpt is not None:
+                return path, ckpt
+            print(f"warning: {path} is truncated or corrupt, trying the previous checkpoint", file=sys.stderr)
+    die(f"init_from='resume' but no readable checkpoint in {folder}: start with init_from='scratch'")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Which checkpoint, and loading it
+
+def checkpoint_path(cfg):
+    """(path, why): the checkpoint to load and why it is that one (for messages when it does not fit)."""
+    if cfg.ckpt:
+        return cfg.ckpt, f"ckpt, from {cfg.set_by.get('ckpt', 'the config')}"
+    best = os.path.join(cfg.ckpt_dir, 'best.pt')
+    if os.path.exists(best):
+        return best, f"the best checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir}, as ckpt is ''"
+    return (os.path.join(cfg.ckpt_dir, 'ckpt.pt'),
+            f"the latest checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir} (it has no best.pt), as ckpt is ''")
+
+
+def check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256):
+    """A checkpoint works only with the tokenizer it was trained with. When they differ, the likely cause
+    is the wrong checkpoint or the wrong out_dir, so say which checkpoint was picked and why."""
+    if ckpt['tokenizer_sha256'] == tokenizer_sha256:
+        return
+    then = (ckpt.get('config') or {}).get('tokenizer_path')
+    die(f"{path} ({why}) was trained with another tokenizer: sha256 {ckpt['tokenizer_sha256'][:12]}"
+        + (f" (it was {then})" if then else '') + f", but the configured tokenizer {tokenizer_path} is "
+        f"{tokenizer_sha256[:12]}. Is out_dir right? Pick a checkpoint trained with this tokenizer, or point "
+        f"tokenizer_path at the one this checkpoint was trained with")
+
+
+def load_model(path, device, tokenizer_sha256=None, base_path='', why='the checkpoint asked for',
+               tokenizer_path='the configured tokenizer'):
+    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer
+    (`why` the checkpoint was picked goes into that message). A LoRA adapter checkpoint is loaded onto
+    its base model (the path it records, or base_path) and merged into it."""
+    ckpt = read_checkpoint(path)
+    if tokenizer_sha256:
+        check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256)
+    model = GPT(ModelConfig(**ckpt['model_args']))
+    if 'adapter' in ckpt:
+        model.load_state_dict(base_weights(ckpt, path, base_path))
+        add_lora(model, **ckpt['lora'])
+        model.load_state_dict(ckpt['adapter'], strict=False)
+        model = merge_lora(model)
+    else:
+        model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def base_weights(adapter_ckpt, adapter_path, base_path=''):
+    """The base model's weights for a LoRA adapter, checked against the sha256 the adapter recorded."""
+    ref = adapter_ckpt['base']
+    path = base_path or ref['path']
+    if not os.path.isfile(path):
+        die(f"{adapter_path} is a LoRA adapter for {ref['path']}, which is missing: put it back or set --lora_base")
+    sha = file_sha256(path)
+    if sha != ref['sha256']:
+        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 {sha[:12]}, the "
+            f"adapter was trained on {ref['sha256'][:12]} ({ref['path']}). Use that base checkpoint (--lora_base).")
+    base = read_checkpoint(path)
+    if 'model' not in base:
+        die(f"{path} is itself an adapter: a LoRA base must be a full checkpoint (merge it first)")
+    return base['model']
+
+
+def check_compatible(ckpt, path, why, args, tok):
+    """A checkpoint must come from this tokenizer and have this model's shape (block_size may shrink)."""
+    check_tokenizer(ckpt, path, why, tok.path, tok.sha256)
+    saved = ckpt['model_args']
+    for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings', 'rope_theta'):
+        if saved[key] != args[key]:
+            die(f"{path} has {key}={saved[key]} but this config makes {key}={args[key]}: "
+                f"set {key}={saved[key]} (the model's shape must match its checkpoint)")
+    if args['block_size'] > saved['block_size']:
+        die(f"block_size={args['block_size']} is larger than the {saved['block_size']} that {path} was trained "
+            f"with: set block_size <= {saved['block_size']}")
+
+
+def freeze_base(path, ckpt_dir):
+    """A LoRA run's base, kept as <ckpt_dir>/base.pt out of reach of checkpoint rotation and of later
+    runs that rewrite the original file (a hard link where possible: no copy). Returns its reference."""
+    frozen = os.path.join(ckpt_dir, 'base.pt')
+    if not (os.path.exists(frozen) and os.path.samefile(path, frozen)):
+        tmp = frozen + '.tmp'
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:  # another filesystem: copy it
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, frozen)
+    return {'path': os.path.abspath(frozen), 'sha256': file_sha256(frozen), 'from': os.path.abspath(path)}
+
+
+def saved_best_val(ckpt_dir):
+    """best.pt's validation loss: after a fallback to an older ckpt, it may be better than the one saved there."""
+    path = os.path.join(ckpt_dir, 'best.pt')
+    ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
+    return ckpt['best_val'] if ckpt else float('inf')
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the model runs: the device and dtype keys (every stage that runs the model)
+
+def pick_device(name):
+    """'auto' -> the best device here; a named one is checked, so a missing GPU is a message, not a traceback."""
+    if name != 'auto':
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            die(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<n> or mps")
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            die(f"device={name!r} but this machine has no CUDA GPU that torch can use: set --device=cpu (or auto)")
+        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+            die(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}")
+        if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+            die(f"device={name!r} but MPS (Apple GPU) is not available here: set --device=cpu (or auto)")
+        if device.type not in ('cpu', 'cuda', 'mps'):
+            die(f"device={name!r}: this code runs on cpu, cuda or mps")
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def pick_dtype(name, device_type):
+    if name == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        # CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; others slower
+        return 'bfloat16' if device_type == 'cpu' and cpu_has_fast_bf16() else 'float32'
+    if name not in ('float32', 'bfloat16', 'float16'):
+        die(f"dtype must be float32, bfloat16, float16 or auto, got {name!r}")
+    if name == 'float16' and device_type != 'cuda':
+        die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32 here")
+    return name
+
+
+def cpu_has_fast_bf16():
+    try:
+        flags = open('/proc/cpuinfo').read()
+    except OSError:  # not Linux: stay with float32
+        return False
+    return 'amx_bf16' in flags or 'avx512_bf16' in flags
+
+
+def runtime(device_name, dtype_name):
+    """(device, device type, dtype name, autocast context) for the config's device and dtype keys."""
+    device = pick_device(device_name)
+    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
+    dtype = pick_dtype(dtype_name, device_type)
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, device_type, dtype, autocast
