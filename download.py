@@ -54,6 +54,9 @@ class Retry(Exception):
 
 
 def fetch(url, sha256=None, size=None, label=None):
+    """The cached copy of `url`, downloaded first if needed (see the module docstring); `label` names it in the
+    progress lines. The bytes go to <path>.part, which survives an interrupted run: the next try asks only for
+    the rest (Range), and only if the server's file is still the one it started (If-Range with its ETag)."""
     path = cache_path(url)
     if os.path.exists(path):
         return path
@@ -72,6 +75,7 @@ def fetch(url, sha256=None, size=None, label=None):
                 if os.path.exists(etag_file):  # resume only if the file is still the one we started on
                     headers['If-Range'] = open(etag_file).read()
             with requests.get(url, headers=headers, stream=True, timeout=SETTINGS['timeout']) as r:
+                # 416: the Range starts at or past the end; if the server's file has exactly our size, we have it all
                 if r.status_code == 416 and have:  # nothing left to send: is the part the whole file?
                     if r.headers.get('Content-Range', '').endswith(f'/{have}'):
                         break
@@ -82,13 +86,15 @@ def fetch(url, sha256=None, size=None, label=None):
                 if r.status_code not in (200, 206):
                     die(f"download of {url} failed: HTTP {r.status_code} {r.reason}. Check the address "
                         f"(the source's url or base_url setting) or that you are online.")
+                # 206 from where we stopped: append. A 200 (no Range support, or If-Range found the file changed)
+                # is the whole file again: start the part over.
                 resume = r.status_code == 206 and r.headers.get('Content-Range', '').startswith(f'bytes {have}-')
                 done = have if resume else 0
                 length = r.headers.get('Content-Length')
                 total = done + int(length) if length is not None else size
                 if have and not resume:
                     print(f"  {label}: the server does not resume (or the file changed), downloading it again")
-                if r.headers.get('ETag') and not resume:
+                if r.headers.get('ETag') and not resume:  # what a later resume checks the file against
                     with open(etag_file, 'w') as f:
                         f.write(r.headers['ETag'])
                 progress, start = Progress(f"downloading {label}", total, unit='MB', scale=1e6), done
@@ -97,7 +103,7 @@ def fetch(url, sha256=None, size=None, label=None):
                         f.write(chunk)
                         done += len(chunk)
                         progress(done, start)  # (the resumed part does not count toward the rate)
-                if total is not None and done < total:
+                if total is not None and done < total:  # the stream ended early without an error: try again
                     raise Retry(f"connection closed after {done:,} of {total:,} bytes")
                 break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, Retry) as e:
@@ -105,9 +111,10 @@ def fetch(url, sha256=None, size=None, label=None):
             if attempt > SETTINGS['retries']:
                 die(f"download of {url} failed after {SETTINGS['retries']} retries ({e}). Rerun to resume from "
                     f"the {os.path.getsize(part) if os.path.exists(part) else 0:,} bytes already in {part}.")
-            wait = SETTINGS['backoff'] * 2 ** (attempt - 1)
+            wait = SETTINGS['backoff'] * 2 ** (attempt - 1)  # exponential backoff: a busy server gets room
             print(f"  {label}: {e}; retry {attempt}/{SETTINGS['retries']} in {wait:.1f}s", flush=True)
             time.sleep(wait)
+    # only a complete, checked file takes the final name: a cached file is always a good one
     got = os.path.getsize(part)
     if size is not None and got != size:
         os.remove(part)
