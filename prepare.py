@@ -60,7 +60,9 @@ def tokenize_batch(batch, max_conversation_tokens, dtype):
     out = []
     for where, doc, split in batch:
         if isinstance(doc, str):
-            ids, mask, n_bytes = [worker_tok.bos_id] + worker_tok.encode(doc), None, len(doc.encode('utf-8'))
+            ids = [worker_tok.bos_id] + worker_tok.encode(doc)  # every document starts with <s>
+            mask = None  # text: every token is trained
+            n_bytes = len(doc.encode('utf-8'))
         else:
             try:
                 ids, mask = tokenizer.render_conversation(worker_tok, doc)
@@ -419,7 +421,8 @@ def analyze(cfg, names):
             continue
         files = sources.source_files(src)
         stats, problems = collections.Counter(), []
-        n_docs, text_bytes, sample_bytes, sample_tokens = 0, 0, 0, 0
+        n_docs = text_bytes = 0
+        sample_bytes = sample_tokens = 0  # the tokenized sample, for this source's bytes per token
         for _, doc, _ in sources.iter_documents(src, stats, problems):
             n_docs += 1
             text = doc if isinstance(doc, str) else '\n'.join(m['content'] for m in doc)

@@ -50,10 +50,7 @@ def source_settings(name, src):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading sources. Each reader yields (where, document): `where` names the file (and line) for
-# error messages; a document is a str (text sources) or a list of messages (chat sources).
-# Empty documents are skipped and counted in stats. With problems=None a bad file stops the run;
-# with a list (analyze_only) the problem is recorded and reading goes on.
+# Reading sources: finding their files, then a reader per kind (see the module docstring)
 
 def glob_match(parts, pattern, hidden):
     """Does a relative path (a list of names) match a glob pattern (a list of names)? As in glob: '**' matches
@@ -199,7 +196,9 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
     document longer than max_chars is cut after its last newline within the limit (else at a space, else
     at the limit). Memory is bounded by max_chars and block, not by the file's size."""
     max_chars = max_chars or MAX_DOC_CHARS
-    decoder, rest, offset = codecs.getincrementaldecoder('utf-8-sig')(), '', 0  # (-sig: drops a BOM)
+    decoder = codecs.getincrementaldecoder('utf-8-sig')()  # (-sig: drops a BOM)
+    rest = ''  # decoded text not yet yielded
+    offset = 0  # bytes read so far, for the position of a bad byte
     try:
         f = open(path, 'rb')
     except OSError as e:
