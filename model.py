@@ -211,9 +211,10 @@ class GPT(nn.Module):
                 return
 
 
-# For MFU (model FLOPs utilisation = flops_per_token * tokens/s / peak). Datasheet dense (no sparsity) bf16/fp16 tensor-core peaks, by the exact name torch.cuda.get_device_name()
-# gives: variants of one chip differ (an H100 PCIe does 756 TFLOP/s, the SXM one 989), and a substring would
-# match the wrong card ('L4' is in 'L40S'). A card not listed gets no MFU, only FLOP/s: add it here.
+# For MFU (model FLOPs utilisation: flops_per_token x tokens/s / peak). Datasheet dense (no sparsity) bf16/fp16
+# tensor-core peaks, by the exact name torch.cuda.get_device_name() gives: variants of one chip differ (an H100
+# PCIe does 756 TFLOP/s, the SXM one 989), and a substring would match the wrong card ('L4' is in 'L40S'). A card
+# not listed gets no MFU, only FLOP/s: add it here.
 PEAK_FLOPS = {
     'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
     'NVIDIA H200': 989e12, 'NVIDIA H200 NVL': 835e12,
