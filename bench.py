@@ -29,8 +29,9 @@ import time
 
 import torch
 
-from configurator import configure, die
+import prepare
 from checkpoint import pick_device
+from configurator import configure, die
 from model import GPT, ModelConfig, peak_flops
 
 # (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
@@ -178,8 +179,7 @@ def bench_prepare(corpus, vocab_size):
             for num_proc in sorted({1, cores}):
                 shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
                 dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg, f'--num_proc={num_proc}'])
-                metas = [json.load(open(os.path.join(work, 'out', 'data', 'corpus', s, 'meta.json')))
-                         for s in ('train', 'val')]
+                metas = [prepare.load_split(os.path.join(work, 'out', 'data'), 'corpus', s) for s in ('train', 'val')]
                 mb = os.path.getsize(path) / 1e6
                 tokens = sum(m['tokens'] for m in metas)
                 rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc, 'seconds': round(dt, 1),
@@ -219,7 +219,7 @@ def bench_bigtext(mb, vocab_size):
                 run_measured([sys.executable, 'tokenizer.py', cfg])
             shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
             dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg])
-            metas = [json.load(open(os.path.join(work, 'out', 'data', 'big', s, 'meta.json'))) for s in ('train', 'val')]
+            metas = [prepare.load_split(os.path.join(work, 'out', 'data'), 'big', s) for s in ('train', 'val')]
             rows.append({'MB': size, 'processes': os.cpu_count(), 'documents': sum(m['documents'] for m in metas),
                          'seconds': round(dt, 1), 'MB_per_s': round(size / dt, 2), 'peak_rss_MB': round(rss / 1e6)})
             print(f"  {size} MB: {rows[-1]}", flush=True)

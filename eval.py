@@ -34,8 +34,8 @@ import torch.nn.functional as F
 import download
 import prepare
 import sources
-from configurator import Progress, atomic_file, check_writable, configure, die
 from checkpoint import checkpoint_path, load_model, runtime
+from configurator import Progress, atomic_file, check_writable, configure, die
 from tokenizer import Tokenizer, render_for_reply
 
 HF = download.HF_DATASETS
@@ -337,7 +337,7 @@ def main():
                                                                             device, B, cfg.text_file)
     else:
         names = cfg.eval_sources if cfg.eval_sources is not None else [
-            n for n in cfg.sources if os.path.exists(os.path.join(cfg.data_dir, n, 'val', 'meta.json'))]
+            n for n in cfg.sources if prepare.is_prepared(cfg.data_dir, n, 'val')]
         for name in names:
             seqs = split_sequences(cfg, tok, name, T)
             if seqs:

@@ -38,8 +38,8 @@ import time
 import numpy as np
 import torch
 
-from configurator import check_writable, configure, die
 from checkpoint import checkpoint_path, load_model
+from configurator import check_writable, configure, die
 from sample import DEFAULT_SYSTEM
 from tokenizer import SPECIALS, Tokenizer
 

@@ -165,6 +165,11 @@ class SplitWriter:
         return meta
 
 
+def is_prepared(data_dir, name, split):
+    """Has prepare.py finished this split of this source (its meta.json, written last, is there)?"""
+    return os.path.exists(os.path.join(data_dir, name, split, 'meta.json'))
+
+
 def load_split(data_dir, name, split, tokenizer_sha256=None):
     """Read a prepared split's meta.json and check it; SplitReader reads through it."""
     path = os.path.join(data_dir, name, split, 'meta.json')

@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from configurator import configure, die
 from checkpoint import checkpoint_path, load_model, runtime
+from configurator import configure, die
 from model import KVCache
 from tokenizer import Tokenizer, end_reply, not_in_reply, render_conversation, render_for_reply, render_user_turn
 

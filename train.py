@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from configurator import check_writable, configure, die, save_config
 from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model, pick_device, read_checkpoint,
                         runtime, save_checkpoint, saved_best_val)
+from configurator import check_writable, configure, die, save_config
 from model import GPT, ModelConfig, add_lora, adapter_state, peak_flops
 from tokenizer import SPECIALS, Tokenizer
 
