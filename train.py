@@ -461,7 +461,10 @@ def main():
     if weights is not None:
         model.load_state_dict(weights)
     if lora:
-        add_lora(model, **lora)
+        try:
+            add_lora(model, **lora)
+        except ValueError as e:  # an unknown lora_targets name
+            die(str(e))
         if cfg.init_from == 'resume':
             model.load_state_dict(ckpt['adapter'], strict=False)
     model.to(device)
