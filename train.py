@@ -34,6 +34,7 @@ import prepare
 from configurator import atomic_file, configure, die, file_sha256, save_config
 from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, load_model, pick_device, read_checkpoint,
                    runtime)
+from optim import make_optimizer
 from tokenizer import Tokenizer
 
 
@@ -222,15 +223,40 @@ def saved_best_val(ckpt_dir):
     return ckpt['best_val'] if ckpt else float('inf')
 
 
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+def lr_factor(it, cfg):
+    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
+    Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
+    (default max_iters), flat after it. In between, cosine decays all the way; wsd (warmup-stable-decay)
+    holds the peak, then decays linearly over the last decay_frac of the steps. A wsd run can be
+    extended (resume its stable phase with more max_iters) or decayed from any checkpoint."""
+    end = cfg.lr_decay_iters or cfg.max_iters
+    floor = cfg.min_lr / cfg.learning_rate
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+        return (it + 1) / (cfg.warmup_iters + 1)
+    if it >= end:
+        return floor
+    if cfg.lr_schedule == 'wsd':
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_frac * end))
+        return 1.0 if it < decay_start else floor + (1 - floor) * (end - it) / (end - decay_start)
+    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
+
+
+def check_optimizer(cfg):
+    if cfg.optimizer not in ('adamw', 'muon'):
+        die(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
+    if cfg.lr_schedule not in ('cosine', 'wsd'):
+        die(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
+    if not 0 < cfg.decay_frac <= 1:
+        die(f"decay_frac must be in (0, 1] (the fraction of the steps spent decaying), got {cfg.decay_frac}")
+    if not 0 < cfg.learning_rate or not 0 <= cfg.min_lr <= cfg.learning_rate:
+        die(f"need 0 < learning_rate and 0 <= min_lr <= learning_rate, got {cfg.learning_rate} and {cfg.min_lr}")
+
+
+def duration(seconds):
+    """12s, 3m05s, 2h07m: for the log's elapsed time and ETA."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
@@ -283,6 +309,7 @@ def main():
     cfg = configure()
     if cfg.merge_lora:
         return merge_adapter(cfg)
+    check_optimizer(cfg)
     # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
     ddp = int(os.environ.get('RANK', -1)) != -1
     world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
@@ -342,16 +369,20 @@ def main():
     # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
     lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
-    iter_num, best_val, ckpt, weights, base_ref = 0, float('inf'), None, None, None
+    iter_num, best_val, ckpt, weights, base_ref, elapsed = 0, float('inf'), None, None, None, 0.0
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
         check_compatible(ckpt, path, args, tok)
         if ckpt.get('lora') != lora:
             die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
                 f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
+        if ckpt['config'].get('optimizer', 'adamw') != cfg.optimizer:
+            die(f"{path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, this config has "
+                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with init_from={path})")
         weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
         base_ref = ckpt.get('base')
         iter_num, best_val = ckpt['iter'], min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
+        elapsed = ckpt.get('elapsed', 0.0)
         log(f"resuming from {path} at step {iter_num}")
     elif cfg.init_from != 'scratch':
         if not os.path.isfile(cfg.init_from):
@@ -375,7 +406,9 @@ def main():
         if cfg.init_from == 'resume':
             model.load_state_dict(ckpt['adapter'], strict=False)
     model.to(device)
-    optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, device_type,
+                               ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     if cfg.init_from == 'resume':
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -406,6 +439,13 @@ def main():
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
             f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
+    if cfg.optimizer == 'muon':
+        count = lambda muon: sum(p.numel() for g in optimizer.param_groups if g['muon'] == muon for p in g['params'])
+        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} parameters), AdamW "
+            f"(lr {cfg.learning_rate:g}) on {'the LoRA adapters' if lora else 'the embedding/head and norms'} "
+            f"({count(False):,}); {cfg.lr_schedule} schedule")
+    else:
+        log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
     log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
         f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
 
@@ -423,30 +463,34 @@ def main():
             metrics.write(json.dumps(row) + '\n')
             metrics.flush()
 
+    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
+
     @torch.no_grad()
     def evaluate():
-        """Mean loss per target token on a fixed set of val batches per source (the same batches every
-        time, so numbers compare across steps and checkpoints). Ranks share the batches out."""
+        """Mean loss per target token and bits per byte (summed nats / (ln 2 x UTF-8 bytes of the targets),
+        as eval.py computes them) on a fixed set of val batches per source (the same batches every time,
+        so numbers compare across steps and checkpoints). Ranks share the batches out."""
         model.eval()
-        losses = {}
+        losses, bpb = {}, {}
         for i, (name, split) in enumerate(val.items()):
-            sums = torch.zeros(2, device=device)
+            sums = torch.zeros(3, device=device)  # nats, targets, bytes
             for k in range(rank, cfg.eval_iters, world):
                 rng = np.random.default_rng([cfg.seed, 1_000_003, i, k])
                 x, y, doc, _ = get_batch({name: split}, {name: 1.0}, rng, B, T, device, sft)
                 with autocast:
                     _, loss = raw_model(x, y, doc)
                 n = (y != -1).sum()
-                sums += torch.stack([loss.float() * n, n.float()])
+                sums += torch.stack([loss.float() * n, n.float(), token_bytes[y[y != -1]].sum().float()])
             if ddp:
                 dist.all_reduce(sums)
             losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
+            bpb[name] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
         model.train()
         weights = {n: mixture.get(n, 0) for n in losses}
         if sum(weights.values()) == 0:
             weights = {n: 1 for n in losses}
-        overall = sum(losses[n] * w for n, w in weights.items()) / sum(weights.values())
-        return overall, losses
+        mean = lambda values: sum(values[n] * w for n, w in weights.items()) / sum(weights.values())
+        return mean(losses), losses, mean(bpb), bpb
 
     def weights_state():
         """The model's weights, or for LoRA only the adapters with a reference to the base."""
@@ -457,7 +501,7 @@ def main():
     def checkpoint_state():
         return {**weights_state(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
-                'tokenizer_sha256': tok.sha256, 'rng': gather_rng()}
+                'tokenizer_sha256': tok.sha256, 'rng': gather_rng(), 'elapsed': elapsed}
 
     def gather_rng():
         states = [None] * world
@@ -492,15 +536,18 @@ def main():
     start_iter = iter_num
     nonfinite_in_a_row = nonfinite_total = truncated = 0
     t_last, step_last = time.time(), iter_num
+    t_train = time.time()  # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
     while True:
         # a resumed run skips the evaluation its checkpoint was saved after (it would only repeat it)
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
                 cfg.init_from == 'resume' and iter_num == start_iter):
+            elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
-                val_loss, per_source = evaluate()
+                val_loss, per_source, val_bpb, bpb = evaluate()
                 shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
-                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown})")
-                record(iter=iter_num, val_loss=val_loss, val=per_source)
+                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, "
+                    f"{elapsed:.0f} s of training")
+                record(iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
@@ -509,18 +556,21 @@ def main():
                                     cfg.ckpt_dir, 'best.pt')
             if iter_num > 0:
                 save('periodic')
+            t_train = time.time()
         if iter_num >= cfg.max_iters:
             break
         stop_now = torch.tensor(float(stop['requested']), device=device)
         if ddp:
             dist.all_reduce(stop_now)  # every rank stops at the same step
         if stop_now.item():
+            elapsed += time.time() - t_train
             save('interrupted')
             break
 
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        factor = lr_factor(iter_num, cfg)
+        lr = cfg.learning_rate * factor
+        for group in optimizer.param_groups:  # Muon's matrices have their own peak
+            group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             rng = np.random.default_rng([cfg.seed, iter_num, rank * accum + micro])  # same rows on any world size
@@ -566,11 +616,13 @@ def main():
             mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
             speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
             extra = f" | {truncated} conversations truncated" if truncated else ''
+            so_far = elapsed + now - t_train
             log(f"step {iter_num} | loss {loss_value:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                f"{tok_s:,.0f} tok/s | {speed}{extra}")
+                f"{tok_s:,.0f} tok/s | {speed} | {duration(so_far)} in, eta {duration((cfg.max_iters - iter_num) * dt)}"
+                f"{extra}")
             record(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000, tokens_per_sec=tok_s,
                    flops_per_sec=flops_s, mfu=mfu, truncated=truncated,
-                   nonfinite=nonfinite_total)
+                   nonfinite=nonfinite_total, elapsed=so_far)
             truncated = 0
 
     if metrics:
