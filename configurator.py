@@ -134,7 +134,7 @@ KEYS = {
     'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
 
     # --- bench.py ---
-    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, prepare"),
+    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare"),
     'bench_json': ('', "also write the figures to this JSON file"),
     'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
     'bench_steps': (10, "timed training steps per configuration (after 3 warm-up steps)"),
