@@ -133,6 +133,11 @@ KEYS = {
     'eval_chat': (False, "eval.py: ask benchmark and smoke questions through the chat template (SFT models)"),
     'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
 
+    # --- export.py ---
+    'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = <out_dir>/export/<phase>"),
+    'gguf_type': ('f16', "export.py: GGUF weights: f32, f16, bf16, q8_0 (fast CPU chat), or none (no GGUF)"),
+    'overwrite': (False, "export.py: replace an export folder that already has files in it"),
+
     # --- bench.py ---
     'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare"),
     'bench_json': ('', "also write the figures to this JSON file"),
