@@ -36,7 +36,9 @@ KEYS = {
     'out_dir': ('out/demo', "folder for everything this experiment produces (tokenizer, data/, checkpoints, runs/)"),
     'data_dir': ('', "where prepared shards go; '' means <out_dir>/data"),
     'tokenizer_path': ('', "SentencePiece model file; '' means <out_dir>/tokenizer.model"),
-    'seed': (1337, "seed for everything random: tokenizer sampling, train/val split, batches, init, sampling"),
+    'seed': (1337, "seed for training and sampling: batches, init, dropout, generation (not the split: split_seed)"),
+    'split_seed': (0, "seed of the train/val split: a document is val by a hash of its content and this; "
+                      "change it to draw another val set"),
     'sources': ({
         'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
         'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
@@ -74,6 +76,8 @@ KEYS = {
     'phase': ('pretrain', "name of this training run: checkpoints go to <out_dir>/<phase>/ (e.g. pretrain, sft)"),
     'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a source drawn by weight"),
     'val_sources': (None, "sources to report validation loss on; None = the mixture's"),
+    'best_on': (None, "sources whose val loss chooses best.pt (weighted as in the mixture); None = the largest"),
+    'max_epochs': (16, "warn when the run would repeat a source more times than this (train.py says why)"),
     'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to start from"),
     'batch_size': (16, "rows per micro-batch (per process)"),
     'gradient_accumulation_steps': (1, "micro-batches per optimizer step, in total over all processes"),
