@@ -12,12 +12,15 @@ Sections:
   optim    one optimizer step alone, AdamW against Muon (its Newton-Schulz matmuls), per model size
   prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
            on the whole corpus and on its first half
+  bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb, 2 GB) and on
+           a quarter of it: memory must not grow with the file (not in `all`: it writes ~3 GB to /tmp)
 On GPU, MFU is against the datasheet peak of the card (train.PEAK_FLOPS); on CPU against the measured
 bf16 matmul peak of the same run.
 """
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -215,6 +218,44 @@ def bench_prepare(corpus, vocab_size):
     return rows
 
 
+def write_text(path, mb, seed):
+    """`mb` MB of varied lines of words and no blank line: one document, however large (a log, a dump)."""
+    rng = random.Random(seed)
+    words = [w for w in 'the a river stone cloud seven orange quiet bread wheel chain notes learns slowly under over'
+             ' with from into and but because morning evening water salt seed leaf'.split()]
+    lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 20))) + '\n' for _ in range(16384)]  # ~1.1 MB
+    with open(path, 'w') as f:
+        for i in range(mb):
+            rng.shuffle(lines)
+            block = f"block {i}\n" + ''.join(lines)
+            f.write(block[:1 << 20])
+
+
+def bench_bigtext(mb, vocab_size):
+    work = tempfile.mkdtemp(prefix='bench_bigtext_')
+    rows = []
+    try:
+        cfg = os.path.join(work, 'cfg.py')
+        path = os.path.join(work, 'big.txt')
+        with open(cfg, 'w') as f:
+            f.write(f"out_dir = {os.path.join(work, 'out')!r}\nvocab_size = {vocab_size}\n"
+                    f"sources = {{'big': {{'kind': 'text', 'path': {path!r}}}}}\n"
+                    f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
+        for size in (mb // 4, mb):
+            write_text(path, size, 0)
+            if not os.path.exists(os.path.join(work, 'tokenizer.model')):
+                run_measured([sys.executable, 'tokenizer.py', cfg])
+            shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
+            dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg])
+            metas = [json.load(open(os.path.join(work, 'out', 'data', 'big', s, 'meta.json'))) for s in ('train', 'val')]
+            rows.append({'MB': size, 'processes': os.cpu_count(), 'documents': sum(m['documents'] for m in metas),
+                         'seconds': round(dt, 1), 'MB_per_s': round(size / dt, 2), 'peak_rss_MB': round(rss / 1e6)})
+            print(f"  {size} MB: {rows[-1]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def table(rows, title):
     if not rows:
         return
@@ -235,8 +276,8 @@ def main():
     known = ['matmul', 'train', 'decode', 'optim', 'prepare']
     sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
-        if s not in known:
-            die(f"--bench: unknown section {s!r}; use {', '.join(known)} or all")
+        if s not in known + ['bigtext']:
+            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext or all")
     gpu = torch.cuda.get_device_name() if device_type == 'cuda' else None
     results = {'machine': {'device': device, 'gpu': gpu, 'cpu': platform.processor() or platform.machine(),
                            'cores': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads()}}
@@ -271,6 +312,9 @@ def main():
     if 'prepare' in sections:
         results['prepare'] = bench_prepare(cfg.bench_corpus, 8192)
         table(results['prepare'], "prepare.py (tokenizer: 8192-piece BPE)")
+    if 'bigtext' in sections:
+        results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 8192)
+        table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the process tree)")
     if cfg.bench_json:
         with open(cfg.bench_json, 'w') as f:
             json.dump(results, f, indent=2)

@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, die
+from configurator import check_writable, configure, die
 from model import load_model
 from sample import DEFAULT_SYSTEM, checkpoint_path
 from tokenizer import SPECIALS, Tokenizer
@@ -68,8 +68,6 @@ CHAT_TEMPLATE = (
 OLLAMA_TEMPLATE = ('{{ if .System }}<|sys|>{{ .System }}{{ end }}{{ range .Messages }}'
                    '{{ if eq .Role "user" }}<|usr|>{{ .Content }}{{ else if eq .Role "assistant" }}'
                    '<|asst|>{{ .Content }}<|eot|>{{ end }}{{ end }}<|asst|>')
-
-GGUF_TYPES = ('f32', 'f16', 'bf16', 'q8_0', 'none')
 
 
 def need(module):
@@ -405,19 +403,18 @@ def swap_in(tmp, folder):
 
 
 def main():
-    cfg = configure()
-    if cfg.gguf_type not in GGUF_TYPES:
-        die(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {cfg.gguf_type!r}")
+    cfg = configure()  # (checks gguf_type against the choices in configurator.KEYS)
     need('safetensors')
     if cfg.gguf_type != 'none':
         need('gguf')
     t0 = time.time()
+    folder = cfg.export_dir or os.path.join(cfg.out_dir, 'export', cfg.phase)
+    check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')  # (before the work, not after it)
     tok = Tokenizer(cfg.tokenizer_path)
-    path = checkpoint_path(cfg)
-    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base)
+    path, why = checkpoint_path(cfg)
+    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path)
     sp = read_sentencepiece(tok.path)
     check_exportable(cfg, model, sp, tok.path)
-    folder = cfg.export_dir or os.path.join(cfg.out_dir, 'export', cfg.phase)
     tmp = prepare_destination(folder, cfg.overwrite)
     try:
         name = f"smallchat-{os.path.basename(os.path.normpath(cfg.out_dir))}-{cfg.phase}"

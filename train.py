@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from configurator import atomic_file, configure, die, file_sha256, save_config
-from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, load_model, pick_device, read_checkpoint,
-                   runtime)
+from configurator import atomic_file, check_writable, configure, die, file_sha256, save_config
+from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, check_tokenizer, load_model, pick_device,
+                   read_checkpoint, runtime)
 from optim import make_optimizer
 from tokenizer import SPECIALS, Tokenizer
 
@@ -167,7 +167,12 @@ class Packer:
     source, whatever its length. Their pieces (Split.cut_pieces) wait in a buffer; a row takes the longest
     waiting piece that still fits, again and again (best fit), and is padded only when none fits. What does not
     fit waits for a later row: nothing is discarded, and a piece that keeps being passed over starts a row of
-    its own. Each piece attends only to itself (doc ids)."""
+    its own. Each piece attends only to itself (doc ids).
+
+    Use: packer = Packer(splits, weights, seed_list, T); x, y, doc = packer.batch(first_row, B) gives (B, T)
+    int64 numpy arrays (targets -1 where untrained, doc ids -1 on padding); packer.stats(rows) gives the fill
+    rate and trained tokens per row. Nothing else is needed to read SFT rows (a faster data path or another
+    attention mask only has to consume batch()'s arrays)."""
 
     def __init__(self, splits, weights, seed, T, buffer=32):
         self.splits, self.seed, self.T, self.size = splits, seed, T, buffer
@@ -395,14 +400,9 @@ def lr_factor(it, cfg):
 
 
 def check_optimizer(cfg):
-    if cfg.optimizer not in ('adamw', 'muon'):
-        die(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
-    if cfg.lr_schedule not in ('cosine', 'wsd'):
-        die(f"lr_schedule must be 'cosine' or 'wsd', got {cfg.lr_schedule!r}")
-    if not 0 < cfg.decay_frac <= 1:
-        die(f"decay_frac must be in (0, 1] (the fraction of the steps spent decaying), got {cfg.decay_frac}")
-    if not 0 < cfg.learning_rate or not 0 <= cfg.min_lr <= cfg.learning_rate:
-        die(f"need 0 < learning_rate and 0 <= min_lr <= learning_rate, got {cfg.learning_rate} and {cfg.min_lr}")
+    """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak."""
+    if cfg.min_lr > cfg.learning_rate:
+        die(f"need min_lr <= learning_rate, got {cfg.min_lr} and {cfg.learning_rate}")
 
 
 def duration(seconds):
@@ -436,11 +436,9 @@ def model_args_from(cfg, vocab_size):
                               dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta))
 
 
-def check_compatible(ckpt, path, args, tok):
+def check_compatible(ckpt, path, why, args, tok):
     """A checkpoint must come from this tokenizer and have this model's shape (block_size may shrink)."""
-    if ckpt['tokenizer_sha256'] != tok.sha256:
-        die(f"{path} was trained with another tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}, "
-            f"{tok.path} is {tok.sha256[:12]}): use the tokenizer it was trained with (tokenizer_path)")
+    check_tokenizer(ckpt, path, why, tok.path, tok.sha256)
     saved = ckpt['model_args']
     for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings', 'rope_theta'):
         if saved[key] != args[key]:
@@ -542,13 +540,7 @@ def main():
 
     # --- output folders: fail now, not after an hour of training ---
     if master:
-        try:
-            os.makedirs(cfg.ckpt_dir, exist_ok=True)
-            with atomic_file(os.path.join(cfg.ckpt_dir, '.write_test')) as f:
-                f.write(b'ok')
-            os.remove(os.path.join(cfg.ckpt_dir, '.write_test'))
-        except OSError as e:
-            die(f"cannot write to {cfg.ckpt_dir} ({e.strerror}): set out_dir to a writable folder")
+        check_writable(cfg.ckpt_dir, 'out_dir')
     if ddp:
         dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 
@@ -560,7 +552,8 @@ def main():
     iter_num, best_val, ckpt, weights, base_ref, elapsed = 0, float('inf'), None, None, None, 0.0
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
-        check_compatible(ckpt, path, args, tok)
+        why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
+        check_compatible(ckpt, path, why, args, tok)
         if ckpt.get('lora') != lora:
             die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
                 f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
@@ -576,7 +569,7 @@ def main():
         if not os.path.isfile(cfg.init_from):
             die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file")
         ckpt = read_checkpoint(cfg.init_from)
-        check_compatible(ckpt, cfg.init_from, args, tok)
+        check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args, tok)
         if 'adapter' in ckpt:
             die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
         weights = ckpt['model']

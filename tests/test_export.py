@@ -46,7 +46,7 @@ def exported(sft_trained, tmp_path_factory):
     assert 'model-f32.gguf' in p.stdout
     cfg = load_cfg(cfg_path)
     tok = Tokenizer(cfg.tokenizer_path)
-    model, _ = load_model(checkpoint_path(cfg), 'cpu', tok.sha256)
+    model, _ = load_model(checkpoint_path(cfg)[0], 'cpu', tok.sha256)
     return str(folder), model, tok
 
 

@@ -205,9 +205,9 @@ def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path, prepared):
     assert p.returncode != 0 and "optimizer='muon'" in p.stderr and 'Traceback' not in p.stderr
 
 
-@pytest.mark.parametrize('key, value, words', [('optimizer', 'sgd', "'adamw' or 'muon'"),
-                                               ('lr_schedule', 'linear', "'cosine' or 'wsd'"),
-                                               ('decay_frac', 1.5, 'decay_frac'),
+@pytest.mark.parametrize('key, value, words', [('optimizer', 'sgd', "not one of 'adamw', 'muon'"),
+                                               ('lr_schedule', 'linear', "not one of 'cosine', 'wsd'"),
+                                               ('decay_frac', 1.5, 'decay_frac=1.5'),
                                                ('min_lr', 1.0, 'min_lr <= learning_rate')])
 def test_bad_optimizer_settings_are_clear_errors(tmp_path, prepared, key, value, words):
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c')

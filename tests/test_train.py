@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_cfg, metrics, run, tiny_train_config
+from conftest import TINY, load_cfg, metrics, run, tiny_train_config
+
+TINY_SFT = {**TINY, 'batch_size': 8, 'val_sources': ['dolly'], 'eval_iters': 1}
 import prepare
 import sources
 import train
@@ -181,6 +183,35 @@ def test_a_source_or_folder_named_shard_still_reads_its_index_and_mask(tmp_path)
     split = train.Split(str(data), 'shard_x', 'train', None)
     x, y, doc = train.Packer({'shard_x': split}, {'shard_x': 1.0}, [0], 16).batch(0, 2)
     assert (y == 60).sum() == 2 * 2 and (doc[:, :8] != -1).all()
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data')
+DOLLY = os.path.join(SHARED, 'dolly', 'databricks-dolly-15k-safety-only.subset.jsonl')
+OASST = os.path.join(SHARED, 'oasst1', 'en_100_tree.jsonl')
+
+
+@pytest.mark.skipif(not (os.path.exists(DOLLY) and os.path.exists(OASST)), reason='../shared/data is not here')
+def test_real_sft_rows_are_95_percent_full_at_block_256_and_1024(tmp_path):
+    """dolly + oasst1 + primer (the real data in ../shared/data), dev_sft's mixture: rows >= 95% full at the
+    dev and prod block sizes, and the start of an SFT run says so (with trained tokens per step and cuts)."""
+    from conftest import write_config
+    srcs = {'primer': {'kind': 'primer', 'path': os.path.join(os.path.dirname(train.__file__), 'data', 'sample', 'primer.txt')},
+            'dolly': {'kind': 'dolly', 'path': DOLLY}, 'oasst1': {'kind': 'oasst1', 'path': OASST}}
+    mixture = {'primer': 0.06, 'dolly': 0.47, 'oasst1': 0.47}
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), '', sources=srcs, vocab_size=4096, num_proc=2,
+                       phase='sft', mixture=mixture, **{**TINY_SFT, 'max_iters': 1})
+    run('tokenizer.py', cfg, check=True)
+    run('prepare.py', cfg, check=True)
+    c = load_cfg(cfg)
+    splits = {n: train.Split(c.data_dir, n, 'train', None) for n in mixture}
+    for T in (256, 1024):
+        fill, trained = train.Packer(splits, mixture, [0], T).stats(2000)
+        assert fill >= 0.95, (T, fill)
+        assert trained > 0.3 * (T + 1)  # replies are most of a dolly/oasst conversation
+    p = run('train.py', cfg, '--block_size=256', check=True)
+    line = next(l for l in p.stdout.splitlines() if l.startswith('SFT rows: '))
+    assert float(line.split()[2].rstrip('%')) >= 90  # (one step's 8 rows: a noisier measure than 2000 rows)
+    assert 'trained tokens per step' in line and 'oasst1 ' in line
 
 
 def tiny_config(tmp_path, prepared, name='cfg', **extra):
