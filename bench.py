@@ -9,6 +9,7 @@ Sections:
   matmul   the machine's measured fp32 and bf16 matmul peaks (the yardstick for CPU MFU)
   train    training tokens/s, achieved FLOP/s and MFU per model size, dtype and compile
   decode   generation tokens/s with and without the KV cache
+  optim    one optimizer step alone, AdamW against Muon (its Newton-Schulz matmuls), per model size
   prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
            on the whole corpus and on its first half
   bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb, 2 GB) and on
@@ -30,9 +31,10 @@ import time
 import torch
 
 import prepare
-from checkpoint import pick_device
+from checkpoint import pick_device, pick_dtype
 from configurator import configure, die
 from model import GPT, ModelConfig, peak_flops
+from optim import make_optimizer
 
 # (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
 SIZES = {
@@ -94,6 +96,32 @@ def bench_train(device, size, dtype, compiled, steps):
     return {'model': name, 'params_M': round(model.num_params()[0] / 1e6, 2), 'dtype': dtype, 'compile': compiled,
             'batch': batch, 'block': block, 'ms_per_step': round(dt * 1000, 1), 'tokens_per_s': round(tok_s),
             'flops_per_s': model.flops_per_token(block) * tok_s, 'warmup_s': round(warmup, 1)}
+
+
+def bench_optim(device, size, steps):
+    """ms of one optimizer step alone (random gradients, no forward or backward): what Muon's Newton-Schulz
+    iterations add to a training step. They run in the dtype training would pick (bf16 where it is fast)."""
+    name, n_layer, n_head, n_embd, block, _, vocab_size = size
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=n_head,
+                            n_kv_head=n_head, n_embd=n_embd)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    ns_dtype = getattr(torch, pick_dtype('auto', device_type).replace('float16', 'bfloat16'))
+    rows = []
+    for kind in ('adamw', 'muon'):
+        opt = make_optimizer(model, kind, 1e-4, 0.02, 0.1, (0.9, 0.95), 0.95, device_type, ns_dtype)
+        for _ in range(2):
+            opt.step()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync(device)
+        rows.append({'model': name, 'optimizer': kind, 'ns_dtype': str(ns_dtype)[6:] if kind == 'muon' else '-',
+                     'ms_per_step': round((time.perf_counter() - t) / steps * 1000, 1)})
+    return rows
 
 
 def bench_decode(device, size, prompt_len=256, new_tokens=256):
@@ -245,10 +273,11 @@ def main():
     cfg = configure()
     device = pick_device(cfg.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    sections = cfg.bench.split(',') if cfg.bench != 'all' else ['matmul', 'train', 'decode', 'prepare']
+    known = ['matmul', 'train', 'decode', 'optim', 'prepare']
+    sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
-        if s not in ('matmul', 'train', 'decode', 'prepare', 'bigtext'):
-            die(f"--bench: unknown section {s!r}; use matmul, train, decode, prepare, bigtext or all")
+        if s not in known + ['bigtext']:
+            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext or all")
     gpu = torch.cuda.get_device_name() if device_type == 'cuda' else None
     results = {'machine': {'device': device, 'gpu': gpu, 'cpu': platform.processor() or platform.machine(),
                            'cores': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads()}}
@@ -277,11 +306,14 @@ def main():
         table(results['decode'], "decode, batch 1, greedy")
         kv, full = results['decode'][0]['tokens_per_s'], results['decode'][1]['tokens_per_s']
         print(f"KV cache speed-up: {kv / full:.1f}x")
+    if 'optim' in sections:
+        results['optim'] = [r for size in SIZES[device_type] for r in bench_optim(device, size, cfg.bench_steps)]
+        table(results['optim'], "one optimizer step alone (random gradients)")
     if 'prepare' in sections:
         results['prepare'] = bench_prepare(cfg.bench_corpus, 8192)
         table(results['prepare'], "prepare.py (tokenizer: 8192-piece BPE)")
     if 'bigtext' in sections:
-        results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 8192)
+        results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 512)  # its ~30 words allow ~600 pieces
         table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the process tree)")
     if cfg.bench_json:
         with open(cfg.bench_json, 'w') as f:

@@ -99,11 +99,18 @@ KEYS = {
     'batch_size': (16, '>= 1', "rows per micro-batch (per process)"),
     'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over all processes"),
     'max_iters': (1000, '>= 0', "optimizer steps"),
-    'learning_rate': (1e-3, '> 0', "peak learning rate"),
-    'min_lr': (1e-4, '>= 0', "learning rate at the end of the cosine decay"),
+    'optimizer': ('adamw', ('adamw', 'muon'), "'adamw', or 'muon': Muon on the blocks' matrices, AdamW on the "
+                                              "embedding/head and norms"),
+    'learning_rate': (1e-3, '> 0', "peak learning rate (of AdamW: every parameter, or with Muon the embedding/head and norms)"),
+    'muon_lr': (0.02, '> 0', "peak learning rate of Muon's matrices (optimizer='muon')"),
+    'muon_momentum': (0.95, '[0, 1)', "Muon's momentum (Nesterov)"),
+    'lr_schedule': ('cosine', ('cosine', 'wsd'), "'cosine' (warmup, cosine decay to min_lr) or 'wsd' (warmup, "
+                                                 "constant, linear decay to min_lr over the last decay_frac of the steps)"),
+    'min_lr': (1e-4, '>= 0', "learning rate at the end of the decay (Muon's ends at muon_lr * min_lr / learning_rate)"),
     'warmup_iters': (100, '>= 0', "linear warmup steps"),
-    'lr_decay_iters': (0, '>= 0', "step where the cosine decay reaches min_lr; 0 = max_iters"),
-    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only)"),
+    'lr_decay_iters': (0, '>= 0', "step where the decay reaches min_lr; 0 = max_iters"),
+    'decay_frac': (0.2, '(0, 1]', "wsd: the fraction of the steps (up to lr_decay_iters) spent decaying"),
+    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only; Muon's matrices have none)"),
     'beta1': (0.9, '[0, 1)', "AdamW beta1"),
     'beta2': (0.95, '[0, 1)', "AdamW beta2"),
     'grad_clip': (1.0, '>= 0', "clip the gradient norm to this; 0 = off"),
@@ -156,7 +163,7 @@ KEYS = {
     'overwrite': (False, "export.py: replace an export folder that already has files in it"),
 
     # --- bench.py ---
-    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, prepare, bigtext"),
+    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare, bigtext"),
     'bench_json': ('', "also write the figures to this JSON file"),
     'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
     'bench_steps': (10, '>= 1', "timed training steps per configuration (after 3 warm-up steps)"),

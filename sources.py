@@ -247,14 +247,15 @@ def cut_long(doc, max_chars):
 
 def read_tinyshakespeare(src, stats=None, problems=None):
     """Tiny Shakespeare split the way its users compare numbers (nanoGPT, char-rnn): the last val_frac of the
-    file's characters is val, the rest train; each part is cut into speeches (the parts between blank lines)."""
+    file's characters is val, the rest train; each part is cut into speeches (the parts between blank lines),
+    or with separator=None kept as one stream, as nanoGPT reads it (a window then spans several speeches)."""
     for path in source_files(src):
         text = read_utf8(path, problems)
         if text is None:
             continue
         cut = int(len(text) * (1 - src['val_frac']))
         for split, part in (('train', text[:cut]), ('val', text[cut:])):
-            for doc in part.split(src['separator']):
+            for doc in part.split(src['separator']) if src['separator'] else [part]:  # None: each part one stream
                 if doc.strip():
                     yield path, doc, split
                 elif stats is not None:

@@ -39,6 +39,7 @@ from checkpoint import (base_weights, check_compatible, freeze_base, load_for_re
                         runtime, save_checkpoint, saved_best_val)
 from configurator import check_writable, configure, die, save_config
 from model import GPT, ModelConfig, add_lora, adapter_state, peak_flops
+from optim import make_optimizer
 from tokenizer import SPECIALS, Tokenizer
 
 
@@ -315,15 +316,35 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------------------------
 
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+def lr_factor(it, cfg):
+    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
+    Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
+    (default max_iters), flat after it. In between, cosine decays all the way; wsd (warmup-stable-decay)
+    holds the peak, then decays linearly over the last decay_frac of the steps. A wsd run can be
+    extended (resume its stable phase with more max_iters) or decayed from any checkpoint."""
+    end = cfg.lr_decay_iters or cfg.max_iters
+    floor = cfg.min_lr / cfg.learning_rate
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+        return (it + 1) / (cfg.warmup_iters + 1)
+    if it >= end:
+        return floor
+    if cfg.lr_schedule == 'wsd':
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_frac * end))
+        return 1.0 if it < decay_start else floor + (1 - floor) * (end - it) / (end - decay_start)
+    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
+
+
+def check_optimizer(cfg):
+    """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak."""
+    if cfg.min_lr > cfg.learning_rate:
+        die(f"need min_lr <= learning_rate, got {cfg.min_lr} and {cfg.learning_rate}")
+
+
+def duration(seconds):
+    """12s, 3m05s, 2h07m: for the log's elapsed time and ETA."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def model_args_from(cfg, vocab_size):
@@ -350,6 +371,7 @@ def main():
     cfg = configure()
     if cfg.merge_lora:
         return merge_adapter(cfg)
+    check_optimizer(cfg)
     # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
     ddp = int(os.environ.get('RANK', -1)) != -1
     world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
@@ -431,7 +453,7 @@ def main():
     # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
     lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
-    iter_num, best_val, ckpt, weights, base_ref = 0, float('inf'), None, None, None
+    iter_num, best_val, ckpt, weights, base_ref, elapsed = 0, float('inf'), None, None, None, 0.0
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
         why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
@@ -439,9 +461,13 @@ def main():
         if ckpt.get('lora') != lora:
             die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
                 f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
+        if ckpt['config'].get('optimizer', 'adamw') != cfg.optimizer:
+            die(f"{path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, this config has "
+                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with init_from={path})")
         weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
         base_ref = ckpt.get('base')
         iter_num, best_val = ckpt['iter'], min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
+        elapsed = ckpt.get('elapsed', 0.0)
         log(f"resuming from {path} at step {iter_num}")
     elif cfg.init_from != 'scratch':
         if not os.path.isfile(cfg.init_from):
@@ -468,7 +494,9 @@ def main():
         if cfg.init_from == 'resume':
             model.load_state_dict(ckpt['adapter'], strict=False)
     model.to(device)
-    optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, device_type,
+                               ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     if cfg.init_from == 'resume':
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -498,6 +526,13 @@ def main():
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
             f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
+    if cfg.optimizer == 'muon':
+        count = lambda muon: sum(p.numel() for g in optimizer.param_groups if g['muon'] == muon for p in g['params'])
+        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} parameters), AdamW "
+            f"(lr {cfg.learning_rate:g}) on {'the LoRA adapters' if lora else 'the embedding/head and norms'} "
+            f"({count(False):,}); {cfg.lr_schedule} schedule")
+    else:
+        log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
     log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
         f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
     rows_per_step = B * cfg.gradient_accumulation_steps
@@ -533,29 +568,33 @@ def main():
             metrics.write(json.dumps(row) + '\n')
             metrics.flush()
 
+    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
+
     @torch.no_grad()
     def evaluate():
-        """Mean loss per target token on a fixed set of val batches per source (the same batches every
-        time, so numbers compare across steps and checkpoints). Ranks share the batches out."""
+        """Mean loss per target token and bits per byte (summed nats / (ln 2 x UTF-8 bytes of the targets),
+        as eval.py computes them) on a fixed set of val batches per source (the same batches every time,
+        so numbers compare across steps and checkpoints). Ranks share the batches out."""
         model.eval()
-        losses = {}
+        losses, bpb = {}, {}
         for i, (name, split) in enumerate(val.items()):
-            sums = torch.zeros(2, device=device)
+            sums = torch.zeros(3, device=device)  # nats, targets, bytes
             for k in range(rank, cfg.eval_iters, world):
                 x, y, doc = to_device(val_batch(i, name, k), device)
                 with autocast:
                     _, loss = raw_model(x, y, doc)
                 n = (y != -1).sum()
-                sums += torch.stack([loss.float() * n, n.float()])
+                sums += torch.stack([loss.float() * n, n.float(), token_bytes[y[y != -1]].sum().float()])
             if ddp:
                 dist.all_reduce(sums)
             losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
+            bpb[name] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
         model.train()
         weights = {n: mixture.get(n, 0) for n in best_on}
         if sum(weights.values()) == 0:
             weights = {n: 1 for n in best_on}
-        overall = sum(losses[n] * w for n, w in weights.items()) / sum(weights.values())
-        return overall, losses
+        mean = lambda values: sum(values[n] * w for n, w in weights.items()) / sum(weights.values())
+        return mean(losses), losses, mean(bpb), bpb
 
     def weights_state():
         """The model's weights, or for LoRA only the adapters with a reference to the base."""
@@ -566,7 +605,7 @@ def main():
     def checkpoint_state():
         return {**weights_state(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
-                'tokenizer_sha256': tok.sha256, 'rng': gather_rng()}
+                'tokenizer_sha256': tok.sha256, 'rng': gather_rng(), 'elapsed': elapsed}
 
     def gather_rng():
         states = [None] * world
@@ -603,15 +642,18 @@ def main():
     start_iter = iter_num
     nonfinite_in_a_row = nonfinite_total = 0
     step_time, steps_timed = 0.0, 0
+    t_train = time.time()  # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
     while True:
         # a resumed run skips the evaluation its checkpoint was saved after (it would only repeat it)
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
                 cfg.init_from == 'resume' and iter_num == start_iter):
+            elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
-                val_loss, per_source = evaluate()
+                val_loss, per_source, val_bpb, bpb = evaluate()
                 shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
-                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown})")
-                record(iter=iter_num, val_loss=val_loss, val=per_source)
+                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, "
+                    f"{elapsed:.0f} s of training")
+                record(iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
@@ -620,19 +662,22 @@ def main():
                                     cfg.ckpt_dir, 'best.pt')
             if iter_num > 0:
                 save('periodic')
+            t_train = time.time()
         if iter_num >= cfg.max_iters:
             break
         stop_now = torch.tensor(float(stop['requested']), device=device)
         if ddp:
             dist.all_reduce(stop_now)  # every rank stops at the same step
         if stop_now.item():
+            elapsed += time.time() - t_train
             save('interrupted')
             break
 
         t_step = time.time()  # ms/step counts the step only: evaluations and checkpoints are not in it
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        factor = lr_factor(iter_num, cfg)
+        lr = cfg.learning_rate * factor
+        for group in optimizer.param_groups:  # Muon's matrices have their own peak
+            group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
         # The step's loss is its summed target nats over every micro-batch and process divided by their total
         # target count, so a micro-batch weighs by its targets (an SFT one may have few or many), not by 1/accum.
         batches = [train_batch(rank * accum + micro) for micro in range(accum)]  # same rows on any world size
@@ -691,10 +736,11 @@ def main():
             flops_s = flops_per_step / dt
             mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
             speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
+            so_far = elapsed + time.time() - t_train
             log(f"step {iter_num} | loss {loss_value:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                f"{tok_s:,.0f} tok/s | {speed}")
+                f"{tok_s:,.0f} tok/s | {speed} | {duration(so_far)} in, eta {duration((cfg.max_iters - iter_num) * dt)}")
             record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms=dt * 1000, tokens_per_sec=tok_s,
-                   flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total, nonfinite=nonfinite_total)
+                   flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total, nonfinite=nonfinite_total, elapsed=so_far)
 
     if metrics:
         metrics.close()

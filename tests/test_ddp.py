@@ -11,8 +11,11 @@ import torch
 from conftest import REPO, metrics, run, tiny_train_config
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared):
-    common = dict(device='cpu', max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1)
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared, optimizer):
+    # with Muon too: every rank orthogonalises the same all-reduced gradients, so all take the same step
+    common = dict(device='cpu', max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1,
+                  optimizer=optimizer)
     one = tiny_train_config(tmp_path / 'one.py', prepared, tmp_path / 'one', **common)
     run('train.py', one, check=True)
     two = tiny_train_config(tmp_path / 'two.py', prepared, tmp_path / 'two', **common)

@@ -306,6 +306,12 @@ def test_tiny_shakespeare_val_is_the_last_tenth_of_the_file(tmp_path, prepared):
     cut = int(len(text) * 0.9)  # as nanoGPT and char-rnn: the last 10% of the characters, cut in mid-speech
     speeches = lambda part: [s for s in part.split('\n\n') if s.strip()]
     assert docs['val'] == speeches(text[cut:]) and docs['train'] == speeches(text[:cut])
+    # separator=None (config/shakespeare.py): each part one stream, as nanoGPT reads the file
+    cfg = write_config(tmp_path / 'c1.py', str(tmp_path / 'out1'), '', tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'),
+                       sources={'ts': {'kind': 'tinyshakespeare', 'path': str(tmp_path / 'input.txt'), 'separator': None}})
+    run('prepare.py', cfg, check=True)
+    docs = split_documents(str(tmp_path / 'out1' / 'data'), 'ts', Tokenizer(os.path.join(prepared[1], 'tokenizer.model')))
+    assert docs['val'] == [text[cut:]] and docs['train'] == [text[:cut]]
 
 
 def test_a_file_without_separator_is_read_in_bounded_pieces(tmp_path):
