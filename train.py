@@ -367,6 +367,77 @@ def merge_adapter(cfg):
     print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")
 
 
+def build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp, master, log):
+    """The model to train, one of four ways: from scratch; resumed from this phase's newest readable checkpoint
+    (weights, optimizer, scaler, RNG, step); initialised from another checkpoint (weights only, a fresh
+    optimizer); or, with lora_rank > 0, LoRA adapters on a frozen base. Returns (model: compiled and/or DDP-
+    wrapped as configured, raw_model: the plain GPT, optimizer, scaler, start), start holding the step, best val
+    loss and seconds trained to go on from, the model args, the LoRA settings and the base's reference."""
+    args = model_args_from(cfg, tok.vocab_size)
+    # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
+    lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
+            'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
+    start = {'iter': 0, 'best_val': float('inf'), 'elapsed': 0.0, 'args': args, 'lora': lora, 'base': None}
+    ckpt = weights = None
+    if cfg.init_from == 'resume':
+        path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
+        why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
+        check_compatible(ckpt, path, why, args, tok)
+        if ckpt.get('lora') != lora:
+            die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
+                f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
+        if ckpt['config'].get('optimizer', 'adamw') != cfg.optimizer:
+            die(f"{path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, this config has "
+                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with init_from={path})")
+        weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
+        start['base'] = ckpt.get('base')
+        start['iter'] = ckpt['iter']
+        start['best_val'] = min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
+        start['elapsed'] = ckpt.get('elapsed', 0.0)
+        log(f"resuming from {path} at step {start['iter']}")
+    elif cfg.init_from != 'scratch':
+        if not os.path.isfile(cfg.init_from):
+            die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file")
+        ckpt = read_checkpoint(cfg.init_from)
+        check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args, tok)
+        if 'adapter' in ckpt:
+            die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
+        weights = ckpt['model']
+        if lora:
+            start['base'] = freeze_base(cfg.init_from, cfg.ckpt_dir) if master else None
+        log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
+    elif lora:
+        die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
+    model = GPT(ModelConfig(**args))
+    torch.manual_seed(cfg.seed + rank)  # same init everywhere (DDP also broadcasts rank 0's), own dropout per rank
+    if weights is not None:
+        model.load_state_dict(weights)
+    if lora:
+        try:
+            add_lora(model, **lora)
+        except ValueError as e:  # an unknown lora_targets name
+            die(str(e))
+        if cfg.init_from == 'resume':
+            model.load_state_dict(ckpt['adapter'], strict=False)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, device_type,
+                               ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    if cfg.init_from == 'resume':
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt['scaler']:  # empty when the checkpoint's run did not use float16
+            scaler.load_state_dict(ckpt['scaler'])
+        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    raw_model = model
+    if cfg.compile:
+        log("compiling the model (the first steps take a while)...")
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    return model, raw_model, optimizer, scaler, start
+
+
 def main():
     cfg = configure()
     if cfg.merge_lora:
@@ -449,67 +520,10 @@ def main():
         dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 
     # --- model: from scratch, resumed, or initialised from another checkpoint ---
-    args = model_args_from(cfg, tok.vocab_size)
-    # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
-    lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
-            'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
-    iter_num, best_val, ckpt, weights, base_ref, elapsed = 0, float('inf'), None, None, None, 0.0
-    if cfg.init_from == 'resume':
-        path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
-        why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
-        check_compatible(ckpt, path, why, args, tok)
-        if ckpt.get('lora') != lora:
-            die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
-                f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
-        if ckpt['config'].get('optimizer', 'adamw') != cfg.optimizer:
-            die(f"{path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, this config has "
-                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with init_from={path})")
-        weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
-        base_ref = ckpt.get('base')
-        iter_num, best_val = ckpt['iter'], min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
-        elapsed = ckpt.get('elapsed', 0.0)
-        log(f"resuming from {path} at step {iter_num}")
-    elif cfg.init_from != 'scratch':
-        if not os.path.isfile(cfg.init_from):
-            die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file")
-        ckpt = read_checkpoint(cfg.init_from)
-        check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args, tok)
-        if 'adapter' in ckpt:
-            die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
-        weights = ckpt['model']
-        if lora:
-            base_ref = freeze_base(cfg.init_from, cfg.ckpt_dir) if master else None
-        log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
-    elif lora:
-        die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
-    model = GPT(ModelConfig(**args))
-    torch.manual_seed(cfg.seed + rank)  # same init everywhere (DDP also broadcasts rank 0's), own dropout per rank
-    if weights is not None:
-        model.load_state_dict(weights)
-    if lora:
-        try:
-            add_lora(model, **lora)
-        except ValueError as e:  # an unknown lora_targets name
-            die(str(e))
-        if cfg.init_from == 'resume':
-            model.load_state_dict(ckpt['adapter'], strict=False)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
-                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, device_type,
-                               ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    if cfg.init_from == 'resume':
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt['scaler']:  # empty when the checkpoint's run did not use float16
-            scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-    ckpt = None  # free memory
-    raw_model = model
-    if cfg.compile:
-        log("compiling the model (the first steps take a while)...")
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    model, raw_model, optimizer, scaler, start = build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp,
+                                                             master, log)
+    args, lora, base_ref = start['args'], start['lora'], start['base']
+    iter_num, best_val, elapsed = start['iter'], start['best_val'], start['elapsed']
 
     total, non_embedding = raw_model.num_params()
     ckpt_bytes = 12 * total  # fp32 weights + two AdamW moments
