@@ -211,6 +211,12 @@ def check_writable(folder, key):
             os.remove(test)
 
 
+def duration(seconds):
+    """12s, 3m05s, 2h07m: elapsed times and ETAs in progress lines (Progress, train.py's log)."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
     """The progress line of a long job (prepare, download, eval, train): done/total, rate and ETA, printed
     at most every `every` seconds. Counts are in `unit`s of `scale` (unit='MB', scale=1e6 for bytes)."""
@@ -232,7 +238,7 @@ class Progress:
         rate = (done - start) / max(time.time() - self.t0, 1e-9)
         fmt = (lambda n: f"{n / self.scale:,.1f}") if self.scale != 1 else (lambda n: f"{n:,}")
         of = f"/{fmt(self.total)}" if self.total else ''
-        eta = f", ETA {max(0, self.total - done) / max(rate, 1e-9):.0f}s" if self.total else ''
+        eta = f", ETA {duration(max(0, self.total - done) / max(rate, 1e-9))}" if self.total else ''
         unit = f" {self.unit}" if self.unit else ''
         per = f"{rate / self.scale:.2f}" if self.scale != 1 else f"{rate:.1f}"
         return f"{fmt(done)}{of}{unit}{extra}, {per} {self.unit or 'items'}/s{eta}"

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model, pick_device, read_checkpoint,
                         runtime, save_checkpoint, saved_best_val)
-from configurator import check_writable, configure, die, save_config
+from configurator import check_writable, configure, die, duration, save_config
 from model import GPT, ModelConfig, add_lora, adapter_state, peak_flops
 from optim import make_optimizer
 from tokenizer import SPECIALS, Tokenizer
@@ -339,12 +339,6 @@ def check_optimizer(cfg):
     """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak."""
     if cfg.min_lr > cfg.learning_rate:
         die(f"need min_lr <= learning_rate, got {cfg.min_lr} and {cfg.learning_rate}")
-
-
-def duration(seconds):
-    """12s, 3m05s, 2h07m: for the log's elapsed time and ETA."""
-    s = int(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def model_args_from(cfg, vocab_size):
