@@ -361,6 +361,34 @@ def merge_adapter(cfg):
     print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")
 
 
+def build_data(cfg, tok):
+    """The prepared splits a run reads, checked against the tokenizer: (mixture, train: {source: Split},
+    val: {source: Split}, sft: whether every mixture source is a chat source, best_on: the val sources that
+    choose best.pt)."""
+    mixture = check_mixture(cfg)
+    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}  # (checks they match the tokenizer)
+    val_names = cfg.val_sources if cfg.val_sources is not None else list(mixture)
+    for n in val_names:
+        if n not in cfg.sources:
+            die(f"val_sources names '{n}', which is not in sources")
+    val = {n: Split(cfg.data_dir, n, 'val', tok.sha256) for n in val_names}
+    sft = sft_mode(train)
+    if sft and not sft_mode(val):
+        die(f"this is an SFT run (every mixture source is a chat source) but val_sources includes text sources "
+            f"({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
+    # best.pt is chosen on best_on: by default the largest validated source of the mixture (a small one repeated
+    # many times overfits, and its val loss rises, long before the rest stops improving)
+    best_on = [cfg.best_on] if isinstance(cfg.best_on, str) else cfg.best_on
+    if best_on is None:
+        validated = [n for n in train if n in val] or list(val)
+        best_on = [max(validated, key=lambda n: train[n].tokens if n in train else 0)] if validated else []
+    for n in best_on:
+        if n not in val:
+            die(f"best_on names '{n}', which is not among the validated sources ({', '.join(val) or 'none'}): "
+                f"name sources of val_sources (or of the mixture)")
+    return mixture, train, val, sft, best_on
+
+
 def build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp, master, log):
     """The model to train, one of four ways: from scratch; resumed from this phase's newest readable checkpoint
     (weights, optimizer, scaler, RNG, step); initialised from another checkpoint (weights only, a fresh
@@ -432,6 +460,55 @@ def build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp, mas
     return model, raw_model, optimizer, scaler, start
 
 
+def describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, sft, packer, device, dtype, world):
+    """The run's opening lines: the model's size and FLOPs, LoRA, optimizer, data, SFT row fill and the epochs each
+    source will see (a warning past max_epochs); stops first if the disk cannot hold the checkpoints. Returns
+    (tokens_per_step, flops_per_step) for the log's speed figures."""
+    B, T = cfg.batch_size, cfg.block_size
+    total, non_embedding = raw_model.num_params()
+    ckpt_bytes = 12 * total  # fp32 weights + two AdamW moments
+    free = shutil.disk_usage(cfg.ckpt_dir).free if master else float('inf')
+    if free < 3 * ckpt_bytes:
+        die(f"only {free / 1e9:.2f} GB free in {cfg.ckpt_dir}; checkpoints need about {3 * ckpt_bytes / 1e9:.2f} GB "
+            f"(ckpt.pt, its temp file while saving, best.pt): free some space or set out_dir elsewhere")
+    tokens_per_step = B * T * cfg.gradient_accumulation_steps
+    flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
+    log(f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
+        f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOP per token")
+    if lora:
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
+            f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
+    if cfg.optimizer == 'muon':
+        count = lambda muon: sum(p.numel() for g in optimizer.param_groups if g['muon'] == muon for p in g['params'])
+        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} parameters), AdamW "
+            f"(lr {cfg.learning_rate:g}) on {'the LoRA adapters' if lora else 'the embedding/head and norms'} "
+            f"({count(False):,}); {cfg.lr_schedule} schedule")
+    else:
+        log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
+    log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
+        f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
+    rows_per_step = B * cfg.gradient_accumulation_steps
+    if sft:
+        fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))  # the first steps
+        log(f"SFT rows: {100 * fill:.1f}% full, {trained_per_row * rows_per_step:,.0f} trained tokens per step "
+            f"({100 * trained_per_row / (T + 1):.1f}% of row tokens); conversations longer than a row, cut at turn "
+            f"boundaries: " + ', '.join(f"{n} {s.long} of {s.conversations} ({s.truncated} with a turn cut to fit, "
+                                        f"{s.conversations - len(s.usable)} with no reply left)" for n, s in train.items()))
+    # how often the run repeats each source: worth it up to a few passes, wasted compute far beyond (max_epochs)
+    drawn = cfg.max_iters * rows_per_step * (fill * (T + 1) if sft else T)  # tokens the run reads
+    epochs = {n: drawn * mixture[n] / sum(mixture.values()) / (s.pieces['length'].sum() if sft else s.tokens)
+              for n, s in train.items()}
+    log(f"expected epochs per source over {cfg.max_iters} steps: " + ', '.join(f"{n} {e:.2f}" for n, e in epochs.items()))
+    for n, e in epochs.items():
+        if e > cfg.max_epochs and master:
+            print(f"warning: this run would repeat '{n}' {e:.1f} times, more than max_epochs={cfg.max_epochs}: beyond "
+                  f"~16 passes, more repeats of the same tokens are worth almost nothing (Muennighoff et al. 2023, "
+                  f"'Scaling Data-Constrained Language Models'). Lower its weight or max_iters, or give it more data",
+                  file=sys.stderr)
+    return tokens_per_step, flops_per_step
+
+
 def main():
     cfg = configure()
     if cfg.merge_lora:
@@ -467,27 +544,7 @@ def main():
 
     # --- data ---
     tok = Tokenizer(cfg.tokenizer_path)
-    mixture = check_mixture(cfg)
-    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}  # (checks they match the tokenizer)
-    val_names = cfg.val_sources if cfg.val_sources is not None else list(mixture)
-    for n in val_names:
-        if n not in cfg.sources:
-            die(f"val_sources names '{n}', which is not in sources")
-    val = {n: Split(cfg.data_dir, n, 'val', tok.sha256) for n in val_names}
-    sft = sft_mode(train)
-    if sft and not sft_mode(val):
-        die(f"this is an SFT run (every mixture source is a chat source) but val_sources includes text sources "
-            f"({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
-    # best.pt is chosen on best_on: by default the largest validated source of the mixture (a small one repeated
-    # many times overfits, and its val loss rises, long before the rest stops improving)
-    best_on = [cfg.best_on] if isinstance(cfg.best_on, str) else cfg.best_on
-    if best_on is None:
-        validated = [n for n in train if n in val] or list(val)
-        best_on = [max(validated, key=lambda n: train[n].tokens if n in train else 0)] if validated else []
-    for n in best_on:
-        if n not in val:
-            die(f"best_on names '{n}', which is not among the validated sources ({', '.join(val) or 'none'}): "
-                f"name sources of val_sources (or of the mixture)")
+    mixture, train, val, sft, best_on = build_data(cfg, tok)
     B, T = cfg.batch_size, cfg.block_size
     if sft:  # SFT rows: one packed stream for training, one fixed stream per val source
         packer = Packer(train, mixture, [cfg.seed], T)
@@ -519,48 +576,10 @@ def main():
     args, lora, base_ref = start['args'], start['lora'], start['base']
     iter_num, best_val, elapsed = start['iter'], start['best_val'], start['elapsed']
 
-    total, non_embedding = raw_model.num_params()
-    ckpt_bytes = 12 * total  # fp32 weights + two AdamW moments
-    free = shutil.disk_usage(cfg.ckpt_dir).free if master else float('inf')
-    if free < 3 * ckpt_bytes:
-        die(f"only {free / 1e9:.2f} GB free in {cfg.ckpt_dir}; checkpoints need about {3 * ckpt_bytes / 1e9:.2f} GB "
-            f"(ckpt.pt, its temp file while saving, best.pt): free some space or set out_dir elsewhere")
-    tokens_per_step = B * T * cfg.gradient_accumulation_steps
-    flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
+    # --- what the run will do (and whether the disk can hold its checkpoints) ---
+    tokens_per_step, flops_per_step = describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, sft,
+                                                   packer if sft else None, device, dtype, world)
     peak = peak_flops(device_type, dtype)
-    log(f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
-        f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOP per token")
-    if lora:
-        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
-            f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
-    if cfg.optimizer == 'muon':
-        count = lambda muon: sum(p.numel() for g in optimizer.param_groups if g['muon'] == muon for p in g['params'])
-        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} parameters), AdamW "
-            f"(lr {cfg.learning_rate:g}) on {'the LoRA adapters' if lora else 'the embedding/head and norms'} "
-            f"({count(False):,}); {cfg.lr_schedule} schedule")
-    else:
-        log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
-    log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
-        f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
-    rows_per_step = B * cfg.gradient_accumulation_steps
-    if sft:
-        fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))  # the first steps
-        log(f"SFT rows: {100 * fill:.1f}% full, {trained_per_row * rows_per_step:,.0f} trained tokens per step "
-            f"({100 * trained_per_row / (T + 1):.1f}% of row tokens); conversations longer than a row, cut at turn "
-            f"boundaries: " + ', '.join(f"{n} {s.long} of {s.conversations} ({s.truncated} with a turn cut to fit, "
-                                        f"{s.conversations - len(s.usable)} with no reply left)" for n, s in train.items()))
-    # how often the run repeats each source: worth it up to a few passes, wasted compute far beyond (max_epochs)
-    drawn = cfg.max_iters * rows_per_step * (fill * (T + 1) if sft else T)  # tokens the run reads
-    epochs = {n: drawn * mixture[n] / sum(mixture.values()) / (s.pieces['length'].sum() if sft else s.tokens)
-              for n, s in train.items()}
-    log(f"expected epochs per source over {cfg.max_iters} steps: " + ', '.join(f"{n} {e:.2f}" for n, e in epochs.items()))
-    for n, e in epochs.items():
-        if e > cfg.max_epochs and master:
-            print(f"warning: this run would repeat '{n}' {e:.1f} times, more than max_epochs={cfg.max_epochs}: beyond "
-                  f"~16 passes, more repeats of the same tokens are worth almost nothing (Muennighoff et al. 2023, "
-                  f"'Scaling Data-Constrained Language Models'). Lower its weight or max_iters, or give it more data",
-                  file=sys.stderr)
 
     run_id = cfg.run_id or f"{cfg.phase}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.out_dir, 'runs', run_id)
