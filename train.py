@@ -361,6 +361,36 @@ def merge_adapter(cfg):
     print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")
 
 
+def setup_processes(cfg):
+    """One process (plain python) or one of several (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): joins the process
+    group and picks this process's device and dtype. Returns (ddp, rank, local_rank, world, device, device_type,
+    dtype, autocast)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
+    if cfg.gradient_accumulation_steps % world:  # checked before any process group or GPU is touched
+        die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
+            f"number of processes ({world}): each process runs an equal share")
+    device = pick_device(cfg.device)
+    if ddp:
+        local_rank = int(os.environ['LOCAL_RANK'])
+        if device.startswith('cuda') and local_rank >= torch.cuda.device_count():
+            die(f"this node runs more processes than it has GPUs ({torch.cuda.device_count()}): set torchrun's "
+                f"--nproc_per_node to at most {torch.cuda.device_count()} (or --device=cpu for CPU processes)")
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+    else:
+        rank, local_rank = 0, 0
+    device, device_type, dtype, autocast = runtime(device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, local_rank, world, device, device_type, dtype, autocast
+
+
 def build_data(cfg, tok):
     """The prepared splits a run reads, checked against the tokenizer: (mixture, train: {source: Split},
     val: {source: Split}, sft: whether every mixture source is a chat source, best_on: the val sources that
@@ -515,32 +545,10 @@ def main():
         return merge_adapter(cfg)
     check_optimizer(cfg)
     # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
-    if cfg.gradient_accumulation_steps % world:  # checked before any process group or GPU is touched
-        die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
-            f"number of processes ({world}): each process runs an equal share")
-    device = pick_device(cfg.device)
-    if ddp:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        if device.startswith('cuda') and local_rank >= torch.cuda.device_count():
-            die(f"this node runs more processes than it has GPUs ({torch.cuda.device_count()}): set torchrun's "
-                f"--nproc_per_node to at most {torch.cuda.device_count()} (or --device=cpu for CPU processes)")
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-    else:
-        rank, local_rank = 0, 0
+    ddp, rank, local_rank, world, device, device_type, dtype, autocast = setup_processes(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    accum = cfg.gradient_accumulation_steps // world
-    device, device_type, dtype, autocast = runtime(device, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    accum = cfg.gradient_accumulation_steps // world  # micro-batches per step of each process
 
     # --- data ---
     tok = Tokenizer(cfg.tokenizer_path)
