@@ -316,6 +316,26 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------------------------
 
+def open_run_folder(cfg, log):
+    """<out_dir>/runs/<run_id>/: the run's full config (config.json) and its metrics file, opened for appending."""
+    run_id = cfg.run_id or f"{cfg.phase}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = os.path.join(cfg.out_dir, 'runs', run_id)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(run_dir, 'config.json'))
+    log(f"run folder: {run_dir}")
+    return open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
+
+
+def gather_rng(ddp, world):
+    """Every process's RNG state, for a checkpoint that resumes each rank exactly (every rank must call it)."""
+    states = [None] * world
+    if ddp:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    return states
+
+
 def lr_factor(it, cfg):
     """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
     Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
@@ -589,14 +609,7 @@ def main():
                                                    packer if sft else None, device, dtype, world)
     peak = peak_flops(device_type, dtype)
 
-    run_id = cfg.run_id or f"{cfg.phase}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(cfg.out_dir, 'runs', run_id)
-    metrics = None
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, 'config.json'))
-        metrics = open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
-        log(f"run folder: {run_dir}")
+    metrics = open_run_folder(cfg, log) if master else None  # config.json and metrics.jsonl of this run
 
     def record(**row):
         if metrics:
@@ -640,15 +653,7 @@ def main():
     def checkpoint_state():
         return {**weights_state(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
-                'tokenizer_sha256': tok.sha256, 'rng': gather_rng(), 'elapsed': elapsed}
-
-    def gather_rng():
-        states = [None] * world
-        if ddp:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        return states
+                'tokenizer_sha256': tok.sha256, 'rng': gather_rng(ddp, world), 'elapsed': elapsed}
 
     def save(reason):
         # weights that just gave a non-finite loss or gradient (skipped) may be finite but blown up: not saved either
