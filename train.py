@@ -680,11 +680,14 @@ def main():
 
     # --- the loop ---
     start_iter = iter_num
-    nonfinite_in_a_row = nonfinite_total = 0
-    step_time, steps_timed = 0.0, 0
+    nonfinite_in_a_row = nonfinite_total = 0  # skipped steps: in a row (too many stops the run), and in all
+    step_time = 0.0  # seconds of the steps since the last log line, and how many: the log's ms/step
+    steps_timed = 0
     t_train = time.time()  # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
     while True:
-        # a resumed run skips the evaluation its checkpoint was saved after (it would only repeat it)
+        # Evaluate and save before the step: step 0's val loss is the untrained baseline, and the last pass through
+        # here (iter_num == max_iters) evaluates the finished model. A resumed run skips the evaluation its
+        # checkpoint was saved after (it would only repeat it)
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
                 cfg.init_from == 'resume' and iter_num == start_iter):
             elapsed += time.time() - t_train
@@ -705,6 +708,7 @@ def main():
             t_train = time.time()
         if iter_num >= cfg.max_iters:
             break
+        # Ctrl-C lands on each process at its own moment: they agree on it first, so all save the same step
         stop_now = torch.tensor(float(stop['requested']), device=device)
         if ddp:
             dist.all_reduce(stop_now)  # every rank stops at the same step
@@ -720,6 +724,7 @@ def main():
             group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
         # The step's loss is its summed target nats over every micro-batch and process divided by their total
         # target count, so a micro-batch weighs by its targets (an SFT one may have few or many), not by 1/accum.
+        # the whole step's target count is needed before the first backward, so its batches are read up front
         batches = [train_batch(rank * accum + micro) for micro in range(accum)]  # same rows on any world size
         counts = [int((y != -1).sum()) for _, y, _ in batches]
         n_total = sum(counts)
