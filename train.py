@@ -336,6 +336,22 @@ def gather_rng(ddp, world):
     return states
 
 
+def catch_interrupts():
+    """Ctrl-C (or a scheduler's SIGTERM) sets stop['requested']: the loop finishes the current step, saves and
+    exits. A second one raises KeyboardInterrupt and exits at once."""
+    stop = {'requested': False}
+
+    def on_sigint(signum, frame):
+        if stop['requested']:
+            raise KeyboardInterrupt
+        stop['requested'] = True
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigint)
+    return stop
+
+
 def lr_factor(it, cfg):
     """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
     Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
@@ -666,17 +682,7 @@ def main():
             save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
             log(f"saved {os.path.join(cfg.ckpt_dir, 'ckpt.pt')} at step {iter_num} ({reason})")
 
-    # Ctrl-C (or a scheduler's SIGTERM): finish the current step, save, exit. A second one exits at once.
-    stop = {'requested': False}
-
-    def on_sigint(signum, frame):
-        if stop['requested']:
-            raise KeyboardInterrupt
-        stop['requested'] = True
-        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigint)
+    stop = catch_interrupts()  # Ctrl-C or SIGTERM: finish the step, save, exit (a second one exits at once)
 
     # --- the loop ---
     start_iter = iter_num
