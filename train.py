@@ -326,6 +326,13 @@ def open_run_folder(cfg, log):
     return open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
 
 
+def weights_state(raw_model, lora, base_ref):
+    """What a checkpoint holds of the model: its weights, or for LoRA only the adapters and a reference to the base."""
+    if lora:
+        return {'adapter': adapter_state(raw_model), 'lora': lora, 'base': base_ref}
+    return {'model': raw_model.state_dict()}
+
+
 def gather_rng(ddp, world):
     """Every process's RNG state, for a checkpoint that resumes each rank exactly (every rank must call it)."""
     states = [None] * world
@@ -660,14 +667,8 @@ def main():
         mean = lambda values: sum(values[n] * w for n, w in weights.items()) / sum(weights.values())
         return mean(losses), losses, mean(bpb), bpb
 
-    def weights_state():
-        """The model's weights, or for LoRA only the adapters with a reference to the base."""
-        if lora:
-            return {'adapter': adapter_state(raw_model), 'lora': lora, 'base': base_ref}
-        return {'model': raw_model.state_dict()}
-
     def checkpoint_state():
-        return {**weights_state(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        return {**weights_state(raw_model, lora, base_ref), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
                 'tokenizer_sha256': tok.sha256, 'rng': gather_rng(ddp, world), 'elapsed': elapsed}
 
@@ -706,7 +707,7 @@ def main():
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
-                    save_checkpoint({**weights_state(), 'iter': iter_num, 'best_val': best_val,
+                    save_checkpoint({**weights_state(raw_model, lora, base_ref), 'iter': iter_num, 'best_val': best_val,
                                      'model_args': args, 'config': vars(cfg), 'tokenizer_sha256': tok.sha256},
                                     cfg.ckpt_dir, 'best.pt')
             if iter_num > 0:
