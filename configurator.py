@@ -10,12 +10,17 @@ Config files are plain Python, executed in order; each assignment to a known key
 as a string). One config file describes an experiment end to end, so every key any stage knows
 lives in the KEYS table below: a key that belongs to another stage is fine, a key that no stage
 knows is a typo and stops the run, whether it comes from the command line or from a config file.
+Each key's valid values sit beside its default (a range for every number): every stage checks the
+final values before it does any work, so `batch_size=0` or `dropout=1.5` stops at once with the key,
+where it was set and what is allowed.
 
-Two conveniences for config files:
+Three conveniences for config files:
   - command-line values are visible while a config file runs, so a file can branch on them
     (config/demo.py does `if phase == 'sft': ...`);
   - `include('other.py')` runs another config file (path relative to the including file) in the
-    same namespace, so config/prod_sft.py can start from config/prod_pretrain.py.
+    same namespace, so config/prod_sft.py can start from config/prod_pretrain.py;
+  - `{out_dir}` and `{phase}` in a string value are filled in at the very end, so a path such as
+    init_from = '{out_dir}/pretrain/best.pt' follows --out_dir (and the out_dir of a copied profile).
 
 This module also holds the two bits of plumbing every stage shares: `die` (a clear error and a
 non-zero exit) and `atomic_file` (write to a temp file, fsync, rename: never a half-written file).
@@ -26,79 +31,88 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 import types
 
-# Every key any stage reads: name -> (default, one-line meaning). Grouped by the stage that uses it.
+# Every key any stage reads: name -> (default, meaning) or (default, valid, meaning), grouped by the
+# stage that uses it. `valid` says which values make sense, and every stage checks it before doing any
+# work (`--help` shows it). Every number needs one:
+#   '>= 1', '> 0', '<= 8'           a bound          '[0, 1)', '(0, 1]', '[0, 9]'   an interval ([ ] include the end)
+#   ('bpe', 'unigram')              the only choices
+#   list, dict                      for a key whose default is None: None, or one of these ('a,b' makes ['a', 'b'])
 KEYS = {
     # --- where things go (all stages) ---
     'out_dir': ('out/demo', "folder for everything this experiment produces (tokenizer, data/, checkpoints, runs/)"),
     'data_dir': ('', "where prepared shards go; '' means <out_dir>/data"),
     'tokenizer_path': ('', "SentencePiece model file; '' means <out_dir>/tokenizer.model"),
-    'seed': (1337, "seed for everything random: tokenizer sampling, train/val split, batches, init, sampling"),
+    'seed': (1337, '[0, 4294967295]',
+             "seed for everything random: tokenizer sampling, train/val split, batches, init, sampling"),
     'sources': ({
         'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
         'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
     }, "the data: {name: {'kind': roam|primer|text|chat|dolly|oasst1|..., 'path': ..., more settings}}"),
 
     # --- tokenizer.py ---
-    'vocab_size': (2048, "tokenizer vocabulary size (also the model's)"),
-    'tokenizer_type': ('bpe', "SentencePiece model type: 'bpe' or 'unigram'"),
-    'tokenizer_sources': (None, "{source name: max bytes} to train the tokenizer on; None = every source"),
-    'tokenizer_max_bytes': (20_000_000, "byte budget per source when tokenizer_sources is None"),
+    'vocab_size': (2048, '>= 265', "tokenizer vocabulary size (also the model's)"),
+    'tokenizer_type': ('bpe', ('bpe', 'unigram'), "SentencePiece model type: 'bpe' or 'unigram'"),
+    'tokenizer_sources': (None, dict, "{source name: max bytes} to train the tokenizer on; None = every source"),
+    'tokenizer_max_bytes': (20_000_000, '>= 1', "byte budget per source when tokenizer_sources is None"),
     'show_chat': ('', "tokenizer.py: print a conversation (a .json or .jsonl file) rendered with the chat template"),
 
     # --- prepare.py ---
-    'shard_tokens': (50_000_000, "largest shard in tokens (a document never spans two shards)"),
-    'num_proc': (0, "prepare.py worker processes for tokenizing; 0 = one per CPU core"),
+    'shard_tokens': (50_000_000, '>= 1', "largest shard in tokens (a document never spans two shards)"),
+    'num_proc': (0, '>= 0', "prepare.py worker processes for tokenizing; 0 = one per CPU core"),
     'analyze_only': (False, "prepare.py: report files, documents, bytes and estimated tokens; write nothing"),
-    'prepare_sources': (None, "list of source names prepare.py works on; None = every source"),
-    'max_conversation_tokens': (4096, "SFT conversations longer than this are truncated when prepared"),
+    'prepare_sources': (None, list, "list of source names prepare.py works on; None = every source"),
+    'max_conversation_tokens': (4096, '>= 2', "SFT conversations longer than this are truncated when prepared"),
     'cache_dir': ('out/cache', "downloaded corpora and benchmark files, kept across runs (a rerun downloads nothing)"),
-    'download_retries': (5, "retries of a failed download (5xx, dropped connection, timeout), with backoff"),
-    'download_timeout': (30.0, "seconds to wait for a server before retrying"),
-    'download_backoff': (2.0, "seconds before the first retry; doubles each time"),
+    'download_retries': (5, '>= 0', "retries of a failed download (5xx, dropped connection, timeout), with backoff"),
+    'download_timeout': (30.0, '> 0', "seconds to wait for a server before retrying"),
+    'download_backoff': (2.0, '>= 0', "seconds before the first retry; doubles each time"),
 
     # --- the model (model.py) ---
-    'n_layer': (6, "transformer blocks"),
-    'n_head': (6, "attention heads (query heads)"),
-    'n_kv_head': (0, "key/value heads; 0 = n_head, fewer = grouped-query attention (smaller KV cache)"),
-    'n_embd': (384, "width of the residual stream"),
-    'block_size': (256, "context length in tokens"),
-    'dropout': (0.0, "dropout rate (0 for pretraining; a little can help small fine-tunes)"),
+    'n_layer': (6, '>= 1', "transformer blocks"),
+    'n_head': (6, '>= 1', "attention heads (query heads)"),
+    'n_kv_head': (0, '>= 0', "key/value heads; 0 = n_head, fewer = grouped-query attention (smaller KV cache)"),
+    'n_embd': (384, '>= 2', "width of the residual stream"),
+    'block_size': (256, '>= 1', "context length in tokens"),
+    'dropout': (0.0, '[0, 1)', "dropout rate (0 for pretraining; a little can help small fine-tunes)"),
     'tie_embeddings': (True, "share the token embedding with the output head"),
-    'rope_theta': (10000.0, "base of the rotary position embedding frequencies"),
+    'rope_theta': (10000.0, '> 0', "base of the rotary position embedding frequencies"),
 
     # --- train.py ---
     'phase': ('pretrain', "name of this training run: checkpoints go to <out_dir>/<phase>/ (e.g. pretrain, sft)"),
     'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a source drawn by weight"),
-    'val_sources': (None, "sources to report validation loss on; None = the mixture's"),
+    'val_sources': (None, list, "sources to report validation loss on; None = the mixture's"),
     'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to start from"),
-    'batch_size': (16, "rows per micro-batch (per process)"),
-    'gradient_accumulation_steps': (1, "micro-batches per optimizer step, in total over all processes"),
-    'max_iters': (1000, "optimizer steps"),
-    'learning_rate': (1e-3, "peak learning rate"),
-    'min_lr': (1e-4, "learning rate at the end of the cosine decay"),
-    'warmup_iters': (100, "linear warmup steps"),
-    'lr_decay_iters': (0, "step where the cosine decay reaches min_lr; 0 = max_iters"),
-    'weight_decay': (0.1, "AdamW weight decay (matrices only)"),
-    'beta1': (0.9, "AdamW beta1"),
-    'beta2': (0.95, "AdamW beta2"),
-    'grad_clip': (1.0, "clip the gradient norm to this; 0 = off"),
-    'eval_interval': (200, "evaluate and checkpoint every this many steps"),
-    'eval_iters': (20, "batches per validation source in each evaluation"),
-    'log_interval': (10, "print and record a training line every this many steps"),
-    'keep_checkpoints': (3, "how many earlier ckpt.pt versions to keep (resume falls back to them)"),
-    'max_nonfinite': (5, "stop after this many non-finite losses in a row (each one's step is skipped)"),
-    'dtype': ('auto', "float32, bfloat16 or float16 (autocast); auto = bfloat16 where fast, else float32"),
+    'batch_size': (16, '>= 1', "rows per micro-batch (per process)"),
+    'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over all processes"),
+    'max_iters': (1000, '>= 0', "optimizer steps"),
+    'learning_rate': (1e-3, '> 0', "peak learning rate"),
+    'min_lr': (1e-4, '>= 0', "learning rate at the end of the cosine decay"),
+    'warmup_iters': (100, '>= 0', "linear warmup steps"),
+    'lr_decay_iters': (0, '>= 0', "step where the cosine decay reaches min_lr; 0 = max_iters"),
+    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only)"),
+    'beta1': (0.9, '[0, 1)', "AdamW beta1"),
+    'beta2': (0.95, '[0, 1)', "AdamW beta2"),
+    'grad_clip': (1.0, '>= 0', "clip the gradient norm to this; 0 = off"),
+    'eval_interval': (200, '>= 1', "evaluate and checkpoint every this many steps"),
+    'eval_iters': (20, '>= 1', "batches per validation source in each evaluation"),
+    'log_interval': (10, '>= 1', "print and record a training line every this many steps"),
+    'keep_checkpoints': (3, '>= 0', "how many earlier ckpt.pt versions to keep (resume falls back to them)"),
+    'max_nonfinite': (5, '>= 1', "stop after this many non-finite losses in a row (each one's step is skipped)"),
+    'dtype': ('auto', ('auto', 'float32', 'bfloat16', 'float16'),
+              "float32, bfloat16 or float16 (autocast); auto = bfloat16 where fast, else float32"),
     'compile': (False, "wrap the model in torch.compile (CPU too; the first steps are slow)"),
     'device': ('auto', "auto (cuda, then mps, then cpu), or e.g. cpu, cuda, cuda:1, mps"),
     'run_id': ('', "name of this run's folder <out_dir>/runs/<run_id>; '' = <phase>-<date>-<time>"),
-    'lora_rank': (0, "> 0: freeze the model from init_from and train LoRA adapters of this rank instead"),
-    'lora_alpha': (16.0, "LoRA scale: the update is (lora_alpha / lora_rank) * B @ A"),
-    'lora_dropout': (0.05, "dropout on the input of the LoRA adapters"),
-    'lora_targets': (['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+    'lora_rank': (0, '>= 0', "> 0: freeze the model from init_from and train LoRA adapters of this rank instead"),
+    'lora_alpha': (16.0, '> 0', "LoRA scale: the update is (lora_alpha / lora_rank) * B @ A"),
+    'lora_dropout': (0.05, '[0, 1)', "dropout on the input of the LoRA adapters"),
+    'lora_targets': (['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], list,
                      "projections that get adapters (all of them: closer to full fine-tuning than q/v alone)"),
     'lora_base': ('', "base checkpoint of a LoRA adapter; '' = the path the adapter recorded"),
     'merge_lora': ('', "train.py: fold this LoRA adapter checkpoint into its base, write <name>_merged.pt, and stop"),
@@ -106,11 +120,11 @@ KEYS = {
     # --- sample.py ---
     'ckpt': ('', "checkpoint to load; '' = <out_dir>/<phase>/best.pt (else ckpt.pt there)"),
     'start': ('', "completion prompt; FILE:path reads it from a file"),
-    'num_samples': (1, "completions to print"),
-    'max_new_tokens': (200, "most tokens to generate per completion or chat reply"),
-    'temperature': (0.8, "sampling temperature; 0 = greedy"),
-    'top_k': (50, "sample only among the k most likely tokens; 0 = off"),
-    'top_p': (0.95, "sample only among the most likely tokens that make up probability p; 1.0 = off"),
+    'num_samples': (1, '>= 1', "completions to print"),
+    'max_new_tokens': (200, '>= 1', "most tokens to generate per completion or chat reply"),
+    'temperature': (0.8, '>= 0', "sampling temperature; 0 = greedy"),
+    'top_k': (50, '>= 0', "sample only among the k most likely tokens; 0 = off"),
+    'top_p': (0.95, '(0, 1]', "sample only among the most likely tokens that make up probability p; 1.0 = off"),
     'use_kv_cache': (True, "reuse keys/values of earlier positions while generating (much faster)"),
     'compile_decode': (True, "compile the per-token decode step (with the KV cache): 2-3x faster replies after a "
                              "one-time compile at start-up; False = run it eagerly"),
@@ -120,20 +134,26 @@ KEYS = {
     'allow_special': (False, "let the model generate role tokens (sys/usr/asst/bos) in chat"),
 
     # --- eval.py ---
-    'eval_sources': (None, "prepared sources whose val split eval.py measures; None = every prepared one"),
-    'eval_tokens': (1_000_000, "eval.py: the first this many tokens of each val split (a fixed set)"),
+    'eval_sources': (None, list, "prepared sources whose val split eval.py measures; None = every prepared one"),
+    'eval_tokens': (1_000_000, '>= 1', "eval.py: the first this many tokens of each val split (a fixed set)"),
     'text_file': ('', "eval.py: measure loss, perplexity and bits per byte on this text file instead"),
     'boolq': ('', "eval.py: BoolQ dev set: a .jsonl/.parquet path, a URL, or 'download'; '' = skip"),
     'hellaswag': ('', "eval.py: HellaSwag val set: a .jsonl/.parquet path, a URL, or 'download'; '' = skip"),
-    'eval_limit': (0, "eval.py: use only the first N benchmark examples; 0 = all"),
+    'eval_limit': (0, '>= 0', "eval.py: use only the first N benchmark examples; 0 = all"),
     'eval_chat': (False, "eval.py: ask benchmark and smoke questions through the chat template (SFT models)"),
     'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
+
+    # --- export.py ---
+    'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = <out_dir>/export/<phase>"),
+    'gguf_type': ('f16', ('f32', 'f16', 'bf16', 'q8_0', 'none'),
+                  "export.py: GGUF weights: f32, f16, bf16, q8_0 (fast CPU chat), or none (no GGUF)"),
+    'overwrite': (False, "export.py: replace an export folder that already has files in it"),
 
     # --- bench.py ---
     'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, prepare"),
     'bench_json': ('', "also write the figures to this JSON file"),
     'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
-    'bench_steps': (10, "timed training steps per configuration (after 3 warm-up steps)"),
+    'bench_steps': (10, '>= 1', "timed training steps per configuration (after 3 warm-up steps)"),
 }
 
 
@@ -159,6 +179,24 @@ def atomic_file(path, mode='wb'):
             os.remove(tmp)
 
 
+def check_writable(folder, key):
+    """Make `folder` and write a little to it, or stop naming the key to change: an unwritable or full disk
+    is found before the work, not after it."""
+    test = os.path.join(folder, f'.write_test{os.getpid()}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(test, 'wb') as f:
+            f.write(b'\0' * 4096)  # (a block: enough to find a full disk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        die(f"cannot write to {folder} ({e.strerror}): set {key} to a folder on a disk you can write to, "
+            f"with free space")
+    finally:
+        if os.path.exists(test):
+            os.remove(test)
+
+
 def file_sha256(path):
     """sha256 of a file, read a MB at a time: recorded wherever shards or checkpoints depend on a file."""
     h = hashlib.sha256()
@@ -173,10 +211,52 @@ def suggest(name, known):
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def key_spec(name):
+    """(default, valid, meaning) of a key; valid is None where the table gives none."""
+    entry = KEYS[name]
+    return (entry[0], None, entry[1]) if len(entry) == 2 else entry
+
+
+def describe(valid):
+    """A key's valid values as --help and error messages show them."""
+    if valid is list:
+        return "None or a list ('a,b' means ['a', 'b'])"
+    if valid is dict:
+        return "None or a dict"
+    if isinstance(valid, tuple):
+        return 'one of ' + ', '.join(map(repr, valid))
+    return valid
+
+
+BOUND = re.compile(r'(>=|>|<=|<)\s*(\S+)$')
+INTERVAL = re.compile(r'([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$')
+
+
+def in_range(value, valid):
+    """Is a number inside a range like '>= 1' or '[0, 1)'? NaN never is."""
+    m = BOUND.match(valid)
+    if m:
+        bound = float(m.group(2))
+        return {'>=': value >= bound, '>': value > bound, '<=': value <= bound, '<': value < bound}[m.group(1)]
+    m = INTERVAL.match(valid)
+    if not m:
+        raise ValueError(f"not a range: {valid!r} (see the comment above KEYS)")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    above = value >= lo if m.group(1) == '[' else value > lo
+    below = value <= hi if m.group(4) == ']' else value < hi
+    return above and below
+
+
 def check_type(name, value, where):
     """Return value converted to the type of the key's default, or die naming the key."""
-    default = KEYS[name][0]
+    default, valid, meaning = key_spec(name)
+    if (valid is list or isinstance(default, list)) and isinstance(value, (str, tuple)):
+        value = list(value) if isinstance(value, tuple) else [v.strip() for v in value.split(',') if v.strip()]
     if default is None:
+        if value is None or valid is None:
+            return value
+        if not isinstance(value, valid) or (valid is list and not all(isinstance(v, str) for v in value)):
+            die(f"{where}: {name} must be {describe(valid)} ({meaning}), got {type(value).__name__} {value!r}")
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -185,14 +265,41 @@ def check_type(name, value, where):
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
     else:
         ok = isinstance(value, type(default))
     if not ok:
         hint = "True or False" if isinstance(default, bool) else type(default).__name__
         die(f"{where}: {name} must be {hint} (like the default {default!r}), got {type(value).__name__} {value!r}")
     return value
+
+
+def check_value(name, value, where):
+    """Die unless a key's final value is inside its valid range or choices (and finite, for a float)."""
+    default, valid, meaning = key_spec(name)
+    if isinstance(value, float) and not math.isfinite(value):
+        die(f"{name}={value} (from {where}) is not a finite number: set a number (the default is {default!r}; "
+            f"{name}: {meaning})")
+    if isinstance(valid, str) and not in_range(value, valid):
+        die(f"{name}={value!r} (from {where}) is out of range: it must be {valid} (the default is {default!r}; "
+            f"{name}: {meaning})")
+    if isinstance(valid, tuple) and value not in valid:
+        die(f"{name}={value!r} (from {where}) is not {describe(valid)}{suggest(str(value), valid)}")
+
+
+def check_combinations(cfg):
+    """Values that are each fine but do not go together (the model's shape)."""
+    at = lambda *names: ', '.join(f"{n} from {cfg.set_by.get(n, 'the default')}" for n in names)
+    if cfg.n_embd % cfg.n_head:
+        fits = max(1, cfg.n_embd // (2 * cfg.n_head)) * 2 * cfg.n_head  # (an even head size too, for RoPE)
+        die(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head} ({at('n_embd', 'n_head')}): each head gets "
+            f"n_embd / n_head dimensions; set n_embd to a multiple of n_head (e.g. {fits})")
+    kv = cfg.n_kv_head or cfg.n_head
+    if cfg.n_head % kv:
+        die(f"n_head={cfg.n_head} is not a multiple of n_kv_head={cfg.n_kv_head} ({at('n_head', 'n_kv_head')}): each "
+            f"key/value head serves an equal group of query heads; set n_kv_head to a divisor of n_head (or 0)")
+    if (cfg.n_embd // cfg.n_head) % 2:
+        die(f"n_embd / n_head = {cfg.n_embd // cfg.n_head} is odd ({at('n_embd', 'n_head')}): rotary position "
+            f"embeddings rotate pairs of dimensions, so each head needs an even size; change n_embd or n_head")
 
 
 def parse_value(name, text):
@@ -210,27 +317,31 @@ def parse_value(name, text):
 
 def print_help():
     print("usage: python <stage>.py [config/X.py ...] [--key=value ...]\n")
-    print("Config files run in order, then --key=value overrides. Every key, with its default:\n")
-    for name, (default, meaning) in KEYS.items():
-        print(f"  --{name}={default!r}")
+    print("Config files run in order, then --key=value overrides. In a string value, {out_dir} and {phase} are\n"
+          "filled in at the end, so paths follow --out_dir. Every key, with its default (and valid values):\n")
+    for name in KEYS:
+        default, valid, meaning = key_spec(name)
+        print(f"  --{name}={default!r}" + (f"  ({describe(valid)})" if valid is not None else ''))
         print(f"        {meaning}")
 
 
-def assigned_line(path, name):
-    """Line of the first assignment to `name` in a config file (for error messages)."""
+def assignments(path):
+    """{name: line of its first assignment} in a config file (for messages that say where a key was set)."""
     try:
-        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
-            if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store):
-                return node.lineno
-    except (OSError, SyntaxError):
-        pass
-    return None
+        tree = ast.parse(open(path, encoding='utf-8').read())
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            found[node.id] = min(node.lineno, found.get(node.id, node.lineno))
+    return found
 
 
-def run_config_file(path, ns):
+def run_config_file(path, ns, ran):
     if not os.path.isfile(path):
         die(f"config file {path} not found (run from the repository root, e.g. python train.py config/demo.py)")
-    ns['include'] = lambda other: run_config_file(os.path.join(os.path.dirname(path), other), ns)
+    ns['include'] = lambda other: run_config_file(os.path.join(os.path.dirname(path), other), ns, ran)
     try:
         code = compile(open(path, encoding='utf-8').read(), path, 'exec')
         exec(code, ns)
@@ -242,18 +353,24 @@ def run_config_file(path, ns):
         if name.startswith('_') or name == 'include' or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
         if name not in KEYS:
-            line = assigned_line(path, name)
+            line = assignments(path).get(name)
             at = f"{path}" + (f" line {line}" if line else "")
             die(f"{at}: unknown key '{name}'{suggest(name, KEYS)}. "
                 f"Every known key is listed by `python train.py --help`.")
         ns[name] = check_type(name, value, path)  # values from before this file passed already
+    ran.append(path)  # after the files it includes: its own assignments come later
 
 
 def configure(argv=None):
-    """Parse config files and --key=value overrides; return a namespace with every key."""
+    """Parse config files and --key=value overrides; return a namespace with every key, each checked
+    against its valid values, and `set_by` (where each key that is not at its default was set)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ('-h', '--help') for a in argv):
-        print_help()
+        try:
+            print_help()
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head` has read what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
         raise SystemExit(0)
     files, overrides = [], {}
     for arg in argv:
@@ -268,12 +385,27 @@ def configure(argv=None):
                 die(f"--{name} needs a value: --{name}=...")
             text = 'True'  # --compile alone means --compile=True
         overrides[name] = check_type(name, parse_value(name, text), f"--{name}")
-    ns = {name: copy.deepcopy(default) for name, (default, _) in KEYS.items()}  # configs may mutate them
+    ns = {name: copy.deepcopy(spec[0]) for name, spec in KEYS.items()}  # configs may mutate them
     ns.update(overrides)  # visible to config files, so they can branch on e.g. phase
+    ran = []
     for path in files:
-        run_config_file(path, ns)
+        run_config_file(path, ns, ran)
     ns.update(overrides)  # and the command line always wins
     cfg = types.SimpleNamespace(**{name: ns[name] for name in KEYS})
+    cfg.set_by = {}
+    for path in ran:
+        cfg.set_by.update({name: f"{path} line {line}" for name, line in assignments(path).items() if name in KEYS})
+    cfg.set_by = {name: where for name, where in cfg.set_by.items() if ns[name] != KEYS[name][0]}
+    cfg.set_by.update({name: f"--{name}" for name in overrides})
+    # {out_dir} and {phase} in a string value are filled in now that both are final: a profile's paths
+    # (init_from, ckpt) then follow --out_dir, and the out_dir of a copy of the profile
+    for name in KEYS:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and name not in ('out_dir', 'phase'):
+            setattr(cfg, name, value.replace('{out_dir}', cfg.out_dir).replace('{phase}', cfg.phase))
+    for name in KEYS:
+        check_value(name, getattr(cfg, name), cfg.set_by.get(name, 'the default'))
+    check_combinations(cfg)
     cfg.data_dir = cfg.data_dir or os.path.join(cfg.out_dir, 'data')
     cfg.tokenizer_path = cfg.tokenizer_path or os.path.join(cfg.out_dir, 'tokenizer.model')
     cfg.ckpt_dir = os.path.join(cfg.out_dir, cfg.phase)

@@ -11,9 +11,13 @@ Stage 5: how good is a checkpoint?
   special tokens counting zero bytes. Bits per byte compares models with different tokenizers. The set is
   fixed (the first eval_tokens tokens of each split, in order), so numbers compare across checkpoints.
 - BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" / " no") has
-  the higher log-likelihood, beside the majority-class and always-no baselines on the same examples.
-- HellaSwag (context, four endings): each ending scored by summed log-prob (acc) and by log-prob per byte
-  of the ending (acc_norm, as lm-evaluation-harness does); random is 25%.
+  the higher log-likelihood, beside the majority-class and always-no baselines on the same examples (each
+  with its standard error).
+- HellaSwag (context, four endings), as lm-evaluation-harness scores it: the context is
+  "activity_label: ctx_a Ctx_b", context and endings cleaned of WikiHow's [title]/[header] marks, each
+  ending scored after a space by summed log-prob (acc) and log-prob per character (acc_norm), each with
+  its standard error; random is 25%.
+- Benchmark rows are all checked (the fields: 'What a row ... must hold', below) before the model is loaded.
 - --eval_chat=True asks the same questions through the chat template (for SFT checkpoints).
 - A fixed list of prompts answered greedily, printed and saved.
 Results go to eval_results.json and eval_results.md beside the checkpoint (or in eval_out).
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 import download
 import prepare
 import sources
-from configurator import atomic_file, configure, die
+from configurator import atomic_file, check_writable, configure, die
 from model import load_model, runtime
 from sample import checkpoint_path
 from tokenizer import Tokenizer, render_for_reply
@@ -130,26 +134,58 @@ def split_sequences(cfg, tok, name, T):
 # ----------------------------------------------------------------------------------------------
 # Multiple-choice benchmarks: the log-likelihood of each continuation after a prompt
 
-def read_rows(path, fields, what):
-    """Rows of a benchmark file (.jsonl, .json list, or .parquet) with the given fields."""
+# What a row of each benchmark file must hold (the public files have more fields; they are ignored):
+#   boolq      question, passage: strings; answer: true or false (a JSON boolean, not the string "false")
+#   hellaswag  activity_label, ctx_a, ctx_b: strings; endings: a list of at least 2 strings;
+#              label: the index of the right ending (0, 1, ... as a number or a string of digits)
+def got(value):
+    return f"got {type(value).__name__} {value!r:.60}"
+
+
+def boolq_problem(row):
+    for field in ('question', 'passage'):
+        if not isinstance(row[field], str):
+            return f"field {field!r} must be a string, {got(row[field])}"
+    if not isinstance(row['answer'], bool):
+        return f"field 'answer' must be true or false (a JSON boolean), {got(row['answer'])}"
+
+
+def hellaswag_problem(row):
+    for field in ('activity_label', 'ctx_a', 'ctx_b'):
+        if not isinstance(row[field], str):
+            return f"field {field!r} must be a string, {got(row[field])}"
+    endings, label = row['endings'], row['label']
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        return f"field 'endings' must be a list of at least 2 strings, {got(endings)}"
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)  # the parquet files store it as a string
+    if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)):
+        return f"field 'label' must be the index of the right ending, 0 to {len(endings) - 1}, {got(label)}"
+    row['label'] = label
+
+
+BENCHMARKS = {'boolq': (('question', 'passage', 'answer'), boolq_problem),
+              'hellaswag': (('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label'), hellaswag_problem)}
+
+
+def read_rows(path, what):
+    """Every row of a benchmark file (.jsonl or .parquet), each checked before any model work: a bad row
+    stops the run naming the file, the row and the field."""
     if not os.path.isfile(path):
         die(f"{what}: cannot read {path}: no such file (give a path, or 'download')")
     if path.endswith('.parquet'):
-        rows = sources.parquet(path).read().to_pylist()
+        rows = [(f"row {n}", row) for n, row in enumerate(sources.parquet(path).read().to_pylist(), 1)]
     else:
-        rows = []
-        with open(path, encoding='utf-8') as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        die(f"{what}: {path} line {n} is not valid JSON ({e.msg})")
-    for n, row in enumerate(rows, 1):
-        missing = [f for f in fields if f not in row]
-        if missing:
-            die(f"{what}: {path} row {n} has no field {missing[0]!r} (a {what} file has {', '.join(fields)})")
-    return rows
+        rows = [(f"line {n}", row) for n, row in sources.read_jsonl(path, None)]
+    if not rows:
+        die(f"{what}: {path} has no rows: is it the right file? (it should be the {what} validation set)")
+    fields, problem = BENCHMARKS[what]
+    for where, row in rows:
+        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+        why = f"has no field {missing[0]!r}" if missing else problem(row)
+        if why:
+            die(f"{what}: {path} {where} {why} (a {what} row has {', '.join(fields)}; see README, Evaluation)")
+    return [row for _, row in rows]
 
 
 def benchmark_file(spec, name):
@@ -193,43 +229,56 @@ def boolq(model, tok, rows, chat, autocast, device, batch_size):
         for answer in ('yes', 'no'):  # a chat reply starts right after <|asst|>; text after "Answer:" with a space
             pairs.append((prompt, tok.encode(answer if chat else ' ' + answer)))
     scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'boolq', head=2 if chat else 1)
-    truth = [bool(r['answer']) for r in rows]
+    truth = [r['answer'] for r in rows]
     predicted = [scores[2 * i][0] > scores[2 * i + 1][0] for i in range(len(rows))]
     n = len(rows)
     acc = sum(p == t for p, t in zip(predicted, truth)) / n
     yes = sum(truth) / n
-    return {'n': n, 'acc': acc, 'stderr': math.sqrt(acc * (1 - acc) / n), 'majority_baseline': max(yes, 1 - yes),
-            'always_no': 1 - yes, 'predicted_yes': sum(predicted) / n}
+    majority, always_no = max(yes, 1 - yes), 1 - yes
+    return {'n': n, 'acc': acc, 'stderr': stderr(acc, n), 'majority_baseline': majority,
+            'majority_stderr': stderr(majority, n), 'always_no': always_no, 'always_no_stderr': stderr(always_no, n),
+            'predicted_yes': sum(predicted) / n}
+
+
+def stderr(p, n):
+    """Standard error of an accuracy p measured on n examples (a binomial proportion)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def hellaswag_clean(text):
+    """lm-evaluation-harness's cleaning of HellaSwag text (its WikiHow half has [title] and [header] marks)."""
+    text = text.strip().replace(' [title]', '. ')
+    text = re.sub(r'\[.*?\]', '', text)
+    return text.replace('  ', ' ')
 
 
 def hellaswag_context(row):
-    text = row['ctx']
-    text = text.replace(' [title]', '. ')
-    text = re.sub(r'\[.*?\]', '', text)
-    return re.sub(r' +', ' ', text).strip()
+    """The context as lm-evaluation-harness builds it: 'activity_label: ctx_a Ctx_b', cleaned."""
+    return hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
 
 
 def hellaswag(model, tok, rows, chat, autocast, device, batch_size):
-    """Pick the ending with the highest log-prob (acc) and per byte of the ending (acc_norm)."""
+    """Pick the ending with the highest log-prob (acc) and log-prob per character of the ending (acc_norm),
+    scored as lm-evaluation-harness does: the same context and endings, the ending after a space."""
     pairs, lengths = [], []
     for r in rows:
         prompt = prompt_ids(tok, ("Continue: " if chat else '') + hellaswag_context(r), chat)
-        for ending in r['endings']:
-            ending = ending.strip() if chat else ' ' + ending.strip()
-            pairs.append((prompt, tok.encode(ending)))
-            lengths.append(len(ending.encode('utf-8')))
+        for ending in map(hellaswag_clean, r['endings']):
+            pairs.append((prompt, tok.encode(ending if chat else ' ' + ending)))
+            lengths.append(len(ending))
     scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'hellaswag', head=2 if chat else 1)
     acc = acc_norm = 0
-    for i, r in enumerate(rows):
+    start = 0
+    for r in rows:
         k = len(r['endings'])
-        s = [scores[i * k + j][0] for j in range(k)]
-        norm = [s[j] / max(1, lengths[i * k + j]) for j in range(k)]
-        label = int(r['label'])
-        acc += int(np.argmax(s)) == label
-        acc_norm += int(np.argmax(norm)) == label
+        s = [scores[start + j][0] for j in range(k)]
+        norm = [s[j] / max(1, lengths[start + j]) for j in range(k)]
+        start += k
+        acc += int(np.argmax(s)) == r['label']
+        acc_norm += int(np.argmax(norm)) == r['label']
     n = len(rows)
-    return {'n': n, 'acc': acc / n, 'acc_norm': acc_norm / n, 'stderr': math.sqrt((acc / n) * (1 - acc / n) / n),
-            'random_baseline': 0.25}
+    return {'n': n, 'acc': acc / n, 'stderr': stderr(acc / n, n), 'acc_norm': acc_norm / n,
+            'acc_norm_stderr': stderr(acc_norm / n, n), 'random_baseline': sum(1 / len(r['endings']) for r in rows) / n}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +299,15 @@ def smoke(model, tok, chat, autocast, max_new_tokens=48):
     return out
 
 
+def benchmark_line(name, r):
+    """acc ± its standard error, beside what it must beat (each baseline with its own standard error)."""
+    if name == 'boolq':
+        return (f"acc {r['acc']:.3f} ± {r['stderr']:.3f}; majority {r['majority_baseline']:.3f} ± "
+                f"{r['majority_stderr']:.3f}, always-no {r['always_no']:.3f} ± {r['always_no_stderr']:.3f}")
+    return (f"acc {r['acc']:.3f} ± {r['stderr']:.3f}, acc_norm {r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}; "
+            f"random {r['random_baseline']:.3f}")
+
+
 def markdown(results):
     lines = [f"# eval of {results['ckpt']} (step {results['iter']})", '',
              '| data | tokens | loss | perplexity | bits/byte |', '|---|---|---|---|---|']
@@ -259,31 +317,37 @@ def markdown(results):
     for name in ('boolq', 'hellaswag'):
         if name in results:
             r = results[name]
-            extra = (f"majority {r['majority_baseline']:.3f}, always-no {r['always_no']:.3f}" if name == 'boolq'
-                     else f"acc_norm {r['acc_norm']:.3f}, random 0.25")
-            lines += ['', f"**{name}** (n={r['n']}): acc {r['acc']:.3f} ± {r['stderr']:.3f}; {extra}"]
+            lines += ['', f"**{name}** (n={r['n']}): {benchmark_line(name, r)}"]
     return '\n'.join(lines) + '\n'
 
 
 def main():
     cfg = configure()
     download.setup(cfg)
+    # every input is read and checked before the model is: a bad row or an unwritable folder costs nothing
+    limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows
+    benchmarks = {name: limit(read_rows(benchmark_file(spec, name), name))
+                  for name, spec in (('boolq', cfg.boolq), ('hellaswag', cfg.hellaswag)) if spec}
+    text = None
+    if cfg.text_file:
+        if not os.path.isfile(cfg.text_file):
+            die(f"--text_file: cannot read {cfg.text_file}: no such file")
+        try:
+            text = open(cfg.text_file, encoding='utf-8-sig').read()
+        except UnicodeDecodeError as e:
+            die(f"--text_file: {cfg.text_file} is not valid UTF-8 (byte {e.start})")
     device, _, dtype, autocast = runtime(cfg.device, cfg.dtype)
     tok = Tokenizer(cfg.tokenizer_path)
-    path = checkpoint_path(cfg)
-    model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base)
+    path, why = checkpoint_path(cfg)
+    out_dir = cfg.eval_out or os.path.dirname(os.path.abspath(path))
+    check_writable(out_dir, 'eval_out')
+    model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
     T, B = model.cfg.block_size, cfg.batch_size
     results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'], 'tokenizer_sha256': tok.sha256,
                'chat': cfg.eval_chat, 'splits': {}}
     print(f"eval: {path} (step {ckpt['iter']}) on {device} {dtype}")
 
-    if cfg.text_file:
-        if not os.path.isfile(cfg.text_file):
-            die(f"--text_file: cannot read {cfg.text_file}: no such file")
-        try:
-            text = open(cfg.text_file, encoding='utf-8').read()
-        except UnicodeDecodeError as e:
-            die(f"--text_file: {cfg.text_file} is not valid UTF-8 (byte {e.start})")
+    if text is not None:
         ids = [tok.bos_id] + tok.encode(text)[:cfg.eval_tokens]
         results['splits'][os.path.basename(cfg.text_file)] = split_metrics(model, tok, windows(ids, T), autocast,
                                                                             device, B, cfg.text_file)
@@ -298,21 +362,13 @@ def main():
         print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte "
               f"{m['bits_per_byte']:.4f} ({m['tokens']:,} tokens)")
 
-    limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows
-    if cfg.boolq:
-        rows = limit(read_rows(benchmark_file(cfg.boolq, 'boolq'), ('question', 'passage', 'answer'), 'boolq'))
-        results['boolq'] = r = boolq(model, tok, rows, cfg.eval_chat, autocast, device, B)
-        print(f"boolq: acc {r['acc']:.3f} ± {r['stderr']:.3f} (n={r['n']}); majority {r['majority_baseline']:.3f}, "
-              f"always-no {r['always_no']:.3f}")
-    if cfg.hellaswag:
-        rows = limit(read_rows(benchmark_file(cfg.hellaswag, 'hellaswag'), ('ctx', 'endings', 'label'), 'hellaswag'))
-        results['hellaswag'] = r = hellaswag(model, tok, rows, cfg.eval_chat, autocast, device, B)
-        print(f"hellaswag: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} (n={r['n']}; random 0.25)")
+    for name, rows in benchmarks.items():
+        score = boolq if name == 'boolq' else hellaswag
+        results[name] = r = score(model, tok, rows, cfg.eval_chat, autocast, device, B)
+        print(f"{name} (n={r['n']}): {benchmark_line(name, r)}")
     print("smoke prompts (greedy):")
     results['smoke'] = smoke(model, tok, cfg.eval_chat, autocast)
 
-    out_dir = cfg.eval_out or os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
     with atomic_file(os.path.join(out_dir, 'eval_results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     with atomic_file(os.path.join(out_dir, 'eval_results.md'), 'w') as f:

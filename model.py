@@ -420,7 +420,21 @@ def read_checkpoint(path, fatal=True):
 # Where the model runs, and loading a trained one (sample.py, eval.py, bench.py and train.py share these)
 
 def pick_device(name):
+    """'auto' -> the best device here; a named one is checked, so a missing GPU is a message, not a traceback."""
     if name != 'auto':
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            die(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<n> or mps")
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            die(f"device={name!r} but this machine has no CUDA GPU that torch can use: set --device=cpu (or auto)")
+        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+            die(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}")
+        if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+            die(f"device={name!r} but MPS (Apple GPU) is not available here: set --device=cpu (or auto)")
+        if device.type not in ('cpu', 'cuda', 'mps'):
+            die(f"device={name!r}: this code runs on cpu, cuda or mps")
         return name
     if torch.cuda.is_available():
         return 'cuda'
@@ -459,14 +473,26 @@ def runtime(device_name, dtype_name):
     return device, device_type, dtype, autocast
 
 
-def load_model(path, device, tokenizer_sha256=None, base_path=''):
-    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer.
-    A LoRA adapter checkpoint is loaded onto its base model (the path it records, or base_path) and
-    merged into it."""
+def check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256):
+    """A checkpoint works only with the tokenizer it was trained with. When they differ, the likely cause
+    is the wrong checkpoint or the wrong out_dir, so say which checkpoint was picked and why."""
+    if ckpt['tokenizer_sha256'] == tokenizer_sha256:
+        return
+    then = (ckpt.get('config') or {}).get('tokenizer_path')
+    die(f"{path} ({why}) was trained with another tokenizer: sha256 {ckpt['tokenizer_sha256'][:12]}"
+        + (f" (it was {then})" if then else '') + f", but the configured tokenizer {tokenizer_path} is "
+        f"{tokenizer_sha256[:12]}. Is out_dir right? Pick a checkpoint trained with this tokenizer, or point "
+        f"tokenizer_path at the one this checkpoint was trained with")
+
+
+def load_model(path, device, tokenizer_sha256=None, base_path='', why='the checkpoint asked for',
+               tokenizer_path='the configured tokenizer'):
+    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer
+    (`why` the checkpoint was picked goes into that message). A LoRA adapter checkpoint is loaded onto
+    its base model (the path it records, or base_path) and merged into it."""
     ckpt = read_checkpoint(path)
-    if tokenizer_sha256 and ckpt['tokenizer_sha256'] != tokenizer_sha256:
-        die(f"{path} was trained with another tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}, the configured one "
-            f"is {tokenizer_sha256[:12]}): point tokenizer_path at the tokenizer it was trained with")
+    if tokenizer_sha256:
+        check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256)
     model = GPT(ModelConfig(**ckpt['model_args']))
     if 'adapter' in ckpt:
         model.load_state_dict(base_weights(ckpt, path, base_path))

@@ -26,13 +26,15 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import sys
 import time
 
 import numpy as np
 
 import download
 import sources
-from configurator import atomic_file, configure, die, suggest
+from configurator import atomic_file, check_writable, configure, die, suggest
 
 FORMAT_VERSION = 1
 
@@ -46,6 +48,7 @@ worker_tok = None
 def init_worker(tokenizer_path):
     global worker_tok
     import tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process (one message, not one per worker)
     worker_tok = tokenizer.Tokenizer(tokenizer_path)
 
 
@@ -399,8 +402,20 @@ def main():
         return analyze(cfg, names)
     import tokenizer
     tok = tokenizer.Tokenizer(cfg.tokenizer_path)
+    check_writable(cfg.data_dir, 'data_dir (or out_dir)')
     for name in names:
-        prepare_source(cfg, name, tok)
+        try:
+            prepare_source(cfg, name, tok)
+        except BaseException as e:  # Ctrl-C, a full disk, a bad document: no half-built source is left behind
+            shutil.rmtree(os.path.join(cfg.data_dir, name + '.tmp'), ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                print(f"\ninterrupted: source '{name}' was not finished and nothing of it was kept (sources prepared "
+                      f"before it are done); run prepare.py again to go on", file=sys.stderr)
+                sys.exit(130)
+            if isinstance(e, OSError):
+                die(f"{e.filename or cfg.data_dir}: {e.strerror} while preparing source '{name}'. If the disk is full, "
+                    f"free some space or set data_dir to another disk; nothing of '{name}' was kept, so re-run after")
+            raise
 
 
 if __name__ == '__main__':

@@ -6,9 +6,15 @@ Stage 4: talk to a trained model.
 
 Text is streamed as it is generated, one token at a time, through an incremental UTF-8 decoder so
 that a character split over several byte tokens is printed only once it is whole.
+
+Chat on a terminal edits lines with readline (arrow keys, and up/down for earlier messages of the
+session). With piped stdin it is a line protocol for programs: one message per input line, one reply
+per output line (a newline inside a reply is written as the two characters \\n, a backslash as \\\\),
+and status lines such as "(conversation reset)" go to stderr.
 """
 import codecs
 import os
+import re
 import sys
 import time
 
@@ -24,10 +30,31 @@ DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few wor
 
 
 def checkpoint_path(cfg):
+    """(path, why): the checkpoint to load and why it is that one (for messages when it does not fit)."""
     if cfg.ckpt:
-        return cfg.ckpt
+        return cfg.ckpt, f"ckpt, from {cfg.set_by.get('ckpt', 'the config')}"
     best = os.path.join(cfg.ckpt_dir, 'best.pt')
-    return best if os.path.exists(best) else os.path.join(cfg.ckpt_dir, 'ckpt.pt')
+    if os.path.exists(best):
+        return best, f"the best checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir}, as ckpt is ''"
+    return (os.path.join(cfg.ckpt_dir, 'ckpt.pt'),
+            f"the latest checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir} (it has no best.pt), as ckpt is ''")
+
+
+def clean(text):
+    """User text as valid Unicode: a lone surrogate (from bytes that are not UTF-8, on stdin or in an argument)
+    becomes U+FFFD, which the tokenizer can encode."""
+    return re.sub('[\ud800-\udfff]', '\ufffd', text)
+
+
+class OneLine:
+    """Piped chat: a reply is written on one line, its newlines as \\n and backslashes as \\\\ (so a program
+    reads one reply per line and can undo the escapes)."""
+
+    def write(self, text):
+        sys.stdout.write(text.replace('\\', '\\\\').replace('\n', '\\n').replace('\r', '\\r'))
+
+    def flush(self):
+        sys.stdout.flush()
 
 
 def stream(tok, tokens, out=None):
@@ -65,7 +92,11 @@ def complete(cfg, model, tok, autocast, generator):
         path = start[5:]
         if not os.path.isfile(path):
             die(f"--start=FILE:{path}: no such file")
-        start = open(path, encoding='utf-8').read()
+        try:
+            start = open(path, encoding='utf-8-sig').read()
+        except UnicodeDecodeError as e:
+            die(f"--start=FILE:{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`")
+    start = clean(start)
     prompt = [tok.bos_id] + tok.encode(start)
     if len(prompt) > model.cfg.block_size:
         prompt = prompt[-model.cfg.block_size:]
@@ -100,22 +131,34 @@ def chat(cfg, model, tok, autocast, generator):
     """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the new
     user message; when the conversation outgrows the context, the oldest turns are dropped (the system
     prompt stays) and the rest is read again."""
-    system = cfg.system or DEFAULT_SYSTEM
+    configured = clean(cfg.system) or DEFAULT_SYSTEM
     if cfg.system_file:  # a file is the deliberate choice: it wins over `system`
         if not os.path.isfile(cfg.system_file):
             die(f"--system_file={cfg.system_file}: no such file")
-        system = open(cfg.system_file, encoding='utf-8').read().strip()
+        try:
+            configured = clean(open(cfg.system_file, encoding='utf-8-sig').read().strip())
+        except UnicodeDecodeError as e:
+            die(f"--system_file={cfg.system_file} is not valid UTF-8 (byte {e.start}): convert it to UTF-8")
+    system = configured
     banned = () if cfg.allow_special else (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id)
     block = model.cfg.block_size
     reply_room = min(cfg.max_new_tokens, block // 2)
     tty = sys.stdin.isatty()
+    if hasattr(sys.stdin, 'reconfigure'):
+        sys.stdin.reconfigure(errors='replace')  # bytes that are not UTF-8 become U+FFFD, not a crash
+    if tty:
+        try:
+            import readline  # noqa: F401  input() then edits the line (arrow keys) and keeps this session's history
+        except ImportError:  # (not on every platform)
+            pass
+    out = None if tty else OneLine()
     cache = KVCache(model)  # one for the whole chat, reset when it starts over
     compile_decode(cfg, model, autocast, cache, banned)
 
     messages = [{'role': 'system', 'content': system}]
     pending = render_conversation(tok, messages)[0]
     if tty:
-        print("chat: type a message; /reset, /system <text>, /quit (or Ctrl-D) to leave")
+        print("chat: type a message; /reset, /system <text> (bare /system: the configured one), /quit (or Ctrl-D)")
     while True:
         try:
             line = input('> ' if tty else '')
@@ -123,18 +166,20 @@ def chat(cfg, model, tok, autocast, generator):
             if tty:
                 print()
             return
-        text = line.strip()
+        text = clean(line).strip()
         if not text:
             continue
         if text == '/quit':
             return
-        if text == '/reset' or text.startswith('/system'):
+        if text in ('/reset', '/system') or text.startswith('/system '):
+            status = "conversation reset"
             if text.startswith('/system'):
-                system = text[len('/system'):].strip() or DEFAULT_SYSTEM
+                system = text[len('/system'):].strip() or configured
+                status = ("configured system prompt restored, " if system == configured else "system prompt set, ") + status
             messages = [{'role': 'system', 'content': system}]
             pending = render_conversation(tok, messages)[0]
             cache.reset()
-            print("(conversation reset)")
+            print(f"({status})", file=sys.stderr)  # not on stdout, where a program reads one reply per line
             continue
         messages.append({'role': 'user', 'content': text})
         pending = pending + render_turn(tok, 'user', text)[0] + [tok.asst_id]
@@ -144,8 +189,8 @@ def chat(cfg, model, tok, autocast, generator):
         with autocast:
             reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
                                                banned=banned, stop={tok.eot_id}, generator=generator, cache=cache,
-                                               compile=cfg.compile_decode))
-        print()
+                                               compile=cfg.compile_decode), out)
+        print(flush=True)
         # the cache holds everything before the reply's last token: the next turn feeds that token (unless
         # it is the <eot>) and an <eot> closing the reply, as the template has it
         if reply and reply[-1] == tok.eot_id:
@@ -160,7 +205,8 @@ def main():
     cfg = configure()
     device, _, dtype, autocast = runtime(cfg.device, cfg.dtype)
     tok = Tokenizer(cfg.tokenizer_path)
-    model, _ = load_model(checkpoint_path(cfg), device, tok.sha256, cfg.lora_base)
+    path, why = checkpoint_path(cfg)
+    model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
     generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling draws its noise on the model's device
     try:
         if cfg.interactive:
@@ -169,6 +215,8 @@ def main():
             complete(cfg, model, tok, autocast, generator)
     except KeyboardInterrupt:  # Ctrl-C, wherever it lands: leave cleanly
         print()
+    except BrokenPipeError:  # `sample.py ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the flush at exit is quiet too)
 
 
 if __name__ == '__main__':

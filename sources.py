@@ -13,7 +13,7 @@ problems=None a bad file stops the run; with a list (analyze_only) the problem i
 goes on. To add a kind: a line in KINDS and a reader in READERS.
 """
 import codecs
-import glob
+import fnmatch
 import gzip
 import json
 import os
@@ -83,6 +83,58 @@ def source_settings(name, src):
 # Empty documents are skipped and counted in stats. With problems=None a bad file stops the run;
 # with a list (analyze_only) the problem is recorded and reading goes on.
 
+def glob_match(parts, pattern, hidden):
+    """Does a relative path (a list of names) match a glob pattern (a list of names)? As in glob: '**' matches
+    any number of folders, '*', '?' and [...] stay within one name, and a wildcard matches a name starting
+    with '.' only if `hidden`."""
+    if not pattern:
+        return not parts
+    if pattern[0] == '**':
+        return any(glob_match(parts[i:], pattern[1:], hidden) for i in range(len(parts) + 1)
+                   if hidden or not any(p.startswith('.') for p in parts[:i]))
+    if not parts or (parts[0].startswith('.') and not hidden and not pattern[0].startswith('.')):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and glob_match(parts[1:], pattern[1:], hidden)
+
+
+LINKS_REPORTED = set()
+
+
+def find_files(root, pattern, name, hidden=False):
+    """Files under `root` matching a glob pattern ('**/*.md'), following symlinked folders but reading each
+    real folder once: a link loop (`ln -s . notes/loop`) or a second link to a folder already read would
+    otherwise copy every page it reaches many times over, into train and val alike."""
+    real = set()  # the folders of the tree itself, reached without links
+    for dirpath, _, _ in os.walk(root):
+        st = os.stat(dirpath)
+        real.add((st.st_dev, st.st_ino))
+    seen, skipped, found = set(), [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            try:
+                st = os.stat(path)
+            except OSError:  # a broken link
+                continue
+            key = (st.st_dev, st.st_ino)
+            if os.path.islink(path) and (key in real or key in seen):
+                skipped.append(path)
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirnames[:] = keep
+        rel = os.path.relpath(dirpath, root)
+        parts = [] if rel == '.' else rel.split(os.sep)
+        found += [os.path.join(dirpath, f) for f in filenames if glob_match(parts + [f], pattern.split('/'), hidden)]
+    if skipped and (name, root) not in LINKS_REPORTED:
+        LINKS_REPORTED.add((name, root))
+        print(f"sources['{name}']: skipped {len(skipped)} symlinked folder(s) under {root} that lead to a folder "
+              f"already read (a link loop, or a second way to the same folder): {', '.join(skipped[:3])}"
+              + (' ...' if len(skipped) > 3 else ''))
+    return [f[2:] if root == '.' else f for f in found if os.path.isfile(f)]  # ('x.txt', not './x.txt')
+
+
 def source_files(src):
     """The files a source reads, sorted; a missing path or an empty folder stops with its name. A
     single-file public corpus without a 'path' is downloaded into the cache first."""
@@ -97,16 +149,16 @@ def source_files(src):
         if src['kind'] == 'roam':
             if not os.path.isdir(p):
                 die(f"sources['{src['name']}']: {p} is not a folder (a roam source is an exported folder of .md pages)")
-            # include_hidden: Roam pages titled '.something' are real pages; escape: folders named [[x]]
-            found = [f for f in glob.glob(os.path.join(glob.escape(p), src['glob']), recursive=True,
-                                          include_hidden=True) if os.path.isfile(f)]
+            found = find_files(p, src['glob'], src['name'], hidden=True)  # Roam pages titled '.x' are pages
             if not found:
                 die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the right folder?")
             files += found
         elif os.path.isfile(p):
             files.append(p)
         elif any(c in p for c in '*?['):
-            found = [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
+            parts = p.split('/')
+            fixed = next(i for i, part in enumerate(parts) if any(c in part for c in '*?['))
+            found = find_files('/'.join(parts[:fixed]) or '.', '/'.join(parts[fixed:]), src['name'])
             if not found:
                 die(f"sources['{src['name']}']: no files match {p}")
             files += found
@@ -115,11 +167,15 @@ def source_files(src):
     return sorted(set(files))
 
 
+BOM = '\ufeff'  # the byte-order mark some editors (Notepad) put first in a UTF-8 file: not part of the text
+
+
 def read_utf8(path, problems):
     try:
         with open(path, 'rb') as f:
             data = f.read()
-        return data.decode('utf-8')
+        text = data.decode('utf-8')
+        return text[1:] if text.startswith(BOM) else text
     except UnicodeDecodeError as e:
         msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`, "
                "or remove it from the source")
@@ -141,6 +197,7 @@ def read_roam(src, stats=None, problems=None):
             stats is not None and stats.update(['empty'])
             continue
         title = os.path.splitext(os.path.relpath(path, root))[0]  # pages with '/' in the title are nested
+        title = ' '.join(title.split())  # a tab or newline in a file name must not break the title line
         yield path, (f"{title}\n{text}" if src['add_title'] else text)
 
 
@@ -161,7 +218,7 @@ def read_text(src, stats=None, problems=None):
 
 def split_stream(path, sep, problems, block=1 << 20):
     """Documents of a file split on `sep`, read a block at a time (memory: the largest document)."""
-    decoder, rest, offset = codecs.getincrementaldecoder('utf-8')(), '', 0
+    decoder, rest, offset = codecs.getincrementaldecoder('utf-8-sig')(), '', 0  # (-sig: drops a BOM)
     with open(path, 'rb') as f:
         while True:
             data = f.read(block)
@@ -197,18 +254,22 @@ def parse_primer(text, path):
         line_no += block.count('\n') + DIALOGUE_DELIM.count('\n')
         if not block.strip():
             continue
-        messages = []
+        messages, lines = [], []
         for i, line in enumerate(block.strip('\n').split('\n')):
             m = ROLE_LINE.match(line)
             if m:
                 messages.append({'role': m.group(1).lower(), 'content': m.group(2)})
+                lines.append(start + i)
             elif messages:
                 messages[-1]['content'] += '\n' + line
             elif line.strip():
                 die(f"{path} line {start + i}: a dialogue must start with 'system: ', 'user: ' or "
                     f"'assistant: ', found {line[:60]!r}")
-        for m in messages:
+        for m, line in zip(messages, lines):
             m['content'] = m['content'].strip()
+            if not m['content']:  # an empty reply would teach the model to answer with nothing
+                die(f"{path} line {line}: the {m['role']} turn of the dialogue starting at line {start} is empty: "
+                    f"write its text after '{m['role']}:' or remove the line")
         yield f"{path} line {start}", messages
 
 
@@ -219,22 +280,39 @@ def read_primer(src, stats=None, problems=None):
             yield from parse_primer(text, path)
 
 
+def lone_surrogate(value):
+    """The first half of a UTF-16 surrogate pair standing alone in the strings of a JSON value (a "\\ud83d"
+    escape without its partner: a cut emoji), or None. No UTF-8 text holds one, so it cannot be tokenized."""
+    if isinstance(value, str):
+        m = re.search('[\ud800-\udfff]', value)
+        return m.group() if m else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((s for s in map(lone_surrogate, items) if s), None)
+
+
 def read_jsonl(path, problems):
     """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
     opener = gzip.open if path.endswith('.gz') else open
     n = 0
     try:
-        with opener(path, 'rt', encoding='utf-8') as f:
+        with opener(path, 'rt', encoding='utf-8-sig') as f:  # (-sig: a BOM before the first line is fine)
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    yield n, json.loads(line)
+                    obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     msg = f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
-                    if problems is None:
-                        die(msg)
-                    problems.append(msg)
+                else:
+                    bad = '\\u' in line and lone_surrogate(obj)  # (only escapes can make one)
+                    if not bad:
+                        yield n, obj
+                        continue
+                    msg = (f"{path} line {n}: {bad!r} is half of a UTF-16 surrogate pair standing alone (a cut emoji?), "
+                           "which is not text: fix the line or remove it")
+                if problems is None:
+                    die(msg)
+                problems.append(msg)
     except (UnicodeDecodeError, EOFError, OSError) as e:  # bad bytes, a truncated or damaged .gz
         what = 'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else f'unreadable ({e})'
         msg = f"{path} is {what} after line {n}: fix the file, or delete it if it was downloaded to fetch it again"

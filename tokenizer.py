@@ -21,7 +21,7 @@ import sentencepiece as spm
 
 import download
 import sources
-from configurator import atomic_file, configure, die, file_sha256
+from configurator import atomic_file, check_writable, configure, die, file_sha256
 
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
 SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
@@ -134,7 +134,7 @@ def load_conversation_file(path):
     """The first conversation in a .json, .jsonl or primer .txt file (for --show_chat)."""
     if not os.path.isfile(path):
         die(f"--show_chat: no file {path}")
-    text = open(path, encoding='utf-8').read()
+    text = sources.read_utf8(path, None)
     if path.endswith('.txt'):
         return next(sources.parse_primer(text, path))[1]
     try:
@@ -142,6 +142,9 @@ def load_conversation_file(path):
     except (json.JSONDecodeError, IndexError) as e:
         die(f"{path}: not a JSON conversation ({e}); expected [{{'role': ..., 'content': ...}}, ...] "
             "or {'messages': [...]}")
+    if sources.lone_surrogate(obj):
+        die(f"{path}: {sources.lone_surrogate(obj)!r} is half of a UTF-16 surrogate pair standing alone, which is "
+            "not text: fix the file")
     return obj['messages'] if isinstance(obj, dict) and 'messages' in obj else obj
 
 
@@ -151,9 +154,11 @@ def load_conversation_file(path):
 def tokenizer_settings(cfg):
     """Everything the trained model depends on; recorded beside it to decide skip vs conflict."""
     budgets = cfg.tokenizer_sources or {name: cfg.tokenizer_max_bytes for name in cfg.sources}
-    for name in budgets:
+    for name, max_bytes in budgets.items():
         if name not in cfg.sources:
             die(f"tokenizer_sources names '{name}', which is not in sources ({', '.join(cfg.sources)})")
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
+            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of it; got {max_bytes!r}")
     return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type, 'seed': cfg.seed,
             'sources': {name: {'settings': cfg.sources[name], 'max_bytes': budgets[name]} for name in budgets}}
 
@@ -188,9 +193,7 @@ def train_tokenizer(cfg):
         die(f"{path} exists but was trained with other settings ({info_path} differs from this config). "
             "Shards and checkpoints made with it depend on it, so it is not replaced silently: delete it "
             "(and re-run prepare.py) to train a new one, or set --tokenizer_path to a new file.")
-    if cfg.tokenizer_type not in ('bpe', 'unigram'):
-        die(f"tokenizer_type must be 'bpe' or 'unigram', got {cfg.tokenizer_type!r}")
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
     spm.set_random_generator_seed(cfg.seed)
     model = io.BytesIO()
     try:
@@ -208,11 +211,21 @@ def train_tokenizer(cfg):
         if m:
             die(f"vocab_size={cfg.vocab_size} is too large for this little text: SentencePiece can make at most "
                 f"{m.group(1)} pieces from it. Lower vocab_size or add text to the sources.")
+        m = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
+        if m:
+            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, the newline, 256 bytes) "
+                f"and the characters of this text need {m.group(1)}. Raise vocab_size to at least {m.group(1)}.")
         die(f"SentencePiece training failed: {e}")
-    with atomic_file(path) as f:
-        f.write(model.getvalue())
-    with atomic_file(info_path, 'w') as f:
-        json.dump({'settings': settings, 'sha256': file_sha256(path)}, f, indent=2)
+    try:
+        with atomic_file(path) as f:
+            f.write(model.getvalue())
+        with atomic_file(info_path, 'w') as f:
+            json.dump({'settings': settings, 'sha256': file_sha256(path)}, f, indent=2)
+    except OSError as e:  # a full disk: atomic_file removed its temp file; a model without its .json is not kept
+        if os.path.exists(path) and not os.path.exists(info_path):
+            os.remove(path)
+        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or set tokenizer_path "
+            "to another disk; nothing half-written was kept")
     tok = Tokenizer(path)
     print(f"tokenizer: wrote {path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
 

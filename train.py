@@ -31,9 +31,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from configurator import atomic_file, configure, die, file_sha256, save_config
-from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, load_model, pick_device, read_checkpoint,
-                   runtime)
+from configurator import check_writable, configure, die, file_sha256, save_config
+from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, check_tokenizer, load_model, pick_device,
+                   read_checkpoint, runtime)
 from tokenizer import Tokenizer
 
 
@@ -250,11 +250,9 @@ def model_args_from(cfg, vocab_size):
                               dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta))
 
 
-def check_compatible(ckpt, path, args, tok):
+def check_compatible(ckpt, path, why, args, tok):
     """A checkpoint must come from this tokenizer and have this model's shape (block_size may shrink)."""
-    if ckpt['tokenizer_sha256'] != tok.sha256:
-        die(f"{path} was trained with another tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}, "
-            f"{tok.path} is {tok.sha256[:12]}): use the tokenizer it was trained with (tokenizer_path)")
+    check_tokenizer(ckpt, path, why, tok.path, tok.sha256)
     saved = ckpt['model_args']
     for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings', 'rope_theta'):
         if saved[key] != args[key]:
@@ -327,13 +325,7 @@ def main():
 
     # --- output folders: fail now, not after an hour of training ---
     if master:
-        try:
-            os.makedirs(cfg.ckpt_dir, exist_ok=True)
-            with atomic_file(os.path.join(cfg.ckpt_dir, '.write_test')) as f:
-                f.write(b'ok')
-            os.remove(os.path.join(cfg.ckpt_dir, '.write_test'))
-        except OSError as e:
-            die(f"cannot write to {cfg.ckpt_dir} ({e.strerror}): set out_dir to a writable folder")
+        check_writable(cfg.ckpt_dir, 'out_dir')
     if ddp:
         dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 
@@ -345,7 +337,8 @@ def main():
     iter_num, best_val, ckpt, weights, base_ref = 0, float('inf'), None, None, None
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
-        check_compatible(ckpt, path, args, tok)
+        why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
+        check_compatible(ckpt, path, why, args, tok)
         if ckpt.get('lora') != lora:
             die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
                 f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
@@ -357,7 +350,7 @@ def main():
         if not os.path.isfile(cfg.init_from):
             die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file")
         ckpt = read_checkpoint(cfg.init_from)
-        check_compatible(ckpt, cfg.init_from, args, tok)
+        check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args, tok)
         if 'adapter' in ckpt:
             die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
         weights = ckpt['model']

@@ -32,7 +32,8 @@ if phase == 'pretrain':
     eval_iters = 10
     log_interval = 25
 else:  # sft (or lora): only chat sources in the mixture, so the loss is on the assistant replies only
-    init_from = 'out/demo/pretrain/ckpt.pt'  # the end of pretraining (best.pt may be an earlier, less fluent step)
+    # {out_dir} is filled in once every file and --out_dir are read: these paths follow --out_dir
+    init_from = '{out_dir}/pretrain/ckpt.pt'  # the end of pretraining (best.pt may be an earlier, less fluent step)
     mixture = {'primer': 1.0}
     max_iters = 150
     learning_rate = 5e-4
@@ -43,4 +44,4 @@ else:  # sft (or lora): only chat sources in the mixture, so the loss is on the 
     log_interval = 25
     # 123 dialogues are too few to generalise from: validation loss rises as soon as the model starts to
     # learn them by heart, so best.pt would be the untuned model. The demo chats with the final weights.
-    ckpt = f'out/demo/{phase}/ckpt.pt'
+    ckpt = '{out_dir}/{phase}/ckpt.pt'

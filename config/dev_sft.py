@@ -6,7 +6,7 @@ sources.update({
     'dolly': {'kind': 'dolly'},
     'oasst1': {'kind': 'oasst1'},
 })
-init_from = 'out/dev/pretrain/best.pt'
+init_from = '{out_dir}/pretrain/best.pt'  # ({out_dir} is filled in at the end: it follows --out_dir)
 mixture = {'primer': 0.4, 'dolly': 0.3, 'oasst1': 0.3}  # only chat sources: masked loss on the replies
 max_iters = 300
 learning_rate = 3e-4

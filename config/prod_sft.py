@@ -6,7 +6,7 @@ sources.update({
     'dolly': {'kind': 'dolly'},
     'oasst1': {'kind': 'oasst1'},  # English, best-ranked path of each tree
 })
-init_from = 'out/prod/pretrain/best.pt'
+init_from = '{out_dir}/pretrain/best.pt'  # ({out_dir} is filled in at the end: it follows --out_dir)
 mixture = {'dolly': 0.45, 'oasst1': 0.45, 'primer': 0.1}
 gradient_accumulation_steps = 4   # 131k tokens per step: ~2.5 passes over the ~13M tokens of conversations
 max_iters = 250

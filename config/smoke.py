@@ -20,7 +20,7 @@ if phase == 'pretrain':
     max_iters = 30
     eval_interval = 15
 else:
-    init_from = 'out/smoke/pretrain/ckpt.pt'
+    init_from = '{out_dir}/pretrain/ckpt.pt'  # ({out_dir} is filled in at the end: it follows --out_dir)
     mixture = {'primer': 1.0}
     max_iters = 20
     eval_interval = 10

@@ -158,7 +158,145 @@ CASES = [
     ('prompt file missing', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--start=FILE:nothing.txt'], ['nothing.txt', 'no such file']),
     ('chat with a missing system file', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--interactive', '--system_file=voice.txt'],
      ['voice.txt', 'no such file']),
+
+    # --- numbers that make no sense: every key has a valid range, checked by every stage before any work ---
+    ('no micro-batches per step', 'train.py', lambda w: ['--gradient_accumulation_steps=0'],
+     ['gradient_accumulation_steps=0', '--gradient_accumulation_steps', '>= 1']),
+    ('no validation batches', 'train.py', lambda w: ['--eval_iters=0'], ['eval_iters=0', '>= 1']),
+    ('negative max_iters', 'train.py', lambda w: ['--max_iters=-1'], ['max_iters=-1', '>= 0']),
+    ('no rows per batch', 'train.py', lambda w: ['--batch_size=0'], ['batch_size=0', '>= 1']),
+    ('evaluate every 0 steps', 'train.py', lambda w: ['--eval_interval=0'], ['eval_interval=0', '>= 1']),
+    ('log every 0 steps', 'train.py', lambda w: ['--log_interval=0'], ['log_interval=0', '>= 1']),
+    ('dropout above 1', 'train.py', lambda w: ['--dropout=1.5'], ['dropout=1.5', '[0, 1)']),
+    ('negative learning rate', 'train.py', lambda w: ['--learning_rate=-0.001'], ['learning_rate=-0.001', '> 0']),
+    ('NaN learning rate in a config file', 'train.py', lambda w: [write(w / 'nan.py', "learning_rate = float('nan')\n")],
+     ['learning_rate=nan', 'nan.py line 1', 'finite']),
+    ('infinite learning rate', 'train.py', lambda w: ['--learning_rate=1e999'], ['learning_rate=inf', 'finite']),
+    ('n_embd not divisible by n_head', 'train.py', lambda w: ['--n_embd=100', '--n_head=3'],
+     ['n_embd=100', 'n_head=3', 'multiple', 'e.g. 96']),
+    ('n_head not divisible by n_kv_head', 'train.py', lambda w: ['--n_head=4', '--n_kv_head=3', '--n_embd=32'],
+     ['n_head=4', 'n_kv_head=3', 'divisor']),
+    ('odd head size', 'train.py', lambda w: ['--n_embd=6', '--n_head=2'], ['n_embd / n_head = 3', 'even']),
+    ('beta2 of 1', 'train.py', lambda w: ['--beta2=1.0'], ['beta2=1.0', '[0, 1)']),
+    ('negative warmup', 'train.py', lambda w: ['--warmup_iters=-5'], ['warmup_iters=-5', '>= 0']),
+    ('negative temperature', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--temperature=-1'],
+     ['temperature=-1.0', '>= 0']),
+    ('negative top_k', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--top_k=-3'], ['top_k=-3', '>= 0']),
+    ('top_p of 0', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--top_p=0'], ['top_p=0.0', '(0, 1]']),
+    ('no new tokens', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--max_new_tokens=0'], ['max_new_tokens=0', '>= 1']),
+    ('a device this machine lacks', 'sample.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--device=cuda' if not torch.cuda.is_available() else '--device=cuda:99'],
+     ['device=', 'cpu']),
+    ('a device that does not exist', 'train.py', lambda w: ['--device=gpu'], ["device='gpu'", 'cuda']),
+    ('negative seed', 'prepare.py', lambda w: ['--seed=-1'], ['seed=-1', '[0, 4294967295]']),
+    ('empty shards', 'prepare.py', lambda w: ['--shard_tokens=0'], ['shard_tokens=0', '>= 1']),
+    ('negative worker count', 'prepare.py', lambda w: ['--num_proc=-2'], ['num_proc=-2', '>= 0']),
+    ('vocabulary smaller than the bytes', 'tokenizer.py', lambda w: [f"--tokenizer_path={w / 'new.model'}", '--vocab_size=100'],
+     ['vocab_size=100', '>= 265']),
+    ('tokenizer type misspelt', 'tokenizer.py', lambda w: ['--tokenizer_type=bpee'], ["'bpee'", "did you mean 'bpe'"]),
+    ('negative eval_limit', 'eval.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--eval_limit=-1'], ['eval_limit=-1', '>= 0']),
+
+    # --- a string where a list or a dict is expected ---
+    ('a source name where a list is expected', 'prepare.py', lambda w: ['--prepare_sources=rooam'],
+     ["'rooam'", "did you mean 'roam'"]),
+    ('a string where tokenizer_sources wants a dict', 'tokenizer.py', lambda w: ['--tokenizer_sources=roam'],
+     ['tokenizer_sources must be None or a dict', "'roam'"]),
+    ('a dict where val_sources wants a list', 'train.py', lambda w: ["--val_sources={'roam': 1}"],
+     ['val_sources must be None or a list']),
+    ('a tokenizer byte budget that is not a number', 'tokenizer.py',
+     lambda w: [f"--tokenizer_path={w / 'new.model'}", "--tokenizer_sources={'roam': 'all'}"], ["tokenizer_sources['roam']", 'bytes']),
+
+    # --- which checkpoint, and why ---
+    ('best.pt under out_dir from another tokenizer', 'sample.py',
+     lambda w: [os.makedirs(w / 'out' / 'pretrain') or shutil.move(edit_ckpt(w, tokenizer_sha256='ab' * 32)[12:],
+                                                                    w / 'out' / 'pretrain' / 'best.pt') and '--max_new_tokens=2'],
+     ['best.pt', "the best checkpoint of phase 'pretrain'", 'out_dir=', 'tokenizer_path']),
+    ('init_from from another tokenizer says where init_from was set', 'train.py',
+     lambda w: [write(w / 'sft.py', f"init_from = {edit_ckpt(w, tokenizer_sha256='cd' * 32)[12:]!r}\n")],
+     ['other.pt', 'init_from, from', 'sft.py line 1', 'another tokenizer']),
+
+    # --- benchmark files: every row checked before any model work ---
+    ('BoolQ answer given as a string', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--boolq={write(w / 'b.jsonl', BOOLQ + json.dumps({**json.loads(BOOLQ), 'answer': 'false'}))}"],
+     ['b.jsonl line 2', "'answer'", 'true or false', "'false'"]),
+    ('BoolQ row without a passage', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--boolq={write(w / 'b.jsonl', json.dumps({'question': 'q', 'answer': True}))}"],
+     ['b.jsonl line 1', "no field 'passage'", 'question, passage, answer']),
+    ('empty benchmark file', 'eval.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--boolq={write(w / 'b.jsonl', '')}"],
+     ['b.jsonl', 'no rows']),
+    ('HellaSwag label out of range', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--hellaswag={write(w / 'h.jsonl', hellaswag_row(label=4))}"],
+     ['h.jsonl line 1', "'label'", '0 to 3', '4']),
+    ('HellaSwag label not a number', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--hellaswag={write(w / 'h.jsonl', hellaswag_row(label='two'))}"],
+     ['h.jsonl line 1', "'label'", "'two'"]),
+    ('HellaSwag endings given as a string', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--hellaswag={write(w / 'h.jsonl', hellaswag_row(endings='abcd'))}"],
+     ['h.jsonl line 1', "'endings'", 'list of at least 2 strings']),
+    ('HellaSwag file with only ctx', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--hellaswag={write(w / 'h.jsonl', json.dumps({'ctx': 'x', 'endings': ['a', 'b'], 'label': 0}))}"],
+     ['h.jsonl line 1', "no field 'activity_label'", 'ctx_a, ctx_b']),
+    ('benchmark line with a lone surrogate', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--boolq=' + write(w / 'b.jsonl', BOOLQ.replace('is it', 'is it \\ud83d'))],
+     ['b.jsonl line 1', "'\\ud83d'", 'surrogate']),
+    ('results folder not writable', 'eval.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--eval_out={write(w / 'plain', 'x')}/res"],
+     ['plain/res', 'cannot write', 'eval_out']),
+
+    # --- primers, lone surrogates, disks ---
+    ('primer with an empty reply', 'prepare.py',
+     lambda w: [src(w, 'primer', path=write(w / 'p.txt', 'user: a\nassistant: b\n\n<dialogue>\n\nuser: c\nassistant:\n\n'
+                                                         '<dialogue>\n\nuser: e\nassistant: f\n'))],
+     ['p.txt line 7', 'assistant turn', 'starting at line 6', 'empty']),
+    ('primer with an empty question', 'prepare.py',
+     lambda w: [src(w, 'primer', path=write(w / 'p.txt', 'user:   \nassistant: b\n\n<dialogue>\n\nuser: c\nassistant: d\n'))],
+     ['p.txt line 1', 'user turn', 'empty']),
+    ('chat jsonl with a lone surrogate', 'prepare.py',
+     lambda w: [src(w, 'chat', path=write(w / 'c.jsonl', CHAT + CHAT.replace('"q"', '"q \\udc00"')))],
+     ['c.jsonl line 2', "'\\udc00'", 'surrogate']),
+    ('tokenizer on a jsonl with a lone surrogate', 'tokenizer.py',
+     lambda w: [f"--tokenizer_path={w / 'new.model'}", src(w, 'chat', path=write(w / 'c.jsonl', CHAT.replace('"a"', '"\\ud83d"')))],
+     ['c.jsonl line 1', "'\\ud83d'"]),
+    ('show_chat with a lone surrogate', 'tokenizer.py',
+     lambda w: ['--show_chat=' + write(w / 'c.json', json.dumps([{'role': 'user', 'content': 'x'}]).replace('x', '\\ud83d'))],
+     ['c.json', 'surrogate']),
+    ('prompt file that is not UTF-8', 'sample.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--start=FILE:{write(w / 'p.txt', b'caf' + bytes([0xe9]), 'wb')}"],
+     ['p.txt', 'not valid UTF-8', 'iconv']),
+    ('data folder that cannot be made', 'prepare.py', lambda w: [f"--data_dir={write(w / 'plain', 'x')}/data"],
+     ['plain/data', 'cannot write', 'data_dir']),
+    ('tokenizer folder that cannot be made', 'tokenizer.py', lambda w: [f"--tokenizer_path={write(w / 'plain', 'x')}/t.model"],
+     ['plain', 'cannot write', 'tokenizer_path']),
+    ('disk full while preparing', 'prepare.py',
+     lambda w: [f"--data_dir={w / 'data2'}", src(w, 'text', path=write(w / 'big.txt', 'Plenty of words here. ' * 30000))],
+     ['data2', 'File too large', "source 's'", 'free some space'], 70_000),
+    ('disk full while writing the tokenizer', 'tokenizer.py', lambda w: [f"--tokenizer_path={w / 'new.model'}"],
+     ['new.model', 'File too large', 'free some space'], 6_000),  # (the model is ~8 KB)
+    ('disk already full before prepare starts', 'prepare.py', lambda w: [f"--data_dir={w / 'data2'}"],
+     ['data2', 'cannot write', 'File too large', 'data_dir'], 1_000),
+    ('export folder that cannot be made', 'export.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=none', f"--export_dir={write(w / 'plain', 'x')}/exp/hf"],
+     ['plain/exp', 'cannot write', 'export_dir']),
+    ('export type misspelt', 'export.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=q8'], ["'q8'", "did you mean 'q8_0'"]),
+    ('disk already full before eval starts', 'eval.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--eval_out={w / 'res'}"],
+     ['res', 'cannot write', 'eval_out'], 1_000),
 ]
+
+BOOLQ = json.dumps({'question': 'is it', 'passage': 'it is.', 'answer': True}) + '\n'
+CHAT = json.dumps({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]}) + '\n'
+
+
+def hellaswag_row(**changes):
+    row = {'activity_label': 'Biking', 'ctx_a': 'A man rides.', 'ctx_b': 'he', 'endings': ['a', 'b', 'c', 'd'], 'label': 0}
+    return json.dumps({**row, **changes}) + '\n'
+
+
+def small_disk(limit):
+    """A disk that fills up after `limit` bytes per file: RLIMIT_FSIZE fails every write past it (EFBIG, as ENOSPC
+    would). A case with a fifth element runs on one."""
+    import resource
+    import signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the signal ends the process before the error)
 
 
 def snapshot(root):
@@ -170,17 +308,19 @@ def snapshot(root):
     return out
 
 
-def test_the_catalogue_has_at_least_25_cases_across_every_stage():
-    assert len(CASES) >= 25
-    assert {script for _, script, _, _ in CASES} == {'tokenizer.py', 'prepare.py', 'train.py', 'sample.py'}
+def test_the_catalogue_has_at_least_105_cases_across_every_stage():
+    assert len(CASES) >= 105  # 49 before issue 16
+    assert {case[1] for case in CASES} == {'tokenizer.py', 'prepare.py', 'train.py', 'sample.py', 'eval.py', 'export.py'}
+    assert len({case[0] for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
 def test_bad_input(ws, case):
-    _, script, setup, words = case
+    _, script, setup, words, *options = case
     args = setup(ws)
     before = snapshot(ws)
-    p = run(script, ws / 'cfg.py', *args, input='hello\n')
+    kw = {'preexec_fn': lambda: small_disk(*options)} if options else {}
+    p = run(script, ws / 'cfg.py', *args, input='hello\n', **kw)
     assert p.returncode != 0, p.stdout
     assert 'Traceback' not in p.stderr, p.stderr
     for word in words:
@@ -188,3 +328,5 @@ def test_bad_input(ws, case):
     after = snapshot(ws)
     damaged = [path for path, digest in before.items() if after.get(path) != digest]
     assert not damaged, damaged
+    left = [path for path in after if '.tmp' in os.path.relpath(path, ws)]
+    assert not left, f"temp files left behind: {left}"

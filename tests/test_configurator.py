@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -67,8 +68,8 @@ def test_config_files_run_in_order_command_line_wins_and_is_visible(tmp_path):
     a, b = tmp_path / 'a.py', tmp_path / 'b.py'
     a.write_text("import math\nvocab_size = 1000\nseed = 1\n")
     b.write_text("seed = seed + 1\nif analyze_only:\n    out_dir = 'out/analyzed'\n")
-    cfg = load_cfg(a, b, '--analyze_only=True', '--vocab_size=64')
-    assert (cfg.seed, cfg.vocab_size, cfg.out_dir) == (2, 64, 'out/analyzed')
+    cfg = load_cfg(a, b, '--analyze_only=True', '--vocab_size=640')
+    assert (cfg.seed, cfg.vocab_size, cfg.out_dir) == (2, 640, 'out/analyzed')
 
 
 def test_include_runs_another_file_relative_to_the_includer(tmp_path):
@@ -118,3 +119,73 @@ def test_a_config_that_mutates_a_default_does_not_change_the_defaults(tmp_path):
     p.write_text("sources.update({'extra': {'kind': 'text', 'path': 'x'}})\n")
     assert 'extra' in load_cfg(p).sources
     assert 'extra' not in KEYS['sources'][0] and 'extra' not in load_cfg().sources
+
+
+def test_every_number_key_has_a_valid_range_that_holds_its_default():
+    """New keys need one too: a range beside the default, in the KEYS table (see the comment above it)."""
+    from configurator import in_range, key_spec
+    for name in KEYS:
+        default, valid, _ = key_spec(name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert isinstance(valid, str), f"{name}: give it a valid range, e.g. '>= 0'"
+            assert in_range(default, valid), (name, default, valid)
+        elif isinstance(valid, tuple):
+            assert default in valid, name
+        elif default is None:
+            assert valid in (list, dict), f"{name}: say whether it takes a list or a dict"
+    assert not in_range(float('nan'), '>= 0') and in_range(0.0, '[0, 1)') and not in_range(1.0, '[0, 1)')
+    assert in_range(1.0, '(0, 1]') and not in_range(0.0, '(0, 1]') and in_range(-5, '< 0') and not in_range(3, '<= 2')
+
+
+def test_values_out_of_range_stop_with_the_key_where_it_was_set_and_the_range(tmp_path):
+    msg = die_message('--dropout=1.5')
+    assert 'dropout=1.5' in msg and '--dropout' in msg and '[0, 1)' in msg
+    p = tmp_path / 'c.py'
+    p.write_text("seed = 3\nlearning_rate = float('nan')\n")
+    msg = die_message(p)
+    assert 'learning_rate=nan' in msg and f'{p} line 2' in msg and 'finite' in msg
+    assert 'line 2' in die_message(p, '--seed=1')  # a later override of another key changes nothing
+    assert load_cfg(p, '--learning_rate=0.1').learning_rate == 0.1  # the command line wins, and is checked
+    assert 'one of' in die_message('--tokenizer_type=bpee') and "did you mean 'bpe'" in die_message('--tokenizer_type=bpee')
+    assert '96' in die_message('--n_embd=100', '--n_head=3')  # a value that works is suggested
+    assert "did you mean 'q8_0'" in die_message('--gguf_type=q8')  # export.py's choices, checked by configure too
+
+
+def test_a_string_where_a_list_is_expected_is_a_list_of_its_comma_separated_names(tmp_path):
+    assert load_cfg('--prepare_sources=roam').prepare_sources == ['roam']
+    assert load_cfg('--eval_sources=roam, primer').eval_sources == ['roam', 'primer']
+    assert load_cfg('--lora_targets=q_proj,v_proj').lora_targets == ['q_proj', 'v_proj']
+    assert load_cfg('--val_sources=[]').val_sources == [] and load_cfg('--val_sources=None').val_sources is None
+    p = tmp_path / 'c.py'
+    p.write_text("val_sources = 'roam'\n")
+    assert load_cfg(p).val_sources == ['roam']
+    assert 'must be None or a dict' in die_message('--tokenizer_sources=roam')
+    assert 'must be None or a list' in die_message("--val_sources={'roam': 1}")
+
+
+def test_help_shows_valid_values_and_survives_a_closed_pipe():
+    import subprocess
+    import sys
+    from conftest import REPO
+    p = run('train.py', '--help')
+    assert '--batch_size=16  (>= 1)' in p.stdout and "--dtype='auto'  (one of 'auto'" in p.stdout
+    # `python train.py --help | head -1`: the reader goes away before the help is written
+    proc = subprocess.Popen([sys.executable, 'train.py', '--help'], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and 'BrokenPipeError' not in err and 'Traceback' not in err, err
+
+
+def test_profile_paths_follow_out_dir(tmp_path):
+    cfg = load_cfg('config/demo.py', '--out_dir=out/elsewhere', '--phase=sft')
+    assert cfg.init_from == 'out/elsewhere/pretrain/ckpt.pt' and cfg.ckpt == 'out/elsewhere/sft/ckpt.pt'
+    assert load_cfg('config/demo.py', '--phase=lora').ckpt == 'out/demo/lora/ckpt.pt'
+    for argv in (['config/smoke.py', '--phase=sft'], ['config/dev_sft.py'], ['config/prod_sft.py']):
+        cfg = load_cfg(*argv, '--out_dir=/elsewhere')
+        assert cfg.init_from.startswith('/elsewhere/pretrain/'), argv
+        assert not [k for k, v in vars(cfg).items() if isinstance(v, str) and '{' in v and k != 'system'], argv
+    copy = tmp_path / 'mine.py'  # a profile of one's own, built on a shipped one, with its own out_dir
+    copy.write_text(f"include({os.path.abspath('config/dev_sft.py')!r})\nout_dir = 'out/mine'\n")
+    assert load_cfg(copy).init_from == 'out/mine/pretrain/best.pt'
+    assert load_cfg(copy).set_by['init_from'].startswith(os.path.abspath('config/dev_sft.py'))

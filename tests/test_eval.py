@@ -93,10 +93,16 @@ def test_boolq_picks_the_forced_answer_and_reports_baselines(tok, chat):
     r = evaluate.boolq(stub, tok, rows, chat, nullcontext(), 'cpu', 4)
     assert r['n'] == 10 and r['acc'] == pytest.approx(0.9) and r['stderr'] == pytest.approx(math.sqrt(0.9 * 0.1 / 10))
     assert r['majority_baseline'] == pytest.approx(0.7) and r['always_no'] == pytest.approx(0.3)
+    assert r['majority_stderr'] == pytest.approx(math.sqrt(0.7 * 0.3 / 10)) == r['always_no_stderr']
+    assert 'majority 0.700 ± 0.145, always-no 0.300 ± 0.145' in evaluate.benchmark_line('boolq', r)
     assert r['predicted_yes'] == pytest.approx(0.6)
 
 
-def test_hellaswag_acc_and_acc_norm_follow_summed_and_per_byte_log_probs(tok):
+def hs(ctx_b, endings, label, activity='Walking', ctx_a='A man walks.'):
+    return {'activity_label': activity, 'ctx_a': ctx_a, 'ctx_b': ctx_b, 'endings': endings, 'label': label}
+
+
+def test_hellaswag_acc_and_acc_norm_follow_summed_and_per_character_log_probs(tok):
     torch.manual_seed(1)
     preference = torch.randn(tok.vocab_size) * 3
     stub = Stub(tok.vocab_size, boost=[])
@@ -104,15 +110,22 @@ def test_hellaswag_acc_and_acc_norm_follow_summed_and_per_byte_log_probs(tok):
     lp = F.log_softmax(preference, -1)
     endings = ['stop.', 'it rolls over the hill and down into the cold sea', 'the cat', 'bread bread bread bread']
     summed = [sum(lp[t].item() for t in tok.encode(' ' + e)) for e in endings]
-    per_byte = [s / len((' ' + e).encode()) for s, e in zip(summed, endings)]
-    best, best_norm = max(range(4), key=summed.__getitem__), max(range(4), key=per_byte.__getitem__)
-    rows = [{'ctx': 'A man [title] walks.', 'endings': endings, 'label': str(best)},
-            {'ctx': 'Then', 'endings': endings, 'label': best_norm}]
+    per_char = [s / len(e) for s, e in zip(summed, endings)]  # lm-evaluation-harness: characters of the ending
+    best, best_norm = max(range(4), key=summed.__getitem__), max(range(4), key=per_char.__getitem__)
+    rows = [hs('he', endings, best), hs('then', endings, best_norm)]
     r = evaluate.hellaswag(stub, tok, rows, False, nullcontext(), 'cpu', 3)
     assert r['acc'] == (1.0 if best == best_norm else 0.5) and r['acc_norm'] == (1.0 if best == best_norm else 0.5)
-    rows = [{'ctx': 'x', 'endings': endings, 'label': best}] * 3
+    assert r['acc_norm_stderr'] == pytest.approx(math.sqrt(r['acc_norm'] * (1 - r['acc_norm']) / 2))
+    rows = [hs('x', endings, best)] * 3
     assert evaluate.hellaswag(stub, tok, rows, False, nullcontext(), 'cpu', 3)['acc'] == 1.0
-    assert evaluate.hellaswag_context({'ctx': 'How to [header] fix a bike [title]  Take  it'}) == 'How to fix a bike. Take it'
+
+
+def test_hellaswag_text_is_built_and_cleaned_as_lm_evaluation_harness_does():
+    row = hs('take  it [step] apart', [' Loosen the [title] bolts.  ', 'Ride [header] away'], 0,
+             activity='Fixing a bike', ctx_a='How to fix a bike [title] Find the   tools.')
+    # 'activity_label: ctx_a Ctx_b', then: strip, ' [title]' -> '. ', [anything] dropped, one '  ' -> ' '
+    assert evaluate.hellaswag_context(row) == 'Fixing a bike: How to fix a bike. Find the  tools. Take it apart'
+    assert [evaluate.hellaswag_clean(e) for e in row['endings']] == ['Loosen the. bolts.', 'Ride away']
 
 
 def test_acc_and_acc_norm_disagree_when_length_matters(tok):
@@ -130,33 +143,50 @@ def test_acc_and_acc_norm_disagree_when_length_matters(tok):
     stub.forward = lambda x: (pref.expand(*x.shape, -1), None)
     lp = F.log_softmax(pref, -1)
     s = [sum(lp[t].item() for t in tok.encode(' ' + e)) for e in (short, long)]
-    b = [len(' ' + e) for e in (short, long)]
+    b = [len(e) for e in (short, long)]
     assert s[0] > s[1] and s[0] / b[0] < s[1] / b[1]  # the fixture really pulls the two apart
-    rows = [{'ctx': 'say', 'endings': [short, long, 'zzz', 'qqq'], 'label': 0}]
+    rows = [hs('say', [short, long, 'zzz', 'qqq'], 0)]
     r = evaluate.hellaswag(stub, tok, rows, False, nullcontext(), 'cpu', 4)
     assert (r['acc'], r['acc_norm']) == (1.0, 0.0)
 
 
 def test_an_unreadable_benchmark_file_says_which_file(tmp_path):
     with pytest.raises(SystemExit) as e:
-        evaluate.read_rows(str(tmp_path / 'dev.jsonl'), ('question',), 'boolq')
+        evaluate.read_rows(str(tmp_path / 'dev.jsonl'), 'boolq')
     assert 'dev.jsonl' in str(e.value) and 'no such file' in str(e.value)
     (tmp_path / 'bad.jsonl').write_text('{"question": "a", "passage": "b", "answer": true}\n{oops\n')
     with pytest.raises(SystemExit) as e:
-        evaluate.read_rows(str(tmp_path / 'bad.jsonl'), ('question',), 'boolq')
+        evaluate.read_rows(str(tmp_path / 'bad.jsonl'), 'boolq')
     assert 'bad.jsonl line 2' in str(e.value)
     (tmp_path / 'short.jsonl').write_text('{"question": "a"}\n')
     with pytest.raises(SystemExit) as e:
-        evaluate.read_rows(str(tmp_path / 'short.jsonl'), ('question', 'passage', 'answer'), 'boolq')
-    assert 'short.jsonl row 1' in str(e.value) and "'passage'" in str(e.value)
+        evaluate.read_rows(str(tmp_path / 'short.jsonl'), 'boolq')
+    assert 'short.jsonl line 1' in str(e.value) and "'passage'" in str(e.value)
+
+
+def test_benchmark_rows_are_checked_and_the_parquet_label_string_is_read_as_a_number(tmp_path):
+    def problem(name, row):
+        (tmp_path / 'x.jsonl').write_text(json.dumps({'question': 'q', 'passage': 'p', 'answer': True}) + '\n' +
+                                          json.dumps(row) + '\n' if name == 'boolq' else json.dumps(row) + '\n')
+        with pytest.raises(SystemExit) as e:
+            evaluate.read_rows(str(tmp_path / 'x.jsonl'), name)
+        return str(e.value)
+    assert "line 2 field 'answer' must be true or false" in problem('boolq', {'question': 'q', 'passage': 'p', 'answer': 'false'})
+    assert "field 'passage' must be a string" in problem('boolq', {'question': 'q', 'passage': None, 'answer': False})
+    assert "field 'label' must be the index of the right ending, 0 to 3, got int 4" in problem('hellaswag', hs('b', list('abcd'), 4))
+    assert "got bool True" in problem('hellaswag', hs('b', list('abcd'), True))
+    assert "field 'endings' must be a list of at least 2 strings" in problem('hellaswag', hs('b', 'abcd', 0))
+    assert "has no field 'activity_label'" in problem('hellaswag', {'ctx': 'x', 'endings': ['a', 'b'], 'label': 0})
+    (tmp_path / 'ok.jsonl').write_text(json.dumps(hs('b', list('abcd'), '2')) + '\n')
+    assert evaluate.read_rows(str(tmp_path / 'ok.jsonl'), 'hellaswag')[0]['label'] == 2
 
 
 def test_eval_cli_writes_results_and_a_table(trained, tmp_path):
     cfg, out = trained
     (tmp_path / 'boolq.jsonl').write_text(''.join(json.dumps({'question': f'is {i} even', 'passage': f'{i} is a number.',
                                                                'answer': i % 2 == 0}) + '\n' for i in range(6)))
-    (tmp_path / 'hs.jsonl').write_text(''.join(json.dumps({'ctx': f'Step {i}:', 'endings': ['a', 'b', 'c', 'd'],
-                                                            'label': i % 4}) + '\n' for i in range(8)))
+    (tmp_path / 'hs.jsonl').write_text(''.join(json.dumps(hs(f'step {i}:', ['a', 'b', 'c', 'd'], i % 4)) + '\n'
+                                               for i in range(8)))
     p = run('eval.py', cfg, f'--boolq={tmp_path}/boolq.jsonl', f'--hellaswag={tmp_path}/hs.jsonl',
             f'--eval_out={tmp_path}/res', check=True)
     results = json.loads((tmp_path / 'res' / 'eval_results.json').read_text())

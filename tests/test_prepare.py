@@ -75,6 +75,106 @@ def test_primer_parsing(tmp_path):
                      [{'role': 'user', 'content': 'again'}, {'role': 'assistant', 'content': 'no.'}]]
 
 
+def test_a_symlink_loop_or_a_second_link_to_a_folder_reads_each_page_once(tmp_path, capsys):
+    notes = tmp_path / 'notes'
+    (notes / 'sub').mkdir(parents=True)
+    (tmp_path / 'elsewhere').mkdir()
+    for path in (notes / 'a.md', notes / 'sub' / 'b.md', tmp_path / 'elsewhere' / 'c.md'):
+        path.write_text(f'- {path.stem}\n')
+    os.symlink('.', notes / 'loop')             # ln -s . notes/loop
+    os.symlink('sub', notes / 'again')          # a second way to notes/sub
+    os.symlink(tmp_path / 'elsewhere', notes / 'linked')   # a folder outside: read, once
+    os.symlink(tmp_path / 'elsewhere', notes / 'sub' / 'linked2')  # and a second way to it
+    os.symlink('..', notes / 'sub' / 'up')      # a loop one level down
+    src = sources.source_settings('roam', {'kind': 'roam', 'path': str(notes)})
+    text = sources.source_settings('t', {'kind': 'text', 'path': str(notes / '**' / '*.md')})
+
+    def too_slow(*_):  # two loops make a glob that follows links walk an exponential tree: fail, do not hang
+        raise AssertionError("reading a folder with link loops took over 20 s: are links followed more than once?")
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        titles = sorted(doc.split('\n')[0] for _, doc, _ in sources.iter_documents(src))
+        files = sorted(os.path.basename(f) for f in sources.source_files(text))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert titles == ['a', 'linked/c', 'sub/b']
+    assert "skipped 4 symlinked folder(s)" in capsys.readouterr().out
+    assert files == ['a.md', 'b.md', 'c.md']
+
+
+def test_globs_match_as_glob_does_hidden_names_only_for_roam(tmp_path):
+    for rel in ('x.md', 'd/y.md', 'd/e/z.md', '.trash/old.md', 'd/.hidden.md', 'note.txt'):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text('- x\n')
+    found = lambda pattern, hidden: sorted(os.path.relpath(f, tmp_path) for f in sources.find_files(str(tmp_path), pattern, 'x', hidden))
+    assert found('**/*.md', False) == ['d/e/z.md', 'd/y.md', 'x.md']  # as glob.glob(..., recursive=True)
+    assert found('**/*.md', True) == ['.trash/old.md', 'd/.hidden.md', 'd/e/z.md', 'd/y.md', 'x.md']
+    assert found('*.md', False) == ['x.md'] and found('d/*/[z]*', False) == ['d/e/z.md']
+
+
+def test_page_titles_from_file_names_with_tabs_and_newlines_stay_one_line(tmp_path):
+    (tmp_path / 'notes').mkdir()
+    (tmp_path / 'notes' / 'tab\there\nand  newline .md').write_text('- body\n')
+    src = sources.source_settings('roam', {'kind': 'roam', 'path': str(tmp_path / 'notes')})
+    [(_, doc, _)] = sources.iter_documents(src)
+    assert doc == 'tab here and newline\n- body\n'
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    bom = '\ufeff'
+    (tmp_path / 'primer.txt').write_text(bom + 'user: hi\nassistant: hello.\n\n<dialogue>\n\nuser: a\nassistant: b\n')
+    (tmp_path / 'notes').mkdir()
+    (tmp_path / 'notes' / 'page.md').write_text(bom + '- body\n')
+    (tmp_path / 'story.txt').write_text(bom + 'one\n\ntwo\n')
+    (tmp_path / 'c.jsonl').write_text(bom + json.dumps({'messages': [{'role': 'user', 'content': 'q'},
+                                                                    {'role': 'assistant', 'content': 'a'}]}) + '\n')
+    docs = {kind: [d for _, d, _ in sources.iter_documents(sources.source_settings('s', {'kind': kind, 'path': str(path), **extra}))]
+            for kind, path, extra in [('primer', tmp_path / 'primer.txt', {}), ('roam', tmp_path / 'notes', {}),
+                                      ('text', tmp_path / 'story.txt', {'separator': '\n\n'}), ('chat', tmp_path / 'c.jsonl', {})]}
+    assert docs['primer'][0][0] == {'role': 'user', 'content': 'hi'} and docs['roam'] == ['page\n- body\n']
+    assert docs['text'] == ['one', 'two\n'] and docs['chat'][0][0]['content'] == 'q'
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temp_folder(tmp_path):
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', shard_tokens=4000, vocab_size=320, num_proc=2,
+                       sources=big_text_source(tmp_path, 6000))
+    run('tokenizer.py', cfg, check=True)
+    proc = subprocess.Popen([sys.executable, 'prepare.py', cfg], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / 'out' / 'data' / 'big.tmp' / 'train' / 'shard_00002.bin'
+    deadline = time.time() + 60
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "prepare finished before it could be interrupted: make the corpus bigger"
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and 'Traceback' not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "interrupted: source 'big' was not finished and nothing of it was kept (sources prepared before it are done); "
+        "run prepare.py again to go on"]
+    assert os.listdir(tmp_path / 'out' / 'data') == []
+
+
+def test_a_full_disk_stops_prepare_with_a_message_and_frees_what_it_wrote(tmp_path, prepared):
+    """RLIMIT_FSIZE makes every write past 64 KB fail, as a full disk would (EFBIG instead of ENOSPC)."""
+    import resource
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (70_000, 70_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the signal kills the process first)
+    corpus = write_corpus(str(tmp_path / 'corpus'), pages=3, dialogues=3)
+    with open(os.path.join(corpus, 'story.txt'), 'a') as f:
+        f.write('Lots of words for a shard. ' * 20000)
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus,
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))
+    p = run('prepare.py', cfg, '--prepare_sources=story', preexec_fn=small_disk)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert "File too large while preparing source 'story'" in p.stderr and 'free some space' in p.stderr
+    assert os.listdir(tmp_path / 'out' / 'data') == []  # no story.tmp left to keep the disk full
+
+
 def test_same_inputs_give_byte_identical_shards_whatever_the_process_count(tmp_path, prepared):
     cfg_path, out = prepared
     shutil.copy(os.path.join(out, 'tokenizer.model'), tmp_path / 'tokenizer.model')
@@ -105,16 +205,20 @@ def test_analyze_only_writes_nothing(tmp_path, corpus):
     assert 'est' in p.stdout and '4 bytes per token' in p.stdout
 
 
-def test_interrupted_prepare_then_rerun_equals_a_clean_run(tmp_path):
-    """Kill prepare.py (SIGKILL) while it writes shards; the rerun must give the clean run's bytes."""
-    corpus = tmp_path / 'corpus'
-    corpus.mkdir()
+def big_text_source(tmp_path, paragraphs):
+    """A text source of random paragraphs, big enough for prepare.py to be interrupted while it works."""
+    (tmp_path / 'corpus').mkdir()
     rng = np.random.default_rng(0)
     words = np.array('alpha beta gamma delta river stone cloud seven orange quiet'.split())
-    with open(corpus / 'big.txt', 'w') as f:
-        for _ in range(3000):
+    with open(tmp_path / 'corpus' / 'big.txt', 'w') as f:
+        for _ in range(paragraphs):
             f.write(' '.join(rng.choice(words, 120)) + '\n\n')
-    sources = {'big': {'kind': 'text', 'path': str(corpus / 'big.txt'), 'separator': '\n\n'}}
+    return {'big': {'kind': 'text', 'path': str(tmp_path / 'corpus' / 'big.txt'), 'separator': '\n\n'}}
+
+
+def test_interrupted_prepare_then_rerun_equals_a_clean_run(tmp_path):
+    """Kill prepare.py (SIGKILL) while it writes shards; the rerun must give the clean run's bytes."""
+    sources = big_text_source(tmp_path, 3000)
     clean = write_config(tmp_path / 'clean.py', str(tmp_path / 'clean'), '', sources=sources, shard_tokens=4000,
                          vocab_size=320)
     run('tokenizer.py', clean, check=True)

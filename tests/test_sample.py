@@ -1,10 +1,15 @@
 import io
 import os
+import re
+import time
+import types
 
+import pytest
 import torch
 
 from conftest import load_cfg, run
 import sample
+from model import ModelConfig
 from tokenizer import Tokenizer
 
 
@@ -70,8 +75,10 @@ def test_repl_with_piped_stdin_answers_each_line_and_resets(sft_trained):
     q3, a3 = SFT_CONVERSATIONS[1][0]
     p = run('sample.py', cfg, '--interactive', '--temperature=0', '--max_new_tokens=60',
             input=f'{q1}\n{q2}\n/reset\n{q3}\n\n/quit\nnever read\n', check=True)
-    # replies stop at <|eot|>: exactly the trained reply, nothing generated after it
-    assert p.stdout.splitlines() == [a1, a2, '(conversation reset)', a3]
+    # replies stop at <|eot|>: exactly the trained reply, nothing generated after it; stdout holds only
+    # replies, one per line, and the status goes to stderr
+    assert p.stdout.splitlines() == [a1, a2, a3]
+    assert p.stderr.splitlines() == ['(conversation reset)']
 
 
 def test_compiled_decode_chats_the_same_and_says_its_compile_time_once(sft_trained):
@@ -82,8 +89,8 @@ def test_compiled_decode_chats_the_same_and_says_its_compile_time_once(sft_train
     (q1, a1), (q2, a2) = SFT_CONVERSATIONS[0]
     p = run('sample.py', cfg, '--interactive', '--temperature=0', '--max_new_tokens=60', '--compile_decode=True',
             input=f'{q1}\n{q2}\n/reset\n{q1}\n', check=True)
-    assert p.stdout.splitlines() == [a1, a2, '(conversation reset)', a1]
-    assert p.stderr.count('compiling the decode step') == 1
+    assert p.stdout.splitlines() == [a1, a2, a1]
+    assert p.stderr.count('compiling the decode step') == 1 and '(conversation reset)' in p.stderr
 
 
 def test_repl_exits_cleanly_at_end_of_input_and_on_bad_system_file(sft_trained):
@@ -146,7 +153,7 @@ def test_repl_system_command_and_ctrl_c(sft_trained):
     # /system sets a new system prompt and starts over: with the one it was trained on, it answers as trained
     p = run('sample.py', cfg, '--interactive', '--temperature=0', '--system=something else entirely',
             input=f'/system {SFT_SYSTEM}\n{q3}\n', check=True)
-    assert p.stdout.splitlines() == ['(conversation reset)', a3]
+    assert p.stdout.splitlines() == [a3] and 'system prompt set' in p.stderr
     # Ctrl-C while waiting for the next message: a clean exit, no traceback
     proc = subprocess.Popen([sys.executable, 'sample.py', cfg, '--interactive', '--temperature=0'], cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -157,3 +164,121 @@ def test_repl_system_command_and_ctrl_c(sft_trained):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and 'Traceback' not in err
+
+
+def test_bare_system_restores_the_configured_prompt_not_the_built_in_one(sft_trained):
+    from conftest import SFT_CONVERSATIONS, SFT_SYSTEM
+    cfg, _ = sft_trained
+    q3, a3 = SFT_CONVERSATIONS[1][0]
+    p = run('sample.py', cfg, '--interactive', '--temperature=0', f'--system={SFT_SYSTEM}',
+            input=f'/system you are a pirate.\n/system\n{q3}\n', check=True)
+    assert p.stdout.splitlines() == [a3]  # answered with the prompt it was trained (and configured) with
+    assert p.stderr.splitlines() == ['(system prompt set, conversation reset)',
+                                     '(configured system prompt restored, conversation reset)']
+
+
+class Parrot:
+    """A 'model' whose every reply is the same text, with newlines and a backslash in it."""
+
+    def __init__(self, tok, reply):
+        self.cfg, self.ids, self.prompts = ModelConfig(block_size=256), tok.encode(reply) + [tok.eot_id], []
+
+    def generate(self, ids, *args, **kwargs):
+        self.prompts.append(ids)
+        yield from self.ids
+
+
+def test_piped_chat_writes_each_reply_on_one_line(trained, monkeypatch, capsys):
+    from contextlib import nullcontext
+    cfg = load_cfg(trained[0])
+    tok = Tokenizer(cfg.tokenizer_path)
+    reply = 'first line\nsecond line \\ with a backslash\n\nlast'
+    monkeypatch.setattr(sample, 'KVCache', lambda model: types.SimpleNamespace(pos=0))
+    monkeypatch.setattr('sys.stdin', io.StringIO('hi\n/reset\nagain\n'))
+    sample.chat(cfg, Parrot(tok, reply), tok, nullcontext(), None)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines == ['first line\\nsecond line \\\\ with a backslash\\n\\nlast'] * 2
+    unescaped = re.sub(r'\\(.)', lambda m: {'n': '\n', 'r': '\r'}.get(m.group(1), m.group(1)), lines[0])
+    assert unescaped == reply and err == '(conversation reset)\n'
+
+
+def test_chat_replaces_bytes_that_are_not_utf8_and_lone_surrogates(sft_trained):
+    cfg, _ = sft_trained
+    p = run('sample.py', cfg, '--interactive', '--temperature=0', '--max_new_tokens=5',
+            input=b'caf\xe9 \xff\xfe?\n{"x": "\\ud83d"}\n'.decode('utf-8', 'surrogateescape'),
+            encoding='utf-8', errors='surrogateescape')
+    assert p.returncode == 0 and 'Traceback' not in p.stderr and len(p.stdout.splitlines()) == 2, p.stderr
+    assert sample.clean('a\ud83d b\udcff') == 'a\ufffd b\ufffd'
+    p = run('sample.py', cfg, '--start=caf\udce9', '--max_new_tokens=3')  # an argument from a latin-1 terminal
+    assert p.returncode == 0 and 'Traceback' not in p.stderr and p.stdout.startswith('caf\ufffd'), p.stderr
+
+
+def test_chat_on_a_terminal_edits_the_line_and_recalls_history(sft_trained):
+    """Arrow keys edit the message (readline) and up recalls an earlier one, instead of typing ^[[D."""
+    pytest.importorskip('readline')
+    import pty
+    import select
+    import sys
+    from conftest import REPO
+    cfg, _ = sft_trained
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: sample.py on a terminal
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, 'sample.py', cfg, '--interactive', '--max_new_tokens=5'],
+                  {**os.environ, 'TERM': 'xterm'})
+    seen = b''
+
+    def read_until(marker, timeout=120):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                return False
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # the child has gone
+                return False
+            if not data:
+                return False
+            seen += data
+        return True
+
+    try:
+        assert read_until(b'> '), seen
+        seen = b''
+        os.write(fd, b'/reset\r')
+        assert read_until(b'> '), seen
+        seen = b''
+        os.write(fd, b'\x1b[A\r')  # up: the last message again
+        assert read_until(b'> '), seen
+        assert b'conversation reset' in seen, seen  # not a reply to '\x1b[A'
+        seen = b''
+        os.write(fd, b'/qit\x1b[D\x1b[Du\r')  # left twice, then the missing letter: /quit
+        read_until(b'never', timeout=60)  # reads until the chat has left
+        for _ in range(300):  # (a chat that did not take /quit is still running: fail, do not wait for ever)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        assert done, f"the chat did not leave on /quit typed with arrow-key edits: {seen!r}"
+        pid = None
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, seen
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_completion_into_a_closed_pipe_is_quiet(trained):
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.Popen([sys.executable, 'sample.py', trained[0], '--start=the', '--max_new_tokens=50',
+                             '--num_samples=3'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head -0`
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert 'Traceback' not in err and 'BrokenPipe' not in err, err
