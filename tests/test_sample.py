@@ -193,7 +193,7 @@ def test_piped_chat_writes_each_reply_on_one_line(trained, monkeypatch, capsys):
     cfg = load_cfg(trained[0])
     tok = Tokenizer(cfg.tokenizer_path)
     reply = 'first line\nsecond line \\ with a backslash\n\nlast'
-    monkeypatch.setattr(sample, 'KVCache', lambda model: types.SimpleNamespace(pos=0))
+    monkeypatch.setattr(sample, 'KVCache', lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
     monkeypatch.setattr('sys.stdin', io.StringIO('hi\n/reset\nagain\n'))
     sample.chat(cfg, Parrot(tok, reply), tok, nullcontext(), None)
     out, err = capsys.readouterr()
