@@ -9,14 +9,18 @@ Sections:
   matmul   the machine's measured fp32 and bf16 matmul peaks (the yardstick for CPU MFU)
   train    training tokens/s, achieved FLOP/s and MFU per model size, dtype and compile
   decode   generation tokens/s and time to first token: compiled decode step, eager, no KV cache
+  optim    one optimizer step alone, AdamW against Muon (its Newton-Schulz matmuls), per model size
   prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
            on the whole corpus and on its first half
+  bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb, 2 GB) and on
+           a quarter of it: memory must not grow with the file (not in `all`: it writes ~3 GB to /tmp)
 On GPU, MFU is against the datasheet peak of the card (train.PEAK_FLOPS); on CPU against the measured
 bf16 matmul peak of the same run.
 """
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -27,7 +31,8 @@ import time
 import torch
 
 from configurator import configure, die
-from model import GPT, ModelConfig, pick_device
+from model import GPT, ModelConfig, pick_device, pick_dtype
+from optim import make_optimizer
 from train import peak_flops
 
 # (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
@@ -90,6 +95,32 @@ def bench_train(device, size, dtype, compiled, steps):
     return {'model': name, 'params_M': round(model.num_params()[0] / 1e6, 2), 'dtype': dtype, 'compile': compiled,
             'batch': batch, 'block': block, 'ms_per_step': round(dt * 1000, 1), 'tokens_per_s': round(tok_s),
             'flops_per_s': model.flops_per_token(block) * tok_s, 'warmup_s': round(warmup, 1)}
+
+
+def bench_optim(device, size, steps):
+    """ms of one optimizer step alone (random gradients, no forward or backward): what Muon's Newton-Schulz
+    iterations add to a training step. They run in the dtype training would pick (bf16 where it is fast)."""
+    name, n_layer, n_head, n_embd, block, _, vocab_size = size
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=n_head,
+                            n_kv_head=n_head, n_embd=n_embd)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    ns_dtype = getattr(torch, pick_dtype('auto', device_type).replace('float16', 'bfloat16'))
+    rows = []
+    for kind in ('adamw', 'muon'):
+        opt = make_optimizer(model, kind, 1e-4, 0.02, 0.1, (0.9, 0.95), 0.95, device_type, ns_dtype)
+        for _ in range(2):
+            opt.step()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync(device)
+        rows.append({'model': name, 'optimizer': kind, 'ns_dtype': str(ns_dtype)[6:] if kind == 'muon' else '-',
+                     'ms_per_step': round((time.perf_counter() - t) / steps * 1000, 1)})
+    return rows
 
 
 def bench_decode(device, size, prompt_len=256, new_tokens=256):
@@ -197,6 +228,44 @@ def bench_prepare(corpus, vocab_size):
     return rows
 
 
+def write_text(path, mb, seed):
+    """`mb` MB of varied lines of words and no blank line: one document, however large (a log, a dump)."""
+    rng = random.Random(seed)
+    words = [w for w in 'the a river stone cloud seven orange quiet bread wheel chain notes learns slowly under over'
+             ' with from into and but because morning evening water salt seed leaf'.split()]
+    lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 20))) + '\n' for _ in range(16384)]  # ~1.1 MB
+    with open(path, 'w') as f:
+        for i in range(mb):
+            rng.shuffle(lines)
+            block = f"block {i}\n" + ''.join(lines)
+            f.write(block[:1 << 20])
+
+
+def bench_bigtext(mb, vocab_size):
+    work = tempfile.mkdtemp(prefix='bench_bigtext_')
+    rows = []
+    try:
+        cfg = os.path.join(work, 'cfg.py')
+        path = os.path.join(work, 'big.txt')
+        with open(cfg, 'w') as f:
+            f.write(f"out_dir = {os.path.join(work, 'out')!r}\nvocab_size = {vocab_size}\n"
+                    f"sources = {{'big': {{'kind': 'text', 'path': {path!r}}}}}\n"
+                    f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
+        for size in (mb // 4, mb):
+            write_text(path, size, 0)
+            if not os.path.exists(os.path.join(work, 'tokenizer.model')):
+                run_measured([sys.executable, 'tokenizer.py', cfg])
+            shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
+            dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg])
+            metas = [json.load(open(os.path.join(work, 'out', 'data', 'big', s, 'meta.json'))) for s in ('train', 'val')]
+            rows.append({'MB': size, 'processes': os.cpu_count(), 'documents': sum(m['documents'] for m in metas),
+                         'seconds': round(dt, 1), 'MB_per_s': round(size / dt, 2), 'peak_rss_MB': round(rss / 1e6)})
+            print(f"  {size} MB: {rows[-1]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def table(rows, title):
     if not rows:
         return
@@ -214,10 +283,11 @@ def main():
     cfg = configure()
     device = pick_device(cfg.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    sections = cfg.bench.split(',') if cfg.bench != 'all' else ['matmul', 'train', 'decode', 'prepare']
+    known = ['matmul', 'train', 'decode', 'optim', 'prepare']
+    sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
-        if s not in ('matmul', 'train', 'decode', 'prepare'):
-            die(f"--bench: unknown section {s!r}; use matmul, train, decode, prepare or all")
+        if s not in known + ['bigtext']:
+            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext or all")
     gpu = torch.cuda.get_device_name() if device_type == 'cuda' else None
     results = {'machine': {'device': device, 'gpu': gpu, 'cpu': platform.processor() or platform.machine(),
                            'cores': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads()}}
@@ -248,9 +318,15 @@ def main():
             rate = {r['decode']: r['tokens_per_s'] for r in results['decode'] if r['model'] == size[0]}
             print(f"{size[0]}: compiled decode {rate['compiled'] / rate['eager']:.1f}x the eager one; "
                   f"KV cache {rate['eager'] / rate['no cache']:.1f}x no cache")
+    if 'optim' in sections:
+        results['optim'] = [r for size in SIZES[device_type] for r in bench_optim(device, size, cfg.bench_steps)]
+        table(results['optim'], "one optimizer step alone (random gradients)")
     if 'prepare' in sections:
         results['prepare'] = bench_prepare(cfg.bench_corpus, 8192)
         table(results['prepare'], "prepare.py (tokenizer: 8192-piece BPE)")
+    if 'bigtext' in sections:
+        results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 512)  # its ~30 words allow ~600 pieces
+        table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the process tree)")
     if cfg.bench_json:
         with open(cfg.bench_json, 'w') as f:
             json.dump(results, f, indent=2)

@@ -49,7 +49,9 @@ KEYS = {
     'data_dir': ('', "where prepared shards go; '' means <out_dir>/data"),
     'tokenizer_path': ('', "SentencePiece model file; '' means <out_dir>/tokenizer.model"),
     'seed': (1337, '[0, 4294967295]',
-             "seed for everything random: tokenizer sampling, train/val split, batches, init, sampling"),
+             "seed for training and sampling: batches, init, dropout, generation (not the split: split_seed)"),
+    'split_seed': (0, '[0, 4294967295]', "seed of the train/val split: a document is val by a hash of its "
+                   "content and this; change it to draw another val set"),
     'sources': ({
         'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
         'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
@@ -87,15 +89,24 @@ KEYS = {
     'phase': ('pretrain', "name of this training run: checkpoints go to <out_dir>/<phase>/ (e.g. pretrain, sft)"),
     'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a source drawn by weight"),
     'val_sources': (None, list, "sources to report validation loss on; None = the mixture's"),
+    'best_on': (None, list, "sources whose val loss chooses best.pt (weighted as in the mixture); None = the largest"),
+    'max_epochs': (16, '>= 1', "warn when the run would repeat a source more times than this (train.py says why)"),
     'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to start from"),
     'batch_size': (16, '>= 1', "rows per micro-batch (per process)"),
     'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over all processes"),
     'max_iters': (1000, '>= 0', "optimizer steps"),
-    'learning_rate': (1e-3, '> 0', "peak learning rate"),
-    'min_lr': (1e-4, '>= 0', "learning rate at the end of the cosine decay"),
+    'optimizer': ('adamw', ('adamw', 'muon'), "'adamw', or 'muon': Muon on the blocks' matrices, AdamW on the "
+                                              "embedding/head and norms"),
+    'learning_rate': (1e-3, '> 0', "peak learning rate (of AdamW: every parameter, or with Muon the embedding/head and norms)"),
+    'muon_lr': (0.02, '> 0', "peak learning rate of Muon's matrices (optimizer='muon')"),
+    'muon_momentum': (0.95, '[0, 1)', "Muon's momentum (Nesterov)"),
+    'lr_schedule': ('cosine', ('cosine', 'wsd'), "'cosine' (warmup, cosine decay to min_lr) or 'wsd' (warmup, "
+                                                 "constant, linear decay to min_lr over the last decay_frac of the steps)"),
+    'min_lr': (1e-4, '>= 0', "learning rate at the end of the decay (Muon's ends at muon_lr * min_lr / learning_rate)"),
     'warmup_iters': (100, '>= 0', "linear warmup steps"),
-    'lr_decay_iters': (0, '>= 0', "step where the cosine decay reaches min_lr; 0 = max_iters"),
-    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only)"),
+    'lr_decay_iters': (0, '>= 0', "step where the decay reaches min_lr; 0 = max_iters"),
+    'decay_frac': (0.2, '(0, 1]', "wsd: the fraction of the steps (up to lr_decay_iters) spent decaying"),
+    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only; Muon's matrices have none)"),
     'beta1': (0.9, '[0, 1)', "AdamW beta1"),
     'beta2': (0.95, '[0, 1)', "AdamW beta2"),
     'grad_clip': (1.0, '>= 0', "clip the gradient norm to this; 0 = off"),
@@ -150,10 +161,11 @@ KEYS = {
     'overwrite': (False, "export.py: replace an export folder that already has files in it"),
 
     # --- bench.py ---
-    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, prepare"),
+    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare, bigtext"),
     'bench_json': ('', "also write the figures to this JSON file"),
     'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
     'bench_steps': (10, '>= 1', "timed training steps per configuration (after 3 warm-up steps)"),
+    'bench_bigtext_mb': (2048, '>= 1', "size of the generated text file (no separator) of the bigtext benchmark"),
 }
 
 

@@ -122,8 +122,8 @@ def split_sequences(cfg, tok, name, T):
         if not chat:
             seqs += windows(ids, T)
             continue
-        mask = np.fromfile(shard['path'].replace('shard_', 'mask_'), dtype=np.uint8, count=n).tolist()
-        starts = np.fromfile(shard['path'].replace('shard_', 'docs_'), dtype=np.int64).tolist()
+        mask = np.fromfile(shard['mask_path'], dtype=np.uint8, count=n).tolist()
+        starts = np.fromfile(shard['docs_path'], dtype=np.int64).tolist()
         for a, b in zip(starts, starts[1:] + [n]):
             if a < n:
                 conv, m = ids[a:min(b, n)][:T + 1], mask[a:min(b, n)][:T + 1]

@@ -13,11 +13,13 @@ Each source in the config's `sources` dict becomes
 
 Every document starts with <s> (bos), so a training window always shows where one ends and the
 next begins. Chat sources are rendered with the chat template (tokenizer.render_conversation).
-Documents go to train or val whole: a seeded shuffle of document indices picks val_frac of them.
+Documents go to train or val whole, each by a hash of its own content (of its title for a Roam page) and
+`split_seed`: adding, removing or editing other documents never moves it (val_flags). Corpora with a
+split of their own keep it (wikitext; Tiny Shakespeare's last 10%; fineweb-edu's first val_tokens).
 
 Safe to interrupt: a source is built in <name>.tmp/ (shards renamed from temp names as they close,
 meta.json last) and swapped in when complete. A rerun skips sources whose meta.json matches the
-inputs, settings and tokenizer, and redoes the rest. Same inputs, tokenizer and seed give
+inputs, settings and tokenizer, and redoes the rest. Same inputs, tokenizer and split_seed give
 byte-identical shards, whatever the number of worker processes.
 """
 import collections
@@ -163,20 +165,43 @@ class SplitWriter:
 
 
 def fingerprint(src, files, tok_sha, cfg):
-    """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, seed, format."""
+    """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, split_seed, format."""
     inputs = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-    key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.seed, cfg.shard_tokens,
+    key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
                       cfg.max_conversation_tokens], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def val_indices(n, val_frac, seed, name):
-    """Which documents go to val: a seeded shuffle of 0..n-1, first val_frac of it (at least one)."""
-    k = 0 if n < 2 or val_frac == 0 else max(1, round(n * val_frac))
-    rng = np.random.default_rng([seed, *name.encode()])
-    is_val = np.zeros(n, dtype=bool)
-    is_val[rng.permutation(n)[:k]] = True
-    return is_val
+def split_key(src, where, doc):
+    """What a document's split is decided on: a Roam page's title (its path in the export), so that editing
+    a page keeps it where it was; otherwise its content (text, or the conversation's messages)."""
+    if src['kind'] == 'roam':
+        return 'page:' + os.path.relpath(where, os.path.expanduser(src['path']))
+    return doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True, ensure_ascii=False)
+
+
+def split_hash(key, split_seed):
+    """A number in [0, 1) that depends only on the key and split_seed: val if it is below val_frac."""
+    digest = hashlib.sha256(f"{split_seed}\0{key}".encode('utf-8', 'surrogatepass')).digest()
+    return int.from_bytes(digest[:8], 'big') / 2 ** 64
+
+
+def val_flags(src, split_seed, stats):
+    """One pass over the documents: which go to val. A document is val when its hash is below val_frac,
+    so each one's split is its own business (growing a source by 10% moves no train document to val). A
+    source whose hashes all miss (a handful of documents) gives val its lowest-hash document."""
+    flags, lowest = [], (2.0, None)
+    for i, (where, doc, split) in enumerate(sources.iter_documents(src, stats)):
+        if split:  # the corpus's own split
+            flags.append(split == 'val')
+            continue
+        h = split_hash(split_key(src, where, doc), split_seed)
+        flags.append(h < src['val_frac'])
+        lowest = min(lowest, (h, i))
+    flags = np.array(flags, dtype=bool)
+    if src['val_frac'] > 0 and len(flags) >= 2 and not flags.any() and lowest[1] is not None:
+        flags[lowest[1]] = True
+    return flags
 
 
 def prepare_source(cfg, name, tok):
@@ -203,12 +228,12 @@ def prepare_source(cfg, name, tok):
         n_docs, is_val, total = None, None, sum(v for v in budget.values() if v) or None
         print(f"prepare: {name} ({src['kind']}): streaming, budgets {budget}, {num_proc} processes")
     else:
-        n_docs = sum(1 for _ in sources.iter_documents(src, stats))  # cheap pass: count, for the split and the ETA
+        is_val = val_flags(src, cfg.split_seed, stats)  # a cheap pass: the split, and the count for the ETA
+        n_docs = len(is_val)
         if n_docs == 0:
             die(f"sources['{name}']: no documents found in {src['path']} ({stats['empty']} empty files). "
                 "Point 'path' at your text.")
         total = sum(os.path.getsize(f) for f in files)
-        is_val = val_indices(n_docs, src['val_frac'], cfg.seed, name)
         print(f"prepare: {name} ({src['kind']}): {n_docs:,} documents, {total / 1e6:.1f} MB, "
               f"{int(is_val.sum())} for val, {num_proc} processes")
 
@@ -264,7 +289,7 @@ def prepare_source(cfg, name, tok):
         die(f"sources['{name}']: no documents left: {why}")
     meta = {'format_version': FORMAT_VERSION, 'source': src, 'format': src['format'],
             'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size, 'tokenizer_sha256': tok.sha256,
-            'seed': cfg.seed, 'fingerprint': fp, 'reader_counts': dict(stats)}
+            'split_seed': cfg.split_seed, 'fingerprint': fp, 'reader_counts': dict(stats)}
     for split, w in writers.items():
         m = w.finish({**meta, 'split': split})
         extra = f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens" if chat else ''
@@ -382,6 +407,9 @@ def load_split(data_dir, name, split, tokenizer_sha256=None):
     folder = os.path.dirname(path)
     for shard in meta['shards']:
         shard['path'] = os.path.join(folder, shard['file'])
+        # its document index and loss mask sit beside it: shard_00003.bin -> docs_00003.bin, mask_00003.bin
+        number = shard['file'][len('shard'):]
+        shard['docs_path'], shard['mask_path'] = (os.path.join(folder, part + number) for part in ('docs', 'mask'))
         size = os.path.getsize(shard['path']) if os.path.exists(shard['path']) else -1
         if size != shard['tokens'] * np.dtype(meta['dtype']).itemsize:
             die(f"{shard['path']} is missing or has the wrong size for {shard['tokens']} {meta['dtype']} tokens: "

@@ -4,17 +4,29 @@
 #   ./run.sh demo            (the built-in sample, ~3 minutes on a laptop CPU)
 #   ./run.sh smoke           (seconds: checks the install)
 #   ./run.sh dev | prod      (see config/)
+#   ./run.sh shakespeare     (Tiny Shakespeare, 150 s of training; reports val bits per byte; no chat)
 # Extra --key=value arguments are passed to every stage. Several GPUs: TRAIN="torchrun --standalone
 # --nproc_per_node=8" ./run.sh prod  (TRAIN replaces `python` for the two training commands).
 set -euo pipefail
 cd "$(dirname "$0")"
-profile=${1:?usage: ./run.sh smoke|demo|dev|prod [--key=value ...]}
+profile=${1:?usage: ./run.sh smoke|demo|dev|prod|shakespeare [--key=value ...]}
 shift
+if [ "$profile" = shakespeare ]; then  # a text model to compare with nanoGPT's: train, measure, sample
+    cfg=config/shakespeare.py
+    python tokenizer.py $cfg "$@"
+    python prepare.py $cfg "$@"
+    ${TRAIN:-python} train.py $cfg "$@"
+    echo; echo "=== bits per byte on the last 10% of Tiny Shakespeare (the final weights) ==="
+    python eval.py $cfg "$@"
+    echo; echo "=== a sample ==="
+    python sample.py $cfg --start="ROMEO:" --max_new_tokens=120 "$@"
+    exit
+fi
 case $profile in
     smoke|demo) pre=(config/$profile.py); sft=(config/$profile.py --phase=sft) ;;
     dev) pre=(config/dev.py); sft=(config/dev_sft.py) ;;
     prod) pre=(config/prod_pretrain.py); sft=(config/prod_sft.py) ;;
-    *) echo "unknown profile '$profile': use smoke, demo, dev or prod" >&2; exit 2 ;;
+    *) echo "unknown profile '$profile': use smoke, demo, dev, prod or shakespeare" >&2; exit 2 ;;
 esac
 python tokenizer.py "${pre[@]}" "$@"
 python prepare.py "${pre[@]}" "$@"

@@ -202,40 +202,93 @@ def read_roam(src, stats=None, problems=None):
 
 
 def read_text(src, stats=None, problems=None):
-    sep = src['separator']
     for path in source_files(src):
-        if sep is None:
-            text = read_utf8(path, problems)
-            docs = [] if text is None else [text]
-        else:
-            docs = split_stream(path, sep, problems)
-        for doc in docs:
+        for doc in split_stream(path, src['separator'], problems):
             if doc.strip():
                 yield path, doc
             else:
                 stats is not None and stats.update(['empty'])
 
 
-def split_stream(path, sep, problems, block=1 << 20):
-    """Documents of a file split on `sep`, read a block at a time (memory: the largest document)."""
+# A document longer than this is cut into pieces at line ends (each its own document, starting with <s>):
+# a file without a separator is read and tokenized in bounded pieces, spread over the workers, whatever its
+# size. 1M characters is ~250k tokens, so the extra <s> are one token in 250,000.
+MAX_DOC_CHARS = 1 << 20
+
+
+def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
+    """Documents of a file split on `sep` (None: the whole file is one), read a block at a time; a
+    document longer than max_chars is cut after its last newline within the limit (else at a space, else
+    at the limit). Memory is bounded by max_chars and block, not by the file's size."""
+    max_chars = max_chars or MAX_DOC_CHARS
     decoder, rest, offset = codecs.getincrementaldecoder('utf-8-sig')(), '', 0  # (-sig: drops a BOM)
-    with open(path, 'rb') as f:
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror}"
+        if problems is None:
+            die(msg)
+        problems.append(msg)
+        return
+    with f:
         while True:
             data = f.read(block)
             try:
                 rest += decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                msg = f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it or remove it from the source"
+                msg = (f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`, "
+                       "or remove it from the source")
                 if problems is None:
                     die(msg)
                 problems.append(msg)
                 return
             offset += len(data)
-            *docs, rest = rest.split(sep)
-            yield from docs
+            if sep:
+                *docs, rest = rest.split(sep)
+                for doc in docs:
+                    yield from cut_long(doc, max_chars)
+            # the unfinished document: cut off what is surely not the start of a separator split across blocks
+            while len(rest) > max_chars + len(sep or ''):
+                cut = cut_point(rest, max_chars)
+                yield rest[:cut]
+                rest = rest[cut:]
             if not data:
                 break
-    yield rest
+    yield from cut_long(rest, max_chars)
+
+
+def cut_point(text, max_chars):
+    """Where to cut text longer than max_chars: after the last newline in the limit, else the last space."""
+    for c in '\n ':
+        i = text.rfind(c, 0, max_chars)
+        if i > 0:
+            return i + 1
+    return max_chars
+
+
+def cut_long(doc, max_chars):
+    while len(doc) > max_chars:
+        cut = cut_point(doc, max_chars)
+        yield doc[:cut]
+        doc = doc[cut:]
+    yield doc
+
+
+def read_tinyshakespeare(src, stats=None, problems=None):
+    """Tiny Shakespeare split the way its users compare numbers (nanoGPT, char-rnn): the last val_frac of the
+    file's characters is val, the rest train; each part is cut into speeches (the parts between blank lines),
+    or with separator=None kept as one stream, as nanoGPT reads it (a window then spans several speeches)."""
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is None:
+            continue
+        cut = int(len(text) * (1 - src['val_frac']))
+        for split, part in (('train', text[:cut]), ('val', text[cut:])):
+            for doc in part.split(src['separator']) if src['separator'] else [part]:  # None: each part one stream
+                if doc.strip():
+                    yield path, doc, split
+                elif stats is not None:
+                    stats.update(['empty'])
 
 
 ROLE_LINE = re.compile(r'^(system|user|assistant):\s?(.*)$', re.IGNORECASE)
@@ -435,7 +488,7 @@ def read_streamed(src, stats=None, problems=None):
 
 
 READERS = {'roam': read_roam, 'text': read_text, 'primer': read_primer, 'chat': read_chat, 'dolly': read_dolly,
-           'oasst1': read_oasst1, 'tinyshakespeare': read_text, 'fineweb_edu': read_streamed,
+           'oasst1': read_oasst1, 'tinyshakespeare': read_tinyshakespeare, 'fineweb_edu': read_streamed,
            'wikitext': read_streamed}
 
 

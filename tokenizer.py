@@ -26,6 +26,9 @@ from configurator import atomic_file, check_writable, configure, die, file_sha25
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
 SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
 TRAIN_THREADS = 4  # fixed on purpose: SentencePiece's result depends on its thread count
+TRAIN_SEED = 1337  # fixed too: a tokenizer outlives training runs, so --seed (batches, init) must not change it
+# source settings that only decide train/val (the tokenizer reads every document) or check a download
+NOT_READ = ('val_frac', 'train_tokens', 'val_tokens', 'sha256', 'size')
 
 
 class Tokenizer:
@@ -159,8 +162,20 @@ def tokenizer_settings(cfg):
             die(f"tokenizer_sources names '{name}', which is not in sources ({', '.join(cfg.sources)})")
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
             die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of it; got {max_bytes!r}")
-    return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type, 'seed': cfg.seed,
+    return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type,
             'sources': {name: {'settings': cfg.sources[name], 'max_bytes': budgets[name]} for name in budgets}}
+
+
+def what_it_reads(settings):
+    """The part of recorded settings that decides the trained model: no split-only source settings and no
+    seed (records written before TRAIN_SEED kept the global one), every source setting filled with its
+    default (so spelling out a default changes nothing)."""
+    return json.loads(json.dumps({
+        'vocab_size': settings['vocab_size'], 'model_type': settings['model_type'],
+        'sources': {name: {'max_bytes': s['max_bytes'],
+                           'settings': {k: v for k, v in sources.source_settings(name, s['settings']).items()
+                                        if k not in NOT_READ}}
+                    for name, s in settings['sources'].items()}}))
 
 
 def training_sentences(cfg, settings):
@@ -187,14 +202,19 @@ def train_tokenizer(cfg):
     info_path = path + '.json'
     if os.path.exists(path):
         old = json.load(open(info_path)) if os.path.exists(info_path) else {}
-        if old.get('settings') == json.loads(json.dumps(settings)):
+        now = what_it_reads(settings)  # (a bad source in this config stops here, named)
+        try:
+            same = what_it_reads(old['settings']) == now
+        except (KeyError, TypeError, AttributeError, SystemExit):  # no record, or one this code cannot read
+            same = False
+        if same:
             print(f"tokenizer: {path} is up to date with this config, nothing to do")
             return
         die(f"{path} exists but was trained with other settings ({info_path} differs from this config). "
             "Shards and checkpoints made with it depend on it, so it is not replaced silently: delete it "
             "(and re-run prepare.py) to train a new one, or set --tokenizer_path to a new file.")
     check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
-    spm.set_random_generator_seed(cfg.seed)
+    spm.set_random_generator_seed(TRAIN_SEED)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -4,18 +4,22 @@ Stage 3: training, one script for pretraining and supervised fine-tuning (SFT).
     python train.py config/demo.py                                   # one process
     torchrun --standalone --nproc_per_node=8 train.py config/prod_pretrain.py   # DDP
 
-The data decides the phase. `mixture` maps prepared sources to weights; every batch row comes from
-a source drawn by weight.
-  - Pretraining (any text source in the mixture): a row is a random window of block_size + 1 tokens;
-    loss on every token. Chat sources in a pretraining mixture are read the same way, so the model
-    also learns the shape of a conversation.
-  - SFT (only chat sources): a row packs whole conversations; loss only where the chat template's
-    mask is 1 (assistant replies and their <|eot|>), targets are -1 (ignored) elsewhere.
+The data decides the phase. `mixture` maps prepared sources to weights: each source gets its weight's
+share of the rows' tokens.
+  - Pretraining (any text source in the mixture): a row is a random window of block_size + 1 tokens of a
+    source drawn by weight; loss on every token. Chat sources in a pretraining mixture are read the same
+    way, so the model also learns the shape of a conversation.
+  - SFT (only chat sources): rows packed best-fit with conversations (Packer), long ones cut at turn
+    boundaries (Split.cut_pieces); loss only where the chat template's mask is 1 (assistant replies and
+    their <|eot|>), targets are -1 (ignored) elsewhere.
+A step's loss is its summed target nats over all micro-batches and processes / their target count.
 
-Batches are a pure function of (seed, step, micro-step): resuming needs no sampler state, and each
-DDP rank draws its own rows. Checkpoints go to <out_dir>/<phase>/: ckpt.pt (latest, with optimizer
-and RNG state, for resume) and best.pt (the best validation loss, weights only).
+Batches are a pure function of (seed, step, micro-step, rank): resuming needs no sampler state, and each
+DDP rank draws the rows one process would draw at its place. Checkpoints go to <out_dir>/<phase>/: ckpt.pt
+(latest, with optimizer and RNG state, for resume) and best.pt (the best validation loss on `best_on`,
+weights only).
 """
+import bisect
 import json
 import math
 import os
@@ -31,15 +35,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from configurator import check_writable, configure, die, file_sha256, save_config
+from configurator import atomic_file, check_writable, configure, die, file_sha256, save_config
 from model import (GPT, ModelConfig, add_lora, adapter_state, base_weights, check_tokenizer, load_model, pick_device,
                    read_checkpoint, runtime)
-from tokenizer import Tokenizer
+from optim import make_optimizer
+from tokenizer import SPECIALS, Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: prepared shards, read through a fresh np.memmap per read (a long-lived memmap keeps every
-# page it has touched mapped, and the process's memory grows over a long run).
+# Data: prepared shards, read through a fresh np.memmap per window or per batch (a long-lived memmap keeps
+# every page it has touched mapped, and the process's memory grows over a long run).
+
+SYS, USR, ASST = (SPECIALS.index(t) for t in ('<|sys|>', '<|usr|>', '<|asst|>'))  # where turns start
+
 
 class Split:
     def __init__(self, data_dir, name, split, tokenizer_sha256):
@@ -52,70 +60,220 @@ class Split:
             die(f"source '{name}' has no {split} tokens (see {data_dir}/{name}/{split}/meta.json): "
                 f"give it more documents or a val_frac > 0")
         self.shard_p = np.array([s['tokens'] for s in self.shards]) / self.tokens
-        # every conversation as (shard, start, length): SFT rows are built from whole conversations
-        # (text sources are read as windows and never need their document index)
-        docs = []
-        for i, s in enumerate(self.shards if self.chat else []):
-            starts = np.fromfile(s['path'].replace('shard_', 'docs_'), dtype=np.int64)
-            lengths = np.diff(np.append(starts, s['tokens']))
-            docs.append(np.stack([np.full(len(starts), i), starts, lengths], axis=1))
-        self.docs = np.concatenate(docs) if docs else None
+        self.pieces, self.cut_for = None, None  # SFT: the conversations cut for rows of cut_for tokens (cut_pieces)
 
-    def read(self, shard, start, n, kind='shard'):
-        path = self.shards[shard]['path'].replace('shard_', f'{kind}_')
-        mm = np.memmap(path, dtype=self.dtype if kind == 'shard' else np.uint8, mode='r')
+    def read(self, shard, start, n):
+        mm = np.memmap(self.shards[shard]['path'], dtype=self.dtype, mode='r')
         out = np.array(mm[start:start + n], dtype=np.int64)
         del mm
         return out
 
+    def cut_pieces(self, R):
+        """Every conversation as pieces of at most R tokens, for SFT rows of R = block_size + 1 tokens. A
+        conversation that fits is one piece. A longer one is cut at turn boundaries: each piece is <s>, the
+        system prompt where it fits, then whole exchanges (a user turn and the reply to it), as many as fit.
+        An exchange longer than R on its own keeps the head of its user turn and of its reply (counted as
+        truncated). A piece is up to three [begin, end) token ranges of one shard, kept as arrays:
+        ranges (P, 3, 2), shard (P,), length (P,), trained (P,: its loss-mask tokens, never 0), and
+        first (conversations + 1,): conversation c's pieces are first[c]:first[c + 1]."""
+        ranges, shard_of, trained, first = [], [], [], [0]
+        self.truncated = self.long = 0  # conversations longer than R, and those of them with a turn cut to fit
+        for i, s in enumerate(self.shards):
+            starts = np.fromfile(s['docs_path'], dtype=np.int64)
+            ends = np.append(starts[1:], s['tokens'])
+            mask = np.fromfile(s['mask_path'], dtype=np.uint8)
+            sums = np.add.reduceat(mask, starts, dtype=np.int64) if len(starts) else starts
+            tokens = np.memmap(s['path'], dtype=self.dtype, mode='r')
+            for a, b, n in zip(starts.tolist(), ends.tolist(), sums.tolist()):
+                if b - a <= R:
+                    cut, truncated = [((a, b),)], False
+                else:
+                    cut, truncated = split_at_turns(np.array(tokens[a:b]), a, R)
+                    self.long += 1
+                self.truncated += truncated
+                for piece in cut:
+                    k = int(sum(mask[p:q].sum() for p, q in piece)) if len(cut) > 1 or truncated else n
+                    if k > 0:  # a piece with nothing to learn is never used
+                        ranges.append(list(piece) + [(0, 0)] * (3 - len(piece)))
+                        shard_of.append(i)
+                        trained.append(k)
+                first.append(len(trained))
+            del tokens
+        self.conversations, self.cut_for = len(first) - 1, R
+        ranges = np.array(ranges, dtype=np.int64).reshape(-1, 3, 2)
+        self.pieces = {'ranges': ranges, 'shard': np.array(shard_of, dtype=np.int64),
+                       'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1), 'trained': np.array(trained, dtype=np.int64),
+                       'first': np.array(first, dtype=np.int64)}
+        self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)  # conversations with a piece to train on
+        if len(self.usable) == 0:
+            die(f"source '{self.name}': no conversation keeps a reply to train on in rows of {R - 1} tokens: "
+                f"raise block_size")
 
-def window_row(split, rng, T):
-    """Pretraining row: a random window of T + 1 tokens (shorter only if a shard is)."""
-    shard = rng.choice(len(split.shards), p=split.shard_p)
-    n = min(T + 1, split.shards[shard]['tokens'])
-    toks = split.read(shard, rng.integers(0, split.shards[shard]['tokens'] - n + 1), n)
-    x, y = np.zeros(T, dtype=np.int64), np.full(T, -1, dtype=np.int64)
-    x[:n - 1], y[:n - 1] = toks[:-1], toks[1:]
-    return x, y, None, 0
+
+def split_at_turns(ids, offset, R):
+    """Pieces of one conversation longer than R tokens (see Split.cut_pieces): lists of (begin, end) ranges,
+    offset into the shard; and whether a turn had to be cut."""
+    at = np.flatnonzero((ids == SYS) | (ids == USR) | (ids == ASST)).tolist() + [len(ids)]
+    turns = [(p, q, int(ids[p])) for p, q in zip(at, at[1:])]
+    system = turns.pop(0)[:2] if turns and turns[0][2] == SYS else None
+    # exchanges: a user turn and the reply to it, as (user begin, reply begin, end); a last question without a reply goes
+    exchanges = [(u[0], a[0], a[1]) for u, a in zip(turns, turns[1:]) if u[2] == USR and a[2] == ASST]
+    pieces, truncated, i = [], False, 0
+    while i < len(exchanges):
+        room = R - 1  # after <s>
+        head = (0, 1)
+        if system and system[1] - system[0] + exchanges[i][2] - exchanges[i][0] <= room:
+            head = (0, system[1])  # <s> and the system turn are contiguous
+            room -= system[1] - system[0]
+        u, a, end = exchanges[i]
+        if end - u <= room:  # whole exchanges, as many as fit
+            j = i + 1
+            while j < len(exchanges) and exchanges[j][2] - u <= room:
+                end, j = exchanges[j][2], j + 1
+            piece = [head, (u, end)]
+            i = j
+        else:  # one exchange longer than the row: the head of the question (half the row at least, if it is that
+            # long: its instruction comes first) and of the reply
+            keep_user = min(a - u, max(room - (end - a), room // 2))
+            piece = [head, (u, u + keep_user), (a, min(end, a + room - keep_user))]
+            truncated, i = True, i + 1
+        pieces.append(tuple((offset + p, offset + q) for p, q in piece))
+    return pieces, truncated
 
 
-def packed_row(split, rng, T):
-    """SFT row: whole conversations drawn at random, packed until the next one does not fit, the rest
-    padded. Packing beats one-conversation-per-row (mostly padding for short chats); doc_ids tell
-    attention to keep each conversation to itself, so none is conditioned on another (with RoPE,
-    a conversation's position in the row does not change its attention scores either). A conversation
-    longer than the row is truncated and counted."""
-    toks, mask = np.zeros(T + 1, dtype=np.int64), np.zeros(T + 1, dtype=np.int64)
-    doc = np.full(T + 1, -1, dtype=np.int64)
-    used, k, truncated = 0, 0, 0
-    while used < T + 1:
-        shard, start, length = split.docs[rng.integers(len(split.docs))]
-        if length > T + 1 and used == 0:
-            length, truncated = T + 1, 1
-        if used + length > T + 1:
-            break
-        toks[used:used + length] = split.read(shard, start, length)
-        mask[used:used + length] = split.read(shard, start, length, 'mask')
-        doc[used:used + length] = k
-        used, k = used + length, k + 1
-    y = np.where(mask[1:] == 1, toks[1:], -1)
-    return toks[:-1], y, doc[:-1], truncated
-
-
-def get_batch(splits, weights, rng, B, T, device, sft):
-    """B rows, each from a source drawn by weight; returns x, y, doc_ids (None for pretraining), truncated."""
+def window_batch(splits, weights, rng, B, T):
+    """Pretraining: B rows, each a random window of T + 1 tokens of a source drawn by weight (shorter only if
+    a shard is; the rest has no target). Returns x, y (B, T) int64 numpy arrays."""
     names = list(weights)
     p = np.array([weights[n] for n in names], dtype=np.float64)
     p /= p.sum()
-    rows = []
-    for _ in range(B):
+    x, y = np.zeros((B, T), dtype=np.int64), np.full((B, T), -1, dtype=np.int64)
+    for r in range(B):
         split = splits[names[rng.choice(len(names), p=p)]]
-        rows.append(packed_row(split, rng, T) if sft else window_row(split, rng, T))
-    x = torch.from_numpy(np.stack([r[0] for r in rows]))
-    y = torch.from_numpy(np.stack([r[1] for r in rows]))
-    doc = torch.from_numpy(np.stack([r[2] for r in rows])) if rows[0][2] is not None else None
+        shard = rng.choice(len(split.shards), p=split.shard_p)
+        n = min(T + 1, split.shards[shard]['tokens'])
+        toks = split.read(shard, rng.integers(0, split.shards[shard]['tokens'] - n + 1), n)
+        x[r, :n - 1], y[r, :n - 1] = toks[:-1], toks[1:]
+    return x, y
+
+
+class Packer:
+    """SFT rows, as one stream for the whole run: row i is a pure function of (seed, i), so a batch is a pure
+    function of (seed, step, micro-step, rank) like a pretraining batch (resume needs no state, each DDP rank
+    takes the rows one process would take at its place; every rank runs the same cheap packing of lengths).
+
+    Conversations are drawn source by source so that each source gets its weight's share of the tokens, and
+    within a source in a fresh random order every epoch: a conversation is trained once per epoch of its
+    source, whatever its length. Their pieces (Split.cut_pieces) wait in a buffer; a row takes the longest
+    waiting piece that still fits, again and again (best fit), and is padded only when none fits. What does not
+    fit waits for a later row: nothing is discarded, and a piece that keeps being passed over starts a row of
+    its own. Each piece attends only to itself (doc ids).
+
+    Use: packer = Packer(splits, weights, seed_list, T); x, y, doc = packer.batch(first_row, B) gives (B, T)
+    int64 numpy arrays (targets -1 where untrained, doc ids -1 on padding); packer.stats(rows) gives the fill
+    rate and trained tokens per row. Nothing else is needed to read SFT rows (a faster data path or another
+    attention mask only has to consume batch()'s arrays)."""
+
+    def __init__(self, splits, weights, seed, T, buffer=32):
+        self.splits, self.seed, self.T, self.size = splits, seed, T, buffer
+        self.names = list(weights)
+        total = sum(weights.values())
+        self.share = np.array([weights[n] / total for n in self.names])
+        for s in splits.values():
+            if s.cut_for != T + 1:
+                s.cut_pieces(T + 1)
+        self.start()
+
+    def start(self):
+        self.cache, self.next_row = {}, 0
+        self.waiting = []  # sorted (length, -draw number, source index, piece): of equal lengths, the oldest last
+        self.drawn = np.zeros(len(self.names))  # tokens drawn per source
+        self.order = [(-1, None, 0)] * len(self.names)  # per source: (epoch, order of its conversations, position)
+        self.draws = 0
+
+    def draw(self):
+        """The next conversation, from the source furthest below its share of the tokens drawn so far."""
+        k = int(np.argmax(self.share * self.drawn.sum() - self.drawn))
+        split = self.splits[self.names[k]]
+        epoch, order, pos = self.order[k]
+        if order is None or pos == len(order):
+            epoch, pos = epoch + 1, 0
+            order = split.usable[np.random.default_rng([*self.seed, k, epoch]).permutation(len(split.usable))]
+        self.order[k] = (epoch, order, pos + 1)
+        c = order[pos]
+        for p in range(split.pieces['first'][c], split.pieces['first'][c + 1]):
+            length = int(split.pieces['length'][p])
+            bisect.insort(self.waiting, (length, -self.draws, k, p))
+            self.drawn[k] += length
+            self.draws += 1
+
+    def make_row(self):
+        row, room = [], self.T + 1
+        while True:
+            while len(self.waiting) < self.size:
+                self.draw()
+            i = -1
+            if not row:  # a piece passed over for 4 x size draws (a length that rarely fits) starts the next row
+                oldest = max(range(len(self.waiting)), key=lambda j: self.waiting[j][1])
+                i = oldest if self.draws + self.waiting[oldest][1] > 4 * self.size else -1
+            if i < 0:  # the longest piece that still fits (of equal lengths, the oldest)
+                i = bisect.bisect_right(self.waiting, (room, float('inf'))) - 1
+            if i < 0:
+                return row
+            length, _, k, p = self.waiting.pop(i)
+            row.append((k, p))
+            room -= length
+
+    def rows(self, first, n, forget=True):
+        """Rows first .. first + n - 1 as lists of (source index, piece). Rows before `first` are forgotten
+        (training asks for increasing rows); asking for an earlier one packs the stream again from row 0."""
+        if first < self.next_row and first not in self.cache:
+            self.start()
+        while self.next_row < first + n:
+            self.cache[self.next_row] = self.make_row()
+            self.next_row += 1
+        out = [self.cache[i] for i in range(first, first + n)]
+        if forget:
+            for i in [i for i in self.cache if i < first]:
+                del self.cache[i]
+        return out
+
+    def batch(self, first, B, forget=True):
+        """Rows first .. first + B - 1 as x, y, doc_ids (B, T) int64 numpy arrays: targets are -1 except
+        where the loss mask is 1; doc_ids number the pieces of a row (-1: padding)."""
+        R = self.T + 1
+        toks, mask = np.zeros((B, R), dtype=np.int64), np.zeros((B, R), dtype=np.int64)
+        doc = np.full((B, R), -1, dtype=np.int64)
+        maps = {}  # one memmap per shard file per batch, not per piece
+        for r, row in enumerate(self.rows(first, B, forget)):
+            at = 0
+            for j, (k, p) in enumerate(row):
+                split = self.splits[self.names[k]]
+                shard = split.shards[split.pieces['shard'][p]]
+                if shard['path'] not in maps:
+                    maps[shard['path']] = (np.memmap(shard['path'], dtype=split.dtype, mode='r'),
+                                           np.memmap(shard['mask_path'], dtype=np.uint8, mode='r'))
+                ids, m = maps[shard['path']]
+                for b, e in split.pieces['ranges'][p].tolist():
+                    toks[r, at:at + e - b], mask[r, at:at + e - b] = ids[b:e], m[b:e]
+                    doc[r, at:at + e - b] = j
+                    at += e - b
+        del maps
+        y = np.where(mask[:, 1:] == 1, toks[:, 1:], -1)
+        return toks[:, :-1], y, doc[:, :-1]
+
+    def stats(self, rows):
+        """Fill (share of row tokens that are conversation), trained tokens per row, over the first `rows` rows."""
+        packed = self.rows(0, rows, forget=False)
+        lengths = [sum(int(self.splits[self.names[k]].pieces['length'][p]) for k, p in row) for row in packed]
+        trained = [sum(int(self.splits[self.names[k]].pieces['trained'][p]) for k, p in row) for row in packed]
+        return sum(lengths) / (rows * (self.T + 1)), sum(trained) / rows
+
+
+def to_device(arrays, device):
+    """numpy arrays -> tensors on the device (pinned and non-blocking on CUDA); None stays None."""
     to = lambda t: t.pin_memory().to(device, non_blocking=True) if device.startswith('cuda') else t.to(device)
-    return to(x), to(y), (to(doc) if doc is not None else None), sum(r[3] for r in rows)
+    return [None if a is None else to(torch.from_numpy(a)) for a in arrays]
 
 
 def sft_mode(splits):
@@ -222,26 +380,54 @@ def saved_best_val(ckpt_dir):
     return ckpt['best_val'] if ckpt else float('inf')
 
 
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+def lr_factor(it, cfg):
+    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
+    Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
+    (default max_iters), flat after it. In between, cosine decays all the way; wsd (warmup-stable-decay)
+    holds the peak, then decays linearly over the last decay_frac of the steps. A wsd run can be
+    extended (resume its stable phase with more max_iters) or decayed from any checkpoint."""
+    end = cfg.lr_decay_iters or cfg.max_iters
+    floor = cfg.min_lr / cfg.learning_rate
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+        return (it + 1) / (cfg.warmup_iters + 1)
+    if it >= end:
+        return floor
+    if cfg.lr_schedule == 'wsd':
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_frac * end))
+        return 1.0 if it < decay_start else floor + (1 - floor) * (end - it) / (end - decay_start)
+    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
 
 
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+def check_optimizer(cfg):
+    """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak."""
+    if cfg.min_lr > cfg.learning_rate:
+        die(f"need min_lr <= learning_rate, got {cfg.min_lr} and {cfg.learning_rate}")
+
+
+def duration(seconds):
+    """12s, 3m05s, 2h07m: for the log's elapsed time and ETA."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# Datasheet dense (no sparsity) bf16/fp16 tensor-core peaks, by the exact name torch.cuda.get_device_name()
+# gives: variants of one chip differ (an H100 PCIe does 756 TFLOP/s, the SXM one 989), and a substring would
+# match the wrong card ('L4' is in 'L40S'). A card not listed gets no MFU, only FLOP/s: add it here.
+PEAK_FLOPS = {
+    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
+    'NVIDIA H200': 989e12, 'NVIDIA H200 NVL': 835e12,
+    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-PCIE-40GB': 312e12,
+    'NVIDIA A100 80GB PCIe': 312e12,
+    'NVIDIA L4': 121e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12, 'NVIDIA GeForce RTX 4090': 165e12,
+}
 
 
 def peak_flops(device_type, dtype):
     """Datasheet dense bf16/fp16 peak of the GPU, for MFU; None where unknown (CPU: we print FLOP/s)."""
     if device_type != 'cuda' or dtype == 'float32':
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return PEAK_FLOPS.get(torch.cuda.get_device_name().strip())
 
 
 def model_args_from(cfg, vocab_size):
@@ -281,6 +467,7 @@ def main():
     cfg = configure()
     if cfg.merge_lora:
         return merge_adapter(cfg)
+    check_optimizer(cfg)
     # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
     ddp = int(os.environ.get('RANK', -1)) != -1
     world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
@@ -322,6 +509,34 @@ def main():
     if sft and not sft_mode(val):
         die(f"this is an SFT run (every mixture source is a chat source) but val_sources includes text sources "
             f"({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
+    # best.pt is chosen on best_on: by default the largest validated source of the mixture (a small one repeated
+    # many times overfits, and its val loss rises, long before the rest stops improving)
+    best_on = [cfg.best_on] if isinstance(cfg.best_on, str) else cfg.best_on
+    if best_on is None:
+        validated = [n for n in train if n in val] or list(val)
+        best_on = [max(validated, key=lambda n: train[n].tokens if n in train else 0)] if validated else []
+    for n in best_on:
+        if n not in val:
+            die(f"best_on names '{n}', which is not among the validated sources ({', '.join(val) or 'none'}): "
+                f"name sources of val_sources (or of the mixture)")
+    B, T = cfg.batch_size, cfg.block_size
+    if sft:  # SFT rows: one packed stream for training, one fixed stream per val source
+        packer = Packer(train, mixture, [cfg.seed], T)
+        val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n, s in val.items()}
+
+    def train_batch(micro):
+        """Micro-batch `micro` of this step (0 .. gradient_accumulation_steps - 1, counted over all processes,
+        so N processes train what one does): x, y, doc_ids (None for pretraining) as numpy arrays."""
+        if sft:
+            return packer.batch((iter_num * cfg.gradient_accumulation_steps + micro) * B, B)
+        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, iter_num, micro]), B, T), None)
+
+    def val_batch(i, name, k):
+        """The k-th validation batch of a source: the same ones at every evaluation."""
+        if sft:
+            return val_packers[name].batch(k * B, B, forget=False)
+        rng = np.random.default_rng([cfg.seed, 1_000_003, i, k])
+        return (*window_batch({name: val[name]}, {name: 1.0}, rng, B, T), None)
 
     # --- output folders: fail now, not after an hour of training ---
     if master:
@@ -334,7 +549,7 @@ def main():
     # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
     lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
-    iter_num, best_val, ckpt, weights, base_ref = 0, float('inf'), None, None, None
+    iter_num, best_val, ckpt, weights, base_ref, elapsed = 0, float('inf'), None, None, None, 0.0
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
         why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
@@ -342,9 +557,13 @@ def main():
         if ckpt.get('lora') != lora:
             die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
                 f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
+        if ckpt['config'].get('optimizer', 'adamw') != cfg.optimizer:
+            die(f"{path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, this config has "
+                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with init_from={path})")
         weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
         base_ref = ckpt.get('base')
         iter_num, best_val = ckpt['iter'], min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
+        elapsed = ckpt.get('elapsed', 0.0)
         log(f"resuming from {path} at step {iter_num}")
     elif cfg.init_from != 'scratch':
         if not os.path.isfile(cfg.init_from):
@@ -368,7 +587,9 @@ def main():
         if cfg.init_from == 'resume':
             model.load_state_dict(ckpt['adapter'], strict=False)
     model.to(device)
-    optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, device_type,
+                               ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     if cfg.init_from == 'resume':
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -389,7 +610,6 @@ def main():
     if free < 3 * ckpt_bytes:
         die(f"only {free / 1e9:.2f} GB free in {cfg.ckpt_dir}; checkpoints need about {3 * ckpt_bytes / 1e9:.2f} GB "
             f"(ckpt.pt, its temp file while saving, best.pt): free some space or set out_dir elsewhere")
-    B, T = cfg.batch_size, cfg.block_size
     tokens_per_step = B * T * cfg.gradient_accumulation_steps
     flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
     peak = peak_flops(device_type, dtype)
@@ -399,8 +619,33 @@ def main():
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
             f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
+    if cfg.optimizer == 'muon':
+        count = lambda muon: sum(p.numel() for g in optimizer.param_groups if g['muon'] == muon for p in g['params'])
+        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} parameters), AdamW "
+            f"(lr {cfg.learning_rate:g}) on {'the LoRA adapters' if lora else 'the embedding/head and norms'} "
+            f"({count(False):,}); {cfg.lr_schedule} schedule")
+    else:
+        log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
     log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
         f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
+    rows_per_step = B * cfg.gradient_accumulation_steps
+    if sft:
+        fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))  # the first steps
+        log(f"SFT rows: {100 * fill:.1f}% full, {trained_per_row * rows_per_step:,.0f} trained tokens per step "
+            f"({100 * trained_per_row / (T + 1):.1f}% of row tokens); conversations longer than a row, cut at turn "
+            f"boundaries: " + ', '.join(f"{n} {s.long} of {s.conversations} ({s.truncated} with a turn cut to fit, "
+                                        f"{s.conversations - len(s.usable)} with no reply left)" for n, s in train.items()))
+    # how often the run repeats each source: worth it up to a few passes, wasted compute far beyond (max_epochs)
+    drawn = cfg.max_iters * rows_per_step * (fill * (T + 1) if sft else T)  # tokens the run reads
+    epochs = {n: drawn * mixture[n] / sum(mixture.values()) / (s.pieces['length'].sum() if sft else s.tokens)
+              for n, s in train.items()}
+    log(f"expected epochs per source over {cfg.max_iters} steps: " + ', '.join(f"{n} {e:.2f}" for n, e in epochs.items()))
+    for n, e in epochs.items():
+        if e > cfg.max_epochs and master:
+            print(f"warning: this run would repeat '{n}' {e:.1f} times, more than max_epochs={cfg.max_epochs}: beyond "
+                  f"~16 passes, more repeats of the same tokens are worth almost nothing (Muennighoff et al. 2023, "
+                  f"'Scaling Data-Constrained Language Models'). Lower its weight or max_iters, or give it more data",
+                  file=sys.stderr)
 
     run_id = cfg.run_id or f"{cfg.phase}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.out_dir, 'runs', run_id)
@@ -416,30 +661,33 @@ def main():
             metrics.write(json.dumps(row) + '\n')
             metrics.flush()
 
+    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
+
     @torch.no_grad()
     def evaluate():
-        """Mean loss per target token on a fixed set of val batches per source (the same batches every
-        time, so numbers compare across steps and checkpoints). Ranks share the batches out."""
+        """Mean loss per target token and bits per byte (summed nats / (ln 2 x UTF-8 bytes of the targets),
+        as eval.py computes them) on a fixed set of val batches per source (the same batches every time,
+        so numbers compare across steps and checkpoints). Ranks share the batches out."""
         model.eval()
-        losses = {}
+        losses, bpb = {}, {}
         for i, (name, split) in enumerate(val.items()):
-            sums = torch.zeros(2, device=device)
+            sums = torch.zeros(3, device=device)  # nats, targets, bytes
             for k in range(rank, cfg.eval_iters, world):
-                rng = np.random.default_rng([cfg.seed, 1_000_003, i, k])
-                x, y, doc, _ = get_batch({name: split}, {name: 1.0}, rng, B, T, device, sft)
+                x, y, doc = to_device(val_batch(i, name, k), device)
                 with autocast:
                     _, loss = raw_model(x, y, doc)
                 n = (y != -1).sum()
-                sums += torch.stack([loss.float() * n, n.float()])
+                sums += torch.stack([loss.float() * n, n.float(), token_bytes[y[y != -1]].sum().float()])
             if ddp:
                 dist.all_reduce(sums)
             losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
+            bpb[name] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
         model.train()
-        weights = {n: mixture.get(n, 0) for n in losses}
+        weights = {n: mixture.get(n, 0) for n in best_on}
         if sum(weights.values()) == 0:
-            weights = {n: 1 for n in losses}
-        overall = sum(losses[n] * w for n, w in weights.items()) / sum(weights.values())
-        return overall, losses
+            weights = {n: 1 for n in best_on}
+        mean = lambda values: sum(values[n] * w for n, w in weights.items()) / sum(weights.values())
+        return mean(losses), losses, mean(bpb), bpb
 
     def weights_state():
         """The model's weights, or for LoRA only the adapters with a reference to the base."""
@@ -450,7 +698,7 @@ def main():
     def checkpoint_state():
         return {**weights_state(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
-                'tokenizer_sha256': tok.sha256, 'rng': gather_rng()}
+                'tokenizer_sha256': tok.sha256, 'rng': gather_rng(), 'elapsed': elapsed}
 
     def gather_rng():
         states = [None] * world
@@ -461,8 +709,10 @@ def main():
         return states
 
     def save(reason):
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            log(f"step {iter_num}: the weights are not finite, keeping the last good checkpoint instead of saving")
+        # weights that just gave a non-finite loss or gradient (skipped) may be finite but blown up: not saved either
+        if nonfinite_in_a_row or not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            log(f"step {iter_num}: the weights are not finite or the last step was, keeping the last good checkpoint "
+                f"instead of saving")
             return
         state = checkpoint_state()  # every rank takes part (RNG states are gathered)
         if master:
@@ -483,17 +733,20 @@ def main():
 
     # --- the loop ---
     start_iter = iter_num
-    nonfinite_in_a_row = nonfinite_total = truncated = 0
-    t_last, step_last = time.time(), iter_num
+    nonfinite_in_a_row = nonfinite_total = 0
+    step_time, steps_timed = 0.0, 0
+    t_train = time.time()  # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
     while True:
         # a resumed run skips the evaluation its checkpoint was saved after (it would only repeat it)
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
                 cfg.init_from == 'resume' and iter_num == start_iter):
+            elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
-                val_loss, per_source = evaluate()
+                val_loss, per_source, val_bpb, bpb = evaluate()
                 shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
-                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown})")
-                record(iter=iter_num, val_loss=val_loss, val=per_source)
+                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, "
+                    f"{elapsed:.0f} s of training")
+                record(iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
@@ -502,69 +755,85 @@ def main():
                                     cfg.ckpt_dir, 'best.pt')
             if iter_num > 0:
                 save('periodic')
+            t_train = time.time()
         if iter_num >= cfg.max_iters:
             break
         stop_now = torch.tensor(float(stop['requested']), device=device)
         if ddp:
             dist.all_reduce(stop_now)  # every rank stops at the same step
         if stop_now.item():
+            elapsed += time.time() - t_train
             save('interrupted')
             break
 
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            rng = np.random.default_rng([cfg.seed, iter_num, rank * accum + micro])  # same rows on any world size
-            x, y, doc, n_trunc = get_batch(train, mixture, rng, B, T, device, sft)
-            truncated += n_trunc
+        t_step = time.time()  # ms/step counts the step only: evaluations and checkpoints are not in it
+        factor = lr_factor(iter_num, cfg)
+        lr = cfg.learning_rate * factor
+        for group in optimizer.param_groups:  # Muon's matrices have their own peak
+            group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
+        # The step's loss is its summed target nats over every micro-batch and process divided by their total
+        # target count, so a micro-batch weighs by its targets (an SFT one may have few or many), not by 1/accum.
+        batches = [train_batch(rank * accum + micro) for micro in range(accum)]  # same rows on any world size
+        counts = [int((y != -1).sum()) for _, y, _ in batches]
+        n_total = sum(counts)
+        if ddp:
+            n_all = torch.tensor(float(n_total), dtype=torch.float64, device=device)
+            dist.all_reduce(n_all)
+            n_total = int(n_all.item())
+        nats = torch.zeros((), device=device)
+        for micro, (batch, n) in enumerate(zip(batches, counts)):
+            x, y, doc = to_device(batch, device)
             if ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:
-                _, loss = model(x, y, doc)
-            scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach() / accum
+                _, loss = model(x, y, doc)  # mean over this micro-batch's n targets
+            # x n / n_total: its share of the step; x world: DDP averages the processes' gradients, we want their sum
+            scaler.scale(loss * (n * world / max(n_total, 1))).backward()
+            nats += loss.detach() * n
         if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(loss_sum):
-            # a bad step (overflow, bad data): skip it rather than poison the weights
+            dist.all_reduce(nats)
+        step_loss = nats / max(n_total, 1)
+        scaler.unscale_(optimizer)  # (nothing to do unless float16)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+        bad_loss, bad_grad = (~torch.isfinite(torch.stack([step_loss.float(), grad_norm.float()]))).tolist()
+        # A bad step (overflow, bad data): skip it rather than poison the weights. A finite loss can still give
+        # inf/nan gradients; with float16, GradScaler skips those steps itself and lowers its scale (routine).
+        if bad_loss or (bad_grad and not scaler.is_enabled()):
             optimizer.zero_grad(set_to_none=True)
+            scaler.update()
             nonfinite_in_a_row += 1
             nonfinite_total += 1
-            log(f"step {iter_num}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
+            what = 'loss' if bad_loss else 'gradient norm'
+            log(f"step {iter_num}: non-finite {what}, step skipped ({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg.max_nonfinite:
                 last = os.path.join(cfg.ckpt_dir, 'ckpt.pt')
                 last = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved yet"
-                die(f"{nonfinite_in_a_row} non-finite losses in a row at step {iter_num}: stopping ({last}). Try a lower "
-                    f"learning_rate, float32 or bfloat16 instead of float16, or check the data")
-            iter_num += 1
-            continue
-        nonfinite_in_a_row = 0
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+                die(f"{nonfinite_in_a_row} non-finite losses in a row (or gradient norms) at step {iter_num}: stopping "
+                    f"({last}). Try a lower learning_rate, float32 or bfloat16 instead of float16, or check the data")
+        else:
+            nonfinite_in_a_row = 0
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), cfg.grad_clip, grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        step_time += time.time() - t_step
+        steps_timed += 1
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            loss_value = loss_sum.item()  # waits for the device: only on log steps
-            now = time.time()
-            dt = (now - t_last) / max(1, iter_num - step_last)
-            t_last, step_last = now, iter_num
+            loss_value, norm_value = step_loss.item(), grad_norm.item()  # waits for the device: only on log steps
+            dt = step_time / steps_timed
+            step_time = steps_timed = 0
             tok_s = tokens_per_step / dt
             flops_s = flops_per_step / dt
             mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
             speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
-            extra = f" | {truncated} conversations truncated" if truncated else ''
+            so_far = elapsed + time.time() - t_train
             log(f"step {iter_num} | loss {loss_value:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                f"{tok_s:,.0f} tok/s | {speed}{extra}")
-            record(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000, tokens_per_sec=tok_s,
-                   flops_per_sec=flops_s, mfu=mfu, truncated=truncated,
-                   nonfinite=nonfinite_total)
-            truncated = 0
+                f"{tok_s:,.0f} tok/s | {speed} | {duration(so_far)} in, eta {duration((cfg.max_iters - iter_num) * dt)}")
+            record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms=dt * 1000, tokens_per_sec=tok_s,
+                   flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total, nonfinite=nonfinite_total, elapsed=so_far)
 
     if metrics:
         metrics.close()

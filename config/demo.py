@@ -17,6 +17,8 @@ n_head = 4
 n_embd = 256
 block_size = 128
 batch_size = 16
+# the demo learns a ~30k-token sample by heart on purpose (so it can chat about mara): ~30 passes is the point
+max_epochs = 40
 
 # the system line the primer's dialogues use, so chat sounds like them
 system = ("you are mara's notes bot. you answer questions about mara from her notes. terse, grudging, "

@@ -23,7 +23,11 @@ gradient_accumulation_steps = 16   # 32 x 1024 x 16 = 524k tokens per step (divi
 dtype = 'bfloat16'
 compile = True
 
-mixture = {'fineweb_edu': 0.6, 'wikitext': 0.2, 'roam': 0.1, 'primer': 0.1}
+# 2.6B tokens read: fineweb-edu 1.1 epochs of its 2B, wikitext-103 ~3 of its ~120M. No source more than
+# max_epochs (16) times: the sample notes (~23k tokens) and primer (~10k) would be read ~10,000 times at any
+# useful weight, so they are validated on, not trained on. Your own notes: weight <= 16 x their tokens / 2.6B.
+mixture = {'fineweb_edu': 0.85, 'wikitext': 0.15}
+val_sources = ['fineweb_edu', 'wikitext', 'roam', 'primer']  # best.pt: on fineweb_edu, the largest (best_on)
 max_iters = 5000
 learning_rate = 6e-4
 min_lr = 6e-5

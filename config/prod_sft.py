@@ -7,7 +7,9 @@ sources.update({
     'oasst1': {'kind': 'oasst1'},  # English, best-ranked path of each tree
 })
 init_from = '{out_dir}/pretrain/best.pt'  # ({out_dir} is filled in at the end: it follows --out_dir)
-mixture = {'dolly': 0.45, 'oasst1': 0.45, 'primer': 0.1}
+# ~32M tokens read: a few passes over dolly and oasst1; the sample primer (~10k tokens) ~13 times (max_epochs 16)
+mixture = {'dolly': 0.498, 'oasst1': 0.498, 'primer': 0.004}
+val_sources = ['dolly', 'oasst1', 'primer']
 gradient_accumulation_steps = 4   # 131k tokens per step: ~2.5 passes over the ~13M tokens of conversations
 max_iters = 250
 learning_rate = 1e-4

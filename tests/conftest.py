@@ -167,3 +167,22 @@ def sft_trained(tmp_path_factory, prepared):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (skipped without one); run with -m gpu where one is lent')
+
+
+def uneven_chat_config(path, prepared, out_dir, **extra):
+    """An SFT config on conversations whose trained share differs wildly (long questions with one-word replies,
+    short questions with long replies), so micro-batches hold very different numbers of targets."""
+    import json
+    rng = random.Random(1)
+    chats = os.path.join(os.path.dirname(str(path)), 'uneven.jsonl')
+    with open(chats, 'w') as f:
+        for i in range(40):
+            long_side = ' '.join(sentence(rng) for _ in range(rng.randint(2, 6)))
+            q, a = (long_side, 'yes.') if i % 2 else ('why?', long_side)
+            f.write(json.dumps({'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]}) + '\n')
+    from configurator import configure
+    base = configure([prepared[0]])
+    keys = {**TINY, 'sources': {'uneven': {'kind': 'chat', 'path': chats, 'val_frac': 0.0}},
+            'tokenizer_path': base.tokenizer_path, 'data_dir': os.path.join(str(out_dir), 'data'), 'phase': 'sft',
+            'mixture': {'uneven': 1.0}, 'val_sources': [], 'max_iters': 1, 'eval_interval': 1, 'grad_clip': 0.0, **extra}
+    return write_config(path, str(out_dir), '', **keys)

@@ -11,8 +11,11 @@ import torch
 from conftest import REPO, metrics, run, tiny_train_config
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared):
-    common = dict(device='cpu', max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1)
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, prepared, optimizer):
+    # with Muon too: every rank orthogonalises the same all-reduced gradients, so all take the same step
+    common = dict(device='cpu', max_iters=8, eval_interval=4, gradient_accumulation_steps=4, log_interval=1,
+                  optimizer=optimizer)
     one = tiny_train_config(tmp_path / 'one.py', prepared, tmp_path / 'one', **common)
     run('train.py', one, check=True)
     two = tiny_train_config(tmp_path / 'two.py', prepared, tmp_path / 'two', **common)
@@ -40,3 +43,23 @@ def test_accumulation_must_divide_among_processes(tmp_path, prepared):
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'train.py', cfg], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and 'gradient_accumulation_steps=3 must be a multiple' in p.stdout + p.stderr
+
+
+def test_two_processes_weigh_micro_batches_by_their_targets_counted_over_both(tmp_path, prepared):
+    """SFT micro-batches with uneven target counts on two processes: the step's loss is divided by the target
+    count all-reduced over both, so the gradient is the one of a single batch of all the rows."""
+    from conftest import uneven_chat_config
+    one = uneven_chat_config(tmp_path / 'one.py', prepared, tmp_path / 'one', batch_size=8, gradient_accumulation_steps=1,
+                             device='cpu')
+    run('prepare.py', one, check=True)
+    run('train.py', one, check=True)
+    two = uneven_chat_config(tmp_path / 'two.py', prepared, tmp_path / 'two', batch_size=2, gradient_accumulation_steps=4,
+                             device='cpu', data_dir=str(tmp_path / 'one' / 'data'))
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', two], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout + p.stderr
+    moments = lambda out: [s['exp_avg'] for _, s in sorted(torch.load(out / 'sft' / 'ckpt.pt', weights_only=True)
+                                                              ['optimizer']['state'].items())]
+    for a, b in zip(moments(tmp_path / 'one'), moments(tmp_path / 'two')):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)

@@ -280,7 +280,7 @@ def test_jsonl_gz_and_txt_sources_download_and_prepare(server, tmp_path, prepare
     run('prepare.py', cfg, check=True)
     data = str(tmp_path / 'out' / 'data')
     counts = {n: sum(prepare.load_split(data, n, s)['documents'] for s in ('train', 'val')) for n in 'odt'}
-    assert counts == {'o': 10, 'd': 10, 't': 30}
+    assert counts == {'o': 10, 'd': 10, 't': 31}  # 30 speeches, one cut in two where the last 10% (val) begins
     assert len(server.gets()) == 3
     run('prepare.py', cfg, check=True)
     assert len(server.gets()) == 3
@@ -328,11 +328,13 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     docs = {n: m['train']['documents'] + m['val']['documents'] for n, m in meta.items()}
     # 100 English trees, each with a ranked reply; 387 dolly rows; 486 non-empty pages of 1,845 files;
     # 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
-    assert docs == {'oasst1': 100, 'dolly': 387, 'roam': 486, 'shakespeare': 7222}
+    assert docs == {'oasst1': 100, 'dolly': 387, 'roam': 486, 'shakespeare': 7223}  # 7,222 speeches, one cut where val begins
     assert shakespeare.decode().count('\n\n') + 1 == 7222
     assert meta['roam']['train']['reader_counts']['empty'] == 1845 - 486
-    for n, m in meta.items():
-        assert m['val']['documents'] == round(docs[n] * 0.1)
+    for n, m in meta.items():  # val by a hash of each document: ~10%, within 4 standard deviations of a binomial
+        if n == 'shakespeare':  # (its val is the last 10% of the characters: test_prepare checks that)
+            continue
+        assert abs(m['val']['documents'] - 0.1 * docs[n]) < 4 * (docs[n] * 0.1 * 0.9) ** 0.5, n
 
 
 def test_tokenizer_trains_on_a_downloaded_corpus_within_its_byte_budget(server, tmp_path):

@@ -149,3 +149,19 @@ def test_a_lora_run_keeps_its_base_even_when_the_base_lives_in_its_own_checkpoin
     run('sample.py', cfg, f"--ckpt={folder / 'ckpt.pt'}", '--max_new_tokens=5', check=True)
     p = run('train.py', cfg, '--init_from=resume', '--max_iters=8', check=True)
     assert 'resuming from' in p.stdout
+
+
+def test_with_optimizer_muon_the_adapters_stay_on_adamw(lora_run, prepared, tmp_path):
+    """Muon is for full-rank hidden matrices: a LoRA run with optimizer='muon' trains its adapters with AdamW,
+    step for step as the AdamW run does."""
+    cfg, root, base, _ = lora_run
+    muon = tiny_train_config(tmp_path / 'm.py', prepared, tmp_path / 'm', phase='lora', mixture={'primer': 1.0},
+                             init_from=base, lora_rank=4, lora_alpha=8.0, max_iters=8, eval_interval=4,
+                             lr_decay_iters=8, learning_rate=1e-2, optimizer='muon')
+    p = run('train.py', muon, check=True)
+    assert "Muon (lr 0.02) on the blocks' matrices (0 parameters), AdamW (lr 0.01) on the LoRA adapters" in p.stdout
+    a = torch.load(root / 'out' / 'lora' / 'ckpt.pt', weights_only=True)['adapter']
+    b = torch.load(tmp_path / 'm' / 'lora' / 'ckpt.pt', weights_only=True)['adapter']
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import shutil
@@ -34,18 +35,18 @@ def test_layout_meta_and_split(prepared):
         src = sources.source_settings(name, cfg.sources[name])
         n_docs = sum(1 for _ in sources.iter_documents(src))
         assert metas['train']['documents'] + metas['val']['documents'] == n_docs
-        assert metas['val']['documents'] == max(1, round(n_docs * src['val_frac']))
+        assert metas['val']['documents'] == prepare.val_flags(src, cfg.split_seed, None).sum() > 0
         for split, meta in metas.items():
             assert meta['dtype'] == 'uint16' and meta['tokenizer_sha256'] == tok.sha256
             assert meta['source']['path'] == src['path'] and meta['split'] == split
             assert sum(s['tokens'] for s in meta['shards']) == meta['tokens']
             for shard in meta['shards']:
                 ids = np.fromfile(shard['path'], dtype=np.uint16)
-                starts = np.fromfile(shard['path'].replace('shard_', 'docs_'), dtype=np.int64)
+                starts = np.fromfile(shard['docs_path'], dtype=np.int64)
                 assert len(ids) == shard['tokens'] and len(starts) == shard['documents']
                 assert (ids[starts] == tok.bos_id).all() and (ids == tok.bos_id).sum() == len(starts)
                 if meta['format'] == 'chat':
-                    mask = np.fromfile(shard['path'].replace('shard_', 'mask_'), dtype=np.uint8)
+                    mask = np.fromfile(shard['mask_path'], dtype=np.uint8)
                     assert len(mask) == len(ids) and set(np.unique(mask)) == {0, 1}
                     assert (ids[mask == 1] == tok.eot_id).sum() > 0  # eot ends each assistant turn
     # train and val hold different documents
@@ -241,6 +242,107 @@ def test_interrupted_prepare_then_rerun_equals_a_clean_run(tmp_path):
     assert len([k for k in a if 'shard_' in k]) > 4
 
 
+def split_documents(data_dir, name, tok):
+    """{'train': [...], 'val': [...]}: the decoded text of every prepared document."""
+    out = {}
+    for split in ('train', 'val'):
+        meta = prepare.load_split(data_dir, name, split)
+        out[split] = []
+        for shard in meta['shards']:
+            ids = np.fromfile(shard['path'], dtype=np.uint16)
+            starts = np.fromfile(shard['docs_path'], dtype=np.int64).tolist() + [len(ids)]
+            out[split] += [tok.decode(ids[a:b].tolist()) for a, b in zip(starts, starts[1:])]
+    return out
+
+
+def test_growing_a_source_moves_no_train_document_to_val(tmp_path, prepared):
+    """A document's split depends on its own content (a Roam page: its title) and split_seed only."""
+    corpus = write_corpus(str(tmp_path / 'corpus'), pages=60, dialogues=60)
+    chats = [{'messages': [{'role': 'user', 'content': f'question {i}?'}, {'role': 'assistant', 'content': f'answer {i}.'}]}
+             for i in range(66)]
+    (tmp_path / 'chat.jsonl').write_text(''.join(json.dumps(c) + '\n' for c in chats[:60]))
+    extra = {'chat': {'kind': 'chat', 'path': str(tmp_path / 'chat.jsonl')}}
+    tokenizer = os.path.join(prepared[1], 'tokenizer.model')
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus, tokenizer_path=tokenizer)
+    sources_ = {**load_cfg(cfg).sources, **extra}
+    run('prepare.py', cfg, f'--sources={sources_!r}', check=True)
+    tok = Tokenizer(tokenizer)
+    names = ('roam', 'primer', 'story', 'chat')
+    before = {n: split_documents(str(tmp_path / 'out' / 'data'), n, tok) for n in names}
+    # grow every source by 10%: new pages, dialogues, paragraphs and conversations, between and after the others
+    grown = write_corpus(str(tmp_path / 'grown'), pages=66, dialogues=66, seed=1)
+    for i in range(6):
+        page = next(p for p in glob.glob(os.path.join(grown, 'roam', '**', f'page {60 + i}.md'), recursive=True))
+        shutil.copy(page, os.path.join(corpus, 'roam', f'new page {i}.md'))
+    with open(os.path.join(corpus, 'primer.txt'), 'a') as f:  # (it ends with a newline)
+        f.write('\n<dialogue>\n\n' + '\n\n<dialogue>\n\n'.join(open(os.path.join(grown, 'primer.txt')).read().split('\n\n<dialogue>\n\n')[:6]))
+    story = open(os.path.join(corpus, 'story.txt')).read().split('\n\n')
+    for i in range(4):
+        story.insert(10 * i, f'A new paragraph number {i}, inserted among the others.')
+    open(os.path.join(corpus, 'story.txt'), 'w').write('\n\n'.join(story))
+    (tmp_path / 'chat.jsonl').write_text(''.join(json.dumps(c) + '\n' for c in chats[60:] + chats[:60]))
+    run('prepare.py', cfg, f'--sources={sources_!r}', '--seed=2', check=True)  # the training seed plays no part
+    after = {n: split_documents(str(tmp_path / 'out' / 'data'), n, tok) for n in names}
+    for n in names:
+        assert len(after[n]['train']) + len(after[n]['val']) > len(before[n]['train']) + len(before[n]['val'])
+        assert not set(before[n]['train']) & set(after[n]['val']), n
+        assert set(before[n]['val']) <= set(after[n]['val']) and before[n]['val'], n
+    # split_seed draws another val set
+    run('prepare.py', cfg, f'--sources={sources_!r}', '--split_seed=1', check=True)
+    other = split_documents(str(tmp_path / 'out' / 'data'), 'primer', tok)
+    assert set(other['val']) != set(after['primer']['val'])
+
+
+def test_tiny_shakespeare_val_is_the_last_tenth_of_the_file(tmp_path, prepared):
+    rng = np.random.default_rng(0)
+    words = 'thou art the king of my heart and yet no more'.split()
+    speeches = [f"SPEAKER {i}:\n" + ' '.join(rng.choice(words, int(rng.integers(3, 30)))) for i in range(200)]
+    text = '\n\n'.join(speeches) + '\n'
+    (tmp_path / 'input.txt').write_text(text)
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'),
+                       sources={'ts': {'kind': 'tinyshakespeare', 'path': str(tmp_path / 'input.txt')}})
+    run('prepare.py', cfg, check=True)
+    docs = split_documents(str(tmp_path / 'out' / 'data'), 'ts', Tokenizer(os.path.join(prepared[1], 'tokenizer.model')))
+    cut = int(len(text) * 0.9)  # as nanoGPT and char-rnn: the last 10% of the characters, cut in mid-speech
+    speeches = lambda part: [s for s in part.split('\n\n') if s.strip()]
+    assert docs['val'] == speeches(text[cut:]) and docs['train'] == speeches(text[:cut])
+    # separator=None (config/shakespeare.py): each part one stream, as nanoGPT reads the file
+    cfg = write_config(tmp_path / 'c1.py', str(tmp_path / 'out1'), '', tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'),
+                       sources={'ts': {'kind': 'tinyshakespeare', 'path': str(tmp_path / 'input.txt'), 'separator': None}})
+    run('prepare.py', cfg, check=True)
+    docs = split_documents(str(tmp_path / 'out1' / 'data'), 'ts', Tokenizer(os.path.join(prepared[1], 'tokenizer.model')))
+    assert docs['val'] == [text[cut:]] and docs['train'] == [text[:cut]]
+
+
+def test_a_file_without_separator_is_read_in_bounded_pieces(tmp_path):
+    text = ''.join(f"line {i} {'word ' * (i % 17)}\n" for i in range(3000)) + 'x' * 900 + ' end'
+    path = tmp_path / 'big.txt'
+    path.write_text(text)
+    pieces = list(sources.split_stream(str(path), None, None, block=1000, max_chars=4000))
+    assert ''.join(pieces) == text and len(pieces) > 20
+    assert all(len(p) <= 4000 for p in pieces) and all(p.endswith('\n') for p in pieces[:-2])
+    with_sep = list(sources.split_stream(str(path), 'line 1', None, block=777, max_chars=3000))
+    assert ''.join(with_sep) == text.replace('line 1', '') and all(len(p) <= 3000 for p in with_sep)
+
+
+def test_a_large_file_without_separator_is_tokenized_in_pieces_across_workers(tmp_path, prepared):
+    """A 2.5 MB file with no separator: documents of at most MAX_DOC_CHARS cut at line ends (not one document
+    held whole in memory by one worker), each tokenized as the text it holds, split between train and val."""
+    rng = np.random.default_rng(0)
+    words = np.array('alpha beta gamma delta river stone cloud seven orange quiet'.split())
+    lines = [' '.join(rng.choice(words, 12)) for _ in range(36000)]
+    text = '\n'.join(lines) + '\n'
+    (tmp_path / 'big.txt').write_text(text)
+    tokenizer = os.path.join(prepared[1], 'tokenizer.model')
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', tokenizer_path=tokenizer, num_proc=2,
+                       sources={'big': {'kind': 'text', 'path': str(tmp_path / 'big.txt')}})
+    run('prepare.py', cfg, check=True)
+    docs = split_documents(str(tmp_path / 'out' / 'data'), 'big', Tokenizer(tokenizer))
+    expected = list(sources.split_stream(str(tmp_path / 'big.txt'), None, None))
+    assert len(expected) >= 3 and all(len(d) <= sources.MAX_DOC_CHARS for d in expected)
+    assert sorted(docs['train'] + docs['val']) == sorted(expected) and docs['val']
+
+
 # ---- bad input: a clear message naming the path, a non-zero exit, nothing half-written ----
 
 def prepare_error(tmp_path, sources, tokenizer_from=None, **extra):
@@ -400,8 +502,8 @@ def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepa
     assert sum(m['documents'] for m in metas) == 10 and metas[0]['truncated'] + metas[1]['truncated'] == 10
     meta = metas[0]
     ids = np.fromfile(meta['shards'][0]['path'], dtype=np.uint16)
-    starts = np.fromfile(meta['shards'][0]['path'].replace('shard_', 'docs_'), dtype=np.int64)
-    mask = np.fromfile(meta['shards'][0]['path'].replace('shard_', 'mask_'), dtype=np.uint8)
+    starts = np.fromfile(meta['shards'][0]['docs_path'], dtype=np.int64)
+    mask = np.fromfile(meta['shards'][0]['mask_path'], dtype=np.uint8)
     assert len(ids) == len(mask) == 12 * meta['documents'] and list(starts) == list(range(0, len(ids), 12))
     from tokenizer import render_conversation
     rendered = [render_conversation(tok, c) for c in convs]

@@ -25,9 +25,11 @@ def assert_identical(a, b):
     assert a['iter'] == b['iter']
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
+    assert len(a['optimizer']['state']) == len(b['optimizer']['state'])
     for i, (sa, sb) in enumerate(zip(a['optimizer']['state'].values(), b['optimizer']['state'].values())):
+        assert sa.keys() == sb.keys()
         for k in sa:
-            assert torch.equal(sa[k], sb[k]), (i, k)
+            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), (i, k)
 
 
 def start(cfg, *args):
@@ -48,15 +50,19 @@ COMMON = dict(max_iters=24, lr_decay_iters=24, eval_interval=4, eval_iters=1, dr
               log_interval=1)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, prepared, dtype):
-    ref = tiny_train_config(tmp_path / 'ref.py', prepared, tmp_path / 'ref', dtype=dtype, **COMMON)
+MUON = dict(optimizer='muon', muon_lr=0.02, lr_schedule='wsd')
+
+
+@pytest.mark.parametrize('dtype, extra', [('float32', {}), ('bfloat16', {}), ('bfloat16', MUON)],
+                         ids=['float32', 'bfloat16', 'muon-bfloat16'])
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, prepared, dtype, extra):
+    ref = tiny_train_config(tmp_path / 'ref.py', prepared, tmp_path / 'ref', dtype=dtype, **COMMON, **extra)
     run('train.py', ref, check=True)
     reference = final_state(tmp_path / 'ref')
-    rng = random.Random(dtype)
+    rng = random.Random(dtype + str(extra))
     for trial in range(3):
         out = tmp_path / f'killed{trial}'
-        cfg = tiny_train_config(tmp_path / f'killed{trial}.py', prepared, out, dtype=dtype, **COMMON)
+        cfg = tiny_train_config(tmp_path / f'killed{trial}.py', prepared, out, dtype=dtype, **COMMON, **extra)
         proc = start(cfg)
         wait_for_step(proc, rng.randint(2, 22))
         time.sleep(rng.random() * 0.03)  # anywhere in the next step, its evaluation or its checkpoint

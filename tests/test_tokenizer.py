@@ -1,11 +1,12 @@
 import io
+import json
 import os
 import random
 
 import pytest
 import sentencepiece as spm
 
-from conftest import run, write_config
+from conftest import load_cfg, run, write_config
 from tokenizer import SPECIALS, Tokenizer
 
 # code points from many scripts and the awkward corners: controls, spaces of every kind,
@@ -86,6 +87,28 @@ def test_rerun_skips_and_changed_settings_do_not_overwrite(tmp_path, corpus):
     p = run('tokenizer.py', cfg, '--vocab_size=640')
     assert p.returncode != 0 and 'other settings' in p.stderr and str(model) in p.stderr
     assert model.read_bytes() == before
+
+
+def test_split_settings_and_the_seed_do_not_change_the_tokenizer(tmp_path, corpus):
+    """The fingerprint holds only what the tokenizer reads: a source's val_frac, --seed or --split_seed change
+    the shards and the batches, not the tokenizer; a record written before this rule still matches."""
+    cfg = write_config(tmp_path / 'a.py', str(tmp_path / 'out'), corpus)
+    run('tokenizer.py', cfg, check=True)
+    model = tmp_path / 'out' / 'tokenizer.model'
+    before = model.read_bytes()
+    sources = load_cfg(cfg).sources
+    sources['roam']['val_frac'] = 0.3
+    for args in (['--seed=2'], ['--split_seed=5'], [f'--sources={sources!r}']):
+        p = run('tokenizer.py', cfg, *args)
+        assert p.returncode == 0 and 'up to date' in p.stdout, (args, p.stderr)
+    info = tmp_path / 'out' / 'tokenizer.model.json'
+    record = json.loads(info.read_text())
+    record['settings']['seed'] = 1337  # as tokenizer.py recorded it before
+    info.write_text(json.dumps(record))
+    assert 'up to date' in run('tokenizer.py', cfg, check=True).stdout
+    sources['roam']['glob'] = '*.md'  # what it reads: a conflict
+    p = run('tokenizer.py', cfg, f'--sources={sources!r}')
+    assert p.returncode != 0 and 'other settings' in p.stderr and model.read_bytes() == before
 
 
 def test_vocab_too_large_is_a_clear_error(tmp_path, corpus):

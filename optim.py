@@ -1,0 +1,103 @@
+"""
+The optimizers train.py chooses from with `optimizer = 'adamw' | 'muon'`.
+
+AdamW (model.GPT.optimizer) treats every weight as a bag of numbers. Muon (Keller Jordan's, from the
+modded-nanogpt speedrun) treats a weight matrix as a matrix: it takes the momentum of the gradient and
+replaces it by the nearest (semi-)orthogonal matrix U V^T of its SVD U S V^T, so every direction the
+update moves in moves by the same amount. Rare directions that a raw gradient would barely touch get
+their share, and the step reaches a given loss in fewer updates. The SVD is too slow, so five
+Newton-Schulz iterations, a handful of matmuls, approximate it (see `orthogonalize`).
+
+Muon is for the hidden matrices only: the 2-D weights of the transformer blocks. The embedding (and the
+output head, tied with it by default) is a lookup table rather than a linear map, and the norms' weights
+are vectors: those stay on AdamW, in the same optimizer object, so train.py steps, checkpoints and
+resumes one optimizer whichever it uses. LoRA adapters stay on AdamW too (Muon's premise, a full-rank
+update, does not fit a rank-8 factor).
+"""
+import torch
+
+# Coefficients of the quintic p(x) = a x + b x^3 + c x^5 applied to the singular values. They are chosen
+# for a steep slope at 0 (small singular values grow fast) rather than for convergence to exactly 1:
+# after five steps every singular value of a full-rank input lies within ~0.7-1.2, which works as well
+# as an exact orthogonalisation and costs a third of the iterations.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(G, steps=5, dtype=torch.bfloat16):
+    """~U V^T for G = U S V^T (G: a 2-D matrix), by Newton-Schulz iterations X <- p(X) on the singular values."""
+    a, b, c = NS_COEFFS
+    X = G.to(dtype)
+    tall = X.size(0) > X.size(1)
+    if tall:  # work on the wide orientation: X @ X.T is then the smaller Gram matrix
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # singular values <= 1 (the Frobenius norm bounds the largest)
+    for _ in range(steps):
+        A = X @ X.T                      # (m, m), m = the smaller dimension
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on the param groups with muon=True; AdamW (decoupled weight decay) on the others.
+
+    Muon step for a matrix W (out x in) with gradient G, momentum beta, learning rate lr:
+        m <- beta m + (1 - beta) G                    momentum buffer (an average of gradients)
+        u <- (1 - beta) G + beta m                    Nesterov: look ahead along the momentum
+        W <- W - lr * sqrt(max(1, out/in)) * orthogonalize(u)
+    The sqrt(out/in) factor keeps the update's effect on the layer's output the same for tall matrices
+    (the MLP's gate and up projections) as for square ones."""
+
+    def __init__(self, groups, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95,
+                 ns_steps=5, ns_dtype=torch.bfloat16):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        ns_steps=ns_steps, muon=False)
+        super().__init__(groups, defaults)
+        self.ns_dtype = ns_dtype  # bfloat16 where bf16 matmuls are fast (GPUs, AVX512-BF16/AMX CPUs)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                (self.muon_step if group['muon'] else self.adamw_step)(p, p.grad, self.state[p], group)
+
+    def muon_step(self, p, g, state, group):
+        beta, lr = group['momentum'], group['lr']
+        if not state:
+            state['momentum'] = torch.zeros_like(p)
+        m = state['momentum']
+        m.lerp_(g, 1 - beta)
+        update = orthogonalize(g.lerp(m, beta), group['ns_steps'], self.ns_dtype)
+        p.mul_(1 - lr * group['weight_decay'])
+        p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+    def adamw_step(self, p, g, state, group):
+        (beta1, beta2), lr = group['betas'], group['lr']
+        if not state:
+            state['step'] = 0
+            state['exp_avg'], state['exp_avg_sq'] = torch.zeros_like(p), torch.zeros_like(p)
+        state['step'] += 1
+        t = state['step']
+        m, v = state['exp_avg'], state['exp_avg_sq']
+        m.lerp_(g, 1 - beta1)                             # first moment: a running mean of gradients
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)     # second moment: of squared gradients
+        denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(group['eps'])
+        p.mul_(1 - lr * group['weight_decay'])
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # bias-corrected m / sqrt(v)
+
+
+def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, device_type, ns_dtype=torch.bfloat16):
+    """The optimizer for `kind` ('adamw' or 'muon') over the model's trainable parameters.
+    muon: Muon (muon_lr, no weight decay) on the blocks' 2-D weights; AdamW (lr) on the embedding/head
+    (with weight decay), on the norms (without) and on LoRA adapters."""
+    if kind == 'adamw':
+        return model.optimizer(lr, weight_decay, betas, device_type)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied weight appears once
+    hidden = [p for n, p in trainable if n.startswith('blocks.') and p.dim() == 2 and '.lora_' not in n]
+    taken = {id(p) for p in hidden}
+    others = [p for _, p in trainable if id(p) not in taken]
+    groups = [{'params': hidden, 'muon': True, 'lr': muon_lr, 'weight_decay': 0.0},
+              {'params': [p for p in others if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in others if p.dim() < 2], 'weight_decay': 0.0}]
+    return Muon(groups, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)
