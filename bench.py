@@ -8,7 +8,7 @@ Benchmarks: figures, not tests. Prints a table per section; --bench_json=file.js
 Sections:
   matmul   the machine's measured fp32 and bf16 matmul peaks (the yardstick for CPU MFU)
   train    training tokens/s, achieved FLOP/s and MFU per model size, dtype and compile
-  decode   generation tokens/s with and without the KV cache
+  decode   generation tokens/s and time to first token: compiled decode step, eager, no KV cache
   optim    one optimizer step alone, AdamW against Muon (its Newton-Schulz matmuls), per model size
   prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
            on the whole corpus and on its first half
@@ -125,22 +125,32 @@ def bench_optim(device, size, steps):
 
 
 def bench_decode(device, size, prompt_len=256, new_tokens=256):
+    """Greedy generation, batch 1, fp32: the compiled decode step, the eager one and no KV cache at all.
+    tokens/s counts from the call to the last token (prefill included); first_token_ms is the prefill and the
+    first pick. Each way is warmed up first (the compiled step compiles there: warmup_s)."""
     name, n_layer, n_head, n_embd, _, _, vocab_size = size
     torch.manual_seed(0)
-    # the context holds prompt + reply, so both ways compute the same thing
+    # the context holds prompt + reply, so every way computes the same thing
     model = GPT(ModelConfig(vocab_size=vocab_size, block_size=prompt_len + new_tokens, n_layer=n_layer,
                             n_head=n_head, n_kv_head=n_head, n_embd=n_embd)).to(device).eval()
     prompt = torch.randint(0, vocab_size, (prompt_len,)).tolist()
-    rows = []
-    for use_cache in (True, False):
-        list(model.generate(prompt, 8, temperature=0, use_cache=use_cache))  # warm-up
-        sync(device)
+    rows, reference = [], None
+    for way, options in (('compiled', dict(compile=True)), ('eager', dict()), ('no cache', dict(use_cache=False))):
         t = time.perf_counter()
-        out = list(model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache))
+        list(model.generate(prompt, 8, temperature=0, **options))  # warm-up (and compilation)
+        sync(device)
+        warmup = time.perf_counter() - t
+        t = time.perf_counter()
+        tokens = model.generate(prompt, new_tokens, temperature=0, **options)
+        out = [next(tokens)]
+        first = time.perf_counter() - t
+        out += list(tokens)
         sync(device)
         dt = time.perf_counter() - t
-        rows.append({'model': name, 'kv_cache': use_cache, 'prompt': prompt_len, 'new_tokens': len(out),
-                     'tokens_per_s': round(len(out) / dt, 1)})
+        reference = reference or out
+        rows.append({'model': name, 'decode': way, 'prompt': prompt_len, 'new_tokens': len(out),
+                     'tokens_per_s': round(len(out) / dt, 1), 'first_token_ms': round(first * 1000, 1),
+                     'warmup_s': round(warmup, 1), 'same_tokens': out == reference})
     return rows
 
 
@@ -302,10 +312,12 @@ def main():
         results['train'] = rows
         table(rows, "training (random tokens, AdamW step included)")
     if 'decode' in sections:
-        results['decode'] = [r for size in SIZES[device_type][:1] for r in bench_decode(device, size)]
-        table(results['decode'], "decode, batch 1, greedy")
-        kv, full = results['decode'][0]['tokens_per_s'], results['decode'][1]['tokens_per_s']
-        print(f"KV cache speed-up: {kv / full:.1f}x")
+        results['decode'] = [r for size in SIZES[device_type] for r in bench_decode(device, size)]
+        table(results['decode'], "decode, batch 1, greedy, fp32 (tokens_per_s includes the prefill)")
+        for size in SIZES[device_type]:
+            rate = {r['decode']: r['tokens_per_s'] for r in results['decode'] if r['model'] == size[0]}
+            print(f"{size[0]}: compiled decode {rate['compiled'] / rate['eager']:.1f}x the eager one; "
+                  f"KV cache {rate['eager'] / rate['no cache']:.1f}x no cache")
     if 'optim' in sections:
         results['optim'] = [r for size in SIZES[device_type] for r in bench_optim(device, size, cfg.bench_steps)]
         table(results['optim'], "one optimizer step alone (random gradients)")

@@ -16,6 +16,7 @@ import codecs
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -59,6 +60,22 @@ def stream(tok, tokens, out=None):
     return ids
 
 
+def compile_decode(cfg, model, autocast, cache, banned=()):
+    """Compile the decode step now, for this run's sampling settings and cache, rather than inside the first
+    reply. Said on stderr, so that the replies on stdout stay as they are."""
+    if not (cfg.compile_decode and cfg.use_kv_cache):
+        return
+    print("compiling the decode step (once per process; --compile_decode=False skips it)...", end=' ', flush=True,
+          file=sys.stderr)
+    t = time.time()
+    device = model.embed.weight.device
+    with autocast:  # a throwaway generator: the run's own draws stay those of an uncompiled run
+        list(model.generate([0, 0], 2, cfg.temperature, cfg.top_k, cfg.top_p, banned=banned, compile=True,
+                            generator=torch.Generator(device).manual_seed(0), cache=cache))
+    cache.reset()
+    print(f"{time.time() - t:.1f} s", file=sys.stderr)
+
+
 def complete(cfg, model, tok, autocast, generator):
     start = cfg.start
     if start.startswith('FILE:'):
@@ -73,15 +90,18 @@ def complete(cfg, model, tok, autocast, generator):
     prompt = [tok.bos_id] + tok.encode(start)
     if len(prompt) > model.cfg.block_size:
         prompt = prompt[-model.cfg.block_size:]
+    cache = KVCache(model)  # one for every sample: a compiled decode step keeps working on the same buffers
+    compile_decode(cfg, model, autocast, cache)
     for i in range(cfg.num_samples):
         if i:
             print('\n' + '-' * 40)
         print(start, end='', flush=True)
+        cache.reset()
         with autocast:
             # a new <s> means the model ended the document
             stream(tok, model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                        use_cache=cfg.use_kv_cache, stop={tok.bos_id, tok.eos_id},
-                                       generator=generator))
+                                       generator=generator, cache=cache, compile=cfg.compile_decode))
         print()
 
 
@@ -122,9 +142,11 @@ def chat(cfg, model, tok, autocast, generator):
         except ImportError:  # (not on every platform)
             pass
     out = None if tty else OneLine()
+    cache = KVCache(model)  # one for the whole chat, reset when it starts over
+    compile_decode(cfg, model, autocast, cache, banned)
 
     messages = [{'role': 'system', 'content': system}]
-    cache, pending = KVCache(model), render_conversation(tok, messages)[0]
+    pending = render_conversation(tok, messages)[0]
     if tty:
         print("chat: type a message; /reset, /system <text> (bare /system: the configured one), /quit (or Ctrl-D)")
     while True:
@@ -145,17 +167,19 @@ def chat(cfg, model, tok, autocast, generator):
                 system = text[len('/system'):].strip() or configured
                 status = ("configured system prompt restored, " if system == configured else "system prompt set, ") + status
             messages = [{'role': 'system', 'content': system}]
-            cache, pending = KVCache(model), render_conversation(tok, messages)[0]
+            pending = render_conversation(tok, messages)[0]
+            cache.reset()
             print(f"({status})", file=sys.stderr)  # not on stdout, where a program reads one reply per line
             continue
         messages.append({'role': 'user', 'content': text})
         pending = pending + render_user_turn(tok, text)
         if cache.pos + len(pending) + reply_room > block:
             messages, pending = fit_history(tok, messages, block - reply_room)
-            cache = KVCache(model)
+            cache.reset()
         with autocast:
             reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
-                                               banned=banned, stop={tok.eot_id}, generator=generator, cache=cache), out)
+                                               banned=banned, stop={tok.eot_id}, generator=generator, cache=cache,
+                                               compile=cfg.compile_decode), out)
         print(flush=True)
         # the cache holds everything before the reply's last generated token: the next turn feeds the rest of
         # the reply as the template has it (that token, unless it was the <eot>, and the closing <eot>)
@@ -170,7 +194,7 @@ def main():
     tok = Tokenizer(cfg.tokenizer_path)
     path, why = checkpoint_path(cfg)
     model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling draws its noise on the model's device
     try:
         if cfg.interactive:
             chat(cfg, model, tok, autocast, generator)

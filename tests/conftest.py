@@ -99,8 +99,9 @@ def load_cfg(*argv):
 
 
 # a model small enough that a training step takes milliseconds
+# (and an eager decode step: tests/test_sample.py checks the compiled one once, rather than compiling in every test)
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
-            warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, dtype='float32')
+            warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, dtype='float32', compile_decode=False)
 
 
 def metrics(out_dir):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from checkpoint import read_checkpoint
-from model import GPT, KVCache, ModelConfig, sample_token
+from model import GPT, KVCache, ModelConfig, pick_token
 
 
 def tiny(n_kv_head=4, block_size=32, seed=0):
@@ -39,6 +39,25 @@ def test_greedy_with_cache_gives_exactly_the_tokens_without(prompt_len):
     with_cache = list(model.generate(prompt, n, temperature=0, use_cache=True))
     without = list(model.generate(prompt, n, temperature=0, use_cache=False))
     assert with_cache == without and len(with_cache) == n
+
+
+def test_compiled_decode_picks_the_tokens_of_the_eager_step_and_of_no_cache():
+    """The compiled decode step (one graph for every position, the static cache, sampling on the device) picks
+    exactly the tokens of the eager step: greedy and sampled with one seed, past the context limit (where the
+    cache starts over); and, within the context, the tokens of recomputing the whole sequence every time."""
+    model = tiny()
+    with torch.no_grad():  # weights larger than the init's: a random model whose greedy tokens are not all one
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    prompt = torch.randint(0, 97, (10,)).tolist()
+    greedy = lambda n, **kw: list(model.generate(prompt, n, temperature=0, **kw))
+    compiled = greedy(40, compile=True)
+    assert compiled == greedy(40) and len(set(compiled)) > 5
+    assert compiled[:22] == greedy(22, use_cache=False)
+    sampled = lambda **kw: list(model.generate(prompt, 40, temperature=0.8, top_k=40, top_p=0.9,
+                                               generator=torch.Generator().manual_seed(1), **kw))
+    assert sampled(compile=True) == sampled() != compiled
 
 
 def test_generation_continues_past_the_context_limit():
@@ -102,6 +121,11 @@ def test_loss_falls_when_overfitting_a_tiny_batch():
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.2 * first
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One draw from (vocab,) logits, as generate() draws it: Exp(1) noise from the generator."""
+    return int(pick_token(logits, temperature, top_k, top_p, noise=torch.empty_like(logits).exponential_(generator=generator)))
 
 
 def test_sampling_is_deterministic_for_a_seed():

@@ -81,6 +81,18 @@ def test_repl_with_piped_stdin_answers_each_line_and_resets(sft_trained):
     assert p.stderr.splitlines() == ['(conversation reset)']
 
 
+def test_compiled_decode_chats_the_same_and_says_its_compile_time_once(sft_trained):
+    """--compile_decode=True (the default; the other tests run eagerly to save compile time): the same replies,
+    across turns and a reset (one cache, one compiled step), and the compile said once, on stderr."""
+    from conftest import SFT_CONVERSATIONS
+    cfg, _ = sft_trained
+    (q1, a1), (q2, a2) = SFT_CONVERSATIONS[0]
+    p = run('sample.py', cfg, '--interactive', '--temperature=0', '--max_new_tokens=60', '--compile_decode=True',
+            input=f'{q1}\n{q2}\n/reset\n{q1}\n', check=True)
+    assert p.stdout.splitlines() == [a1, a2, a1]
+    assert p.stderr.count('compiling the decode step') == 1 and '(conversation reset)' in p.stderr
+
+
 def test_repl_exits_cleanly_at_end_of_input_and_on_bad_system_file(sft_trained):
     cfg, _ = sft_trained
     p = run('sample.py', cfg, '--interactive', '--temperature=0', input='')
@@ -181,7 +193,7 @@ def test_piped_chat_writes_each_reply_on_one_line(trained, monkeypatch, capsys):
     cfg = load_cfg(trained[0])
     tok = Tokenizer(cfg.tokenizer_path)
     reply = 'first line\nsecond line \\ with a backslash\n\nlast'
-    monkeypatch.setattr(sample, 'KVCache', lambda model: types.SimpleNamespace(pos=0))
+    monkeypatch.setattr(sample, 'KVCache', lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
     monkeypatch.setattr('sys.stdin', io.StringIO('hi\n/reset\nagain\n'))
     sample.chat(cfg, Parrot(tok, reply), tok, nullcontext(), None)
     out, err = capsys.readouterr()
