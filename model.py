@@ -76,22 +76,25 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, pos=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T, _ = x.shape  # x (B, T, n_embd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # same shapes, rotated by position
         if cache is not None:  # generation: write this step's keys/values at `pos`, attend over the cache
-            k, v = cache.update(layer, k, v, pos)  # (B, kv heads, block_size, head_dim)
+            k, v = cache.update(layer, k, v, pos)  # (B, n_kv_head, block_size, head_dim)
             end = T if attn_mask is None else attn_mask.size(-1)  # a prefill reads the positions written so far,
             k, v = k[:, :, :end], v[:, :, :end]  # a decode step all of them (its mask hides the rest)
+        # is_causal only when there is no mask. is_causal masks query i to keys 0..i, which is right only when
+        # queries and keys start at the same position: with tokens already in the cache, query i sits at cache.pos + i,
+        # so the cache path passes an explicit mask (T, keys) instead; training with doc_ids passes its own too.
         if cache is not None and T == 1 and attn_mask is not None:  # a decode step, or one token after others
-            y = cached_attention(q, k, v, attn_mask)
+            y = cached_attention(q, k, v, attn_mask)  # (B, n_head, 1, head_dim)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=self.n_kv_head != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                                               enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, n_embd)
 
 
 class SwiGLU(nn.Module):
@@ -169,13 +172,14 @@ class GPT(nn.Module):
             if T > block:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {block}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-            if doc_ids is not None:
-                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-                attn_mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
-        x = self.embed(idx)
+            if doc_ids is not None:  # packed rows: causal and within the same document
+                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+                same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T): query's doc == key's
+                attn_mask = same_doc & causal  # (B, 1, T, T), broadcast over the heads
+        x = self.embed(idx)  # (B, T, n_embd)
         for i, layer in enumerate(self.blocks):
             x = layer(x, cos, sin, attn_mask, cache, i, pos)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None
         # cross entropy in float32 (bf16 logits lose precision); -1 marks positions with no loss. Summed and
