@@ -236,7 +236,7 @@ class GPT(nn.Module):
         cache = cache if cache is not None else KVCache(self)
         step = decode_step
         if compile:
-            step = graphed_decode_step if device.type == 'cuda' else compiled_decode_step
+            step = compiled_decode_step(device.type)
         pending = seq  # tokens the cache has not seen yet
         for _ in range(max_new_tokens):
             if pending:
@@ -249,7 +249,7 @@ class GPT(nn.Module):
                 token = pick_token(logits[:, -1:], temperature, top_k, top_p, banned, noise())  # (1, 1)
                 pos, pending = torch.tensor([cache.pos], device=device), []  # where the next token goes
             else:
-                if step is graphed_decode_step:
+                if compile and device.type == 'cuda':
                     torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs may now be overwritten
                 token = step(self, token, pos, cache, banned, noise(), temperature, top_k, top_p)
                 cache.pos += 1
@@ -303,9 +303,17 @@ def decode_step(model, token, pos, cache, banned, noise, temperature, top_k, top
 # (a matrix-vector product) on one core, far below the memory bandwidth decoding is bound by: inductor's
 # decompose_mm_pass rewrites it as a multiply and a sum, which it compiles into loops that stream the weights
 # on every core (2-3x faster). On a GPU, CUDA graphs replay the step's kernels without launching each from Python.
-compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False,
-                                     options={'post_grad_fusion_options': {'decompose_mm_pass': {}}})
-graphed_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode='reduce-overhead')
+# Built on first use too: calling torch.compile imports its compiler stack (~1.5 s), which a run that does not
+# compile should not wait for.
+_compiled_steps = {}
+
+
+def compiled_decode_step(device_type):
+    if device_type not in _compiled_steps:
+        options = dict(mode='reduce-overhead') if device_type == 'cuda' else dict(
+            options={'post_grad_fusion_options': {'decompose_mm_pass': {}}})
+        _compiled_steps[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
+    return _compiled_steps[device_type]
 
 
 def pick_token(logits, temperature=1.0, top_k=0, top_p=1.0, banned=None, noise=None):

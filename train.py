@@ -20,6 +20,7 @@ DDP rank draws the rows one process would draw at its place. Checkpoints go to <
 weights only).
 """
 import bisect
+import gc
 import json
 import math
 import os
@@ -797,6 +798,12 @@ def main():
     if metrics:
         metrics.close()
     if ddp:
+        # Free the DDP wrapper first: its reducer holds the process group, and if the group's last reference
+        # went with it, gloo's destructor would join its worker threads while holding the GIL, and a worker
+        # still releasing a tensor of the last collective (it needs the GIL) would wait for ever. Dropped in
+        # destroy_process_group instead, the group is destroyed with the GIL released.
+        del model
+        gc.collect()
         dist.destroy_process_group()
     log(f"done: best val loss {best_val:.4f}; checkpoints in {cfg.ckpt_dir}" if val else f"done: checkpoints in {cfg.ckpt_dir}")
 
