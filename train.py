@@ -583,6 +583,121 @@ def describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, s
     return tokens_per_step, flops_per_step
 
 
+def make_batches(cfg, train, val, mixture, sft, rank, world):
+    """The run's batch readers, each giving x, y, doc_ids (None for pretraining) as numpy arrays:
+    train_batch(step, micro) is micro-batch `micro` of a step (0 .. gradient_accumulation_steps - 1, counted over
+    all processes, so N processes train what one does); val_batches(i, name) yields this process's share of a val
+    source's batches, the same ones at every evaluation. Also returns the SFT packer (None for pretraining)."""
+    B, T = cfg.batch_size, cfg.block_size
+    packer = Packer(train, mixture, [cfg.seed], T) if sft else None  # SFT: one packed stream of conversations
+    val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n, s in val.items()} if sft else {}
+
+    def train_batch(step, micro):
+        if sft:
+            return packer.batch((step * cfg.gradient_accumulation_steps + micro) * B, B)
+        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, step, micro]), B, T), None)
+
+    def val_batches(i, name):
+        for k in range(rank, cfg.eval_iters, world):  # the processes share the batches out
+            if sft:
+                yield val_packers[name].batch(k * B, B, forget=False)
+            else:
+                rng = np.random.default_rng([cfg.seed, 1_000_003, i, k])
+                yield (*window_batch({name: val[name]}, {name: 1.0}, rng, B, T), None)
+
+    return train_batch, val_batches, packer
+
+
+@torch.no_grad()
+def evaluate(model, raw_model, val, val_batches, device, autocast, token_bytes, ddp):
+    """Mean loss per target token and bits per byte (summed nats / (ln 2 x UTF-8 bytes of the targets), as
+    eval.py computes them) of each val source: ({source: loss}, {source: bpb}), over every process's batches."""
+    model.eval()
+    losses, bpb = {}, {}
+    for i, name in enumerate(val):
+        sums = torch.zeros(3, device=device)  # nats, targets, bytes
+        for batch in val_batches(i, name):
+            x, y, doc = to_device(batch, device)
+            with autocast:
+                _, loss = raw_model(x, y, doc)
+            n = (y != -1).sum()
+            sums += torch.stack([loss.float() * n, n.float(), token_bytes[y[y != -1]].sum().float()])
+        if ddp:
+            dist.all_reduce(sums)
+        losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
+        bpb[name] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
+    model.train()
+    return losses, bpb
+
+
+def best_on_mean(values, mixture, best_on):
+    """The figure best.pt is chosen on: the best_on sources' values weighted by their mixture weights (equally
+    where none of them is in the mixture)."""
+    weights = {n: mixture.get(n, 0) for n in best_on}
+    if sum(weights.values()) == 0:
+        weights = {n: 1 for n in best_on}
+    return sum(values[n] * w for n, w in weights.items()) / sum(weights.values())
+
+
+def record(metrics, **row):
+    """One line of metrics.jsonl (only the master process has the file open)."""
+    if metrics:
+        metrics.write(json.dumps(row) + '\n')
+        metrics.flush()
+
+
+def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, world, so_far, steps_left):
+    """The log line of a step, and its speed figures: (line, tokens/s, FLOP/s, MFU or None without a peak)."""
+    tok_s = tokens_per_step / dt
+    flops_s = flops_per_step / dt
+    mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
+    speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
+    line = (f"step {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | {speed} | "
+            f"{duration(so_far)} in, eta {duration(steps_left * dt)}")
+    return line, tok_s, flops_s, mfu
+
+
+def set_lr(optimizer, cfg, it):
+    """Every group's learning rate at step `it` (Muon's matrices have their own peak); returns AdamW's."""
+    factor = lr_factor(it, cfg)
+    for group in optimizer.param_groups:
+        group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
+    return cfg.learning_rate * factor
+
+
+def forward_backward(model, batches, scaler, autocast, device, ddp, world):
+    """Accumulate one step's gradients over this process's micro-batches; returns (the step's loss, its target
+    count over every process). The step's loss is its summed target nats over every micro-batch and process
+    divided by their total target count, so a micro-batch weighs by its targets (an SFT one may have few or many),
+    not by 1/accum. That total is needed before the first backward, which is why the batches come read up front."""
+    counts = [int((y != -1).sum()) for _, y, _ in batches]
+    n_total = sum(counts)
+    if ddp:
+        n_all = torch.tensor(float(n_total), dtype=torch.float64, device=device)
+        dist.all_reduce(n_all)
+        n_total = int(n_all.item())
+    nats = torch.zeros((), device=device)
+    for micro, (batch, n) in enumerate(zip(batches, counts)):
+        x, y, doc = to_device(batch, device)
+        if ddp:  # all-reduce gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == len(batches) - 1
+        with autocast:
+            _, loss = model(x, y, doc)  # mean over this micro-batch's n targets
+        # x n / n_total: its share of the step; x world: DDP averages the processes' gradients, we want their sum
+        scaler.scale(loss * (n * world / max(n_total, 1))).backward()
+        nats += loss.detach() * n
+    if ddp:
+        dist.all_reduce(nats)
+    return nats / max(n_total, 1), n_total
+
+
+def too_many_nonfinite(cfg, count, iter_num):
+    last = os.path.join(cfg.ckpt_dir, 'ckpt.pt')
+    last = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved yet"
+    die(f"{count} non-finite losses in a row (or gradient norms) at step {iter_num}: stopping ({last}). Try a lower "
+        f"learning_rate, float32 or bfloat16 instead of float16, or check the data")
+
+
 def main():
     cfg = configure()
     if cfg.merge_lora:
@@ -597,24 +712,7 @@ def main():
     # --- data ---
     tok = Tokenizer(cfg.tokenizer_path)
     mixture, train, val, sft, best_on = build_data(cfg, tok)
-    B, T = cfg.batch_size, cfg.block_size
-    if sft:  # SFT rows: one packed stream for training, one fixed stream per val source
-        packer = Packer(train, mixture, [cfg.seed], T)
-        val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n, s in val.items()}
-
-    def train_batch(micro):
-        """Micro-batch `micro` of this step (0 .. gradient_accumulation_steps - 1, counted over all processes,
-        so N processes train what one does): x, y, doc_ids (None for pretraining) as numpy arrays."""
-        if sft:
-            return packer.batch((iter_num * cfg.gradient_accumulation_steps + micro) * B, B)
-        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, iter_num, micro]), B, T), None)
-
-    def val_batch(i, name, k):
-        """The k-th validation batch of a source: the same ones at every evaluation."""
-        if sft:
-            return val_packers[name].batch(k * B, B, forget=False)
-        rng = np.random.default_rng([cfg.seed, 1_000_003, i, k])
-        return (*window_batch({name: val[name]}, {name: 1.0}, rng, B, T), None)
+    train_batch, val_batches, packer = make_batches(cfg, train, val, mixture, sft, rank, world)
 
     # --- output folders: fail now, not after an hour of training ---
     if master:
@@ -630,48 +728,11 @@ def main():
 
     # --- what the run will do (and whether the disk can hold its checkpoints) ---
     tokens_per_step, flops_per_step = describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, sft,
-                                                   packer if sft else None, device, dtype, world)
+                                                   packer, device, dtype, world)
     peak = peak_flops(device_type, dtype)
 
     metrics = open_run_folder(cfg, log) if master else None  # config.json and metrics.jsonl of this run
-
-    def record(**row):
-        if metrics:
-            metrics.write(json.dumps(row) + '\n')
-            metrics.flush()
-
     token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss per target token and bits per byte (summed nats / (ln 2 x UTF-8 bytes of the targets),
-        as eval.py computes them) on a fixed set of val batches per source (the same batches every time,
-        so numbers compare across steps and checkpoints). Ranks share the batches out."""
-        model.eval()
-        losses, bpb = {}, {}
-        for i, (name, split) in enumerate(val.items()):
-            sums = torch.zeros(3, device=device)  # nats, targets, bytes
-            for k in range(rank, cfg.eval_iters, world):
-                x, y, doc = to_device(val_batch(i, name, k), device)
-                with autocast:
-                    _, loss = raw_model(x, y, doc)
-                n = (y != -1).sum()
-                sums += torch.stack([loss.float() * n, n.float(), token_bytes[y[y != -1]].sum().float()])
-            if ddp:
-                dist.all_reduce(sums)
-            losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
-            bpb[name] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
-        model.train()
-        weights = {n: mixture.get(n, 0) for n in best_on}
-        if sum(weights.values()) == 0:
-            weights = {n: 1 for n in best_on}
-        mean = lambda values: sum(values[n] * w for n, w in weights.items()) / sum(weights.values())
-        return mean(losses), losses, mean(bpb), bpb
-
-    def checkpoint_state():
-        return {**weights_state(raw_model, lora, base_ref), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'iter': iter_num, 'best_val': best_val, 'model_args': args, 'config': vars(cfg),
-                'tokenizer_sha256': tok.sha256, 'rng': gather_rng(ddp, world), 'elapsed': elapsed}
 
     def save(reason):
         # weights that just gave a non-finite loss or gradient (skipped) may be finite but blown up: not saved either
@@ -679,7 +740,10 @@ def main():
             log(f"step {iter_num}: the weights are not finite or the last step was, keeping the last good checkpoint "
                 f"instead of saving")
             return
-        state = checkpoint_state()  # every rank takes part (RNG states are gathered)
+        state = {**weights_state(raw_model, lora, base_ref), 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'iter': iter_num, 'best_val': best_val, 'model_args': args,
+                 'config': vars(cfg), 'tokenizer_sha256': tok.sha256, 'elapsed': elapsed,
+                 'rng': gather_rng(ddp, world)}  # every rank takes part (RNG states are gathered)
         if master:
             save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
             log(f"saved {os.path.join(cfg.ckpt_dir, 'ckpt.pt')} at step {iter_num} ({reason})")
@@ -700,11 +764,12 @@ def main():
                 cfg.init_from == 'resume' and iter_num == start_iter):
             elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
-                val_loss, per_source, val_bpb, bpb = evaluate()
+                per_source, bpb = evaluate(model, raw_model, val, val_batches, device, autocast, token_bytes, ddp)
+                val_loss, val_bpb = best_on_mean(per_source, mixture, best_on), best_on_mean(bpb, mixture, best_on)
                 shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
                 log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, "
                     f"{elapsed:.0f} s of training")
-                record(iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
+                record(metrics, iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:
@@ -726,33 +791,9 @@ def main():
             break
 
         t_step = time.time()  # ms/step counts the step only: evaluations and checkpoints are not in it
-        factor = lr_factor(iter_num, cfg)
-        lr = cfg.learning_rate * factor
-        for group in optimizer.param_groups:  # Muon's matrices have their own peak
-            group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
-        # The step's loss is its summed target nats over every micro-batch and process divided by their total
-        # target count, so a micro-batch weighs by its targets (an SFT one may have few or many), not by 1/accum.
-        # the whole step's target count is needed before the first backward, so its batches are read up front
-        batches = [train_batch(rank * accum + micro) for micro in range(accum)]  # same rows on any world size
-        counts = [int((y != -1).sum()) for _, y, _ in batches]
-        n_total = sum(counts)
-        if ddp:
-            n_all = torch.tensor(float(n_total), dtype=torch.float64, device=device)
-            dist.all_reduce(n_all)
-            n_total = int(n_all.item())
-        nats = torch.zeros((), device=device)
-        for micro, (batch, n) in enumerate(zip(batches, counts)):
-            x, y, doc = to_device(batch, device)
-            if ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
-                _, loss = model(x, y, doc)  # mean over this micro-batch's n targets
-            # x n / n_total: its share of the step; x world: DDP averages the processes' gradients, we want their sum
-            scaler.scale(loss * (n * world / max(n_total, 1))).backward()
-            nats += loss.detach() * n
-        if ddp:
-            dist.all_reduce(nats)
-        step_loss = nats / max(n_total, 1)
+        lr = set_lr(optimizer, cfg, iter_num)
+        batches = [train_batch(iter_num, rank * accum + micro) for micro in range(accum)]  # same rows on any world size
+        step_loss, n_total = forward_backward(model, batches, scaler, autocast, device, ddp, world)
         scaler.unscale_(optimizer)  # (nothing to do unless float16)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
         bad_loss, bad_grad = (~torch.isfinite(torch.stack([step_loss.float(), grad_norm.float()]))).tolist()
@@ -766,10 +807,7 @@ def main():
             what = 'loss' if bad_loss else 'gradient norm'
             log(f"step {iter_num}: non-finite {what}, step skipped ({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg.max_nonfinite:
-                last = os.path.join(cfg.ckpt_dir, 'ckpt.pt')
-                last = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved yet"
-                die(f"{nonfinite_in_a_row} non-finite losses in a row (or gradient norms) at step {iter_num}: stopping "
-                    f"({last}). Try a lower learning_rate, float32 or bfloat16 instead of float16, or check the data")
+                too_many_nonfinite(cfg, nonfinite_in_a_row, iter_num)
         else:
             nonfinite_in_a_row = 0
             if cfg.grad_clip > 0:
@@ -783,25 +821,19 @@ def main():
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             loss_value, norm_value = step_loss.item(), grad_norm.item()  # waits for the device: only on log steps
-            dt = step_time / steps_timed
+            dt, so_far = step_time / steps_timed, elapsed + time.time() - t_train
             step_time = steps_timed = 0
-            tok_s = tokens_per_step / dt
-            flops_s = flops_per_step / dt
-            mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
-            speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
-            so_far = elapsed + time.time() - t_train
-            log(f"step {iter_num} | loss {loss_value:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                f"{tok_s:,.0f} tok/s | {speed} | {duration(so_far)} in, eta {duration((cfg.max_iters - iter_num) * dt)}")
-            record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms=dt * 1000, tokens_per_sec=tok_s,
+            line, tok_s, flops_s, mfu = step_line(iter_num, loss_value, lr, dt, tokens_per_step, flops_per_step, peak,
+                                                  world, so_far, cfg.max_iters - iter_num)
+            log(line)
+            record(metrics, iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms=dt * 1000, tokens_per_sec=tok_s,
                    flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total, nonfinite=nonfinite_total, elapsed=so_far)
 
     if metrics:
         metrics.close()
     if ddp:
-        # Free the DDP wrapper first: its reducer holds the process group, and if the group's last reference
-        # went with it, gloo's destructor would join its worker threads while holding the GIL, and a worker
-        # still releasing a tensor of the last collective (it needs the GIL) would wait for ever. Dropped in
-        # destroy_process_group instead, the group is destroyed with the GIL released.
+        # the DDP wrapper goes first: destroyed with it, gloo's group would join its threads holding the GIL
+        # (a hang at exit, if one still frees a tensor of the last collective); destroy_process_group releases it
         del model
         gc.collect()
         dist.destroy_process_group()
