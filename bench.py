@@ -12,6 +12,8 @@ Sections:
   optim    one optimizer step alone, AdamW against Muon (its Newton-Schulz matmuls), per model size
   prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
            on the whole corpus and on its first half
+  batches  building one batch of 32 packed SFT rows (train.py's Packer) at block 256 and 1024, from the prepared
+           chat data of bench_sft_config (skipped, with the command to run, when it is not prepared)
   bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb, 2 GB) and on
            a quarter of it: memory must not grow with the file (not in `all`: it writes ~3 GB to /tmp)
 On GPU, MFU is against the datasheet peak of the card (model.PEAK_FLOPS); on CPU against the measured
@@ -266,6 +268,32 @@ def bench_bigtext(mb, vocab_size):
     return rows
 
 
+def bench_batches(config_path, rows=32, reps=40):
+    """Milliseconds to build one training batch of `rows` packed SFT rows, as train.py's background reader does
+    for every micro-step, at block 256 and 1024 (the median and the slowest of `reps` successive batches)."""
+    import train
+    c = configure([config_path])
+    mixture = {n: w for n, w in c.mixture.items() if w > 0}
+    missing = [n for n in mixture if not prepare.is_prepared(c.data_dir, n, 'train')]
+    if missing:
+        print(f"batches: skipped, {', '.join(missing)} of {config_path} not prepared (python prepare.py {config_path})")
+        return []
+    splits = {n: train.Split(c.data_dir, n, 'train', None) for n in mixture}
+    out = []
+    for T in (256, 1024):
+        packer = train.Packer(splits, mixture, [0], T)
+        packer.batch(0, rows)  # warm-up: the first batch fills the packer's buffer of conversations
+        times = []
+        for i in range(1, reps + 1):
+            t = time.perf_counter()
+            packer.batch(i * rows, rows)
+            times.append(time.perf_counter() - t)
+        times.sort()
+        out.append({'sources': '+'.join(mixture), 'block_size': T, 'rows': rows,
+                    'median_ms': round(1000 * times[reps // 2], 2), 'slowest_ms': round(1000 * times[-1], 2)})
+    return out
+
+
 def table(rows, title):
     if not rows:
         return
@@ -283,7 +311,7 @@ def main():
     cfg = configure()
     device = pick_device(cfg.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    known = ['matmul', 'train', 'decode', 'optim', 'prepare']
+    known = ['matmul', 'train', 'decode', 'optim', 'prepare', 'batches']
     sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
         if s not in known + ['bigtext']:
@@ -324,6 +352,9 @@ def main():
     if 'prepare' in sections:
         results['prepare'] = bench_prepare(cfg.bench_corpus, 8192)
         table(results['prepare'], "prepare.py (tokenizer: 8192-piece BPE)")
+    if 'batches' in sections:
+        results['batches'] = bench_batches(cfg.bench_sft_config)
+        table(results['batches'], "one batch of packed SFT rows (Packer.batch: memmap reads and packing)")
     if 'bigtext' in sections:
         results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 512)  # its ~30 words allow ~600 pieces
         table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the process tree)")

@@ -165,10 +165,11 @@ KEYS = {
     'overwrite': (False, "export.py: replace an export folder that already has files in it"),
 
     # --- bench.py ---
-    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare, bigtext"),
+    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare, batches, bigtext"),
     'bench_json': ('', "also write the figures to this JSON file"),
     'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
     'bench_steps': (10, '>= 1', "timed training steps per configuration (after 3 warm-up steps)"),
+    'bench_sft_config': ('config/dev_sft.py', "config whose prepared chat data the batches benchmark reads"),
     'bench_bigtext_mb': (2048, '>= 1', "size of the generated text file (no separator) of the bigtext benchmark"),
 }
 

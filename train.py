@@ -21,6 +21,7 @@ weights only).
 """
 import bisect
 import gc
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import signal
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -657,6 +659,30 @@ def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, wor
     return line, tok_s, flops_s, mfu
 
 
+def read_ahead(read, first):
+    """Yield read(first), read(first + 1), ...; each is read by a background thread while the caller works on the
+    one before. A step's batches (memmap reads and packing: numpy work, much of it outside the GIL) are then ready
+    when the step starts, so it never waits for its data; and since a batch depends only on the step and
+    micro-step numbers, reading ahead changes nothing that is trained."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, first)
+        for it in itertools.count(first + 1):
+            done, pending = pending, reader.submit(read, it)
+            yield done.result()
+
+
+def stop_requested(stop, ddp, device, log_step):
+    """Save and stop before this step? Ctrl-C lands on each process at its own moment: with several, they agree on
+    it first, on log steps only (the steps that wait for the device anyway), so all of them save the same step."""
+    if not ddp:
+        return stop['requested']
+    if not log_step:
+        return False
+    agreed = torch.tensor(float(stop['requested']), device=device)
+    dist.all_reduce(agreed)
+    return agreed.item() > 0
+
+
 def set_lr(optimizer, cfg, it):
     """Every group's learning rate at step `it` (Muon's matrices have their own peak); returns AdamW's."""
     factor = lr_factor(it, cfg)
@@ -755,6 +781,8 @@ def main():
     nonfinite_in_a_row = nonfinite_total = 0  # skipped steps: in a row (too many stops the run), and in all
     step_time = 0.0  # seconds of the steps since the last log line, and how many: the log's ms/step
     steps_timed = 0
+    read_step = lambda it: [train_batch(it, rank * accum + micro) for micro in range(accum)]  # same rows on any world size
+    step_batches = read_ahead(read_step, iter_num)
     t_train = time.time()  # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
     while True:
         # Evaluate and save before the step: step 0's val loss is the untrained baseline, and the last pass through
@@ -781,21 +809,19 @@ def main():
             t_train = time.time()
         if iter_num >= cfg.max_iters:
             break
-        # Ctrl-C lands on each process at its own moment: they agree on it first, so all save the same step
-        stop_now = torch.tensor(float(stop['requested']), device=device)
-        if ddp:
-            dist.all_reduce(stop_now)  # every rank stops at the same step
-        if stop_now.item():
+        if stop_requested(stop, ddp, device, iter_num % cfg.log_interval == 0):
             elapsed += time.time() - t_train
             save('interrupted')
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # saved: a late second Ctrl-C has nothing left to cut short
             break
 
         t_step = time.time()  # ms/step counts the step only: evaluations and checkpoints are not in it
         lr = set_lr(optimizer, cfg, iter_num)
-        batches = [train_batch(iter_num, rank * accum + micro) for micro in range(accum)]  # same rows on any world size
+        batches = next(step_batches)  # read while the last step ran (the next step's are being read now)
         step_loss, n_total = forward_backward(model, batches, scaler, autocast, device, ddp, world)
         scaler.unscale_(optimizer)  # (nothing to do unless float16)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+        # the step's one wait for the device: whether to take the step (the next batches are being read meanwhile)
         bad_loss, bad_grad = (~torch.isfinite(torch.stack([step_loss.float(), grad_norm.float()]))).tolist()
         # A bad step (overflow, bad data): skip it rather than poison the weights. A finite loss can still give
         # inf/nan gradients; with float16, GradScaler skips those steps itself and lowers its scale (routine).
@@ -829,6 +855,7 @@ def main():
             record(metrics, iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms=dt * 1000, tokens_per_sec=tok_s,
                    flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total, nonfinite=nonfinite_total, elapsed=so_far)
 
+    step_batches.close()
     if metrics:
         metrics.close()
     if ddp:

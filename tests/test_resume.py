@@ -114,10 +114,17 @@ def test_a_second_ctrl_c_exits_at_once_and_leaves_checkpoints_intact(tmp_path, p
     wait_for_step(proc, 3)
     before = (tmp_path / 'c' / 'pretrain' / 'ckpt.pt').read_bytes()
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    # the second one once the first has been taken (two signals before the handler runs would count as one), and
+    # while that step and its save still run (~0.3 s and more; a fixed sleep could let both finish first)
+    first = ''
+    for line in proc.stderr:
+        first += line
+        if line.startswith('interrupted: saving'):
+            break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and 'interrupted again' in err and 'Traceback' not in err
+    err = first + err
+    assert proc.returncode == 130 and 'interrupted again' in err and 'Traceback' not in err, (proc.returncode, err)
     after = tmp_path / 'c' / 'pretrain' / 'ckpt.pt'
     assert after.read_bytes() == before or torch.load(after, weights_only=True)['iter'] >= 3
     assert not any(f.endswith('.tmp') for f in os.listdir(tmp_path / 'c' / 'pretrain'))

@@ -529,3 +529,19 @@ def test_best_on_and_a_warning_for_sources_repeated_too_often(tmp_path, prepared
         assert (f"warning: this run would repeat '{n}'" in p.stderr) == (float(e) > 2)
     err = train_error(tmp_path, prepared, best_on=['wikitext'])
     assert "best_on names 'wikitext'" in err
+
+
+def test_read_ahead_yields_every_step_in_order_and_reads_the_next_one_while_the_caller_works():
+    import threading
+    started, reading_seven = [], threading.Event()
+
+    def read(step):
+        started.append(step)
+        if step == 7:
+            reading_seven.set()
+        return [step * 10]
+    steps = train.read_ahead(read, 5)
+    assert next(steps) == [50] and next(steps) == [60]
+    assert reading_seven.wait(timeout=10)  # step 7 is being read before the caller asks for it
+    assert next(steps) == [70] and started[:3] == [5, 6, 7]
+    steps.close()
