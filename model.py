@@ -23,6 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # FlexAttention (torch >= 2.5): attention kernels that skip the tiles of the scores a mask hides entirely
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = flex_attention = None
+
 
 @dataclass
 class ModelConfig:
@@ -64,6 +69,39 @@ def cached_attention(q, k, v, mask):
     return (torch.softmax(scores, dim=-1) @ v.unsqueeze(2)).view(B, H, T, D)
 
 
+def use_flex(device, training, dropout):
+    """Packed rows through FlexAttention or a dense mask? FlexAttention on CUDA: a dense (B, 1, T, T) mask keeps
+    SDPA off its flash kernels (with grouped-query attention, on the math kernel that materialises every score).
+    Not on a CPU: torch has no FlexAttention backward there, and its forward beats the dense mask only from
+    ~1024 tokens (BENCHMARKS.md). Not with attention dropout, which FlexAttention does not have."""
+    return flex_attention is not None and device.type == 'cuda' and not (training and dropout > 0)
+
+
+@torch.compiler.disable  # built eagerly, outside any compiled graph (once per forward, shared by the layers)
+def document_block_mask(doc_ids):
+    """doc_ids (B, T) -> a BlockMask: query q sees key k when both are in the same document and k <= q. It records
+    which 128 x 128 tiles of the (T, T) scores are hidden entirely (most of them, in a long row of short
+    documents), and the kernel skips those."""
+    B, T = doc_ids.shape
+
+    def causal_within_document(b, h, q, k):
+        return (doc_ids[b, q] == doc_ids[b, k]) & (k <= q)
+    return create_block_mask(causal_within_document, B, None, T, T, device=doc_ids.device)
+
+
+_compiled_flex = []
+
+
+def flex_attend(q, k, v, block_mask, gqa):
+    """FlexAttention over packed documents: (B, n_head, T, head_dim). Compiled: run eagerly, flex_attention is a
+    slow reference that materialises every score (inside a model that is compiled already, it compiles with it)."""
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if not _compiled_flex:
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+    return _compiled_flex[0](q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -90,6 +128,8 @@ class Attention(nn.Module):
         # so the cache path passes an explicit mask (T, keys) instead; training with doc_ids passes its own too.
         if cache is not None and T == 1 and attn_mask is not None:  # a decode step, or one token after others
             y = cached_attention(q, k, v, attn_mask)  # (B, n_head, 1, head_dim)
+        elif BlockMask is not None and isinstance(attn_mask, BlockMask):  # packed documents, FlexAttention
+            y = flex_attend(q, k, v, attn_mask, self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                dropout_p=self.dropout if self.training else 0.0,
@@ -136,6 +176,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
+        self.document_attention = 'auto'  # packed rows: 'flex', 'dense', or 'auto' (see use_flex)
         self.apply(self.init_weights)
         for name, p in self.named_parameters():
             if name.endswith(('o_proj.weight', 'down_proj.weight')):
@@ -173,9 +214,14 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {block}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             if doc_ids is not None:  # packed rows: causal and within the same document
-                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
-                same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T): query's doc == key's
-                attn_mask = same_doc & causal  # (B, 1, T, T), broadcast over the heads
+                flex = self.document_attention == 'flex' or (
+                    self.document_attention == 'auto' and use_flex(idx.device, self.training, self.cfg.dropout))
+                if flex:
+                    attn_mask = document_block_mask(doc_ids)
+                else:
+                    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+                    same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T): query's doc == key's
+                    attn_mask = same_doc & causal  # (B, 1, T, T), broadcast over the heads
         x = self.embed(idx)  # (B, T, n_embd)
         for i, layer in enumerate(self.blocks):
             x = layer(x, cos, sin, attn_mask, cache, i, pos)

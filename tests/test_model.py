@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from checkpoint import read_checkpoint
+import model as model_module
 from model import GPT, KVCache, ModelConfig, pick_token
 
 
@@ -71,17 +72,41 @@ def test_longer_than_block_is_an_error():
         tiny()(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_packed_documents_do_not_see_each_other():
-    """With doc_ids, the second document in a row gets the logits it gets alone (RoPE is relative)."""
+needs_flex = pytest.mark.skipif(model_module.flex_attention is None, reason='this torch has no FlexAttention')
+
+
+@pytest.mark.parametrize('attention', ['dense', pytest.param('flex', marks=needs_flex)])
+def test_packed_documents_do_not_see_each_other(attention):
+    """With doc_ids, the second document in a row gets the logits it gets alone (RoPE is relative), through the
+    dense mask and through FlexAttention (forward only on a CPU: it has no backward there)."""
     model = tiny()
+    model.document_attention = attention
     a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 9))
     row = torch.cat([a, b], dim=1)
     doc_ids = torch.tensor([[0] * 12 + [1] * 9])
-    packed, _ = model(row, doc_ids=doc_ids)
-    alone, _ = model(b)
+    with torch.no_grad():
+        packed, _ = model(row, doc_ids=doc_ids)
+        alone, _ = model(b)
     torch.testing.assert_close(packed[:, 12:], alone, atol=1e-5, rtol=1e-5)
     mixed, _ = model(row)  # without doc_ids the second document does attend to the first
     assert not torch.allclose(mixed[:, 12:], alone, atol=1e-3)
+
+
+@needs_flex
+def test_flex_attention_gives_the_logits_of_the_dense_mask():
+    """Rows packing several documents, grouped-query attention: the same logits through FlexAttention's block mask
+    as through the dense (B, 1, T, T) mask."""
+    model = tiny(n_kv_head=2)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11 + [2] * 16, [0] * 20 + [1] * 12])
+    x = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        model.document_attention = 'dense'
+        dense, _ = model(x, doc_ids=doc_ids)
+        model.document_attention = 'flex'
+        flex, _ = model(x, doc_ids=doc_ids)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    assert model_module.use_flex(torch.device('cuda'), True, 0.0) and not model_module.use_flex(torch.device('cpu'), False, 0.0)
+    assert not model_module.use_flex(torch.device('cuda'), True, 0.1)  # (FlexAttention has no attention dropout)
 
 
 def test_param_counts_and_flops():
