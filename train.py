@@ -659,6 +659,23 @@ def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, wor
     return line, tok_s, flops_s, mfu
 
 
+def check_output_folder(cfg, master, ddp):
+    """The checkpoint folder must be writable before anything else happens (not after an hour of training)."""
+    if master:
+        check_writable(cfg.ckpt_dir, 'out_dir')
+    if ddp:
+        dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
+
+
+def log_evaluation(log, metrics, iter_num, per_source, bpb, mixture, best_on, elapsed):
+    """The log line and metrics row of an evaluation; returns the val loss best.pt is chosen on."""
+    val_loss, val_bpb = best_on_mean(per_source, mixture, best_on), best_on_mean(bpb, mixture, best_on)
+    shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
+    log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, {elapsed:.0f} s of training")
+    record(metrics, iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
+    return val_loss
+
+
 def read_ahead(read, first):
     """Yield read(first), read(first + 1), ...; each is read by a background thread while the caller works on the
     one before. A step's batches (memmap reads and packing: numpy work, much of it outside the GIL) are then ready
@@ -740,11 +757,7 @@ def main():
     mixture, train, val, sft, best_on = build_data(cfg, tok)
     train_batch, val_batches, packer = make_batches(cfg, train, val, mixture, sft, rank, world)
 
-    # --- output folders: fail now, not after an hour of training ---
-    if master:
-        check_writable(cfg.ckpt_dir, 'out_dir')
-    if ddp:
-        dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
+    check_output_folder(cfg, master, ddp)  # fail now, not after an hour of training
 
     # --- model: from scratch, resumed, or initialised from another checkpoint ---
     model, raw_model, optimizer, scaler, start = build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp,
@@ -793,11 +806,7 @@ def main():
             elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
                 per_source, bpb = evaluate(model, raw_model, val, val_batches, device, autocast, token_bytes, ddp)
-                val_loss, val_bpb = best_on_mean(per_source, mixture, best_on), best_on_mean(bpb, mixture, best_on)
-                shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
-                log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, "
-                    f"{elapsed:.0f} s of training")
-                record(metrics, iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
+                val_loss = log_evaluation(log, metrics, iter_num, per_source, bpb, mixture, best_on, elapsed)
             if val and val_loss < best_val:
                 best_val = val_loss
                 if master:

@@ -22,6 +22,9 @@ max_epochs = 40
 
 # the system line the primer's dialogues use, so chat sounds like them
 system = include_text('mara_system.txt')  # the voice of the primer's dialogues, shared by the profiles
+# the demo samples a few hundred tokens per command: compiling the decode step (~14 s a process on 2 cores)
+# would cost more than it saves at this model's ~200 tokens/s eager
+compile_decode = False
 
 if phase == 'pretrain':
     mixture = {'roam': 0.6, 'primer': 0.4}
