@@ -16,6 +16,7 @@ context: the prompt is run once (prefill), then each new token is one decode_ste
 This file imports only torch and the standard library: copy it anywhere. Reading and writing
 checkpoints, and picking the device, live in checkpoint.py.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -77,7 +78,6 @@ def use_flex(device, training, dropout):
     return flex_attention is not None and device.type == 'cuda' and not (training and dropout > 0)
 
 
-@torch.compiler.disable  # built eagerly, outside any compiled graph (once per forward, shared by the layers)
 def document_block_mask(doc_ids):
     """doc_ids (B, T) -> a BlockMask: query q sees key k when both are in the same document and k <= q. It records
     which 128 x 128 tiles of the (T, T) scores are hidden entirely (most of them, in a long row of short
@@ -89,17 +89,16 @@ def document_block_mask(doc_ids):
     return create_block_mask(causal_within_document, B, None, T, T, device=doc_ids.device)
 
 
-_compiled_flex = []
+@functools.cache  # compiled once per process, on first use
+def compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_attend(q, k, v, block_mask, gqa):
     """FlexAttention over packed documents: (B, n_head, T, head_dim). Compiled: run eagerly, flex_attention is a
     slow reference that materialises every score (inside a model that is compiled already, it compiles with it)."""
-    if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    if not _compiled_flex:
-        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
-    return _compiled_flex[0](q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -217,7 +216,9 @@ class GPT(nn.Module):
                 flex = self.document_attention == 'flex' or (
                     self.document_attention == 'auto' and use_flex(idx.device, self.training, self.cfg.dropout))
                 if flex:
-                    attn_mask = document_block_mask(doc_ids)
+                    # built eagerly, outside any compiled graph, once per forward for all layers (disabled here, not
+                    # by a decorator, which would import the compiler stack into every stage at start: ~2.5 s)
+                    attn_mask = torch.compiler.disable(document_block_mask)(doc_ids)
                 else:
                     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
                     same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T): query's doc == key's
@@ -351,15 +352,11 @@ def decode_step(model, token, pos, cache, banned, noise, temperature, top_k, top
 # on every core (2-3x faster). On a GPU, CUDA graphs replay the step's kernels without launching each from Python.
 # Built on first use too: calling torch.compile imports its compiler stack (~1.5 s), which a run that does not
 # compile should not wait for.
-_compiled_steps = {}
-
-
+@functools.cache
 def compiled_decode_step(device_type):
-    if device_type not in _compiled_steps:
-        options = dict(mode='reduce-overhead') if device_type == 'cuda' else dict(
-            options={'post_grad_fusion_options': {'decompose_mm_pass': {}}})
-        _compiled_steps[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
-    return _compiled_steps[device_type]
+    options = dict(mode='reduce-overhead') if device_type == 'cuda' else dict(
+        options={'post_grad_fusion_options': {'decompose_mm_pass': {}}})
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
 
 
 def pick_token(logits, temperature=1.0, top_k=0, top_p=1.0, banned=None, noise=None):
