@@ -34,4 +34,4 @@ eval_interval = 25
 eval_iters = 10
 log_interval = 25
 
-ckpt = 'out/shakespeare/pretrain/ckpt.pt'   # eval.py and sample.py use the final weights
+ckpt = '{out_dir}/pretrain/ckpt.pt'   # eval.py and sample.py use the final weights (follows --out_dir)

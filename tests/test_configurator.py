@@ -1,4 +1,5 @@
 import json
+import glob
 import os
 
 import pytest
@@ -185,6 +186,11 @@ def test_profile_paths_follow_out_dir(tmp_path):
         cfg = load_cfg(*argv, '--out_dir=/elsewhere')
         assert cfg.init_from.startswith('/elsewhere/pretrain/'), argv
         assert not [k for k, v in vars(cfg).items() if isinstance(v, str) and '{' in v and k != 'system'], argv
+    for profile in sorted(glob.glob('config/*.py')):  # no shipped profile keeps a path of its own out_dir
+        for phase in ('pretrain', 'sft'):
+            cfg = load_cfg(profile, '--out_dir=/elsewhere', f'--phase={phase}')
+            stale = [k for k, v in vars(cfg).items() if isinstance(v, str) and v.startswith('out/') and k != 'cache_dir']
+            assert not stale, (profile, phase, stale)
     copy = tmp_path / 'mine.py'  # a profile of one's own, built on a shipped one, with its own out_dir
     copy.write_text(f"include({os.path.abspath('config/dev_sft.py')!r})\nout_dir = 'out/mine'\n")
     assert load_cfg(copy).init_from == 'out/mine/pretrain/best.pt'
