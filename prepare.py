@@ -48,9 +48,10 @@ FORMAT_VERSION = 1
 worker_tok = None
 
 
-def init_worker(tokenizer_path):
+def init_worker(tokenizer_path, pool_worker=True):
     global worker_tok
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process (one message, not one per worker)
+    if pool_worker:  # Ctrl-C is for the main process (one message, not one per worker); never ignore it there
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_tok = tokenizer.Tokenizer(tokenizer_path)
 
 
@@ -99,7 +100,7 @@ def tokenized(docs, tokenizer_path, num_proc, max_conversation_tokens, dtype):
     """Tokenize documents in order, in parallel, with a bounded number of batches in flight (so
     memory does not grow with the corpus, unlike Pool.imap which reads its input eagerly)."""
     if num_proc <= 1:
-        init_worker(tokenizer_path)
+        init_worker(tokenizer_path, pool_worker=False)
         for batch in batches(docs):
             yield tokenize_batch(batch, max_conversation_tokens, dtype)
         return

@@ -138,6 +138,16 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     assert docs['text'] == ['one', 'two\n'] and docs['chat'][0][0]['content'] == 'q'
 
 
+def test_one_process_prepare_keeps_ctrl_c(tmp_path):
+    """With num_proc=1 the main process tokenizes: it must not take the pool workers' 'ignore Ctrl-C'."""
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', vocab_size=320,
+                       sources=big_text_source(tmp_path, 50))
+    run('tokenizer.py', cfg, check=True)
+    before = signal.getsignal(signal.SIGINT)
+    out = list(prepare.tokenized([('big:1', 'alpha beta gamma', 'train')], load_cfg(cfg).tokenizer_path, 1, 1024, np.uint16))
+    assert len(out) == 1 and signal.getsignal(signal.SIGINT) is before is not signal.SIG_IGN
+
+
 def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temp_folder(tmp_path):
     cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', shard_tokens=4000, vocab_size=320, num_proc=2,
                        sources=big_text_source(tmp_path, 6000))
