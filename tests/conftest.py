@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,14 @@ def run(script, *args, check=False, timeout=600, **kw):
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+@pytest.fixture(autouse=True)
+def default_ctrl_c():
+    """Each test starts with Python's own Ctrl-C handler: a stage run in-process may leave SIGINT ignored, and
+    every process a later test starts would inherit that (an ignored signal survives exec)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope='session')

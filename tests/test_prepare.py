@@ -145,7 +145,7 @@ def test_one_process_prepare_keeps_ctrl_c(tmp_path):
     run('tokenizer.py', cfg, check=True)
     before = signal.getsignal(signal.SIGINT)
     out = list(prepare.tokenized([('big:1', 'alpha beta gamma', 'train')], load_cfg(cfg).tokenizer_path, 1, 1024, np.uint16))
-    assert len(out) == 1 and signal.getsignal(signal.SIGINT) is before is not signal.SIG_IGN
+    assert len(out) == 1 and signal.getsignal(signal.SIGINT) is before is signal.default_int_handler
 
 
 def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temp_folder(tmp_path):
