@@ -1,5 +1,5 @@
-import json
 import glob
+import json
 import os
 
 import pytest
