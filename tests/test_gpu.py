@@ -1,11 +1,8 @@
-"""The CUDA paths: bf16 and fp16 (GradScaler) training, torch.compile, fused AdamW, flash attention, the KV
-cache on the GPU, resume. Marked `gpu`: they skip on machines without CUDA (CI), and run where one is lent
-(`python -m pytest -m gpu`)."""
-import os
-
+"""The CUDA paths: bf16 and fp16 (GradScaler) training with AdamW and Muon, torch.compile, fused AdamW, flash
+attention, the KV cache on the GPU, resume. Marked `gpu`: they skip on machines without CUDA (CI), and run where
+one is lent (`python -m pytest -m gpu`)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import metrics, run, tiny_train_config
 from model import GPT, ModelConfig
@@ -18,13 +15,15 @@ def losses(out):
     return [r['loss'] for r in metrics(str(out)) if 'loss' in r]
 
 
-@pytest.mark.parametrize('dtype,compile', [('bfloat16', False), ('bfloat16', True), ('float16', False),
-                                           ('float16', True)])
-def test_training_on_the_gpu_learns_and_resumes(tmp_path, prepared, dtype, compile):
+@pytest.mark.parametrize('dtype,compile,optimizer', [
+    ('bfloat16', False, 'adamw'), ('bfloat16', True, 'adamw'), ('float16', False, 'adamw'), ('float16', True, 'adamw'),
+    ('bfloat16', True, 'muon'), ('float16', False, 'muon')])  # Muon: bf16 Newton-Schulz, under the GradScaler
+def test_training_on_the_gpu_learns_and_resumes(tmp_path, prepared, dtype, compile, optimizer):
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'out', device='cuda', dtype=dtype,
-                            compile=compile, max_iters=30, eval_interval=15, learning_rate=1e-2)
+                            compile=compile, max_iters=30, eval_interval=15, learning_rate=1e-2,
+                            optimizer=optimizer, lr_schedule='wsd' if optimizer == 'muon' else 'cosine')
     p = run('train.py', cfg, check=True)
-    assert 'cuda' in p.stdout and dtype in p.stdout
+    assert 'cuda' in p.stdout and dtype in p.stdout and ('Muon' in p.stdout) == (optimizer == 'muon')
     first, last = losses(tmp_path / 'out')[0], losses(tmp_path / 'out')[-1]
     assert last < first - 0.5, (first, last)  # it learns
     ckpt = torch.load(tmp_path / 'out' / 'pretrain' / 'ckpt.pt', weights_only=True)
