@@ -11,6 +11,9 @@ init_from = '{out_dir}/pretrain/best.pt'  # ({out_dir} is filled in at the end: 
 # oasst1, the primer (~11k tokens) ~13 times (max_epochs 16)
 mixture = {'primer': 0.06, 'dolly': 0.47, 'oasst1': 0.47}
 max_iters = 300
+# fine-tuning stays on AdamW + cosine (dev.py's Muon + WSD was measured for pretraining only)
+optimizer = 'adamw'
+lr_schedule = 'cosine'
 learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 20

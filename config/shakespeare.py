@@ -24,12 +24,12 @@ compile = False   # on this CPU compiling costs ~30 s of the budget and wins ~6%
 
 optimizer = 'muon'
 muon_lr = 0.03
-learning_rate = 2e-3   # AdamW's, for the embedding/head and the norms
-min_lr = 2e-4
+learning_rate = 3e-3   # AdamW's, for the embedding/head and the norms
+min_lr = 3e-4
 lr_schedule = 'wsd'
 decay_frac = 0.4
 warmup_iters = 10
-max_iters = 196
+max_iters = 190
 eval_interval = 25
 eval_iters = 10
 log_interval = 25

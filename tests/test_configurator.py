@@ -195,3 +195,15 @@ def test_profile_paths_follow_out_dir(tmp_path):
     copy.write_text(f"include({os.path.abspath('config/dev_sft.py')!r})\nout_dir = 'out/mine'\n")
     assert load_cfg(copy).init_from == 'out/mine/pretrain/best.pt'
     assert load_cfg(copy).set_by['init_from'].startswith(os.path.abspath('config/dev_sft.py'))
+
+
+def test_profiles_pretrain_with_muon_and_fine_tune_with_adamw():
+    # Muon + WSD won where it was measured (pretraining: shakespeare, demo, dev; BENCHMARKS.md); fine-tuning and
+    # prod were not measured with it. dev_sft.py includes dev.py, so it must set AdamW back itself.
+    for argv in (['config/shakespeare.py'], ['config/demo.py'], ['config/dev.py']):
+        cfg = load_cfg(*argv)
+        assert (cfg.optimizer, cfg.lr_schedule) == ('muon', 'wsd'), argv
+    for argv in (['config/demo.py', '--phase=sft'], ['config/dev_sft.py'], ['config/prod_pretrain.py'],
+                 ['config/prod_sft.py']):
+        cfg = load_cfg(*argv)
+        assert (cfg.optimizer, cfg.lr_schedule) == ('adamw', 'cosine'), argv
