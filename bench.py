@@ -32,10 +32,10 @@ import time
 
 import torch
 
-import prepare
-from checkpoint import pick_device, pick_dtype
-from configurator import configure, die
-from model import GPT, ModelConfig, peak_flops
+from common import die, peak_flops, pick_device, pick_dtype
+from configurator import configure
+from data import Packer, Split, is_prepared, load_split
+from model import GPT, ModelConfig
 from optim import make_optimizer
 
 # (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
@@ -219,7 +219,7 @@ def bench_prepare(corpus, vocab_size):
             for num_proc in sorted({1, cores}):
                 shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
                 dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg, f'--num_proc={num_proc}'])
-                metas = [prepare.load_split(os.path.join(work, 'out', 'data'), 'corpus', s) for s in ('train', 'val')]
+                metas = [load_split(os.path.join(work, 'out', 'data'), 'corpus', s) for s in ('train', 'val')]
                 mb = os.path.getsize(path) / 1e6
                 tokens = sum(m['tokens'] for m in metas)
                 rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc, 'seconds': round(dt, 1),
@@ -259,7 +259,7 @@ def bench_bigtext(mb, vocab_size):
                 run_measured([sys.executable, 'tokenizer.py', cfg])
             shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
             dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg])
-            metas = [prepare.load_split(os.path.join(work, 'out', 'data'), 'big', s) for s in ('train', 'val')]
+            metas = [load_split(os.path.join(work, 'out', 'data'), 'big', s) for s in ('train', 'val')]
             rows.append({'MB': size, 'processes': os.cpu_count(), 'documents': sum(m['documents'] for m in metas),
                          'seconds': round(dt, 1), 'MB_per_s': round(size / dt, 2), 'peak_rss_MB': round(rss / 1e6)})
             print(f"  {size} MB: {rows[-1]}", flush=True)
@@ -271,17 +271,16 @@ def bench_bigtext(mb, vocab_size):
 def bench_batches(config_path, rows=32, reps=40):
     """Milliseconds to build one training batch of `rows` packed SFT rows, as train.py's background reader does
     for every micro-step, at block 256 and 1024 (the median and the slowest of `reps` successive batches)."""
-    import train
     c = configure([config_path])
     mixture = {n: w for n, w in c.mixture.items() if w > 0}
-    missing = [n for n in mixture if not prepare.is_prepared(c.data_dir, n, 'train')]
+    missing = [n for n in mixture if not is_prepared(c.data_dir, n, 'train')]
     if missing:
         print(f"batches: skipped, {', '.join(missing)} of {config_path} not prepared (python prepare.py {config_path})")
         return []
-    splits = {n: train.Split(c.data_dir, n, 'train', None) for n in mixture}
+    splits = {n: Split(c.data_dir, n, 'train', None) for n in mixture}
     out = []
     for T in (256, 1024):
-        packer = train.Packer(splits, mixture, [0], T)
+        packer = Packer(splits, mixture, [0], T)
         packer.batch(0, rows)  # warm-up: the first batch fills the packer's buffer of conversations
         times = []
         for i in range(1, reps + 1):

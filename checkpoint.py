@@ -16,11 +16,10 @@ import pickle
 import shutil
 import sys
 import zipfile
-from contextlib import nullcontext
 
 import torch
 
-from configurator import atomic_file, die, file_sha256
+from common import atomic_file, die, file_sha256
 from model import GPT, ModelConfig, add_lora, merge_lora
 
 
@@ -172,60 +171,3 @@ def saved_best_val(ckpt_dir):
     path = os.path.join(ckpt_dir, 'best.pt')
     ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
     return ckpt['best_val'] if ckpt else float('inf')
-
-
-# ----------------------------------------------------------------------------------------------
-# Where the model runs: the device and dtype keys (every stage that runs the model)
-
-def pick_device(name):
-    """'auto' -> the best device here; a named one is checked, so a missing GPU is a message, not a traceback."""
-    if name != 'auto':
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            die(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<n> or mps")
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            die(f"device={name!r} but this machine has no CUDA GPU that torch can use: set --device=cpu (or auto)")
-        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-            die(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}")
-        if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-            die(f"device={name!r} but MPS (Apple GPU) is not available here: set --device=cpu (or auto)")
-        if device.type not in ('cpu', 'cuda', 'mps'):
-            die(f"device={name!r}: this code runs on cpu, cuda or mps")
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
-def pick_dtype(name, device_type):
-    if name == 'auto':
-        if device_type == 'cuda':
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        # CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; others slower
-        return 'bfloat16' if device_type == 'cpu' and cpu_has_fast_bf16() else 'float32'
-    if name not in ('float32', 'bfloat16', 'float16'):
-        die(f"dtype must be float32, bfloat16, float16 or auto, got {name!r}")
-    if name == 'float16' and device_type != 'cuda':
-        die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32 here")
-    return name
-
-
-def cpu_has_fast_bf16():
-    try:
-        flags = open('/proc/cpuinfo').read()
-    except OSError:  # not Linux: stay with float32
-        return False
-    return 'amx_bf16' in flags or 'avx512_bf16' in flags
-
-
-def runtime(device_name, dtype_name):
-    """(device, device type, dtype name, autocast context) for the config's device and dtype keys."""
-    device = pick_device(device_name)
-    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
-    dtype = pick_dtype(dtype_name, device_type)
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    return device, device_type, dtype, autocast

@@ -29,17 +29,15 @@ This module also holds the plumbing every stage shares: `die` (a clear error and
 done/total, rate, ETA line of long jobs).
 """
 import ast
-import contextlib
 import copy
-import difflib
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import time
 import types
+
+from common import atomic_file, die, suggest
 
 # Every key any stage reads: name -> (default, meaning) or (default, valid, meaning), grouped by the
 # stage that uses it. `valid` says which values make sense, and every stage checks it before doing any
@@ -172,97 +170,6 @@ KEYS = {
     'bench_sft_config': ('config/dev_sft.py', "config whose prepared chat data the batches benchmark reads"),
     'bench_bigtext_mb': (2048, '>= 1', "size of the generated text file (no separator) of the bigtext benchmark"),
 }
-
-
-def die(msg):
-    """Stop with a clear message and exit status 1. Callers name the culprit and the fix."""
-    raise SystemExit(f"error: {msg}")
-
-
-@contextlib.contextmanager
-def atomic_file(path, mode='wb'):
-    """Open a temp file beside `path`; on success fsync it and rename it over `path`.
-    An interrupted write leaves the old file (if any) untouched and no half-written file."""
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_writable(folder, key):
-    """Make `folder` and write a little to it, or stop naming the key to change: an unwritable or full disk
-    is found before the work, not after it."""
-    test = os.path.join(folder, f'.write_test{os.getpid()}')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(test, 'wb') as f:
-            f.write(b'\0' * 4096)  # (a block: enough to find a full disk)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        die(f"cannot write to {folder} ({e.strerror}): set {key} to a folder on a disk you can write to, "
-            f"with free space")
-    finally:
-        if os.path.exists(test):
-            os.remove(test)
-
-
-def duration(seconds):
-    """12s, 3m05s, 2h07m: elapsed times and ETAs in progress lines (Progress, train.py's log)."""
-    s = int(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-class Progress:
-    """The progress line of a long job (prepare, download, eval, train): done/total, rate and ETA, printed
-    at most every `every` seconds. Counts are in `unit`s of `scale` (unit='MB', scale=1e6 for bytes)."""
-
-    def __init__(self, label, total=None, unit='', scale=1, every=2.0):
-        self.label, self.total, self.unit, self.scale, self.every = label, total, unit, scale, every
-        self.t0 = self.last = time.time()
-
-    def due(self):
-        """Is it time for a line? (cheap: call it as often as you like)"""
-        if time.time() - self.last <= self.every:
-            return False
-        self.last = time.time()
-        return True
-
-    def line(self, done, start=0, extra=''):
-        """'12.0/40.0 MB, 3.10 MB/s, ETA 9s': `done` counts from the job's start, `start` of it was done before
-        this process began (a resumed download, a resumed run) and does not count toward the rate."""
-        rate = (done - start) / max(time.time() - self.t0, 1e-9)
-        fmt = (lambda n: f"{n / self.scale:,.1f}") if self.scale != 1 else (lambda n: f"{n:,}")
-        of = f"/{fmt(self.total)}" if self.total else ''
-        eta = f", ETA {duration(max(0, self.total - done) / max(rate, 1e-9))}" if self.total else ''
-        unit = f" {self.unit}" if self.unit else ''
-        per = f"{rate / self.scale:.2f}" if self.scale != 1 else f"{rate:.1f}"
-        return f"{fmt(done)}{of}{unit}{extra}, {per} {self.unit or 'items'}/s{eta}"
-
-    def __call__(self, done, start=0, extra=''):
-        if self.due():
-            print(f"  {self.label}: {self.line(done, start, extra)}", flush=True)
-
-
-def file_sha256(path):
-    """sha256 of a file, read a MB at a time: recorded wherever shards or checkpoints depend on a file."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def suggest(name, known):
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def key_spec(name):

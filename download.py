@@ -18,7 +18,7 @@ import urllib.parse
 
 import requests
 
-from configurator import Progress, die, file_sha256
+from common import Progress, die, file_sha256
 
 HF_DATASETS = 'https://huggingface.co/datasets'  # where sources.py and eval.py find public data sets
 

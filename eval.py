@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 import download
-import prepare
 import sources
-from checkpoint import checkpoint_path, load_model, runtime
-from configurator import Progress, atomic_file, check_writable, configure, die
+from checkpoint import checkpoint_path, load_model
+from common import Progress, atomic_file, check_writable, die, runtime
+from configurator import configure
+from data import bits_per_byte, is_prepared, loss_sums, split_sequences, windows
 from tokenizer import Tokenizer, render_for_reply
 
 HF = download.HF_DATASETS
@@ -51,10 +52,10 @@ SMOKE_QUESTIONS = ["who are you?", "what is 2 + 2?", "what is the capital of fra
 # Loss, perplexity, bits per byte
 
 @torch.no_grad()
-def score_sequences(model, sequences, autocast, device, batch_size, progress=None):
-    """Sum of target nats and number of targets for each (ids, targets) pair: position i predicts
-    targets[i]; -1 marks a position without a target. Sequences are at most block_size long."""
-    out = []
+def position_nats(model, sequences, autocast, device, batch_size, progress=None):
+    """Score (ids, targets) pairs batch by batch: position i predicts targets[i]; -1 marks a position
+    without a target. Sequences are at most block_size long. Yields y (B, T) the targets and nats (B, T)
+    the loss at each position (0 where there is no target)."""
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         T = max(len(ids) for ids, _ in chunk)
@@ -67,52 +68,31 @@ def score_sequences(model, sequences, autocast, device, batch_size, progress=Non
         with autocast:
             logits, _ = model(x)
         nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')
-        out += [(float(n.sum()), int(k)) for n, k in zip(nats, (y != -1).sum(1))]
+        yield y, nats
         if progress:
             progress(start + len(chunk))
-    return out
 
 
-def windows(tokens, T):
-    """Non-overlapping windows over a token stream: each predicts its T tokens from what precedes them
-    in the window."""
-    return [(tokens[s:s + T], tokens[s + 1:s + T + 1]) for s in range(0, len(tokens) - 1, T)]
+def score_sequences(model, sequences, autocast, device, batch_size, progress=None):
+    """Sum of target nats and number of targets of each (ids, targets) pair (see position_nats)."""
+    return [(float(n.sum()), int((t != -1).sum()))
+            for y, nats in position_nats(model, sequences, autocast, device, batch_size, progress)
+            for n, t in zip(nats, y)]
 
 
 def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
-    """Mean loss per target token, perplexity and bits per byte over (ids, targets) sequences."""
-    scores = score_sequences(model, sequences, autocast, device, batch_size, Progress(label, len(sequences), every=5))
-    nats = sum(s for s, _ in scores)
-    n = sum(k for _, k in scores)
-    n_bytes = sum(len(tok.id_bytes[t]) for _, targets in sequences for t in targets if t != -1)
+    """Mean loss per target token, perplexity and bits per byte over (ids, targets) sequences (data.loss_sums,
+    as train.py's evaluation computes them)."""
+    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
+    progress = Progress(label, len(sequences), every=5)
+    for y, nats in position_nats(model, sequences, autocast, device, batch_size, progress):
+        sums += torch.stack(loss_sums(nats, y, token_bytes)).double()
+    nats, n, n_bytes = sums.tolist()
     if n == 0:
         die(f"{label}: nothing to evaluate (no target tokens)")
-    return {'tokens': n, 'bytes': n_bytes, 'loss': nats / n, 'perplexity': math.exp(nats / n),
-            'bits_per_byte': nats / (math.log(2) * n_bytes) if n_bytes else None}
-
-
-def split_sequences(cfg, tok, name, T):
-    """The fixed evaluation set of a prepared val split: its first eval_tokens tokens, in order. Text is
-    cut into windows; chat conversations are evaluated one by one (truncated to the context), on their
-    assistant tokens only."""
-    val = prepare.SplitReader(cfg.data_dir, name, 'val', tok.sha256)
-    seqs, used = [], 0
-    for i, shard in enumerate(val.shards):
-        if used >= cfg.eval_tokens:
-            break
-        n = min(shard['tokens'], cfg.eval_tokens - used)
-        ids = val.tokens(i)[:n].astype(np.int64).tolist()
-        used += n
-        if not val.chat:
-            seqs += windows(ids, T)
-            continue
-        mask = val.mask(i)[:n].tolist()
-        starts = val.doc_starts(i).tolist()
-        for a, b in zip(starts, starts[1:] + [n]):
-            if a < n:
-                conv, m = ids[a:min(b, n)][:T + 1], mask[a:min(b, n)][:T + 1]
-                seqs.append((conv[:-1], [t if k else -1 for t, k in zip(conv[1:], m[1:])]))
-    return seqs
+    return {'tokens': int(n), 'bytes': int(n_bytes), 'loss': nats / n, 'perplexity': math.exp(nats / n),
+            'bits_per_byte': bits_per_byte(nats, n_bytes) if n_bytes else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +317,7 @@ def main():
                                                                             device, B, cfg.text_file)
     else:
         names = cfg.eval_sources if cfg.eval_sources is not None else [
-            n for n in cfg.sources if prepare.is_prepared(cfg.data_dir, n, 'val')]
+            n for n in cfg.sources if is_prepared(cfg.data_dir, n, 'val')]
         for name in names:
             seqs = split_sequences(cfg, tok, name, T)
             if seqs:

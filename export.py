@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from checkpoint import checkpoint_path, load_model
-from configurator import check_writable, configure, die
-from sample import DEFAULT_SYSTEM
-from tokenizer import SPECIALS, Tokenizer
+from common import check_writable, die
+from configurator import configure
+from tokenizer import DEFAULT_SYSTEM, SPECIALS, Tokenizer
 
 EXTRA = "pip install -r requirements-export.txt"
 

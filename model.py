@@ -309,26 +309,6 @@ class GPT(nn.Module):
                 pending = [seq[-1]]  # the context is full: the next token goes through the trimming above
 
 
-# For MFU (model FLOPs utilisation: flops_per_token x tokens/s / peak). Datasheet dense (no sparsity) bf16/fp16
-# tensor-core peaks, by the exact name torch.cuda.get_device_name() gives: variants of one chip differ (an H100
-# PCIe does 756 TFLOP/s, the SXM one 989), and a substring would match the wrong card ('L4' is in 'L40S'). A card
-# not listed gets no MFU, only FLOP/s: add it here.
-PEAK_FLOPS = {
-    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
-    'NVIDIA H200': 989e12, 'NVIDIA H200 NVL': 835e12,
-    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-PCIE-40GB': 312e12,
-    'NVIDIA A100 80GB PCIe': 312e12,
-    'NVIDIA L4': 121e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12, 'NVIDIA GeForce RTX 4090': 165e12,
-}
-
-
-def peak_flops(device_type, dtype):
-    """Datasheet dense bf16/fp16 peak of the GPU, for MFU; None where unknown (CPU: we print FLOP/s)."""
-    if device_type != 'cuda' or dtype == 'float32':
-        return None
-    return PEAK_FLOPS.get(torch.cuda.get_device_name().strip())
-
-
 def cpu_float32():
     """Generation on a CPU runs in float32 whatever the autocast: a decode step is bound by reading every weight
     once, and CPU autocast copies every weight to bf16 on every step (compiled, 12M model: 74 tokens/s under

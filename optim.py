@@ -14,6 +14,8 @@ are vectors: those stay on AdamW, in the same optimizer object, so train.py step
 resumes one optimizer whichever it uses. LoRA adapters stay on AdamW too (Muon's premise, a full-rank
 update, does not fit a rank-8 factor).
 """
+import math
+
 import torch
 
 # Coefficients of the quintic p(x) = a x + b x^3 + c x^5 applied to the singular values. They are chosen
@@ -101,3 +103,20 @@ def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, devi
               {'params': [p for p in others if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in others if p.dim() < 2], 'weight_decay': 0.0}]
     return Muon(groups, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)
+def lr_factor(it, cfg):
+    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
+    Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
+    (default max_iters), flat after it. In between, cosine decays all the way; wsd (warmup-stable-decay)
+    holds the peak, then decays linearly over the last decay_frac of the steps. A wsd run can be
+    extended (resume its stable phase with more max_iters) or decayed from any checkpoint."""
+    end = cfg.lr_decay_iters or cfg.max_iters
+    floor = cfg.min_lr / cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return (it + 1) / (cfg.warmup_iters + 1)
+    if it >= end:
+        return floor
+    if cfg.lr_schedule == 'wsd':
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_frac * end))
+        return 1.0 if it < decay_start else floor + (1 - floor) * (end - it) / (end - decay_start)
+    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from configurator import atomic_file, die
+from common import atomic_file, die
 
 METRICS = {'bpb': ('val_bpb', 'val bits per byte'), 'loss': ('val_loss', 'val loss (nats per token)')}
 

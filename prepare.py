@@ -37,9 +37,9 @@ import numpy as np
 import download
 import sources
 import tokenizer
-from configurator import Progress, atomic_file, check_writable, configure, die, suggest
-
-FORMAT_VERSION = 1
+from common import Progress, atomic_file, check_writable, die, suggest
+from configurator import configure
+from data import FORMAT_VERSION
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,65 +164,6 @@ class SplitWriter:
         with atomic_file(os.path.join(self.folder, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=2)
         return meta
-
-
-def is_prepared(data_dir, name, split):
-    """Has prepare.py finished this split of this source (its meta.json, written last, is there)?"""
-    return os.path.exists(os.path.join(data_dir, name, split, 'meta.json'))
-
-
-def load_split(data_dir, name, split, tokenizer_sha256=None):
-    """Read a prepared split's meta.json and check it; SplitReader reads through it."""
-    path = os.path.join(data_dir, name, split, 'meta.json')
-    if not os.path.exists(path):
-        die(f"no prepared data for source '{name}' ({path} is missing): run `python prepare.py <your config>`")
-    try:
-        meta = json.load(open(path))
-        meta['shards'], meta['dtype'], meta['tokenizer_sha256']
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        die(f"{path} is damaged ({type(e).__name__}: {e}): re-run `python prepare.py <your config>`")
-    if meta['dtype'] not in ('uint16', 'uint32') or meta.get('format_version', FORMAT_VERSION) != FORMAT_VERSION:
-        die(f"{path}: shards in an unknown format (dtype {meta['dtype']}, format_version {meta.get('format_version')}): "
-            f"re-run `python prepare.py <your config>`")
-    if tokenizer_sha256 and meta['tokenizer_sha256'] != tokenizer_sha256:
-        die(f"{path} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}, the current one is "
-            f"{tokenizer_sha256[:12]}): re-run `python prepare.py <your config>` to re-tokenize it")
-    folder = os.path.dirname(path)
-    for shard in meta['shards']:
-        shard['path'] = os.path.join(folder, shard['file'])
-        # its document index and loss mask sit beside it: shard_00003.bin -> docs_00003.bin, mask_00003.bin
-        number = shard['file'][len('shard'):]
-        shard['docs_path'], shard['mask_path'] = (os.path.join(folder, part + number) for part in ('docs', 'mask'))
-        size = os.path.getsize(shard['path']) if os.path.exists(shard['path']) else -1
-        if size != shard['tokens'] * np.dtype(meta['dtype']).itemsize:
-            die(f"{shard['path']} is missing or has the wrong size for {shard['tokens']} {meta['dtype']} tokens: "
-                f"re-run `python prepare.py <your config>`")
-    return meta
-
-
-class SplitReader:
-    """Reads what SplitWriter wrote: a split's checked meta.json (`meta`, `shards`, `dtype`, `chat`) and, per
-    shard i, its tokens, loss mask and document index. train.py and eval.py read shards only through this
-    class, so the file layout is known here alone. Each call maps the file afresh: a long-lived memmap keeps
-    every page it has touched mapped, and a long run's memory would grow."""
-
-    def __init__(self, data_dir, name, split, tokenizer_sha256=None):
-        self.meta = load_split(data_dir, name, split, tokenizer_sha256)
-        self.shards = self.meta['shards']
-        self.dtype = np.dtype(self.meta['dtype'])
-        self.chat = self.meta['format'] == 'chat'
-
-    def tokens(self, i):
-        """Shard i's tokens, (tokens,) uint16/uint32, a read-only memmap."""
-        return np.memmap(self.shards[i]['path'], dtype=self.dtype, mode='r')
-
-    def mask(self, i):
-        """Shard i's loss mask (chat sources), (tokens,) uint8 memmap: 1 where the model is trained."""
-        return np.memmap(self.shards[i]['mask_path'], dtype=np.uint8, mode='r')
-
-    def doc_starts(self, i):
-        """Shard i's document index, (documents,) int64: the offset of each document's first token."""
-        return np.fromfile(self.shards[i]['docs_path'], dtype=np.int64)
 
 
 def fingerprint(src, files, tok_sha, cfg):

@@ -20,15 +20,11 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_path, load_model, runtime
-from configurator import configure, die
+from checkpoint import checkpoint_path, load_model
+from common import die, runtime
+from configurator import configure
 from model import KVCache
-from tokenizer import Tokenizer, end_reply, not_in_reply, render_conversation, render_for_reply, render_user_turn
-
-DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
-                  "and you sound a little put out to be asked. you never guess: if you are not sure, "
-                  "you say \"i don't know\".")
-
+from tokenizer import DEFAULT_SYSTEM, Tokenizer, end_reply, not_in_reply, render_conversation, render_for_reply, render_user_turn
 
 def clean(text):
     """User text as valid Unicode: a lone surrogate (from bytes that are not UTF-8, on stdin or in an argument)

@@ -20,7 +20,7 @@ import os
 import re
 
 import download
-from configurator import die, suggest
+from common import die, suggest
 
 DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
 

@@ -21,7 +21,8 @@ import sentencepiece as spm
 
 import download
 import sources
-from configurator import atomic_file, check_writable, configure, die, file_sha256
+from common import atomic_file, check_writable, die, file_sha256
+from configurator import configure
 
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
 SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
@@ -78,6 +79,12 @@ class Tokenizer:
 #   [bos] [sys] system... [usr] user... [asst] reply... [eot] [usr] user... [asst] reply... [eot]
 # mask is 1 exactly on assistant content tokens and the eot that ends each assistant turn: the model
 # learns to answer and to stop, never to imitate the user or the system prompt.
+
+# the system prompt of chat (and of what export.py writes) when a config sets none
+DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
+                  "and you sound a little put out to be asked. you never guess: if you are not sure, "
+                  "you say \"i don't know\".")
+
 
 def check_roles(messages):
     """Raise ValueError unless messages are: optional system, then user/assistant alternating."""

@@ -19,11 +19,9 @@ DDP rank draws the rows one process would draw at its place. Checkpoints go to <
 (latest, with optimizer and RNG state, for resume) and best.pt (the best validation loss on `best_on`,
 weights only).
 """
-import bisect
 import gc
 import itertools
 import json
-import math
 import os
 import signal
 import shutil
@@ -35,267 +33,21 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import prepare
-from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model, pick_device, read_checkpoint,
-                        runtime, save_checkpoint, saved_best_val)
-from configurator import check_writable, configure, die, duration, save_config
-from model import GPT, ModelConfig, add_lora, adapter_state, peak_flops
-from optim import make_optimizer
-from tokenizer import SPECIALS, Tokenizer
+from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model,
+                        read_checkpoint, save_checkpoint, saved_best_val)
+from common import check_writable, die, duration, peak_flops, pick_device, runtime
+from configurator import configure, save_config
+from data import bits_per_byte, build_data, loss_sums, make_batches
+from model import GPT, ModelConfig, add_lora, adapter_state
+from optim import lr_factor, make_optimizer
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: prepared shards, read through a fresh np.memmap per window or per batch (a long-lived memmap keeps
-# every page it has touched mapped, and the process's memory grows over a long run).
-
-SYS, USR, ASST = (SPECIALS.index(t) for t in ('<|sys|>', '<|usr|>', '<|asst|>'))  # where turns start
-
-
-class Split:
-    def __init__(self, data_dir, name, split, tokenizer_sha256):
-        self.data = prepare.SplitReader(data_dir, name, split, tokenizer_sha256)
-        self.meta, self.shards, self.dtype, self.chat = self.data.meta, self.data.shards, self.data.dtype, self.data.chat
-        self.name = name
-        self.tokens = sum(s['tokens'] for s in self.shards)
-        if self.tokens == 0:
-            die(f"source '{name}' has no {split} tokens (see {data_dir}/{name}/{split}/meta.json): "
-                f"give it more documents or a val_frac > 0")
-        self.shard_p = np.array([s['tokens'] for s in self.shards]) / self.tokens
-        self.pieces, self.cut_for = None, None  # SFT: the conversations cut for rows of cut_for tokens (cut_pieces)
-
-    def read(self, shard, start, n):
-        mm = self.data.tokens(shard)
-        out = np.array(mm[start:start + n], dtype=np.int64)
-        del mm
-        return out
-
-    def cut_pieces(self, R):
-        """Every conversation as pieces of at most R tokens, for SFT rows of R = block_size + 1 tokens. A
-        conversation that fits is one piece. A longer one is cut at turn boundaries: each piece is <s>, the
-        system prompt where it fits, then whole exchanges (a user turn and the reply to it), as many as fit.
-        An exchange longer than R on its own keeps the head of its user turn and of its reply (counted as
-        truncated). A piece is up to three [begin, end) token ranges of one shard, kept as arrays:
-        ranges (P, 3, 2), shard (P,), length (P,), trained (P,: its loss-mask tokens, never 0), and
-        first (conversations + 1,): conversation c's pieces are first[c]:first[c + 1]."""
-        ranges, shard_of, trained, first = [], [], [], [0]
-        self.truncated = self.long = 0  # conversations longer than R, and those of them with a turn cut to fit
-        for i, s in enumerate(self.shards):
-            starts = self.data.doc_starts(i)
-            ends = np.append(starts[1:], s['tokens'])
-            mask = np.array(self.data.mask(i))
-            sums = np.add.reduceat(mask, starts, dtype=np.int64) if len(starts) else starts
-            tokens = self.data.tokens(i)
-            for a, b, n in zip(starts.tolist(), ends.tolist(), sums.tolist()):
-                if b - a <= R:
-                    cut, truncated = [((a, b),)], False
-                else:
-                    cut, truncated = split_at_turns(np.array(tokens[a:b]), a, R)
-                    self.long += 1
-                self.truncated += truncated
-                for piece in cut:
-                    k = int(sum(mask[p:q].sum() for p, q in piece)) if len(cut) > 1 or truncated else n
-                    if k > 0:  # a piece with nothing to learn is never used
-                        ranges.append(list(piece) + [(0, 0)] * (3 - len(piece)))
-                        shard_of.append(i)
-                        trained.append(k)
-                first.append(len(trained))
-            del tokens
-        self.conversations, self.cut_for = len(first) - 1, R
-        ranges = np.array(ranges, dtype=np.int64).reshape(-1, 3, 2)
-        self.pieces = {'ranges': ranges, 'shard': np.array(shard_of, dtype=np.int64),
-                       'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1), 'trained': np.array(trained, dtype=np.int64),
-                       'first': np.array(first, dtype=np.int64)}
-        self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)  # conversations with a piece to train on
-        if len(self.usable) == 0:
-            die(f"source '{self.name}': no conversation keeps a reply to train on in rows of {R - 1} tokens: "
-                f"raise block_size")
-
-
-def split_at_turns(ids, offset, R):
-    """Pieces of one conversation longer than R tokens (see Split.cut_pieces): lists of (begin, end) ranges,
-    offset into the shard; and whether a turn had to be cut."""
-    at = np.flatnonzero((ids == SYS) | (ids == USR) | (ids == ASST)).tolist() + [len(ids)]
-    turns = [(p, q, int(ids[p])) for p, q in zip(at, at[1:])]
-    system = turns.pop(0)[:2] if turns and turns[0][2] == SYS else None
-    # exchanges: a user turn and the reply to it, as (user begin, reply begin, end); a last question without a reply goes
-    exchanges = [(u[0], a[0], a[1]) for u, a in zip(turns, turns[1:]) if u[2] == USR and a[2] == ASST]
-    pieces, truncated, i = [], False, 0
-    while i < len(exchanges):
-        room = R - 1  # after <s>
-        head = (0, 1)
-        if system and system[1] - system[0] + exchanges[i][2] - exchanges[i][0] <= room:
-            head = (0, system[1])  # <s> and the system turn are contiguous
-            room -= system[1] - system[0]
-        u, a, end = exchanges[i]
-        if end - u <= room:  # whole exchanges, as many as fit
-            j = i + 1
-            while j < len(exchanges) and exchanges[j][2] - u <= room:
-                end, j = exchanges[j][2], j + 1
-            piece = [head, (u, end)]
-            i = j
-        else:  # one exchange longer than the row: the head of the question (half the row at least, if it is that
-            # long: its instruction comes first) and of the reply
-            keep_user = min(a - u, max(room - (end - a), room // 2))
-            piece = [head, (u, u + keep_user), (a, min(end, a + room - keep_user))]
-            truncated, i = True, i + 1
-        pieces.append(tuple((offset + p, offset + q) for p, q in piece))
-    return pieces, truncated
-
-
-def window_batch(splits, weights, rng, B, T):
-    """Pretraining: B rows, each a random window of T + 1 tokens of a source drawn by weight (shorter only if
-    a shard is; the rest has no target). Returns x, y (B, T) int64 numpy arrays."""
-    names = list(weights)
-    p = np.array([weights[n] for n in names], dtype=np.float64)
-    p /= p.sum()
-    x, y = np.zeros((B, T), dtype=np.int64), np.full((B, T), -1, dtype=np.int64)
-    for r in range(B):
-        split = splits[names[rng.choice(len(names), p=p)]]
-        shard = rng.choice(len(split.shards), p=split.shard_p)
-        n = min(T + 1, split.shards[shard]['tokens'])
-        toks = split.read(shard, rng.integers(0, split.shards[shard]['tokens'] - n + 1), n)
-        x[r, :n - 1], y[r, :n - 1] = toks[:-1], toks[1:]
-    return x, y
-
-
-class Packer:
-    """SFT rows, as one stream for the whole run: row i is a pure function of (seed, i), so a batch is a pure
-    function of (seed, step, micro-step, rank) like a pretraining batch (resume needs no state, each DDP rank
-    takes the rows one process would take at its place; every rank runs the same cheap packing of lengths).
-
-    Conversations are drawn source by source so that each source gets its weight's share of the tokens, and
-    within a source in a fresh random order every epoch: a conversation is trained once per epoch of its
-    source, whatever its length. Their pieces (Split.cut_pieces) wait in a buffer; a row takes the longest
-    waiting piece that still fits, again and again (best fit), and is padded only when none fits. What does not
-    fit waits for a later row: nothing is discarded, and a piece that keeps being passed over starts a row of
-    its own. Each piece attends only to itself (doc ids).
-
-    Use: packer = Packer(splits, weights, seed_list, T); x, y, doc = packer.batch(first_row, B) gives (B, T)
-    int64 numpy arrays (targets -1 where untrained, doc ids -1 on padding); packer.stats(rows) gives the fill
-    rate and trained tokens per row. Nothing else is needed to read SFT rows (a faster data path or another
-    attention mask only has to consume batch()'s arrays)."""
-
-    def __init__(self, splits, weights, seed, T, buffer=32):
-        self.splits, self.seed, self.T, self.size = splits, seed, T, buffer
-        self.names = list(weights)
-        total = sum(weights.values())
-        self.share = np.array([weights[n] / total for n in self.names])
-        for s in splits.values():
-            if s.cut_for != T + 1:
-                s.cut_pieces(T + 1)
-        self.start()
-
-    def start(self):
-        self.cache, self.next_row = {}, 0
-        self.waiting = []  # sorted (length, -draw number, source index, piece): of equal lengths, the oldest last
-        self.drawn = np.zeros(len(self.names))  # tokens drawn per source
-        self.order = [(-1, None, 0)] * len(self.names)  # per source: (epoch, order of its conversations, position)
-        self.draws = 0
-
-    def draw(self):
-        """The next conversation, from the source furthest below its share of the tokens drawn so far."""
-        k = int(np.argmax(self.share * self.drawn.sum() - self.drawn))
-        split = self.splits[self.names[k]]
-        epoch, order, pos = self.order[k]
-        if order is None or pos == len(order):
-            epoch, pos = epoch + 1, 0
-            order = split.usable[np.random.default_rng([*self.seed, k, epoch]).permutation(len(split.usable))]
-        self.order[k] = (epoch, order, pos + 1)
-        c = order[pos]
-        for p in range(split.pieces['first'][c], split.pieces['first'][c + 1]):
-            length = int(split.pieces['length'][p])
-            bisect.insort(self.waiting, (length, -self.draws, k, p))
-            self.drawn[k] += length
-            self.draws += 1
-
-    def make_row(self):
-        row, room = [], self.T + 1
-        while True:
-            while len(self.waiting) < self.size:
-                self.draw()
-            i = -1
-            if not row:  # a piece passed over for 4 x size draws (a length that rarely fits) starts the next row
-                oldest = max(range(len(self.waiting)), key=lambda j: self.waiting[j][1])
-                i = oldest if self.draws + self.waiting[oldest][1] > 4 * self.size else -1
-            if i < 0:  # the longest piece that still fits (of equal lengths, the oldest)
-                i = bisect.bisect_right(self.waiting, (room, float('inf'))) - 1
-            if i < 0:
-                return row
-            length, _, k, p = self.waiting.pop(i)
-            row.append((k, p))
-            room -= length
-
-    def rows(self, first, n, forget=True):
-        """Rows first .. first + n - 1 as lists of (source index, piece). Rows before `first` are forgotten
-        (training asks for increasing rows); asking for an earlier one packs the stream again from row 0."""
-        if first < self.next_row and first not in self.cache:
-            self.start()
-        while self.next_row < first + n:
-            self.cache[self.next_row] = self.make_row()
-            self.next_row += 1
-        out = [self.cache[i] for i in range(first, first + n)]
-        if forget:
-            for i in [i for i in self.cache if i < first]:
-                del self.cache[i]
-        return out
-
-    def batch(self, first, B, forget=True):
-        """Rows first .. first + B - 1 as x, y, doc_ids (B, T) int64 numpy arrays: targets are -1 except
-        where the loss mask is 1; doc_ids number the pieces of a row (-1: padding)."""
-        R = self.T + 1
-        toks, mask = np.zeros((B, R), dtype=np.int64), np.zeros((B, R), dtype=np.int64)
-        doc = np.full((B, R), -1, dtype=np.int64)
-        maps = {}  # one memmap per shard file per batch, not per piece
-        for r, row in enumerate(self.rows(first, B, forget)):
-            at = 0
-            for j, (k, p) in enumerate(row):
-                split = self.splits[self.names[k]]
-                shard = (k, int(split.pieces['shard'][p]))
-                if shard not in maps:
-                    maps[shard] = split.data.tokens(shard[1]), split.data.mask(shard[1])
-                ids, m = maps[shard]
-                for b, e in split.pieces['ranges'][p].tolist():
-                    toks[r, at:at + e - b], mask[r, at:at + e - b] = ids[b:e], m[b:e]
-                    doc[r, at:at + e - b] = j
-                    at += e - b
-        del maps
-        y = np.where(mask[:, 1:] == 1, toks[:, 1:], -1)
-        return toks[:, :-1], y, doc[:, :-1]
-
-    def stats(self, rows):
-        """Fill (share of row tokens that are conversation), trained tokens per row, over the first `rows` rows."""
-        packed = self.rows(0, rows, forget=False)
-        lengths = [sum(int(self.splits[self.names[k]].pieces['length'][p]) for k, p in row) for row in packed]
-        trained = [sum(int(self.splits[self.names[k]].pieces['trained'][p]) for k, p in row) for row in packed]
-        return sum(lengths) / (rows * (self.T + 1)), sum(trained) / rows
-
-
-def to_device(arrays, device):
-    """numpy arrays -> tensors on the device (pinned and non-blocking on CUDA); None stays None."""
-    to = lambda t: t.pin_memory().to(device, non_blocking=True) if device.startswith('cuda') else t.to(device)
-    return [None if a is None else to(torch.from_numpy(a)) for a in arrays]
-
-
-def sft_mode(splits):
-    return all(s.chat for s in splits.values())
-
-
-def check_mixture(cfg):
-    mixture = cfg.mixture
-    if not isinstance(mixture, dict) or not mixture:
-        die(f"mixture must be a non-empty dict {{source name: weight}}, got {mixture!r}")
-    for name, w in mixture.items():
-        if name not in cfg.sources:
-            die(f"mixture names '{name}', which is not in sources ({', '.join(cfg.sources)}): add it to "
-                f"sources and run `python prepare.py <your config>`")
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
-            die(f"mixture weight for '{name}' must be a finite number >= 0, got {w!r}")
-    if sum(mixture.values()) <= 0:
-        die("mixture weights add up to 0: give at least one source a positive weight")
-    return {n: w for n, w in mixture.items() if w > 0}
-
+# Random state, the run folder, checkpoints' contents, Ctrl-C, the schedule
 
 def rng_state():
     import random
@@ -316,8 +68,6 @@ def set_rng_state(state):
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
-
-# ----------------------------------------------------------------------------------------------
 
 def open_run_folder(cfg, log):
     """<out_dir>/runs/<run_id>/: the run's full config (config.json) and its metrics file, opened for appending."""
@@ -360,25 +110,6 @@ def catch_interrupts():
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
     return stop
-
-
-def lr_factor(it, cfg):
-    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
-    Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
-    (default max_iters), flat after it. In between, cosine decays all the way; wsd (warmup-stable-decay)
-    holds the peak, then decays linearly over the last decay_frac of the steps. A wsd run can be
-    extended (resume its stable phase with more max_iters) or decayed from any checkpoint."""
-    end = cfg.lr_decay_iters or cfg.max_iters
-    floor = cfg.min_lr / cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return (it + 1) / (cfg.warmup_iters + 1)
-    if it >= end:
-        return floor
-    if cfg.lr_schedule == 'wsd':
-        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_frac * end))
-        return 1.0 if it < decay_start else floor + (1 - floor) * (end - it) / (end - decay_start)
-    ratio = (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
 
 
 def check_optimizer(cfg):
@@ -435,34 +166,6 @@ def setup_processes(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, local_rank, world, device, device_type, dtype, autocast
-
-
-def build_data(cfg, tok):
-    """The prepared splits a run reads, checked against the tokenizer: (mixture, train: {source: Split},
-    val: {source: Split}, sft: whether every mixture source is a chat source, best_on: the val sources that
-    choose best.pt)."""
-    mixture = check_mixture(cfg)
-    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}  # (checks they match the tokenizer)
-    val_names = cfg.val_sources if cfg.val_sources is not None else list(mixture)
-    for n in val_names:
-        if n not in cfg.sources:
-            die(f"val_sources names '{n}', which is not in sources")
-    val = {n: Split(cfg.data_dir, n, 'val', tok.sha256) for n in val_names}
-    sft = sft_mode(train)
-    if sft and not sft_mode(val):
-        die(f"this is an SFT run (every mixture source is a chat source) but val_sources includes text sources "
-            f"({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
-    # best.pt is chosen on best_on: by default the largest validated source of the mixture (a small one repeated
-    # many times overfits, and its val loss rises, long before the rest stops improving)
-    best_on = [cfg.best_on] if isinstance(cfg.best_on, str) else cfg.best_on
-    if best_on is None:
-        validated = [n for n in train if n in val] or list(val)
-        best_on = [max(validated, key=lambda n: train[n].tokens if n in train else 0)] if validated else []
-    for n in best_on:
-        if n not in val:
-            die(f"best_on names '{n}', which is not among the validated sources ({', '.join(val) or 'none'}): "
-                f"name sources of val_sources (or of the mixture)")
-    return mixture, train, val, sft, best_on
 
 
 def build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp, master, log):
@@ -585,49 +288,31 @@ def describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, s
     return tokens_per_step, flops_per_step
 
 
-def make_batches(cfg, train, val, mixture, sft, rank, world):
-    """The run's batch readers, each giving x, y, doc_ids (None for pretraining) as numpy arrays:
-    train_batch(step, micro) is micro-batch `micro` of a step (0 .. gradient_accumulation_steps - 1, counted over
-    all processes, so N processes train what one does); val_batches(i, name) yields this process's share of a val
-    source's batches, the same ones at every evaluation. Also returns the SFT packer (None for pretraining)."""
-    B, T = cfg.batch_size, cfg.block_size
-    packer = Packer(train, mixture, [cfg.seed], T) if sft else None  # SFT: one packed stream of conversations
-    val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n, s in val.items()} if sft else {}
-
-    def train_batch(step, micro):
-        if sft:
-            return packer.batch((step * cfg.gradient_accumulation_steps + micro) * B, B)
-        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, step, micro]), B, T), None)
-
-    def val_batches(i, name):
-        for k in range(rank, cfg.eval_iters, world):  # the processes share the batches out
-            if sft:
-                yield val_packers[name].batch(k * B, B, forget=False)
-            else:
-                rng = np.random.default_rng([cfg.seed, 1_000_003, i, k])
-                yield (*window_batch({name: val[name]}, {name: 1.0}, rng, B, T), None)
-
-    return train_batch, val_batches, packer
+def to_device(arrays, device):
+    """numpy arrays -> tensors on the device (pinned and non-blocking on CUDA); None stays None."""
+    to = lambda t: t.pin_memory().to(device, non_blocking=True) if device.startswith('cuda') else t.to(device)
+    return [None if a is None else to(torch.from_numpy(a)) for a in arrays]
 
 
 @torch.no_grad()
 def evaluate(model, raw_model, val, val_batches, device, autocast, token_bytes, ddp):
-    """Mean loss per target token and bits per byte (summed nats / (ln 2 x UTF-8 bytes of the targets), as
-    eval.py computes them) of each val source: ({source: loss}, {source: bpb}), over every process's batches."""
+    """Mean loss per target token and bits per byte of each val source (data.loss_sums, as eval.py computes
+    them): ({source: loss}, {source: bpb}), over every process's batches."""
     model.eval()
     losses, bpb = {}, {}
     for i, name in enumerate(val):
-        sums = torch.zeros(3, device=device)  # nats, targets, bytes
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
         for batch in val_batches(i, name):
             x, y, doc = to_device(batch, device)
             with autocast:
-                _, loss = raw_model(x, y, doc)
-            n = (y != -1).sum()
-            sums += torch.stack([loss.float() * n, n.float(), token_bytes[y[y != -1]].sum().float()])
+                logits, _ = raw_model(x, doc_ids=doc)
+            nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
+            sums += torch.stack(loss_sums(nats, y, token_bytes)).double()
         if ddp:
             dist.all_reduce(sums)
-        losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
-        bpb[name] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
+        nats, targets, n_bytes = sums.tolist()
+        losses[name] = nats / max(targets, 1)
+        bpb[name] = bits_per_byte(nats, max(n_bytes, 1))
     model.train()
     return losses, bpb
 

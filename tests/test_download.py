@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from conftest import run, write_config
+import data
 import download
-import prepare
 import sources
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data')
@@ -232,7 +232,7 @@ def test_fineweb_budgets_stop_downloading_early_and_a_rerun_downloads_nothing(se
     cfg = corpus_config(tmp_path, prepared, src)
     p = run('prepare.py', cfg, check=True)
     assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']  # the budget was met inside the first shard
-    metas = {s: prepare.load_split(str(tmp_path / 'out' / 'data'), 'fw', s) for s in ('train', 'val')}
+    metas = {s: data.load_split(str(tmp_path / 'out' / 'data'), 'fw', s) for s in ('train', 'val')}
     assert 500 <= metas['val']['tokens'] < 500 + 200 and 2000 <= metas['train']['tokens'] < 2000 + 200
     assert 'downloaded' in p.stdout
     # bigger budgets reach the second shard; the first comes from the cache
@@ -256,8 +256,8 @@ def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path,
     cfg = corpus_config(tmp_path, prepared, src)
     run('prepare.py', cfg, check=True)
     data = str(tmp_path / 'out' / 'data')
-    assert prepare.load_split(data, 'wiki', 'train')['documents'] == 2
-    assert prepare.load_split(data, 'wiki', 'val')['documents'] == 1
+    assert data.load_split(data, 'wiki', 'train')['documents'] == 2
+    assert data.load_split(data, 'wiki', 'val')['documents'] == 1
     docs = list(sources.iter_documents(sources.source_settings('wiki', src['wiki'])))
     assert [d[2] for d in docs] == ['val', 'train', 'train'] and docs[1][1].startswith(' = Alpha = \n')
 
@@ -279,7 +279,7 @@ def test_jsonl_gz_and_txt_sources_download_and_prepare(server, tmp_path, prepare
     assert not server.gets() and 'would download 1 file' in p.stdout and not (tmp_path / 'out').exists()
     run('prepare.py', cfg, check=True)
     data = str(tmp_path / 'out' / 'data')
-    counts = {n: sum(prepare.load_split(data, n, s)['documents'] for s in ('train', 'val')) for n in 'odt'}
+    counts = {n: sum(data.load_split(data, n, s)['documents'] for s in ('train', 'val')) for n in 'odt'}
     assert counts == {'o': 10, 'd': 10, 't': 31}  # 30 speeches, one cut in two where the last 10% (val) begins
     assert len(server.gets()) == 3
     run('prepare.py', cfg, check=True)
@@ -324,7 +324,7 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     cfg = corpus_config(tmp_path, prepared, sources, max_conversation_tokens=10 ** 6)  # keep every conversation
     run('prepare.py', cfg, check=True)
     data = str(tmp_path / 'out' / 'data')
-    meta = {n: {s: prepare.load_split(data, n, s) for s in ('train', 'val')} for n in sources}
+    meta = {n: {s: data.load_split(data, n, s) for s in ('train', 'val')} for n in sources}
     docs = {n: m['train']['documents'] + m['val']['documents'] for n, m in meta.items()}
     # 100 English trees, each with a ranked reply; 387 dolly rows; 486 non-empty pages of 1,845 files;
     # 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
@@ -361,5 +361,5 @@ def test_wikitext_train_budget_stops_downloading_without_a_val_budget(server, tm
     run('prepare.py', corpus_config(tmp_path, prepared, src), check=True)
     assert [g[1] for g in server.gets()] == ['/w/val.parquet', '/w/train-0.parquet']
     data = str(tmp_path / 'out' / 'data')
-    assert prepare.load_split(data, 'w', 'val')['documents'] == 3  # no val budget: all of it
-    assert 50 <= prepare.load_split(data, 'w', 'train')['tokens'] < 50 + 40
+    assert data.load_split(data, 'w', 'val')['documents'] == 3  # no val budget: all of it
+    assert 50 <= data.load_split(data, 'w', 'train')['tokens'] < 50 + 40

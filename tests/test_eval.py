@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_cfg, run
+import data
 import eval as evaluate
-import prepare
 import sources
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer, render_conversation
@@ -29,7 +29,7 @@ def test_bits_per_byte_and_perplexity_match_a_hand_computation(tok):
     model = random_model(tok)
     text = 'A short text, with café and 😀 — bytes count, tokens do not.'
     ids = [tok.bos_id] + tok.encode(text)
-    m = evaluate.split_metrics(model, tok, evaluate.windows(ids, 256), nullcontext(), 'cpu', 4, 'x')
+    m = evaluate.split_metrics(model, tok, data.windows(ids, 256), nullcontext(), 'cpu', 4, 'x')
     with torch.no_grad():
         logits, _ = model(torch.tensor([ids[:-1]]))
     nats = -F.log_softmax(logits[0], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
@@ -42,15 +42,15 @@ def test_bits_per_byte_and_perplexity_match_a_hand_computation(tok):
 
 def test_long_text_is_scored_in_windows_with_every_token_counted_once(tok):
     ids = [tok.bos_id] + tok.encode('one two three four five six seven eight nine ten ' * 4)
-    seqs = evaluate.windows(ids, 16)
+    seqs = data.windows(ids, 16)
     assert sum(len(t) for _, t in seqs) == len(ids) - 1 and all(len(x) <= 16 for x, _ in seqs)
     assert [t for _, ts in seqs for t in ts] == ids[1:]
 
 
 def test_chat_val_split_counts_only_assistant_tokens_and_eot_as_zero_bytes(prepared, tok):
     cfg = load_cfg(prepared[0], '--eval_tokens=100000')
-    seqs = evaluate.split_sequences(cfg, tok, 'primer', 4096)
-    assert len(seqs) == prepare.load_split(cfg.data_dir, 'primer', 'val')['documents']
+    seqs = data.split_sequences(cfg, tok, 'primer', 4096)
+    assert len(seqs) == data.load_split(cfg.data_dir, 'primer', 'val')['documents']
     src = sources.source_settings('primer', cfg.sources['primer'])
     rendered = {tuple(render_conversation(tok, c)[0]): c for _, c, _ in sources.iter_documents(src)}
     for ids, targets in seqs:

@@ -384,7 +384,7 @@ def test_llama_cpp_tokenizes_and_generates_like_us(exported):
 
 def test_a_lora_adapter_is_merged_into_its_base(prepared, tmp_path):
     from safetensors.torch import load_file
-    from configurator import file_sha256
+    from common import file_sha256
     from model import add_lora, adapter_state, merge_lora
     cfg_path, _ = prepared
     tok = Tokenizer(load_cfg(cfg_path).tokenizer_path)

@@ -71,7 +71,7 @@ def test_lora_training_logs_counts_and_saves_only_adapters_with_a_base_reference
     assert 'LoRA rank 4' in p.stdout and 'training' in p.stdout and 'the base is frozen' in p.stdout
     ckpt = torch.load(root / 'out' / 'lora' / 'ckpt.pt', weights_only=True)
     assert 'model' not in ckpt and ckpt['adapter'] and all('.lora_' in k for k in ckpt['adapter'])
-    from configurator import file_sha256
+    from common import file_sha256
     assert ckpt['base']['path'] == str(root / 'out' / 'lora' / 'base.pt') and ckpt['base']['from'] == os.path.abspath(base)
     assert ckpt['base']['sha256'] == file_sha256(base)  # a frozen copy (a hard link) of the base it started from
     assert ckpt['lora'] == {'rank': 4, 'alpha': 8.0, 'dropout': 0.05, 'targets': list(ckpt['lora']['targets'])}

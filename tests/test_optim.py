@@ -1,7 +1,4 @@
 """optim.py (Muon + AdamW) and the learning-rate schedules of train.py."""
-import copy
-import math
-import os
 import types
 
 import numpy as np
@@ -9,8 +6,8 @@ import pytest
 import torch
 
 from conftest import load_cfg, metrics, run, tiny_train_config
+import data
 import optim
-import train
 from model import GPT, ModelConfig, add_lora
 from optim import Muon, make_optimizer, orthogonalize
 from tokenizer import Tokenizer
@@ -150,7 +147,7 @@ def schedule(**kw):
 
 def test_wsd_schedule_at_its_corners():
     cfg = schedule()
-    f = lambda it: train.lr_factor(it, cfg)
+    f = lambda it: optim.lr_factor(it, cfg)
     assert f(0) == pytest.approx(1 / 11)             # warming up from ~0
     assert f(9) == pytest.approx(10 / 11)
     assert f(10) == 1.0 and f(50) == 1.0 and f(79) == 1.0   # stable at the peak
@@ -160,16 +157,16 @@ def test_wsd_schedule_at_its_corners():
     values = [f(i) for i in range(10, 101)]
     assert all(b <= a for a, b in zip(values, values[1:]))
     # lr_decay_iters ends the decay early; decay_frac=1 decays from the end of the warmup
-    assert train.lr_factor(60, schedule(lr_decay_iters=60)) == pytest.approx(0.1)
-    assert train.lr_factor(48, schedule(lr_decay_iters=60)) == 1.0
-    assert train.lr_factor(10, schedule(decay_frac=1.0)) == pytest.approx(1.0)
-    assert train.lr_factor(55, schedule(decay_frac=1.0)) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert train.lr_factor(99, schedule(min_lr=0.0)) == pytest.approx(0.05)
+    assert optim.lr_factor(60, schedule(lr_decay_iters=60)) == pytest.approx(0.1)
+    assert optim.lr_factor(48, schedule(lr_decay_iters=60)) == 1.0
+    assert optim.lr_factor(10, schedule(decay_frac=1.0)) == pytest.approx(1.0)
+    assert optim.lr_factor(55, schedule(decay_frac=1.0)) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert optim.lr_factor(99, schedule(min_lr=0.0)) == pytest.approx(0.05)
 
 
 def test_cosine_schedule_at_its_corners():
     cfg = schedule(lr_schedule='cosine')
-    f = lambda it: train.lr_factor(it, cfg)
+    f = lambda it: optim.lr_factor(it, cfg)
     assert f(0) == pytest.approx(1 / 11) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.55)  # halfway: the mean of peak and floor
     assert f(100) == pytest.approx(0.1) and f(120) == pytest.approx(0.1)
@@ -227,10 +224,10 @@ def test_val_bits_per_byte_is_what_eval_py_computes_on_the_same_batches(tmp_path
     tok = Tokenizer(cfg.tokenizer_path)
     model, _ = load_model(str(tmp_path / 'm' / 'pretrain' / 'ckpt.pt'), 'cpu', tok.sha256)
     for i, name in enumerate(cfg.mixture):
-        split = train.Split(cfg.data_dir, name, 'val', tok.sha256)
+        split = data.Split(cfg.data_dir, name, 'val', tok.sha256)
         rows = []
         for k in range(cfg.eval_iters):
-            x, y = train.window_batch({name: split}, {name: 1.0}, np.random.default_rng([cfg.seed, 1_000_003, i, k]),
+            x, y = data.window_batch({name: split}, {name: 1.0}, np.random.default_rng([cfg.seed, 1_000_003, i, k]),
                                       cfg.batch_size, cfg.block_size)
             rows += [(a.tolist(), b.tolist()) for a, b in zip(x, y)]
         got = evaluation.split_metrics(model, tok, rows, torch.autocast('cpu', enabled=False), 'cpu', 8, name)
