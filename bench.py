@@ -12,12 +12,14 @@ Sections:
   optim    one optimizer step alone, AdamW against Muon (its Newton-Schulz matmuls), per model size
   prepare  prepare.py MB/s and tokens/s with 1 process and with every core, peak RSS (process tree),
            on the whole corpus and on its first half
-  batches  building one batch of 32 packed SFT rows (train.py's Packer) at block 256 and 1024, from the prepared
-           chat data of bench_sft_config (skipped, with the command to run, when it is not prepared)
-  bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb, 2 GB) and on
-           a quarter of it: memory must not grow with the file (not in `all`: it writes ~3 GB to /tmp)
-On GPU, MFU is against the datasheet peak of the card (model.PEAK_FLOPS); on CPU against the measured
-bf16 matmul peak of the same run.
+  batches  building one batch of 32 packed SFT rows (data.py's Packer) at block 256 and 1024,
+           from the prepared chat data of bench_sft_config (skipped, with the command to run, when
+           it is not prepared)
+  bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb,
+           2 GB) and on a quarter of it: memory must not grow with the file (not in `all`: it
+           writes ~3 GB to /tmp)
+On GPU, MFU is against the datasheet peak of the card (common.PEAK_FLOPS); on CPU against the
+measured bf16 matmul peak of the same run.
 """
 import json
 import os
@@ -72,8 +74,7 @@ def bench_train(device, size, dtype, compiled, steps):
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     optimizer = model.optimizer(1e-4, 0.1, (0.9, 0.95), device_type)
     run = torch.compile(model) if compiled else model
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else torch.autocast(
-        device_type, enabled=False)
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
     x = torch.randint(0, vocab_size, (batch, block), device=device)
     y = torch.randint(0, vocab_size, (batch, block), device=device)
 
@@ -95,14 +96,16 @@ def bench_train(device, size, dtype, compiled, steps):
     sync(device)
     dt = (time.perf_counter() - t) / steps
     tok_s = batch * block / dt
-    return {'model': name, 'params_M': round(model.num_params()[0] / 1e6, 2), 'dtype': dtype, 'compile': compiled,
-            'batch': batch, 'block': block, 'ms_per_step': round(dt * 1000, 1), 'tokens_per_s': round(tok_s),
+    return {'model': name, 'params_M': round(model.num_params()[0] / 1e6, 2), 'dtype': dtype,
+            'compile': compiled, 'batch': batch, 'block': block, 'ms_per_step': round(dt * 1000, 1),
+            'tokens_per_s': round(tok_s),
             'flops_per_s': model.flops_per_token(block) * tok_s, 'warmup_s': round(warmup, 1)}
 
 
 def bench_optim(device, size, steps):
-    """ms of one optimizer step alone (random gradients, no forward or backward): what Muon's Newton-Schulz
-    iterations add to a training step. They run in the dtype training would pick (bf16 where it is fast)."""
+    """ms of one optimizer step alone (random gradients, no forward or backward): what Muon's
+    Newton-Schulz iterations add to a training step. They run in the dtype training would pick (bf16
+    where it is fast)."""
     name, n_layer, n_head, n_embd, block, _, vocab_size = size
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=n_head,
@@ -121,23 +124,27 @@ def bench_optim(device, size, steps):
         for _ in range(steps):
             opt.step()
         sync(device)
-        rows.append({'model': name, 'optimizer': kind, 'ns_dtype': str(ns_dtype)[6:] if kind == 'muon' else '-',
+        rows.append({'model': name, 'optimizer': kind,
+                     'ns_dtype': str(ns_dtype)[6:] if kind == 'muon' else '-',
                      'ms_per_step': round((time.perf_counter() - t) / steps * 1000, 1)})
     return rows
 
 
 def bench_decode(device, size, prompt_len=256, new_tokens=256):
-    """Greedy generation, batch 1, fp32: the compiled decode step, the eager one and no KV cache at all.
-    tokens/s counts from the call to the last token (prefill included); first_token_ms is the prefill and the
-    first pick. Each way is warmed up first (the compiled step compiles there: warmup_s)."""
+    """Greedy generation, batch 1, fp32: the compiled decode step, the eager one and no KV cache at
+    all. tokens/s counts from the call to the last token (prefill included); first_token_ms is the
+    prefill and the first pick. Each way is warmed up first (the compiled step compiles there:
+    warmup_s)."""
     name, n_layer, n_head, n_embd, _, _, vocab_size = size
     torch.manual_seed(0)
     # the context holds prompt + reply, so every way computes the same thing
-    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=prompt_len + new_tokens, n_layer=n_layer,
+    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=prompt_len + new_tokens,
+                            n_layer=n_layer,
                             n_head=n_head, n_kv_head=n_head, n_embd=n_embd)).to(device).eval()
     prompt = torch.randint(0, vocab_size, (prompt_len,)).tolist()
     rows, reference = [], None
-    for way, options in (('compiled', dict(compile=True)), ('eager', dict()), ('no cache', dict(use_cache=False))):
+    for way, options in (('compiled', dict(compile=True)), ('eager', dict()),
+                         ('no cache', dict(use_cache=False))):
         t = time.perf_counter()
         list(model.generate(prompt, 8, temperature=0, **options))  # warm-up (and compilation)
         sync(device)
@@ -151,7 +158,8 @@ def bench_decode(device, size, prompt_len=256, new_tokens=256):
         dt = time.perf_counter() - t
         reference = reference or out
         rows.append({'model': name, 'decode': way, 'prompt': prompt_len, 'new_tokens': len(out),
-                     'tokens_per_s': round(len(out) / dt, 1), 'first_token_ms': round(first * 1000, 1),
+                     'tokens_per_s': round(len(out) / dt, 1),
+                     'first_token_ms': round(first * 1000, 1),
                      'warmup_s': round(warmup, 1), 'same_tokens': out == reference})
     return rows
 
@@ -212,17 +220,21 @@ def bench_prepare(corpus, vocab_size):
             cfg = os.path.join(work, 'cfg.py')
             with open(cfg, 'w') as f:
                 f.write(f"out_dir = {os.path.join(work, 'out')!r}\nvocab_size = {vocab_size}\n"
-                        f"sources = {{'corpus': {{'kind': 'text', 'path': {path!r}, 'separator': '\\n\\n\\n'}}}}\n"
+                        f"sources = "
+                        f"{{'corpus': {{'kind': 'text', 'path': {path!r}, 'separator': '\\n\\n\\n'}}}}\n"
                         f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
             if not os.path.exists(os.path.join(work, 'tokenizer.model')):
                 run_measured([sys.executable, 'tokenizer.py', cfg])
             for num_proc in sorted({1, cores}):
                 shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
-                dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg, f'--num_proc={num_proc}'])
-                metas = [load_split(os.path.join(work, 'out', 'data'), 'corpus', s) for s in ('train', 'val')]
+                dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg,
+                                           f'--num_proc={num_proc}'])
+                metas = [load_split(os.path.join(work, 'out', 'data'), 'corpus',
+                                    s) for s in ('train', 'val')]
                 mb = os.path.getsize(path) / 1e6
                 tokens = sum(m['tokens'] for m in metas)
-                rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc, 'seconds': round(dt, 1),
+                rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc,
+                             'seconds': round(dt, 1),
                              'MB_per_s': round(mb / dt, 2), 'tokens_per_s': round(tokens / dt),
                              'peak_rss_MB': round(rss / 1e6)})
     finally:
@@ -231,11 +243,14 @@ def bench_prepare(corpus, vocab_size):
 
 
 def write_text(path, mb, seed):
-    """`mb` MB of varied lines of words and no blank line: one document, however large (a log, a dump)."""
+    """`mb` MB of varied lines of words and no blank line: one document, however large (a log, a
+    dump)."""
     rng = random.Random(seed)
-    words = [w for w in 'the a river stone cloud seven orange quiet bread wheel chain notes learns slowly under over'
+    words = [w for w in 'the a river stone cloud seven orange quiet bread wheel chain notes learns '
+                        'slowly under over'
              ' with from into and but because morning evening water salt seed leaf'.split()]
-    lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 20))) + '\n' for _ in range(16384)]  # ~1.1 MB
+    line = lambda: ' '.join(rng.choice(words) for _ in range(rng.randint(3, 20))) + '\n'
+    lines = [line() for _ in range(16384)]  # ~1.1 MB
     with open(path, 'w') as f:
         for i in range(mb):
             rng.shuffle(lines)
@@ -259,9 +274,12 @@ def bench_bigtext(mb, vocab_size):
                 run_measured([sys.executable, 'tokenizer.py', cfg])
             shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
             dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg])
-            metas = [load_split(os.path.join(work, 'out', 'data'), 'big', s) for s in ('train', 'val')]
-            rows.append({'MB': size, 'processes': os.cpu_count(), 'documents': sum(m['documents'] for m in metas),
-                         'seconds': round(dt, 1), 'MB_per_s': round(size / dt, 2), 'peak_rss_MB': round(rss / 1e6)})
+            data_dir = os.path.join(work, 'out', 'data')
+            metas = [load_split(data_dir, 'big', s) for s in ('train', 'val')]
+            rows.append({'MB': size, 'processes': os.cpu_count(),
+                         'documents': sum(m['documents'] for m in metas),
+                         'seconds': round(dt, 1), 'MB_per_s': round(size / dt, 2),
+                         'peak_rss_MB': round(rss / 1e6)})
             print(f"  {size} MB: {rows[-1]}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -269,13 +287,15 @@ def bench_bigtext(mb, vocab_size):
 
 
 def bench_batches(config_path, rows=32, reps=40):
-    """Milliseconds to build one training batch of `rows` packed SFT rows, as train.py's background reader does
-    for every micro-step, at block 256 and 1024 (the median and the slowest of `reps` successive batches)."""
+    """Milliseconds to build one training batch of `rows` packed SFT rows, as train.py's background
+    reader does for every micro-step, at block 256 and 1024 (the median and the slowest of `reps`
+    successive batches)."""
     c = configure([config_path])
     mixture = {n: w for n, w in c.mixture.items() if w > 0}
     missing = [n for n in mixture if not is_prepared(c.data_dir, n, 'train')]
     if missing:
-        print(f"batches: skipped, {', '.join(missing)} of {config_path} not prepared (python prepare.py {config_path})")
+        print(f"batches: skipped, {', '.join(missing)} of {config_path} not prepared (python "
+              f"prepare.py {config_path})")
         return []
     splits = {n: Split(c.data_dir, n, 'train', None) for n in mixture}
     out = []
@@ -289,7 +309,8 @@ def bench_batches(config_path, rows=32, reps=40):
             times.append(time.perf_counter() - t)
         times.sort()
         out.append({'sources': '+'.join(mixture), 'block_size': T, 'rows': rows,
-                    'median_ms': round(1000 * times[reps // 2], 2), 'slowest_ms': round(1000 * times[-1], 2)})
+                    'median_ms': round(1000 * times[reps // 2], 2),
+                    'slowest_ms': round(1000 * times[-1], 2)})
     return out
 
 
@@ -316,9 +337,12 @@ def main():
         if s not in known + ['bigtext']:
             die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext or all")
     gpu = torch.cuda.get_device_name() if device_type == 'cuda' else None
-    results = {'machine': {'device': device, 'gpu': gpu, 'cpu': platform.processor() or platform.machine(),
-                           'cores': os.cpu_count(), 'torch': torch.__version__, 'threads': torch.get_num_threads()}}
-    print(f"bench on {device} ({gpu or results['machine']['cpu']}, {os.cpu_count()} cores, torch {torch.__version__})")
+    results = {'machine': {'device': device, 'gpu': gpu,
+                           'cpu': platform.processor() or platform.machine(),
+                           'cores': os.cpu_count(), 'torch': torch.__version__,
+                           'threads': torch.get_num_threads()}}
+    print(f"bench on {device} ({gpu or results['machine']['cpu']}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__})")
     peaks = {}
     if 'matmul' in sections or 'train' in sections:
         n = 8192 if device_type == 'cuda' else 2048
@@ -334,29 +358,36 @@ def main():
                 r['mfu_%'] = round(100 * r['flops_per_s'] / (datasheet or peaks[dtype]), 1)
                 r['mfu_of'] = 'datasheet' if datasheet else f'measured {dtype} matmul'
                 rows.append(r)
-                print(f"  {r['model']} {dtype} compile={compiled}: {r['tokens_per_s']:,} tok/s, MFU {r['mfu_%']}%",
-                      flush=True)
+                print(f"  {r['model']} {dtype} compile={compiled}: {r['tokens_per_s']:,} tok/s, "
+                      f"MFU "
+                      f"{r['mfu_%']}%", flush=True)
         results['train'] = rows
         table(rows, "training (random tokens, AdamW step included)")
     if 'decode' in sections:
         results['decode'] = [r for size in SIZES[device_type] for r in bench_decode(device, size)]
-        table(results['decode'], "decode, batch 1, greedy, fp32 (tokens_per_s includes the prefill)")
+        table(results['decode'], "decode, batch 1, greedy, fp32 (tokens_per_s includes the "
+                                 "prefill)")
         for size in SIZES[device_type]:
-            rate = {r['decode']: r['tokens_per_s'] for r in results['decode'] if r['model'] == size[0]}
-            print(f"{size[0]}: compiled decode {rate['compiled'] / rate['eager']:.1f}x the eager one; "
-                  f"KV cache {rate['eager'] / rate['no cache']:.1f}x no cache")
+            rate = {r['decode']: r['tokens_per_s'] for r in results['decode']
+                    if r['model'] == size[0]}
+            print(f"{size[0]}: compiled decode {rate['compiled'] / rate['eager']:.1f}x the eager "
+                  f"one; KV cache {rate['eager'] / rate['no cache']:.1f}x no cache")
     if 'optim' in sections:
-        results['optim'] = [r for size in SIZES[device_type] for r in bench_optim(device, size, cfg.bench_steps)]
+        results['optim'] = [r for size in SIZES[device_type]
+                            for r in bench_optim(device, size, cfg.bench_steps)]
         table(results['optim'], "one optimizer step alone (random gradients)")
     if 'prepare' in sections:
         results['prepare'] = bench_prepare(cfg.bench_corpus, 8192)
         table(results['prepare'], "prepare.py (tokenizer: 8192-piece BPE)")
     if 'batches' in sections:
         results['batches'] = bench_batches(cfg.bench_sft_config)
-        table(results['batches'], "one batch of packed SFT rows (Packer.batch: memmap reads and packing)")
+        table(results['batches'], "one batch of packed SFT rows (Packer.batch: memmap reads and "
+                                  "packing)")
     if 'bigtext' in sections:
-        results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 512)  # its ~30 words allow ~600 pieces
-        table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the process tree)")
+        # its ~30 words allow ~600 pieces
+        results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 512)
+        table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the "
+                                  "process tree)")
     if cfg.bench_json:
         with open(cfg.bench_json, 'w') as f:
             json.dump(results, f, indent=2)

@@ -1,15 +1,14 @@
 """
-Checkpoints: what train.py writes and every other stage reads, and where the model runs.
+Checkpoints: what train.py writes and every other stage reads.
 
-    ckpt = read_checkpoint(path)                  # torch.load(weights_only=True): a checkpoint cannot run code
-    model, ckpt = load_model(path, device, tok.sha256)   # a trained model (a LoRA adapter merged into its base)
-    device, device_type, dtype, autocast = runtime(cfg.device, cfg.dtype)
+    ckpt = read_checkpoint(path)  # torch.load(weights_only=True): a checkpoint cannot run code
+    model, ckpt = load_model(path, device, tok.sha256)  # a LoRA adapter comes merged into its base
 
-A checkpoint is a dict: 'model' (or 'adapter' and 'base' for LoRA), 'model_args' (ModelConfig), 'config',
-'tokenizer_sha256', 'iter', 'best_val'; train.py's ckpt.pt adds optimizer and RNG state for resume. It is
-written atomically (temp file, fsync, rename); the previous keep_checkpoints versions of ckpt.pt stay as
-ckpt.1.pt, ckpt.2.pt ... so a corrupt latest file has a fallback. model.py knows none of this: it stays
-plain torch, to be copied anywhere.
+A checkpoint is a dict: 'model' (or 'adapter' and 'base' for LoRA), 'model_args' (ModelConfig),
+'config', 'tokenizer_sha256', 'iter', 'best_val'; train.py's ckpt.pt adds optimizer and RNG state
+for resume. It is written atomically (temp file, fsync, rename); the previous keep_checkpoints
+versions of ckpt.pt stay as ckpt.1.pt, ckpt.2.pt ... so a corrupt latest file has a fallback.
+model.py knows none of this: it stays plain torch, to be copied anywhere.
 """
 import os
 import pickle
@@ -30,23 +29,27 @@ def read_checkpoint(path, fatal=True):
     """torch.load with weights_only=True (a checkpoint cannot run code); a truncated or corrupt file
     is a clear error (or None with fatal=False, so resume can fall back to an older one)."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one with `python train.py <your config>` or set --ckpt")
+        die(f"no checkpoint at {path}: train one with `python train.py <your config>` or set "
+            f"--ckpt")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        if not isinstance(ckpt, dict) or not ('model' in ckpt or 'adapter' in ckpt) or 'model_args' not in ckpt:
+        weights = isinstance(ckpt, dict) and ('model' in ckpt or 'adapter' in ckpt)
+        if not weights or 'model_args' not in ckpt:
             raise ValueError("not a checkpoint written by train.py")
         return ckpt
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
         if not fatal:
             return None
-        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); use another checkpoint "
-            "(the kept ckpt.1.pt, ckpt.2.pt ... or best.pt) or retrain")
+        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); use another "
+            "checkpoint (the kept ckpt.1.pt, ckpt.2.pt ... or best.pt) or retrain")
 
 
 
 def save_checkpoint(obj, folder, name, keep=0):
-    """Write folder/name atomically (never a half-written checkpoint, even on a full disk or a second Ctrl-C),
-    first moving the previous one to name.1.pt, name.1.pt to name.2.pt ... (`keep` of them)."""
+    """Write folder/name atomically (never a half-written checkpoint, even on a full disk or a
+    second Ctrl-C), first moving the previous one to name.1.pt, name.1.pt to name.2.pt ... (`keep`
+    of them)."""
     path = os.path.join(folder, name)
     with atomic_file(path) as f:
         torch.save(obj, f)
@@ -65,14 +68,17 @@ def save_checkpoint(obj, folder, name, keep=0):
 
 def load_for_resume(folder, keep):
     """The newest readable checkpoint: ckpt.pt, else the kept earlier versions."""
-    candidates = [os.path.join(folder, 'ckpt.pt')] + [os.path.join(folder, f'ckpt.{i}.pt') for i in range(1, keep + 1)]
+    names = ['ckpt.pt'] + [f'ckpt.{i}.pt' for i in range(1, keep + 1)]
+    candidates = [os.path.join(folder, name) for name in names]
     for path in candidates:
         if os.path.exists(path):
             ckpt = read_checkpoint(path, fatal=False)
             if ckpt is not None:
                 return path, ckpt
-            print(f"warning: {path} is truncated or corrupt, trying the previous checkpoint", file=sys.stderr)
-    die(f"init_from='resume' but no readable checkpoint in {folder}: start with init_from='scratch'")
+            print(f"warning: {path} is truncated or corrupt, trying the previous checkpoint",
+                  file=sys.stderr)
+    die(f"init_from='resume' but no readable checkpoint in {folder}: start with "
+        f"init_from='scratch'")
 
 
 
@@ -80,33 +86,40 @@ def load_for_resume(folder, keep):
 # Which checkpoint, and loading it
 
 def checkpoint_path(cfg):
-    """(path, why): the checkpoint to load and why it is that one (for messages when it does not fit)."""
+    """(path, why): the checkpoint to load and why it is that one (for messages when it does not
+    fit)."""
     if cfg.ckpt:
         return cfg.ckpt, f"ckpt, from {cfg.set_by.get('ckpt', 'the config')}"
     best = os.path.join(cfg.ckpt_dir, 'best.pt')
     if os.path.exists(best):
-        return best, f"the best checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir}, as ckpt is ''"
+        return best, (f"the best checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir}, "
+                      "as ckpt is ''")
     return (os.path.join(cfg.ckpt_dir, 'ckpt.pt'),
-            f"the latest checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir} (it has no best.pt), as ckpt is ''")
+            f"the latest checkpoint of phase '{cfg.phase}' under out_dir={cfg.out_dir} (it has no "
+            "best.pt), as ckpt is ''")
 
 
 def check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256):
-    """A checkpoint works only with the tokenizer it was trained with. When they differ, the likely cause
-    is the wrong checkpoint or the wrong out_dir, so say which checkpoint was picked and why."""
+    """A checkpoint works only with the tokenizer it was trained with. When they differ, the likely
+    cause is the wrong checkpoint or the wrong out_dir, so say which checkpoint was picked and
+    why."""
     if ckpt['tokenizer_sha256'] == tokenizer_sha256:
         return
     then = (ckpt.get('config') or {}).get('tokenizer_path')
     die(f"{path} ({why}) was trained with another tokenizer: sha256 {ckpt['tokenizer_sha256'][:12]}"
-        + (f" (it was {then})" if then else '') + f", but the configured tokenizer {tokenizer_path} is "
-        f"{tokenizer_sha256[:12]}. Is out_dir right? Pick a checkpoint trained with this tokenizer, or point "
-        f"tokenizer_path at the one this checkpoint was trained with")
+        + (f" (it was {then})" if then else '') + f", but the configured tokenizer "
+                                                  f"{tokenizer_path} "
+                                                  "is "
+        f"{tokenizer_sha256[:12]}. Is out_dir right? Pick a checkpoint trained with this "
+        f"tokenizer, "
+        "or point tokenizer_path at the one this checkpoint was trained with")
 
 
 def load_model(path, device, tokenizer_sha256=None, base_path='', why='the checkpoint asked for',
                tokenizer_path='the configured tokenizer'):
-    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another tokenizer
-    (`why` the checkpoint was picked goes into that message). A LoRA adapter checkpoint is loaded onto
-    its base model (the path it records, or base_path) and merged into it."""
+    """A trained model from a checkpoint, in eval mode on `device`; refuses one from another
+    tokenizer (`why` the checkpoint was picked goes into that message). A LoRA adapter checkpoint is
+    loaded onto its base model (the path it records, or base_path) and merged into it."""
     ckpt = read_checkpoint(path)
     if tokenizer_sha256:
         check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256)
@@ -122,15 +135,19 @@ def load_model(path, device, tokenizer_sha256=None, base_path='', why='the check
 
 
 def base_weights(adapter_ckpt, adapter_path, base_path=''):
-    """The base model's weights for a LoRA adapter, checked against the sha256 the adapter recorded."""
+    """The base model's weights for a LoRA adapter, checked against the sha256 the adapter
+    recorded."""
     ref = adapter_ckpt['base']
     path = base_path or ref['path']
     if not os.path.isfile(path):
-        die(f"{adapter_path} is a LoRA adapter for {ref['path']}, which is missing: put it back or set --lora_base")
+        die(f"{adapter_path} is a LoRA adapter for {ref['path']}, which is missing: put it back or "
+            "set --lora_base")
     sha = file_sha256(path)
     if sha != ref['sha256']:
-        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 {sha[:12]}, the "
-            f"adapter was trained on {ref['sha256'][:12]} ({ref['path']}). Use that base checkpoint (--lora_base).")
+        die(f"{adapter_path} is a LoRA adapter for another base model: {path} has sha256 "
+            f"{sha[:12]}, the adapter was trained on {ref['sha256'][:12]} ({ref['path']}). Use "
+            f"that "
+            "base checkpoint (--lora_base).")
     base = read_checkpoint(path)
     if 'model' not in base:
         die(f"{path} is itself an adapter: a LoRA base must be a full checkpoint (merge it first)")
@@ -138,21 +155,24 @@ def base_weights(adapter_ckpt, adapter_path, base_path=''):
 
 
 def check_compatible(ckpt, path, why, args, tok):
-    """A checkpoint must come from this tokenizer and have this model's shape (block_size may shrink)."""
+    """A checkpoint must come from this tokenizer and have this model's shape (block_size may
+    shrink)."""
     check_tokenizer(ckpt, path, why, tok.path, tok.sha256)
     saved = ckpt['model_args']
-    for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings', 'rope_theta'):
+    for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings',
+                'rope_theta'):
         if saved[key] != args[key]:
-            die(f"{path} has {key}={saved[key]} but this config makes {key}={args[key]}: "
-                f"set {key}={saved[key]} (the model's shape must match its checkpoint)")
+            die(f"{path} has {key}={saved[key]} but this config makes {key}={args[key]}: set "
+                f"{key}={saved[key]} (the model's shape must match its checkpoint)")
     if args['block_size'] > saved['block_size']:
-        die(f"block_size={args['block_size']} is larger than the {saved['block_size']} that {path} was trained "
-            f"with: set block_size <= {saved['block_size']}")
+        die(f"block_size={args['block_size']} is larger than the {saved['block_size']} that {path} "
+            f"was trained with: set block_size <= {saved['block_size']}")
 
 
 def freeze_base(path, ckpt_dir):
-    """A LoRA run's base, kept as <ckpt_dir>/base.pt out of reach of checkpoint rotation and of later
-    runs that rewrite the original file (a hard link where possible: no copy). Returns its reference."""
+    """A LoRA run's base, kept as <ckpt_dir>/base.pt out of reach of checkpoint rotation and of
+    later runs that rewrite the original file (a hard link where possible: no copy). Returns its
+    reference."""
     frozen = os.path.join(ckpt_dir, 'base.pt')
     if not (os.path.exists(frozen) and os.path.samefile(path, frozen)):
         tmp = frozen + '.tmp'
@@ -163,11 +183,13 @@ def freeze_base(path, ckpt_dir):
         except OSError:  # another filesystem: copy it
             shutil.copyfile(path, tmp)
         os.replace(tmp, frozen)
-    return {'path': os.path.abspath(frozen), 'sha256': file_sha256(frozen), 'from': os.path.abspath(path)}
+    return {'path': os.path.abspath(frozen), 'sha256': file_sha256(frozen),
+            'from': os.path.abspath(path)}
 
 
 def saved_best_val(ckpt_dir):
-    """best.pt's validation loss: after a fallback to an older ckpt, it may be better than the one saved there."""
+    """best.pt's validation loss: after a fallback to an older ckpt, it may be better than the one
+    saved there."""
     path = os.path.join(ckpt_dir, 'best.pt')
     ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
     return ckpt['best_val'] if ckpt else float('inf')

@@ -1,13 +1,13 @@
 """
-What every stage shares: a clear error (die), atomic writes, progress lines, file hashes, and where the
-model runs (the device and dtype keys, and the GPU peaks that MFU is measured against).
+What every stage shares: a clear error (die), atomic writes, progress lines, file hashes, and where
+the model runs (the device and dtype keys, and the GPU peaks that MFU is measured against).
 
-    die("config key x: what is wrong and what to do")   # exit status 1, no traceback
-    with atomic_file(path) as f: ...                     # temp file, fsync, rename: never half-written
+    die("config key x: what is wrong and what to do")  # exit status 1, no traceback
+    with atomic_file(path) as f: ...                   # temp file, fsync, rename: never half-done
     device, device_type, dtype, autocast = runtime(cfg.device, cfg.dtype)
 
-Library code: it imports nothing of this project. torch is imported only inside the functions that need
-it, so the stages that never run a model (tokenizer.py, prepare.py, plot.py) start ~2 s sooner.
+Library code: it imports nothing of this project. torch is imported only inside the functions that
+need it, so the stages that never run a model (tokenizer.py, prepare.py, plot.py) start ~2 s sooner.
 """
 import contextlib
 import difflib
@@ -43,8 +43,8 @@ def atomic_file(path, mode='wb'):
 
 
 def check_writable(folder, key):
-    """Make `folder` and write a little to it, or stop naming the key to change: an unwritable or full disk
-    is found before the work, not after it."""
+    """Make `folder` and write a little to it, or stop naming the key to change: an unwritable or
+    full disk is found before the work, not after it."""
     test = os.path.join(folder, f'.write_test{os.getpid()}')
     try:
         os.makedirs(folder, exist_ok=True)
@@ -53,8 +53,8 @@ def check_writable(folder, key):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        die(f"cannot write to {folder} ({e.strerror}): set {key} to a folder on a disk you can write to, "
-            f"with free space")
+        die(f"cannot write to {folder} ({e.strerror}): set {key} to a folder on a disk you can "
+            "write to, with free space")
     finally:
         if os.path.exists(test):
             os.remove(test)
@@ -63,12 +63,15 @@ def check_writable(folder, key):
 def duration(seconds):
     """12s, 3m05s, 2h07m: elapsed times and ETAs in progress lines (Progress, train.py's log)."""
     s = int(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class Progress:
-    """The progress line of a long job (prepare, download, eval, train): done/total, rate and ETA, printed
-    at most every `every` seconds. Counts are in `unit`s of `scale` (unit='MB', scale=1e6 for bytes)."""
+    """The progress line of a long job (prepare, download, eval, train): done/total, rate and ETA,
+    printed at most every `every` seconds. Counts are in `unit`s of `scale` (unit='MB', scale=1e6
+    for bytes)."""
 
     def __init__(self, label, total=None, unit='', scale=1, every=2.0):
         self.label, self.total, self.unit, self.scale, self.every = label, total, unit, scale, every
@@ -82,8 +85,9 @@ class Progress:
         return True
 
     def line(self, done, start=0, extra=''):
-        """'12.0/40.0 MB, 3.10 MB/s, ETA 9s': `done` counts from the job's start, `start` of it was done before
-        this process began (a resumed download, a resumed run) and does not count toward the rate."""
+        """'12.0/40.0 MB, 3.10 MB/s, ETA 9s': `done` counts from the job's start, `start` of it was
+        done before this process began (a resumed download, a resumed run) and does not count toward
+        the rate."""
         rate = (done - start) / max(time.time() - self.t0, 1e-9)
         fmt = (lambda n: f"{n / self.scale:,.1f}") if self.scale != 1 else (lambda n: f"{n:,}")
         of = f"/{fmt(self.total)}" if self.total else ''
@@ -98,7 +102,8 @@ class Progress:
 
 
 def file_sha256(path):
-    """sha256 of a file, read a MB at a time: recorded wherever shards or checkpoints depend on a file."""
+    """sha256 of a file, read a MB at a time: recorded wherever shards or checkpoints depend on a
+    file."""
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -115,7 +120,8 @@ def suggest(name, known):
 # Where the model runs: the device and dtype keys (every stage that runs the model)
 
 def pick_device(name):
-    """'auto' -> the best device here; a named one is checked, so a missing GPU is a message, not a traceback."""
+    """'auto' -> the best device here; a named one is checked, so a missing GPU is a message, not a
+    traceback."""
     import torch
     if name != 'auto':
         try:
@@ -123,12 +129,17 @@ def pick_device(name):
         except RuntimeError:
             die(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<n> or mps")
         if device.type == 'cuda' and not torch.cuda.is_available():
-            die(f"device={name!r} but this machine has no CUDA GPU that torch can use: set --device=cpu (or auto)")
-        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-            die(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}")
-        if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-            die(f"device={name!r} but MPS (Apple GPU) is not available here: set --device=cpu (or auto)")
+            die(f"device={name!r} but this machine has no CUDA GPU that torch can use: set "
+                "--device=cpu (or auto)")
+        gpus = torch.cuda.device_count()
+        if device.type == 'cuda' and device.index is not None and device.index >= gpus:
+            die(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                f"use "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if device.type == 'mps' and not (getattr(torch.backends, 'mps',
+                                                 None) and torch.backends.mps.is_available()):
+            die(f"device={name!r} but MPS (Apple GPU) is not available here: set --device=cpu (or "
+                "auto)")
         if device.type not in ('cpu', 'cuda', 'mps'):
             die(f"device={name!r}: this code runs on cpu, cuda or mps")
         return name
@@ -144,12 +155,14 @@ def pick_dtype(name, device_type):
     if name == 'auto':
         if device_type == 'cuda':
             return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        # CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; others slower
+        # CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; others
+        # slower
         return 'bfloat16' if device_type == 'cpu' and cpu_has_fast_bf16() else 'float32'
     if name not in ('float32', 'bfloat16', 'float16'):
         die(f"dtype must be float32, bfloat16, float16 or auto, got {name!r}")
     if name == 'float16' and device_type != 'cuda':
-        die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or float32 here")
+        die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler); use bfloat16 or "
+            "float32 here")
     return name
 
 
@@ -162,30 +175,36 @@ def cpu_has_fast_bf16():
 
 
 def runtime(device_name, dtype_name):
-    """(device, device type, dtype name, autocast context) for the config's device and dtype keys."""
+    """(device, device type, dtype name, autocast context) for the config's device and dtype
+    keys."""
     import torch
     device = pick_device(device_name)
-    device_type = 'cuda' if device.startswith('cuda') else 'mps' if device.startswith('mps') else 'cpu'
+    device_type = device.split(':')[0]  # 'cuda:1' -> 'cuda'
     dtype = pick_dtype(dtype_name, device_type)
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    autocast = (nullcontext() if dtype == 'float32'
+                else torch.autocast(device_type, dtype=getattr(torch, dtype)))
     return device, device_type, dtype, autocast
 
 
-# For MFU (model FLOPs utilisation: flops_per_token x tokens/s / peak). Datasheet dense (no sparsity) bf16/fp16
-# tensor-core peaks, by the exact name torch.cuda.get_device_name() gives: variants of one chip differ (an H100
-# PCIe does 756 TFLOP/s, the SXM one 989), and a substring would match the wrong card ('L4' is in 'L40S'). A card
-# not listed gets no MFU, only FLOP/s: add it here.
+# For MFU (model FLOPs utilisation: flops_per_token x tokens/s / peak). Datasheet dense (no
+# sparsity) bf16/fp16 tensor-core peaks, by the exact name torch.cuda.get_device_name() gives:
+# variants of one chip differ (an H100 PCIe does 756 TFLOP/s, the SXM one 989), and a substring
+# would match the wrong card ('L4' is in 'L40S'). A card not listed gets no MFU, only FLOP/s: add it
+# here.
 PEAK_FLOPS = {
     'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
     'NVIDIA H200': 989e12, 'NVIDIA H200 NVL': 835e12,
-    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-PCIE-40GB': 312e12,
+    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12,
+              'NVIDIA A100-PCIE-40GB': 312e12,
     'NVIDIA A100 80GB PCIe': 312e12,
-    'NVIDIA L4': 121e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12, 'NVIDIA GeForce RTX 4090': 165e12,
+    'NVIDIA L4': 121e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12,
+              'NVIDIA GeForce RTX 4090': 165e12,
 }
 
 
 def peak_flops(device_type, dtype):
-    """Datasheet dense bf16/fp16 peak of the GPU, for MFU; None where unknown (CPU: we print FLOP/s)."""
+    """Datasheet dense bf16/fp16 peak of the GPU, for MFU; None where unknown (CPU: we print
+    FLOP/s)."""
     import torch
     if device_type != 'cuda' or dtype == 'float32':
         return None

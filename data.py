@@ -1,20 +1,21 @@
 """
-Prepared data in, batches out: everything that reads what prepare.py wrote (train.py, eval.py and bench.py
-read shards only through here; prepare.py only writes).
+Prepared data in, batches out: everything that reads what prepare.py wrote (train.py, eval.py and
+bench.py read shards only through here; prepare.py only writes).
 
-    split = Split(data_dir, 'roam', 'train', tok.sha256)   # one prepared split, checked against the tokenizer
-    x, y = window_batch({'roam': split}, {'roam': 1.0}, rng, B, T)   # pretraining rows
-    x, y, doc = Packer(splits, weights, [seed], T).batch(first_row, B)   # SFT rows, packed
+    split = Split(data_dir, 'roam', 'train', tok.sha256)  # a prepared split, checked against tok
+    x, y = window_batch({'roam': split}, {'roam': 1.0}, rng, B, T)  # pretraining rows
+    x, y, doc = Packer(splits, weights, [seed], T).batch(first_row, B)  # SFT rows, packed
 
-The files (see prepare.py): <data_dir>/<source>/{train,val}/ meta.json and per shard shard_*.bin (tokens),
-docs_*.bin (the offset of each document's first token) and mask_*.bin (chat sources: 1 = train on it).
-Every read maps a file afresh (np.memmap per window or per batch): a long-lived memmap keeps every page it
-has touched mapped, and a long run's memory would grow.
+The files (see prepare.py): <data_dir>/<source>/{train,val}/ meta.json and per shard shard_*.bin
+(tokens), docs_*.bin (the offset of each document's first token) and mask_*.bin (chat sources: 1 =
+train on it). Every read maps a file afresh (np.memmap per window or per batch): a long-lived memmap
+keeps every page it has touched mapped, and a long run's memory would grow.
 """
 import bisect
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +23,8 @@ from common import die
 from tokenizer import SPECIALS
 
 FORMAT_VERSION = 1  # of the shard files: prepare.py writes it into meta.json, load_split checks it
-SYS, USR, ASST = (SPECIALS.index(t) for t in ('<|sys|>', '<|usr|>', '<|asst|>'))  # where turns start
+# where turns start
+SYS, USR, ASST = (SPECIALS.index(t) for t in ('<|sys|>', '<|usr|>', '<|asst|>'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,36 +39,43 @@ def load_split(data_dir, name, split, tokenizer_sha256=None):
     """Read a prepared split's meta.json and check it; SplitReader reads through it."""
     path = os.path.join(data_dir, name, split, 'meta.json')
     if not os.path.exists(path):
-        die(f"no prepared data for source '{name}' ({path} is missing): run `python prepare.py <your config>`")
+        die(f"no prepared data for source '{name}' ({path} is missing): run `python prepare.py "
+            "<your config>`")
     try:
         meta = json.load(open(path))
         meta['shards'], meta['dtype'], meta['tokenizer_sha256']
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        die(f"{path} is damaged ({type(e).__name__}: {e}): re-run `python prepare.py <your config>`")
-    if meta['dtype'] not in ('uint16', 'uint32') or meta.get('format_version', FORMAT_VERSION) != FORMAT_VERSION:
-        die(f"{path}: shards in an unknown format (dtype {meta['dtype']}, format_version {meta.get('format_version')}): "
-            f"re-run `python prepare.py <your config>`")
+        die(f"{path} is damaged ({type(e).__name__}: {e}): re-run `python prepare.py <your "
+            f"config>`")
+    version = meta.get('format_version', FORMAT_VERSION)
+    if meta['dtype'] not in ('uint16', 'uint32') or version != FORMAT_VERSION:
+        die(f"{path}: shards in an unknown format (dtype {meta['dtype']}, format_version "
+            f"{meta.get('format_version')}): re-run `python prepare.py <your config>`")
     if tokenizer_sha256 and meta['tokenizer_sha256'] != tokenizer_sha256:
-        die(f"{path} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}, the current one is "
-            f"{tokenizer_sha256[:12]}): re-run `python prepare.py <your config>` to re-tokenize it")
+        die(f"{path} was made with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}, the "
+            f"current one is {tokenizer_sha256[:12]}): re-run `python prepare.py <your config>` to "
+            "re-tokenize it")
     folder = os.path.dirname(path)
     for shard in meta['shards']:
         shard['path'] = os.path.join(folder, shard['file'])
-        # its document index and loss mask sit beside it: shard_00003.bin -> docs_00003.bin, mask_00003.bin
+        # its document index and loss mask sit beside it: shard_00003.bin -> docs_00003.bin,
+        # mask_00003.bin
         number = shard['file'][len('shard'):]
-        shard['docs_path'], shard['mask_path'] = (os.path.join(folder, part + number) for part in ('docs', 'mask'))
+        shard['docs_path'] = os.path.join(folder, 'docs' + number)
+        shard['mask_path'] = os.path.join(folder, 'mask' + number)
         size = os.path.getsize(shard['path']) if os.path.exists(shard['path']) else -1
         if size != shard['tokens'] * np.dtype(meta['dtype']).itemsize:
-            die(f"{shard['path']} is missing or has the wrong size for {shard['tokens']} {meta['dtype']} tokens: "
-                f"re-run `python prepare.py <your config>`")
+            die(f"{shard['path']} is missing or has the wrong size for {shard['tokens']} "
+                f"{meta['dtype']} tokens: re-run `python prepare.py <your config>`")
     return meta
 
 
 class SplitReader:
-    """Reads what SplitWriter wrote: a split's checked meta.json (`meta`, `shards`, `dtype`, `chat`) and, per
-    shard i, its tokens, loss mask and document index. train.py and eval.py read shards only through this
-    class, so the file layout is known here alone. Each call maps the file afresh: a long-lived memmap keeps
-    every page it has touched mapped, and a long run's memory would grow."""
+    """Reads what SplitWriter wrote: a split's checked meta.json (`meta`, `shards`, `dtype`, `chat`)
+    and, per shard i, its tokens, loss mask and document index. train.py and eval.py read shards
+    only through this class, so the file layout is known here alone. Each call maps the file afresh:
+    a long-lived memmap keeps every page it has touched mapped, and a long run's memory would
+    grow."""
 
     def __init__(self, data_dir, name, split, tokenizer_sha256=None):
         self.meta = load_split(data_dir, name, split, tokenizer_sha256)
@@ -79,11 +88,13 @@ class SplitReader:
         return np.memmap(self.shards[i]['path'], dtype=self.dtype, mode='r')
 
     def mask(self, i):
-        """Shard i's loss mask (chat sources), (tokens,) uint8 memmap: 1 where the model is trained."""
+        """Shard i's loss mask (chat sources), (tokens,) uint8 memmap: 1 where the model is
+        trained."""
         return np.memmap(self.shards[i]['mask_path'], dtype=np.uint8, mode='r')
 
     def doc_starts(self, i):
-        """Shard i's document index, (documents,) int64: the offset of each document's first token."""
+        """Shard i's document index, (documents,) int64: the offset of each document's first
+        token."""
         return np.fromfile(self.shards[i]['docs_path'], dtype=np.int64)
 
 
@@ -93,14 +104,16 @@ class SplitReader:
 class Split:
     def __init__(self, data_dir, name, split, tokenizer_sha256):
         self.data = SplitReader(data_dir, name, split, tokenizer_sha256)
-        self.meta, self.shards, self.dtype, self.chat = self.data.meta, self.data.shards, self.data.dtype, self.data.chat
+        self.meta, self.shards = self.data.meta, self.data.shards
+        self.dtype, self.chat = self.data.dtype, self.data.chat
         self.name = name
         self.tokens = sum(s['tokens'] for s in self.shards)
         if self.tokens == 0:
             die(f"source '{name}' has no {split} tokens (see {data_dir}/{name}/{split}/meta.json): "
-                f"give it more documents or a val_frac > 0")
+                "give it more documents or a val_frac > 0")
         self.shard_p = np.array([s['tokens'] for s in self.shards]) / self.tokens
-        self.pieces, self.cut_for = None, None  # SFT: the conversations cut for rows of cut_for tokens (cut_pieces)
+        # SFT: the conversations cut for rows of cut_for tokens (cut_pieces)
+        self.pieces, self.cut_for = None, None
 
     def read(self, shard, start, n):
         mm = self.data.tokens(shard)
@@ -109,15 +122,17 @@ class Split:
         return out
 
     def cut_pieces(self, R):
-        """Every conversation as pieces of at most R tokens, for SFT rows of R = block_size + 1 tokens. A
-        conversation that fits is one piece. A longer one is cut at turn boundaries: each piece is <s>, the
-        system prompt where it fits, then whole exchanges (a user turn and the reply to it), as many as fit.
-        An exchange longer than R on its own keeps the head of its user turn and of its reply (counted as
+        """Every conversation as pieces of at most R tokens, for SFT rows of R = block_size + 1
+        tokens. A conversation that fits is one piece. A longer one is cut at turn boundaries: each
+        piece is <s>, the system prompt where it fits, then whole exchanges (a user turn and the
+        reply to it), as many as fit. An exchange longer than R on its own keeps the head of its
+        user turn and of its reply (counted as
         truncated). A piece is up to three [begin, end) token ranges of one shard, kept as arrays:
         ranges (P, 3, 2), shard (P,), length (P,), trained (P,: its loss-mask tokens, never 0), and
         first (conversations + 1,): conversation c's pieces are first[c]:first[c + 1]."""
         ranges, shard_of, trained, first = [], [], [], [0]
-        self.truncated = self.long = 0  # conversations longer than R, and those of them with a turn cut to fit
+        # conversations longer than R, and those of them with a turn cut to fit
+        self.truncated = self.long = 0
         for i, s in enumerate(self.shards):
             starts = self.data.doc_starts(i)
             ends = np.append(starts[1:], s['tokens'])
@@ -132,7 +147,8 @@ class Split:
                     self.long += 1
                 self.truncated += truncated
                 for piece in cut:
-                    k = int(sum(mask[p:q].sum() for p, q in piece)) if len(cut) > 1 or truncated else n
+                    k = int(sum(mask[p:q].sum() for p,
+                                q in piece)) if len(cut) > 1 or truncated else n
                     if k > 0:  # a piece with nothing to learn is never used
                         ranges.append(list(piece) + [(0, 0)] * (3 - len(piece)))
                         shard_of.append(i)
@@ -142,22 +158,26 @@ class Split:
         self.conversations, self.cut_for = len(first) - 1, R
         ranges = np.array(ranges, dtype=np.int64).reshape(-1, 3, 2)
         self.pieces = {'ranges': ranges, 'shard': np.array(shard_of, dtype=np.int64),
-                       'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1), 'trained': np.array(trained, dtype=np.int64),
+                       'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1),
+                       'trained': np.array(trained, dtype=np.int64),
                        'first': np.array(first, dtype=np.int64)}
-        self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)  # conversations with a piece to train on
+        # conversations with a piece to train on
+        self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)
         if len(self.usable) == 0:
-            die(f"source '{self.name}': no conversation keeps a reply to train on in rows of {R - 1} tokens: "
-                f"raise block_size")
+            die(f"source '{self.name}': no conversation keeps a reply to train on in rows of "
+                f"{R - 1} tokens: raise block_size")
 
 
 def split_at_turns(ids, offset, R):
-    """Pieces of one conversation longer than R tokens (see Split.cut_pieces): lists of (begin, end) ranges,
-    offset into the shard; and whether a turn had to be cut."""
+    """Pieces of one conversation longer than R tokens (see Split.cut_pieces): lists of (begin, end)
+    ranges, offset into the shard; and whether a turn had to be cut."""
     at = np.flatnonzero((ids == SYS) | (ids == USR) | (ids == ASST)).tolist() + [len(ids)]
     turns = [(p, q, int(ids[p])) for p, q in zip(at, at[1:])]
     system = turns.pop(0)[:2] if turns and turns[0][2] == SYS else None
-    # exchanges: a user turn and the reply to it, as (user begin, reply begin, end); a last question without a reply goes
-    exchanges = [(u[0], a[0], a[1]) for u, a in zip(turns, turns[1:]) if u[2] == USR and a[2] == ASST]
+    # exchanges: a user turn and the reply to it, as (user begin, reply begin, end); a last question
+    # without a reply goes
+    exchanges = [(u[0], a[0], a[1]) for u, a in zip(turns,
+                                                    turns[1:]) if u[2] == USR and a[2] == ASST]
     pieces, truncated, i = [], False, 0
     while i < len(exchanges):
         room = R - 1  # after <s>
@@ -172,7 +192,9 @@ def split_at_turns(ids, offset, R):
                 end, j = exchanges[j][2], j + 1
             piece = [head, (u, end)]
             i = j
-        else:  # one exchange longer than the row: the head of the question (half the row at least, if it is that
+        # one exchange longer than the row: the head of the question (half the row at least, if it
+        # is that
+        else:
             # long: its instruction comes first) and of the reply
             keep_user = min(a - u, max(room - (end - a), room // 2))
             piece = [head, (u, u + keep_user), (a, min(end, a + room - keep_user))]
@@ -182,8 +204,8 @@ def split_at_turns(ids, offset, R):
 
 
 def window_batch(splits, weights, rng, B, T):
-    """Pretraining: B rows, each a random window of T + 1 tokens of a source drawn by weight (shorter only if
-    a shard is; the rest has no target). Returns x, y (B, T) int64 numpy arrays."""
+    """Pretraining: B rows, each a random window of T + 1 tokens of a source drawn by weight
+    (shorter only if a shard is; the rest has no target). Returns x, y (B, T) int64 numpy arrays."""
     names = list(weights)
     p = np.array([weights[n] for n in names], dtype=np.float64)
     p /= p.sum()
@@ -198,21 +220,24 @@ def window_batch(splits, weights, rng, B, T):
 
 
 class Packer:
-    """SFT rows, as one stream for the whole run: row i is a pure function of (seed, i), so a batch is a pure
-    function of (seed, step, micro-step, rank) like a pretraining batch (resume needs no state, each DDP rank
-    takes the rows one process would take at its place; every rank runs the same cheap packing of lengths).
+    """SFT rows, as one stream for the whole run: row i is a pure function of (seed, i), so a batch
+    is a pure function of (seed, step, micro-step, rank) like a pretraining batch (resume needs no
+    state, each DDP rank takes the rows one process would take at its place; every rank runs the
+    same cheap packing of lengths).
 
-    Conversations are drawn source by source so that each source gets its weight's share of the tokens, and
-    within a source in a fresh random order every epoch: a conversation is trained once per epoch of its
-    source, whatever its length. Their pieces (Split.cut_pieces) wait in a buffer; a row takes the longest
-    waiting piece that still fits, again and again (best fit), and is padded only when none fits. What does not
-    fit waits for a later row: nothing is discarded, and a piece that keeps being passed over starts a row of
-    its own. Each piece attends only to itself (doc ids).
+    Conversations are drawn source by source so that each source gets its weight's share of the
+    tokens, and within a source in a fresh random order every epoch: a conversation is trained once
+    per epoch of its source, whatever its length. Their pieces (Split.cut_pieces) wait in a buffer;
+    a row takes the longest waiting piece that still fits, again and again (best fit), and is padded
+    only when none fits. What does not fit waits for a later row: nothing is discarded, and a piece
+    that keeps being passed over starts a row of its own. Each piece attends only to itself (doc
+    ids).
 
-    Use: packer = Packer(splits, weights, seed_list, T); x, y, doc = packer.batch(first_row, B) gives (B, T)
-    int64 numpy arrays (targets -1 where untrained, doc ids -1 on padding); packer.stats(rows) gives the fill
-    rate and trained tokens per row. Nothing else is needed to read SFT rows (a faster data path or another
-    attention mask only has to consume batch()'s arrays)."""
+    Use: packer = Packer(splits, weights, seed_list, T); x, y, doc = packer.batch(first_row, B)
+    gives (B, T) int64 numpy arrays (targets -1 where untrained, doc ids -1 on padding);
+    packer.stats(rows) gives the fill rate and trained tokens per row. Nothing else is needed to
+    read SFT rows (a faster data path or another attention mask only has to consume batch()'s
+    arrays)."""
 
     def __init__(self, splits, weights, seed, T, buffer=32):
         self.splits, self.seed, self.T, self.size = splits, seed, T, buffer
@@ -226,19 +251,23 @@ class Packer:
 
     def start(self):
         self.cache, self.next_row = {}, 0
-        self.waiting = []  # sorted (length, -draw number, source index, piece): of equal lengths, the oldest last
+        # sorted (length, -draw number, source index, piece): of equal lengths, the oldest last
+        self.waiting = []
         self.drawn = np.zeros(len(self.names))  # tokens drawn per source
-        self.order = [(-1, None, 0)] * len(self.names)  # per source: (epoch, order of its conversations, position)
+        # per source: (epoch, order of its conversations, position)
+        self.order = [(-1, None, 0)] * len(self.names)
         self.draws = 0
 
     def draw(self):
-        """The next conversation, from the source furthest below its share of the tokens drawn so far."""
+        """The next conversation, from the source furthest below its share of the tokens drawn so
+        far."""
         k = int(np.argmax(self.share * self.drawn.sum() - self.drawn))
         split = self.splits[self.names[k]]
         epoch, order, pos = self.order[k]
         if order is None or pos == len(order):
             epoch, pos = epoch + 1, 0
-            order = split.usable[np.random.default_rng([*self.seed, k, epoch]).permutation(len(split.usable))]
+            order = split.usable[np.random.default_rng([*self.seed, k,
+                                                        epoch]).permutation(len(split.usable))]
         self.order[k] = (epoch, order, pos + 1)
         c = order[pos]
         for p in range(split.pieces['first'][c], split.pieces['first'][c + 1]):
@@ -253,7 +282,8 @@ class Packer:
             while len(self.waiting) < self.size:
                 self.draw()
             i = -1
-            if not row:  # a piece passed over for 4 x size draws (a length that rarely fits) starts the next row
+            # a piece passed over for 4 x size draws (a length that rarely fits) starts the next row
+            if not row:
                 oldest = max(range(len(self.waiting)), key=lambda j: self.waiting[j][1])
                 i = oldest if self.draws + self.waiting[oldest][1] > 4 * self.size else -1
             if i < 0:  # the longest piece that still fits (of equal lengths, the oldest)
@@ -265,8 +295,9 @@ class Packer:
             room -= length
 
     def rows(self, first, n, forget=True):
-        """Rows first .. first + n - 1 as lists of (source index, piece). Rows before `first` are forgotten
-        (training asks for increasing rows); asking for an earlier one packs the stream again from row 0."""
+        """Rows first .. first + n - 1 as lists of (source index, piece). Rows before `first` are
+        forgotten (training asks for increasing rows); asking for an earlier one packs the stream
+        again from row 0."""
         if first < self.next_row and first not in self.cache:
             self.start()
         while self.next_row < first + n:
@@ -279,8 +310,8 @@ class Packer:
         return out
 
     def batch(self, first, B, forget=True):
-        """Rows first .. first + B - 1 as x, y, doc_ids (B, T) int64 numpy arrays: targets are -1 except
-        where the loss mask is 1; doc_ids number the pieces of a row (-1: padding)."""
+        """Rows first .. first + B - 1 as x, y, doc_ids (B, T) int64 numpy arrays: targets are -1
+        except where the loss mask is 1; doc_ids number the pieces of a row (-1: padding)."""
         R = self.T + 1
         toks, mask = np.zeros((B, R), dtype=np.int64), np.zeros((B, R), dtype=np.int64)
         doc = np.full((B, R), -1, dtype=np.int64)
@@ -302,10 +333,13 @@ class Packer:
         return toks[:, :-1], y, doc[:, :-1]
 
     def stats(self, rows):
-        """Fill (share of row tokens that are conversation), trained tokens per row, over the first `rows` rows."""
+        """Fill (share of row tokens that are conversation), trained tokens per row, over the first
+        `rows` rows."""
         packed = self.rows(0, rows, forget=False)
-        lengths = [sum(int(self.splits[self.names[k]].pieces['length'][p]) for k, p in row) for row in packed]
-        trained = [sum(int(self.splits[self.names[k]].pieces['trained'][p]) for k, p in row) for row in packed]
+        lengths = [sum(int(self.splits[self.names[k]].pieces['length'][p]) for k,
+                       p in row) for row in packed]
+        trained = [sum(int(self.splits[self.names[k]].pieces['trained'][p]) for k,
+                       p in row) for row in packed]
         return sum(lengths) / (rows * (self.T + 1)), sum(trained) / rows
 
 
@@ -319,8 +353,8 @@ def check_mixture(cfg):
         die(f"mixture must be a non-empty dict {{source name: weight}}, got {mixture!r}")
     for name, w in mixture.items():
         if name not in cfg.sources:
-            die(f"mixture names '{name}', which is not in sources ({', '.join(cfg.sources)}): add it to "
-                f"sources and run `python prepare.py <your config>`")
+            die(f"mixture names '{name}', which is not in sources ({', '.join(cfg.sources)}): add "
+                "it to sources and run `python prepare.py <your config>`")
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
             die(f"mixture weight for '{name}' must be a finite number >= 0, got {w!r}")
     if sum(mixture.values()) <= 0:
@@ -328,12 +362,21 @@ def check_mixture(cfg):
     return {n: w for n, w in mixture.items() if w > 0}
 
 
+@dataclass
+class RunData:
+    """The prepared splits a training run reads."""
+    mixture: dict  # {source: weight > 0}
+    train: dict  # {source: Split}
+    val: dict  # {source: Split}: the validated sources
+    sft: bool  # every mixture source is a chat source: masked loss, packed conversations
+    best_on: list  # the val sources whose loss chooses best.pt
+
+
 def build_data(cfg, tok):
-    """The prepared splits a run reads, checked against the tokenizer: (mixture, train: {source: Split},
-    val: {source: Split}, sft: whether every mixture source is a chat source, best_on: the val sources that
-    choose best.pt)."""
+    """The prepared splits a run reads (RunData), checked against the tokenizer."""
     mixture = check_mixture(cfg)
-    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}  # (checks they match the tokenizer)
+    # (checks they match the tokenizer)
+    train = {n: Split(cfg.data_dir, n, 'train', tok.sha256) for n in mixture}
     val_names = cfg.val_sources if cfg.val_sources is not None else list(mixture)
     for n in val_names:
         if n not in cfg.sources:
@@ -341,34 +384,41 @@ def build_data(cfg, tok):
     val = {n: Split(cfg.data_dir, n, 'val', tok.sha256) for n in val_names}
     sft = sft_mode(train)
     if sft and not sft_mode(val):
-        die(f"this is an SFT run (every mixture source is a chat source) but val_sources includes text sources "
-            f"({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
-    # best.pt is chosen on best_on: by default the largest validated source of the mixture (a small one repeated
-    # many times overfits, and its val loss rises, long before the rest stops improving)
+        die("this is an SFT run (every mixture source is a chat source) but val_sources includes "
+            f"text sources ({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
+    # best.pt is chosen on best_on: by default the largest validated source of the mixture (a small
+    # one repeated many times overfits, and its val loss rises, long before the rest stops
+    # improving)
     best_on = [cfg.best_on] if isinstance(cfg.best_on, str) else cfg.best_on
     if best_on is None:
         validated = [n for n in train if n in val] or list(val)
-        best_on = [max(validated, key=lambda n: train[n].tokens if n in train else 0)] if validated else []
+        size = lambda n: train[n].tokens if n in train else 0
+        best_on = [max(validated, key=size)] if validated else []
     for n in best_on:
         if n not in val:
-            die(f"best_on names '{n}', which is not among the validated sources ({', '.join(val) or 'none'}): "
-                f"name sources of val_sources (or of the mixture)")
-    return mixture, train, val, sft, best_on
+            die(f"best_on names '{n}', which is not among the validated sources "
+                f"({', '.join(val) or 'none'}): name sources of val_sources (or of the mixture)")
+    return RunData(mixture, train, val, sft, best_on)
 
 
-def make_batches(cfg, train, val, mixture, sft, rank, world):
+def make_batches(cfg, run_data, rank, world):
     """The run's batch readers, each giving x, y, doc_ids (None for pretraining) as numpy arrays:
-    train_batch(step, micro) is micro-batch `micro` of a step (0 .. gradient_accumulation_steps - 1, counted over
-    all processes, so N processes train what one does); val_batches(i, name) yields this process's share of a val
-    source's batches, the same ones at every evaluation. Also returns the SFT packer (None for pretraining)."""
+    train_batch(step, micro) is micro-batch `micro` of a step (0 .. gradient_accumulation_steps - 1,
+    counted over all processes, so N processes train what one does); val_batches(i, name) yields
+    this process's share of a val source's batches, the same ones at every evaluation. Also returns
+    the SFT packer (None for pretraining)."""
     B, T = cfg.batch_size, cfg.block_size
-    packer = Packer(train, mixture, [cfg.seed], T) if sft else None  # SFT: one packed stream of conversations
-    val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n, s in val.items()} if sft else {}
+    train, val, mixture, sft = run_data.train, run_data.val, run_data.mixture, run_data.sft
+    # SFT: one packed stream of conversations
+    packer = Packer(train, mixture, [cfg.seed], T) if sft else None
+    val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n,
+                   s in val.items()} if sft else {}
 
     def train_batch(step, micro):
         if sft:
             return packer.batch((step * cfg.gradient_accumulation_steps + micro) * B, B)
-        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, step, micro]), B, T), None)
+        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, step, micro]), B, T),
+                None)
 
     def val_batches(i, name):
         for k in range(rank, cfg.eval_iters, world):  # the processes share the batches out
@@ -385,15 +435,15 @@ def make_batches(cfg, train, val, mixture, sft, rank, world):
 # Evaluation sets and the loss and bits per byte of one
 
 def windows(tokens, T):
-    """Non-overlapping windows over a token stream: each predicts its T tokens from what precedes them
-    in the window."""
+    """Non-overlapping windows over a token stream: each predicts its T tokens from what precedes
+    them in the window."""
     return [(tokens[s:s + T], tokens[s + 1:s + T + 1]) for s in range(0, len(tokens) - 1, T)]
 
 
 def split_sequences(cfg, tok, name, T):
-    """The fixed evaluation set of a prepared val split: its first eval_tokens tokens, in order. Text is
-    cut into windows; chat conversations are evaluated one by one (truncated to the context), on their
-    assistant tokens only."""
+    """The fixed evaluation set of a prepared val split: its first eval_tokens tokens, in order.
+    Text is cut into windows; chat conversations are evaluated one by one (truncated to the
+    context), on their assistant tokens only."""
     val = SplitReader(cfg.data_dir, name, 'val', tok.sha256)
     seqs, used = [], 0
     for i, shard in enumerate(val.shards):
@@ -415,16 +465,17 @@ def split_sequences(cfg, tok, name, T):
 
 
 def loss_sums(nats, y, token_bytes):
-    """One batch's share of the loss and bits per byte of an evaluation, which train.py (its val loss) and
-    eval.py both add up: nats (B, T) the loss at each position (0 where there is no target), y (B, T) the
-    targets (-1: none), token_bytes (vocab,) the UTF-8 bytes of each token (0 for control tokens). Returns
-    (nats, targets, bytes), each summed over the batch (0-d tensors: tensor methods only, so this module
-    needs no torch)."""
+    """One batch's share of the loss and bits per byte of an evaluation, which train.py (its val
+    loss) and eval.py both add up: nats (B, T) the loss at each position (0 where there is no
+    target), y (B, T) the targets (-1: none), token_bytes (vocab,) the UTF-8 bytes of each token (0
+    for control tokens). Returns (nats, targets, bytes), each summed over the batch (0-d tensors:
+    tensor methods only, so this module needs no torch)."""
     trained = y != -1
     return nats.sum(), trained.sum(), token_bytes[y[trained]].sum()
 
 
 def bits_per_byte(nats, n_bytes):
-    """Summed nats over the UTF-8 bytes they predict, in bits: a measure that compares models whatever their
-    tokenizers (a tokenizer with longer tokens has fewer, harder targets per byte)."""
+    """Summed nats over the UTF-8 bytes they predict, in bits: a measure that compares models
+    whatever their tokenizers (a tokenizer with longer tokens has fewer, harder targets per
+    byte)."""
     return nats / (math.log(2) * n_bytes)

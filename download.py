@@ -20,21 +20,24 @@ import requests
 
 from common import Progress, die, file_sha256
 
-HF_DATASETS = 'https://huggingface.co/datasets'  # where sources.py and eval.py find public data sets
+# where sources.py and eval.py find public data sets
+HF_DATASETS = 'https://huggingface.co/datasets'
 
 # set from the config by the scripts (setup); tests point them at a local server and short delays
 SETTINGS = {'cache_dir': 'out/cache', 'retries': 5, 'timeout': 30.0, 'backoff': 2.0}
 
 
 def setup(cfg):
-    SETTINGS.update(cache_dir=cfg.cache_dir, retries=cfg.download_retries, timeout=cfg.download_timeout,
-                    backoff=cfg.download_backoff)
+    SETTINGS.update(cache_dir=cfg.cache_dir, retries=cfg.download_retries,
+                    timeout=cfg.download_timeout, backoff=cfg.download_backoff)
 
 
 def cache_path(url):
-    """Where a URL lives in the cache: <cache_dir>/<host>/<path>, so equal file names do not collide."""
+    """Where a URL lives in the cache: <cache_dir>/<host>/<path>, so equal file names do not
+    collide."""
     u = urllib.parse.urlparse(url)
-    parts = [p for p in (u.netloc.replace(':', '_') + u.path).split('/') if p not in ('', '.', '..')]
+    where = u.netloc.replace(':', '_') + u.path
+    parts = [p for p in where.split('/') if p not in ('', '.', '..')]
     return os.path.join(SETTINGS['cache_dir'], *parts)
 
 
@@ -54,9 +57,10 @@ class Retry(Exception):
 
 
 def fetch(url, sha256=None, size=None, label=None):
-    """The cached copy of `url`, downloaded first if needed (see the module docstring); `label` names it in the
-    progress lines. The bytes go to <path>.part, which survives an interrupted run: the next try asks only for
-    the rest (Range), and only if the server's file is still the one it started (If-Range with its ETag)."""
+    """The cached copy of `url`, downloaded first if needed (see the module docstring); `label`
+    names it in the progress lines. The bytes go to <path>.part, which survives an interrupted run:
+    the next try asks only for the rest (Range), and only if the server's file is still the one it
+    started (If-Range with its ETag)."""
     path = cache_path(url)
     if os.path.exists(path):
         return path
@@ -72,11 +76,14 @@ def fetch(url, sha256=None, size=None, label=None):
             headers = {'Accept-Encoding': 'identity'}
             if have:
                 headers['Range'] = f'bytes={have}-'
-                if os.path.exists(etag_file):  # resume only if the file is still the one we started on
+                # resume only if the file is still the one we started on
+                if os.path.exists(etag_file):
                     headers['If-Range'] = open(etag_file).read()
             with requests.get(url, headers=headers, stream=True, timeout=SETTINGS['timeout']) as r:
-                # 416: the Range starts at or past the end; if the server's file has exactly our size, we have it all
-                if r.status_code == 416 and have:  # nothing left to send: is the part the whole file?
+                # 416: the Range starts at or past the end; if the server's file has exactly our
+                # size, we have it all
+                # nothing left to send: is the part the whole file?
+                if r.status_code == 416 and have:
                     if r.headers.get('Content-Range', '').endswith(f'/{have}'):
                         break
                     os.remove(part)  # the file on the server is not the one we have half of
@@ -84,48 +91,59 @@ def fetch(url, sha256=None, size=None, label=None):
                 if r.status_code >= 500 or r.status_code == 429:
                     raise Retry(f"HTTP {r.status_code} {r.reason}")
                 if r.status_code not in (200, 206):
-                    die(f"download of {url} failed: HTTP {r.status_code} {r.reason}. Check the address "
-                        f"(the source's url or base_url setting) or that you are online.")
-                # 206 from where we stopped: append. A 200 (no Range support, or If-Range found the file changed)
-                # is the whole file again: start the part over.
-                resume = r.status_code == 206 and r.headers.get('Content-Range', '').startswith(f'bytes {have}-')
+                    die(f"download of {url} failed: HTTP {r.status_code} {r.reason}. Check the "
+                        "address (the source's url or base_url setting) or that you are online.")
+                # 206 from where we stopped: append. A 200 (no Range support, or If-Range found the
+                # file changed) is the whole file again: start the part over.
+                content_range = r.headers.get('Content-Range', '')
+                resume = r.status_code == 206 and content_range.startswith(f'bytes {have}-')
                 done = have if resume else 0
                 length = r.headers.get('Content-Length')
                 total = done + int(length) if length is not None else size
                 if have and not resume:
-                    print(f"  {label}: the server does not resume (or the file changed), downloading it again")
-                if r.headers.get('ETag') and not resume:  # what a later resume checks the file against
+                    print(f"  {label}: the server does not resume (or the file changed), "
+                          "downloading it again")
+                # what a later resume checks the file against
+                if r.headers.get('ETag') and not resume:
                     with open(etag_file, 'w') as f:
                         f.write(r.headers['ETag'])
-                progress, start = Progress(f"downloading {label}", total, unit='MB', scale=1e6), done
+                progress, start = Progress(f"downloading {label}", total, unit='MB',
+                                           scale=1e6), done
                 with open(part, 'ab' if resume else 'wb') as f:
-                    for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses little
+                    # small: a dropped connection loses little
+                    for chunk in r.iter_content(chunk_size=1 << 16):
                         f.write(chunk)
                         done += len(chunk)
                         progress(done, start)  # (the resumed part does not count toward the rate)
-                if total is not None and done < total:  # the stream ended early without an error: try again
+                # the stream ended early without an error: try again
+                if total is not None and done < total:
                     raise Retry(f"connection closed after {done:,} of {total:,} bytes")
                 break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, Retry) as e:
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError, Retry) as e:
             attempt += 1
             if attempt > SETTINGS['retries']:
-                die(f"download of {url} failed after {SETTINGS['retries']} retries ({e}). Rerun to resume from "
-                    f"the {os.path.getsize(part) if os.path.exists(part) else 0:,} bytes already in {part}.")
-            wait = SETTINGS['backoff'] * 2 ** (attempt - 1)  # exponential backoff: a busy server gets room
-            print(f"  {label}: {e}; retry {attempt}/{SETTINGS['retries']} in {wait:.1f}s", flush=True)
+                die(f"download of {url} failed after {SETTINGS['retries']} retries ({e}). Rerun to "
+                    f"resume from the {os.path.getsize(part) if os.path.exists(part) else 0:,} "
+                    f"bytes already in {part}.")
+            # exponential backoff: a busy server gets room
+            wait = SETTINGS['backoff'] * 2 ** (attempt - 1)
+            print(f"  {label}: {e}; retry {attempt}/{SETTINGS['retries']} in {wait:.1f}s",
+                  flush=True)
             time.sleep(wait)
     # only a complete, checked file takes the final name: a cached file is always a good one
     got = os.path.getsize(part)
     if size is not None and got != size:
         os.remove(part)
-        die(f"download of {url} has {got:,} bytes, expected {size:,}; the file was removed, rerun to fetch it again")
+        die(f"download of {url} has {got:,} bytes, expected {size:,}; the file was removed, rerun "
+            "to fetch it again")
     if sha256 is not None:
         got_sha = file_sha256(part)
         if got_sha != sha256:
             os.remove(part)
-            die(f"download of {url} does not match its sha256 (expected {sha256[:16]}..., got {got_sha[:16]}...): "
-                "the file was removed. Rerun to fetch it again; if the publisher changed the file on purpose, set the "
-                "source's 'sha256' to None.")
+            die(f"download of {url} does not match its sha256 (expected {sha256[:16]}..., got "
+                f"{got_sha[:16]}...): the file was removed. Rerun to fetch it again; if the "
+                "publisher changed the file on purpose, set the source's 'sha256' to None.")
     os.replace(part, path)
     if os.path.exists(etag_file):
         os.remove(etag_file)

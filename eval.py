@@ -1,23 +1,25 @@
 """
 Stage 5: how good is a checkpoint?
 
-    python eval.py config/demo.py                                   # every prepared val split + smoke prompts
+    python eval.py config/demo.py                      # every prepared val split + smoke prompts
     python eval.py config/prod_pretrain.py --boolq=download --hellaswag=download
     python eval.py config/prod_sft.py --eval_chat=True --boolq=path/to/dev.jsonl
     python eval.py config/demo.py --text_file=some.txt
 
-- Val splits (or --text_file): mean loss per target token (summed over tokens, not averaged over batch
-  means), perplexity, and bits per byte = summed nats / (ln 2 x UTF-8 bytes of the target text), with
-  special tokens counting zero bytes. Bits per byte compares models with different tokenizers. The set is
-  fixed (the first eval_tokens tokens of each split, in order), so numbers compare across checkpoints.
-- BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" / " no") has
-  the higher log-likelihood, beside the majority-class and always-no baselines on the same examples (each
-  with its standard error).
+- Val splits (or --text_file): mean loss per target token (summed over tokens, not averaged over
+  batch means), perplexity, and bits per byte = summed nats / (ln 2 x UTF-8 bytes of the target
+  text), with special tokens counting zero bytes. Bits per byte compares models with different
+  tokenizers. The set is fixed (the first eval_tokens tokens of each split, in order), so numbers
+  compare across checkpoints.
+- BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" or
+  " no") has the higher log-likelihood, beside the majority-class and always-no baselines on the
+  same examples (each with its standard error).
 - HellaSwag (context, four endings), as lm-evaluation-harness scores it: the context is
-  "activity_label: ctx_a Ctx_b", context and endings cleaned of WikiHow's [title]/[header] marks, each
-  ending scored after a space by summed log-prob (acc) and log-prob per character (acc_norm), each with
-  its standard error; random is 25%.
-- Benchmark rows are all checked (the fields: 'What a row ... must hold', below) before the model is loaded.
+  "activity_label: ctx_a Ctx_b", context and endings cleaned of WikiHow's [title]/[header] marks,
+  each ending scored after a space by summed log-prob (acc) and log-prob per character (acc_norm),
+  each with its standard error; random is 25%.
+- Benchmark rows are all checked (the fields: 'What a row ... must hold', below) before the model is
+  loaded.
 - --eval_chat=True asks the same questions through the chat template (for SFT checkpoints).
 - A fixed list of prompts answered greedily, printed and saved.
 Results go to eval_results.json and eval_results.md beside the checkpoint (or in eval_out).
@@ -42,10 +44,11 @@ from tokenizer import Tokenizer, render_for_reply
 HF = download.HF_DATASETS
 BENCHMARK_URLS = {'boolq': f'{HF}/google/boolq/resolve/main/data/validation-00000-of-00001.parquet',
                   'hellaswag': f'{HF}/Rowan/hellaswag/resolve/main/data/validation-00000-of-00001.parquet'}
-SMOKE_PROMPTS = ["The capital of France is", "Once upon a time, there was a", "To fix a flat tyre, first",
+SMOKE_PROMPTS = ["The capital of France is", "Once upon a time, there was a",
+                 "To fix a flat tyre, first",
                  "The best way to learn is", "Water boils at", "My favourite book is"]
-SMOKE_QUESTIONS = ["who are you?", "what is 2 + 2?", "what is the capital of france?", "tell me a joke.",
-                   "how do i fix a flat tyre?", "what did you do today?"]
+SMOKE_QUESTIONS = ["who are you?", "what is 2 + 2?", "what is the capital of france?",
+                   "tell me a joke.", "how do i fix a flat tyre?", "what did you do today?"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,9 +56,9 @@ SMOKE_QUESTIONS = ["who are you?", "what is 2 + 2?", "what is the capital of fra
 
 @torch.no_grad()
 def position_nats(model, sequences, autocast, device, batch_size, progress=None):
-    """Score (ids, targets) pairs batch by batch: position i predicts targets[i]; -1 marks a position
-    without a target. Sequences are at most block_size long. Yields y (B, T) the targets and nats (B, T)
-    the loss at each position (0 where there is no target)."""
+    """Score (ids, targets) pairs batch by batch: position i predicts targets[i]; -1 marks a
+    position without a target. Sequences are at most block_size long. Yields y (B, T) the targets
+    and nats (B, T) the loss at each position (0 where there is no target)."""
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         T = max(len(ids) for ids, _ in chunk)
@@ -81,9 +84,10 @@ def score_sequences(model, sequences, autocast, device, batch_size, progress=Non
 
 
 def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
-    """Mean loss per target token, perplexity and bits per byte over (ids, targets) sequences (data.loss_sums,
-    as train.py's evaluation computes them)."""
-    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
+    """Mean loss per target token, perplexity and bits per byte over (ids, targets) sequences
+    (data.loss_sums, as train.py's evaluation computes them)."""
+    # special tokens: 0 bytes
+    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
     progress = Progress(label, len(sequences), every=5)
     for y, nats in position_nats(model, sequences, autocast, device, batch_size, progress):
@@ -91,7 +95,8 @@ def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
     nats, n, n_bytes = sums.tolist()
     if n == 0:
         die(f"{label}: nothing to evaluate (no target tokens)")
-    return {'tokens': int(n), 'bytes': int(n_bytes), 'loss': nats / n, 'perplexity': math.exp(nats / n),
+    return {'tokens': int(n), 'bytes': int(n_bytes), 'loss': nats / n,
+            'perplexity': math.exp(nats / n),
             'bits_per_byte': bits_per_byte(nats, n_bytes) if n_bytes else None}
 
 
@@ -99,7 +104,7 @@ def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
 # Multiple-choice benchmarks: the log-likelihood of each continuation after a prompt
 
 # What a row of each benchmark file must hold (the public files have more fields; they are ignored):
-#   boolq      question, passage: strings; answer: true or false (a JSON boolean, not the string "false")
+# boolq question, passage: strings; answer: true or false (a JSON boolean, not the string "false")
 #   hellaswag  activity_label, ctx_a, ctx_b: strings; endings: a list of at least 2 strings;
 #              label: the index of the right ending (0, 1, ... as a number or a string of digits)
 def got(value):
@@ -119,36 +124,43 @@ def hellaswag_problem(row):
         if not isinstance(row[field], str):
             return f"field {field!r} must be a string, {got(row[field])}"
     endings, label = row['endings'], row['label']
-    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str)
+                                                                    for e in endings):
         return f"field 'endings' must be a list of at least 2 strings, {got(endings)}"
     if isinstance(label, str) and label.isdigit():
         label = int(label)  # the parquet files store it as a string
     if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)):
-        return f"field 'label' must be the index of the right ending, 0 to {len(endings) - 1}, {got(label)}"
+        return (f"field 'label' must be the index of the right ending, 0 to {len(endings) - 1}, "
+                f"{got(label)}")
     row['label'] = label
 
 
 BENCHMARKS = {'boolq': (('question', 'passage', 'answer'), boolq_problem),
-              'hellaswag': (('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label'), hellaswag_problem)}
+              'hellaswag': (('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label'),
+                            hellaswag_problem)}
 
 
 def read_rows(path, what):
-    """Every row of a benchmark file (.jsonl or .parquet), each checked before any model work: a bad row
-    stops the run naming the file, the row and the field."""
+    """Every row of a benchmark file (.jsonl or .parquet), each checked before any model work: a bad
+    row stops the run naming the file, the row and the field."""
     if not os.path.isfile(path):
         die(f"{what}: cannot read {path}: no such file (give a path, or 'download')")
     if path.endswith('.parquet'):
-        rows = [(f"row {n}", row) for n, row in enumerate(sources.parquet(path).read().to_pylist(), 1)]
+        table = sources.parquet(path).read().to_pylist()
+        rows = [(f"row {n}", row) for n, row in enumerate(table, 1)]
     else:
         rows = [(f"line {n}", row) for n, row in sources.read_jsonl(path, None)]
     if not rows:
-        die(f"{what}: {path} has no rows: is it the right file? (it should be the {what} validation set)")
+        die(f"{what}: {path} has no rows: is it the right file? (it should be the {what} "
+            f"validation "
+            "set)")
     fields, problem = BENCHMARKS[what]
     for where, row in rows:
         missing = [f for f in fields if not isinstance(row, dict) or f not in row]
         why = f"has no field {missing[0]!r}" if missing else problem(row)
         if why:
-            die(f"{what}: {path} {where} {why} (a {what} row has {', '.join(fields)}; see README, Evaluation)")
+            die(f"{what}: {path} {where} {why} (a {what} row has {', '.join(fields)}; see README, "
+                "Evaluation)")
     return [row for _, row in rows]
 
 
@@ -162,16 +174,17 @@ def benchmark_file(spec, name):
 
 
 def continuation_logprobs(model, pairs, autocast, device, batch_size, label, head=1):
-    """(summed log-prob, tokens) of each continuation given its prompt. A prompt too long for the context
-    loses tokens after its first `head` (<s>, and <|usr|> in chat), so it still starts as trained; a
-    continuation longer than the context is scored on its first block_size tokens."""
+    """(summed log-prob, tokens) of each continuation given its prompt. A prompt too long for the
+    context loses tokens after its first `head` (<s>, and <|usr|> in chat), so it still starts as
+    trained; a continuation longer than the context is scored on its first block_size tokens."""
     T = model.cfg.block_size
     seqs = []
     for prompt, cont in pairs:
         cont = cont[:T]
         room = T + 1 - len(cont)
         if len(prompt) > room:
-            prompt = prompt[:min(head, room - 1)] + prompt[len(prompt) - (room - min(head, room - 1)):]
+            keep_head = min(head, room - 1)
+            prompt = prompt[:keep_head] + prompt[len(prompt) - (room - keep_head):]
         ids = prompt + cont
         seqs.append((ids[:-1], [-1] * (len(prompt) - 1) + cont))
     return [(-nats, n) for nats, n in score_sequences(model, seqs, autocast, device, batch_size,
@@ -190,9 +203,11 @@ def boolq(model, tok, rows, chat, autocast, device, batch_size):
     for r in rows:
         text = f"{r['passage']}\nQuestion: {r['question'].rstrip('?')}?\nAnswer"
         prompt = prompt_ids(tok, text + (" yes or no?" if chat else ':'), chat)
-        for answer in ('yes', 'no'):  # a chat reply starts right after <|asst|>; text after "Answer:" with a space
+        # a chat reply starts right after <|asst|>; text after "Answer:" with a space
+        for answer in ('yes', 'no'):
             pairs.append((prompt, tok.encode(answer if chat else ' ' + answer)))
-    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'boolq', head=2 if chat else 1)
+    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'boolq',
+                                   head=2 if chat else 1)
     truth = [r['answer'] for r in rows]
     predicted = [scores[2 * i][0] > scores[2 * i + 1][0] for i in range(len(rows))]
     n = len(rows)
@@ -200,8 +215,8 @@ def boolq(model, tok, rows, chat, autocast, device, batch_size):
     yes = sum(truth) / n
     majority, always_no = max(yes, 1 - yes), 1 - yes
     return {'n': n, 'acc': acc, 'stderr': stderr(acc, n), 'majority_baseline': majority,
-            'majority_stderr': stderr(majority, n), 'always_no': always_no, 'always_no_stderr': stderr(always_no, n),
-            'predicted_yes': sum(predicted) / n}
+            'majority_stderr': stderr(majority, n), 'always_no': always_no,
+            'always_no_stderr': stderr(always_no, n), 'predicted_yes': sum(predicted) / n}
 
 
 def stderr(p, n):
@@ -210,7 +225,8 @@ def stderr(p, n):
 
 
 def hellaswag_clean(text):
-    """lm-evaluation-harness's cleaning of HellaSwag text (its WikiHow half has [title] and [header] marks)."""
+    """lm-evaluation-harness's cleaning of HellaSwag text (its WikiHow half has [title] and [header]
+    marks)."""
     text = text.strip().replace(' [title]', '. ')
     text = re.sub(r'\[.*?\]', '', text)
     return text.replace('  ', ' ')
@@ -222,15 +238,17 @@ def hellaswag_context(row):
 
 
 def hellaswag(model, tok, rows, chat, autocast, device, batch_size):
-    """Pick the ending with the highest log-prob (acc) and log-prob per character of the ending (acc_norm),
-    scored as lm-evaluation-harness does: the same context and endings, the ending after a space."""
+    """Pick the ending with the highest log-prob (acc) and log-prob per character of the ending
+    (acc_norm), scored as lm-evaluation-harness does: the same context and endings, the ending after
+    a space."""
     pairs, lengths = [], []
     for r in rows:
         prompt = prompt_ids(tok, ("Continue: " if chat else '') + hellaswag_context(r), chat)
         for ending in map(hellaswag_clean, r['endings']):
             pairs.append((prompt, tok.encode(ending if chat else ' ' + ending)))
             lengths.append(len(ending))
-    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'hellaswag', head=2 if chat else 1)
+    scores = continuation_logprobs(model, pairs, autocast, device, batch_size, 'hellaswag',
+                                   head=2 if chat else 1)
     acc = acc_norm = 0
     start = 0
     for r in rows:
@@ -242,7 +260,8 @@ def hellaswag(model, tok, rows, chat, autocast, device, batch_size):
         acc_norm += int(np.argmax(norm)) == r['label']
     n = len(rows)
     return {'n': n, 'acc': acc / n, 'stderr': stderr(acc / n, n), 'acc_norm': acc_norm / n,
-            'acc_norm_stderr': stderr(acc_norm / n, n), 'random_baseline': sum(1 / len(r['endings']) for r in rows) / n}
+            'acc_norm_stderr': stderr(acc_norm / n, n),
+            'random_baseline': sum(1 / len(r['endings']) for r in rows) / n}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +274,8 @@ def smoke(model, tok, chat, autocast, max_new_tokens=48):
         stop = {tok.eot_id} if chat else {tok.bos_id, tok.eos_id}
         with autocast:
             new = list(model.generate(ids, max_new_tokens, temperature=0, stop=stop,
-                                      banned=(tok.bos_id, tok.sys_id, tok.usr_id, tok.asst_id) if chat else ()))
+                                      banned=(tok.bos_id, tok.sys_id, tok.usr_id,
+                                              tok.asst_id) if chat else ()))
         text = tok.decode([t for t in new if t not in stop])
         out.append({'prompt': prompt, 'output': text})
         shown = text.strip()[:300].replace('\n', '\n    ')
@@ -264,12 +284,14 @@ def smoke(model, tok, chat, autocast, max_new_tokens=48):
 
 
 def benchmark_line(name, r):
-    """acc ± its standard error, beside what it must beat (each baseline with its own standard error)."""
+    """acc ± its standard error, beside what it must beat (each baseline with its own standard
+    error)."""
     if name == 'boolq':
-        return (f"acc {r['acc']:.3f} ± {r['stderr']:.3f}; majority {r['majority_baseline']:.3f} ± "
-                f"{r['majority_stderr']:.3f}, always-no {r['always_no']:.3f} ± {r['always_no_stderr']:.3f}")
-    return (f"acc {r['acc']:.3f} ± {r['stderr']:.3f}, acc_norm {r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}; "
-            f"random {r['random_baseline']:.3f}")
+        return (f"acc {r['acc']:.3f} ± {r['stderr']:.3f}; "
+                f"majority {r['majority_baseline']:.3f} ± {r['majority_stderr']:.3f}, "
+                f"always-no {r['always_no']:.3f} ± {r['always_no_stderr']:.3f}")
+    return (f"acc {r['acc']:.3f} ± {r['stderr']:.3f}, acc_norm {r['acc_norm']:.3f} ± "
+            f"{r['acc_norm_stderr']:.3f}; random {r['random_baseline']:.3f}")
 
 
 def markdown(results):
@@ -277,7 +299,9 @@ def markdown(results):
              '| data | tokens | loss | perplexity | bits/byte |', '|---|---|---|---|---|']
     for name, m in results['splits'].items():
         bpb = f"{m['bits_per_byte']:.4f}" if m['bits_per_byte'] is not None else '-'
-        lines.append(f"| {name} | {m['tokens']:,} | {m['loss']:.4f} | {m['perplexity']:.2f} | {bpb} |")
+        lines.append(f"| {name} | {m['tokens']:,} | {m['loss']:.4f} | {m['perplexity']:.2f} | "
+                     f"{bpb} "
+                     "|")
     for name in ('boolq', 'hellaswag'):
         if name in results:
             r = results[name]
@@ -288,7 +312,8 @@ def markdown(results):
 def main():
     cfg = configure()
     download.setup(cfg)
-    # every input is read and checked before the model is: a bad row or an unwritable folder costs nothing
+    # every input is read and checked before the model is: a bad row or an unwritable folder costs
+    # nothing
     limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows
     benchmarks = {name: limit(read_rows(benchmark_file(spec, name), name))
                   for name, spec in (('boolq', cfg.boolq), ('hellaswag', cfg.hellaswag)) if spec}
@@ -307,21 +332,22 @@ def main():
     check_writable(out_dir, 'eval_out')
     model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
     T, B = model.cfg.block_size, cfg.batch_size
-    results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'], 'tokenizer_sha256': tok.sha256,
-               'chat': cfg.eval_chat, 'splits': {}}
+    results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'],
+               'tokenizer_sha256': tok.sha256, 'chat': cfg.eval_chat, 'splits': {}}
     print(f"eval: {path} (step {ckpt['iter']}) on {device} {dtype}")
 
     if text is not None:
         ids = [tok.bos_id] + tok.encode(text)[:cfg.eval_tokens]
-        results['splits'][os.path.basename(cfg.text_file)] = split_metrics(model, tok, windows(ids, T), autocast,
-                                                                            device, B, cfg.text_file)
+        metrics = split_metrics(model, tok, windows(ids, T), autocast, device, B, cfg.text_file)
+        results['splits'][os.path.basename(cfg.text_file)] = metrics
     else:
         names = cfg.eval_sources if cfg.eval_sources is not None else [
             n for n in cfg.sources if is_prepared(cfg.data_dir, n, 'val')]
         for name in names:
             seqs = split_sequences(cfg, tok, name, T)
             if seqs:
-                results['splits'][name] = split_metrics(model, tok, seqs, autocast, device, B, f"{name}/val")
+                results['splits'][name] = split_metrics(model, tok, seqs, autocast, device, B,
+                                                        f"{name}/val")
     for name, m in results['splits'].items():
         print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte "
               f"{m['bits_per_byte']:.4f} ({m['tokens']:,} tokens)")
@@ -337,7 +363,8 @@ def main():
         json.dump(results, f, indent=2)
     with atomic_file(os.path.join(out_dir, 'eval_results.md'), 'w') as f:
         f.write(markdown(results))
-    print(f"\n{markdown(results)}\nwrote {os.path.join(out_dir, 'eval_results.json')} and eval_results.md")
+    print(f"\n{markdown(results)}\nwrote {os.path.join(out_dir, 'eval_results.json')} and "
+          "eval_results.md")
 
 
 if __name__ == '__main__':

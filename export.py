@@ -1,6 +1,6 @@
 """
-Stage 6: take the model elsewhere: a Hugging Face Llama folder (transformers) and a GGUF file (llama.cpp,
-ollama, LM Studio).
+Stage 6: take the model elsewhere: a Hugging Face Llama folder (transformers) and a GGUF file
+(llama.cpp, ollama, LM Studio).
 
     python export.py config/demo.py --phase=sft                     # -> out/demo/export/sft/
     python export.py config/demo.py --ckpt=out/demo/lora/best.pt --gguf_type=q8_0 --overwrite=True
@@ -13,19 +13,19 @@ It exports the checkpoint sample.py would load (a LoRA adapter is merged into it
     <export_dir>/model-<gguf_type>.gguf                       llama.cpp's format, tokenizer and template inside
     <export_dir>/Modelfile                                    `ollama create <name> -f Modelfile`
 
-Our model is a Llama on purpose (RMSNorm, RoPE, SwiGLU, GQA, no biases), so the export is mostly renaming.
-Two things need care. RoPE: we rotate the pairs (i, i + head_dim/2) of each head (the `rotate_half` layout
-transformers uses too), while llama.cpp rotates neighbours (2i, 2i+1), so the rows of the q and k weights
-are reordered for GGUF; the attention scores are the same. The tokenizer: our SentencePiece model goes
-in as it is (tokenizer.model), and also as a tokenizer.json (the `tokenizers` library's format, which
-transformers loads without sentencepiece or protobuf) and as GGUF token lists with scores and types, all
-set up to give our ids.
+Our model is a Llama on purpose (RMSNorm, RoPE, SwiGLU, GQA, no biases), so the export is mostly
+renaming. Two things need care. RoPE: we rotate the pairs (i, i + head_dim/2) of each head (the
+`rotate_half` layout transformers uses too), while llama.cpp rotates neighbours (2i, 2i+1), so the
+rows of the q and k weights are reordered for GGUF; the attention scores are the same. The
+tokenizer: our SentencePiece model goes in as it is (tokenizer.model), and also as a tokenizer.json
+(the `tokenizers` library's format, which transformers loads without sentencepiece or protobuf) and
+as GGUF token lists with scores and types, all set up to give our ids.
 
 Where the other tokenizers cannot match ours (tests/test_export.py checks the rest):
   - A literal U+2581 ('▁') in text: ours spells it with byte tokens, theirs read it as a space.
-  - The special tokens typed as text ("<|eot|>"): ours never turn text into a special id; transformers'
-    tokenizer does (its chat template needs that), and llama.cpp does when asked to parse specials
-    (its chat mode does). Do not pass untrusted text through those with specials on.
+  - The special tokens typed as text ("<|eot|>"): ours never turn text into a special id;
+    transformers' tokenizer does (its chat template needs that), and llama.cpp does when asked to
+    parse specials (its chat mode does). Do not pass untrusted text through those with specials on.
 
 Needs the export extra: pip install -r requirements-export.txt (safetensors, gguf).
 """
@@ -45,9 +45,10 @@ from tokenizer import DEFAULT_SYSTEM, SPECIALS, Tokenizer
 
 EXTRA = "pip install -r requirements-export.txt"
 
-# Our chat template (tokenizer.render_conversation) as Jinja, for transformers' apply_chat_template and
-# llama.cpp's --jinja: bos, then each message as [role] content, an assistant's closed by [eot]; the
-# generation prompt is [asst]. Roles must go: optional system, then user and assistant taking turns.
+# Our chat template (tokenizer.render_conversation) as Jinja, for transformers' apply_chat_template
+# and llama.cpp's --jinja: bos, then each message as [role] content, an assistant's closed by [eot];
+# the generation prompt is [asst]. Roles must go: optional system, then user and assistant taking
+# turns.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -75,7 +76,8 @@ def need(module):
     try:
         return __import__(module)
     except ImportError:
-        die(f"export.py needs the '{module}' package, which the rest of smallchat does not: {EXTRA}")
+        die(f"export.py needs the '{module}' package, which the rest of smallchat does not: "
+            f"{EXTRA}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +96,8 @@ def varint(buf, i):
 
 
 def proto_fields(buf):
-    """(field number, value) of each field of a protobuf message: ints for varints, bytes otherwise."""
+    """(field number, value) of each field of a protobuf message: ints for varints, bytes
+    otherwise."""
     i = 0
     while i < len(buf):
         key, i = varint(buf, i)
@@ -115,13 +118,15 @@ def proto_fields(buf):
 def read_sentencepiece(path):
     """Pieces [(text, score, type)] with SentencePiece's types (1 normal, 2 unknown, 3 control,
     4 user-defined, 5 unused, 6 byte: the numbers GGUF uses too), the model type, the normalizer."""
-    info = {'pieces': [], 'model_type': 1, 'add_dummy_prefix': True, 'remove_extra_whitespaces': True,
+    info = {'pieces': [], 'model_type': 1, 'add_dummy_prefix': True,
+            'remove_extra_whitespaces': True,
             'normalizer': 'nmt_nfkc'}  # protobuf defaults
     for field, value in proto_fields(open(path, 'rb').read()):
         if field == 1:  # ModelProto.pieces
             piece = {1: b'', 2: b'\0\0\0\0', 3: 1}
             piece.update(proto_fields(value))
-            info['pieces'].append((piece[1].decode('utf-8'), struct.unpack('<f', piece[2])[0], piece[3]))
+            info['pieces'].append((piece[1].decode('utf-8'), struct.unpack('<f', piece[2])[0],
+                                   piece[3]))
         elif field == 2:  # ModelProto.trainer_spec
             info['model_type'] = dict(proto_fields(value)).get(3, 1)
         elif field == 3:  # ModelProto.normalizer_spec
@@ -129,7 +134,8 @@ def read_sentencepiece(path):
             info['normalizer'] = spec.get(1, b'').decode('utf-8')
             info['add_dummy_prefix'] = bool(spec.get(3, 1))
             info['remove_extra_whitespaces'] = bool(spec.get(4, 1))
-    info['model_type'] = {1: 'unigram', 2: 'bpe'}.get(info['model_type'], f"type {info['model_type']}")
+    info['model_type'] = {1: 'unigram', 2: 'bpe'}.get(info['model_type'],
+                                                      f"type {info['model_type']}")
     return info
 
 
@@ -139,17 +145,20 @@ def read_sentencepiece(path):
 def check_exportable(cfg, model, sp, tok_path):
     """Stop, naming the setting, if this model or tokenizer has something the exports cannot say."""
     if sp['model_type'] not in ('bpe', 'unigram'):
-        die(f"{tok_path} is a SentencePiece {sp['model_type']} model; export handles bpe and unigram ones")
+        die(f"{tok_path} is a SentencePiece {sp['model_type']} model; export handles bpe and "
+            "unigram ones")
     if sp['add_dummy_prefix'] or sp['remove_extra_whitespaces'] or sp['normalizer'] != 'identity':
-        die(f"{tok_path} normalises text (add_dummy_prefix / remove_extra_whitespaces / a normalization rule); "
-            "tokenizer.py trains without any, which is what the exported tokenizers reproduce. Use its tokenizer.")
+        die(f"{tok_path} normalises text (add_dummy_prefix / remove_extra_whitespaces / a "
+            "normalization rule); tokenizer.py trains without any, which is what the exported "
+            "tokenizers reproduce. Use its tokenizer.")
     if len(sp['pieces']) != model.cfg.vocab_size:
-        die(f"the model has vocab_size={model.cfg.vocab_size} but {tok_path} has {len(sp['pieces'])} pieces; "
-            "both formats need one token per embedding row")
+        die(f"the model has vocab_size={model.cfg.vocab_size} but {tok_path} has "
+            f"{len(sp['pieces'])} pieces; both formats need one token per embedding row")
     if cfg.gguf_type != 'none' and sp['model_type'] == 'unigram':
-        die(f"{tok_path} is a unigram SentencePiece model (tokenizer_type='unigram'): llama.cpp's SentencePiece "
-            "tokenizer merges pieces by score, which gives a BPE model's ids but not a unigram model's. "
-            "Export the Hugging Face folder alone with --gguf_type=none, or train with tokenizer_type='bpe'.")
+        die(f"{tok_path} is a unigram SentencePiece model (tokenizer_type='unigram'): llama.cpp's "
+            "SentencePiece tokenizer merges pieces by score, which gives a BPE model's ids but not "
+            "a unigram model's. Export the Hugging Face folder alone with --gguf_type=none, or "
+            "train with tokenizer_type='bpe'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +183,8 @@ def hf_state_dict(model):
 
 
 def rms_eps(model):
-    """nn.RMSNorm with eps=None uses the float32 machine epsilon (the residual stream is float32)."""
+    """nn.RMSNorm with eps=None uses the float32 machine epsilon (the residual stream is
+    float32)."""
     return model.norm.eps if model.norm.eps is not None else torch.finfo(torch.float32).eps
 
 
@@ -184,24 +194,30 @@ def hf_config(model, tok):
         'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
         'vocab_size': c.vocab_size, 'hidden_size': c.n_embd,
         'intermediate_size': model.blocks[0].mlp.gate_proj.out_features,
-        'num_hidden_layers': c.n_layer, 'num_attention_heads': c.n_head, 'num_key_value_heads': c.n_kv_head,
-        'head_dim': c.n_embd // c.n_head, 'hidden_act': 'silu', 'max_position_embeddings': c.block_size,
+        'num_hidden_layers': c.n_layer, 'num_attention_heads': c.n_head,
+            'num_key_value_heads': c.n_kv_head,
+        'head_dim': c.n_embd // c.n_head, 'hidden_act': 'silu',
+            'max_position_embeddings': c.block_size,
         'rms_norm_eps': rms_eps(model), 'rope_theta': c.rope_theta, 'rope_scaling': None,
-        'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': 0.02,
-        'tie_word_embeddings': c.tie_embeddings, 'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id,
+        'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
+            'initializer_range': 0.02,
+        'tie_word_embeddings': c.tie_embeddings, 'bos_token_id': tok.bos_id,
+            'eos_token_id': tok.eos_id,
         'pad_token_id': None, 'use_cache': True, 'torch_dtype': 'float32',
     }
 
 
 def tokenizer_json(sp):
-    """The tokenizer in the `tokenizers` library's format. No normalizer, no added space in front (our
-    SentencePiece settings); spaces become '▁' and the pieces come from our vocabulary. Specials and the
-    user-defined '\\n' are 'added tokens', matched before anything else, as SentencePiece does."""
+    """The tokenizer in the `tokenizers` library's format. No normalizer, no added space in front
+    (our SentencePiece settings); spaces become '▁' and the pieces come from our vocabulary.
+    Specials and the user-defined '\\n' are 'added tokens', matched before anything else, as
+    SentencePiece does."""
     pieces = sp['pieces']
     vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
     if sp['model_type'] == 'bpe':
-        # SentencePiece BPE merges, at each step, the adjacent pair whose joined piece scores highest. The
-        # same as ranked merges: every way to split a piece into two pieces, ranked by the piece's score
+        # SentencePiece BPE merges, at each step, the adjacent pair whose joined piece scores
+        # highest. The same as ranked merges: every way to split a piece into two pieces, ranked by
+        # the piece's score
         ranked = []
         for i, (text, score, kind) in enumerate(pieces):
             if kind != 1:
@@ -211,9 +227,10 @@ def tokenizer_json(sp):
                 if vocab.get(left) is not None and vocab.get(right) is not None:
                     ranked.append((-score, i, vocab[left], [left, right]))
         ranked.sort(key=lambda r: r[:3])
-        model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[0][0], 'continuing_subword_prefix': None,
-                 'end_of_word_suffix': None, 'fuse_unk': True, 'byte_fallback': True, 'ignore_merges': False,
-                 'vocab': vocab, 'merges': [r[3] for r in ranked]}
+        model = {'type': 'BPE', 'dropout': None, 'unk_token': pieces[0][0],
+                 'continuing_subword_prefix': None,
+                 'end_of_word_suffix': None, 'fuse_unk': True, 'byte_fallback': True,
+                 'ignore_merges': False, 'vocab': vocab, 'merges': [r[3] for r in ranked]}
     else:
         model = {'type': 'Unigram', 'unk_id': 0, 'byte_fallback': True,
                  'vocab': [[text, score] for text, score, _ in pieces]}
@@ -221,12 +238,17 @@ def tokenizer_json(sp):
               'normalized': False, 'special': kind in (2, 3)}
              for i, (text, _, kind) in enumerate(pieces) if kind in (2, 3, 4)]
     return {
-        'version': '1.0', 'truncation': None, 'padding': None, 'added_tokens': added, 'normalizer': None,
-        'pre_tokenizer': {'type': 'Metaspace', 'replacement': '\u2581', 'prepend_scheme': 'never', 'split': False},
-        'post_processor': {  # tokenizer(text) starts with <s>, as sample.py's completion prompt does
+        'version': '1.0', 'truncation': None, 'padding': None, 'added_tokens': added,
+            'normalizer': None,
+        'pre_tokenizer': {'type': 'Metaspace', 'replacement': '\u2581', 'prepend_scheme': 'never',
+                          'split': False},
+        # tokenizer(text) starts with <s>, as sample.py's completion prompt does
+        'post_processor': {
             'type': 'TemplateProcessing',
-            'single': [{'SpecialToken': {'id': '<s>', 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}}],
-            'pair': [{'SpecialToken': {'id': '<s>', 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}},
+            'single': [{'SpecialToken': {'id': '<s>', 'type_id': 0}},
+                       {'Sequence': {'id': 'A', 'type_id': 0}}],
+            'pair': [{'SpecialToken': {'id': '<s>', 'type_id': 0}},
+                     {'Sequence': {'id': 'A', 'type_id': 0}},
                      {'Sequence': {'id': 'B', 'type_id': 1}}],
             'special_tokens': {'<s>': {'id': '<s>', 'ids': [1], 'tokens': ['<s>']}}},
         'decoder': {'type': 'Sequence', 'decoders': [
@@ -244,7 +266,8 @@ def tokenizer_config(sp, block_size):
         'additional_special_tokens': SPECIALS[3:],
         'add_bos_token': True, 'add_eos_token': False, 'add_prefix_space': False, 'legacy': False,
         'clean_up_tokenization_spaces': False, 'model_max_length': block_size,
-        'added_tokens_decoder': {str(i): {'content': text, 'lstrip': False, 'rstrip': False, 'normalized': False,
+        'added_tokens_decoder': {str(i): {'content': text, 'lstrip': False, 'rstrip': False,
+                                          'normalized': False,
                                           'single_word': False, 'special': text in SPECIALS}
                                  for i, text in specials.items()},
         'chat_template': CHAT_TEMPLATE,
@@ -268,17 +291,20 @@ def write_hf(folder, model, tok, sp):
         'bos_token_id': tok.bos_id, 'eos_token_id': [tok.eos_id, tok.eot_id], 'do_sample': False})
     shutil.copyfile(tok.path, os.path.join(folder, 'tokenizer.model'))
     write_json(os.path.join(folder, 'tokenizer.json'), tokenizer_json(sp))
-    write_json(os.path.join(folder, 'tokenizer_config.json'), tokenizer_config(sp, model.cfg.block_size))
+    write_json(os.path.join(folder, 'tokenizer_config.json'),
+               tokenizer_config(sp, model.cfg.block_size))
     write_json(os.path.join(folder, 'special_tokens_map.json'), {
-        'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>', 'additional_special_tokens': SPECIALS[3:]})
+        'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
+        'additional_special_tokens': SPECIALS[3:]})
 
 
 # ----------------------------------------------------------------------------------------------
 # GGUF, as llama.cpp's convert_hf_to_gguf.py writes a Llama
 
 def rope_to_interleaved(w, n_heads):
-    """Rows of a q or k projection (heads * head_dim, n_embd): each head's rows [x1 | x2] (rotate_half's
-    pairs i, i + head_dim/2) reordered to x1[0], x2[0], x1[1], x2[1], ... (llama.cpp's pairs 2i, 2i+1)."""
+    """Rows of a q or k projection (heads * head_dim, n_embd): each head's rows [x1 | x2]
+    (rotate_half's pairs i, i + head_dim/2) reordered to x1[0], x2[0], x1[1], x2[1], ...
+    (llama.cpp's pairs 2i, 2i+1)."""
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
@@ -287,12 +313,15 @@ def gguf_tensors(model):
     """(name, float32 array) in llama.cpp's naming; q and k rows in its RoPE order."""
     c = model.cfg
     weights = hf_state_dict(model)
-    names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
-             'lm_head.weight': 'output.weight'}  # a tied model has no output.weight: llama.cpp reuses token_embd
+    names = {'model.embed_tokens.weight': 'token_embd.weight',
+             'model.norm.weight': 'output_norm.weight',
+             # a tied model has no output.weight: llama.cpp reuses token_embd
+             'lm_head.weight': 'output.weight'}
     per_layer = {'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm',
-                 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k', 'self_attn.v_proj': 'attn_v',
-                 'self_attn.o_proj': 'attn_output', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
-                 'mlp.down_proj': 'ffn_down'}
+                 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+                 'self_attn.v_proj': 'attn_v',
+                 'self_attn.o_proj': 'attn_output', 'mlp.gate_proj': 'ffn_gate',
+                 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
     for hf_name, w in weights.items():
         w = w.numpy()
         if hf_name.startswith('model.layers.'):
@@ -308,8 +337,9 @@ def gguf_tensors(model):
 
 
 def gguf_encode(gguf, w, gguf_type):
-    """(data, GGML type) for one tensor. Vectors (the norms) stay float32, as llama.cpp's converter keeps
-    them; q8_0 needs rows that are a multiple of its 32-value blocks, else the tensor is stored f16."""
+    """(data, GGML type) for one tensor. Vectors (the norms) stay float32, as llama.cpp's converter
+    keeps them; q8_0 needs rows that are a multiple of its 32-value blocks, else the tensor is
+    stored f16."""
     T = gguf.GGMLQuantizationType
     if w.ndim == 1 or gguf_type == 'f32':
         return w.astype(np.float32), T.F32
@@ -324,7 +354,8 @@ def write_gguf(path, model, tok, sp, gguf_type, name):
     gguf = need('gguf')
     c = model.cfg
     file_type = {'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
-                 'bf16': gguf.LlamaFileType.MOSTLY_BF16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+                 'bf16': gguf.LlamaFileType.MOSTLY_BF16,
+                 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     w = gguf.GGUFWriter(path, 'llama')
     w.add_type('model')
     w.add_name(name)
@@ -361,7 +392,8 @@ def write_gguf(path, model, tok, sp, gguf_type, name):
         if gguf_type == 'q8_0' and weight.ndim == 2 and qtype != gguf.GGMLQuantizationType.Q8_0:
             fallback.append(tensor_name)
     if fallback:
-        print(f"export: rows not a multiple of q8_0's 32-value blocks, stored f16: {', '.join(fallback)}")
+        print("export: rows not a multiple of q8_0's 32-value blocks, stored f16: "
+              f"{', '.join(fallback)}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -381,10 +413,12 @@ def write_modelfile(path, gguf_name, system):
 # ----------------------------------------------------------------------------------------------
 
 def prepare_destination(folder, overwrite):
-    """Refuse a folder with something in it unless overwrite; return a fresh temp folder beside it."""
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)) and not overwrite:
-        die(f"{folder} already exists and is not empty: pass --overwrite=True to replace it, "
-            "or choose another --export_dir")
+    """Refuse a folder with something in it unless overwrite; return a fresh temp folder beside
+    it."""
+    used = os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder))
+    if used and not overwrite:
+        die(f"{folder} already exists and is not empty: pass --overwrite=True to replace it, or "
+            "choose another --export_dir")
     tmp = f"{folder.rstrip(os.sep)}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -392,7 +426,8 @@ def prepare_destination(folder, overwrite):
 
 
 def swap_in(tmp, folder):
-    """Replace `folder` with the finished `tmp` by renames: an interruption leaves one or the other."""
+    """Replace `folder` with the finished `tmp` by renames: an interruption leaves one or the
+    other."""
     old = None
     if os.path.exists(folder):
         old = f"{folder.rstrip(os.sep)}.old{os.getpid()}"
@@ -409,7 +444,8 @@ def main():
         need('gguf')
     t0 = time.time()
     folder = cfg.export_dir or os.path.join(cfg.out_dir, 'export', cfg.phase)
-    check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')  # (before the work, not after it)
+    # (before the work, not after it)
+    check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')
     tok = Tokenizer(cfg.tokenizer_path)
     path, why = checkpoint_path(cfg)
     model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path)
@@ -426,8 +462,9 @@ def main():
         swap_in(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"export: {path} (step {ckpt['iter']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters) -> {folder} in {time.time() - t0:.1f} s")
+    print(f"export: {path} (step {ckpt['iter']}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) -> {folder} in "
+          f"{time.time() - t0:.1f} s")
     for root, _, files in sorted(os.walk(folder)):
         for f in sorted(files):
             p = os.path.join(root, f)

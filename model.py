@@ -10,8 +10,9 @@ attention (n_kv_head < n_head: several query heads share one key/value head, a s
 and F.scaled_dot_product_attention, which picks flash kernels on GPUs. No biases anywhere.
 
 For generation a KVCache keeps each layer's keys and values in buffers preallocated for the whole
-context: the prompt is run once (prefill), then each new token is one decode_step, a fixed-shape step
-(one position, the whole cache under a mask) that torch.compile turns into one graph, compiled once.
+context: the prompt is run once (prefill), then each new token is one decode_step, a fixed-shape
+step (one position, the whole cache under a mask) that torch.compile turns into one graph, compiled
+once.
 
 This file imports only torch and the standard library: copy it anywhere. Reading and writing
 checkpoints, and picking the device, live in checkpoint.py.
@@ -24,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlexAttention (torch >= 2.5): attention kernels that skip the tiles of the scores a mask hides entirely
+# FlexAttention (torch >= 2.5): attention kernels that skip the tiles of the scores a mask hides
+# entirely
+try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:
     BlockMask = flex_attention = None
@@ -36,7 +39,8 @@ class ModelConfig:
     block_size: int = 256     # longest sequence the model is trained on
     n_layer: int = 6
     n_head: int = 6
-    n_kv_head: int = 6        # = n_head: ordinary multi-head attention; fewer: grouped-query attention
+    # = n_head: ordinary multi-head attention; fewer: grouped-query attention
+    n_kv_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -59,29 +63,33 @@ def apply_rope(x, cos, sin):
 
 
 def cached_attention(q, k, v, mask):
-    """A decode step's attention over the whole KV cache: q (B, heads, T, head_dim), k and v (B, kv heads,
-    block_size, head_dim), mask (T, block_size), True where a query may look. Spelled out rather than SDPA:
-    compiled into the decode step, it fuses with the layers around it and reads the cache on every core (on CPU,
-    10-30% less time per token than SDPA's kernel; a long prefill is faster through SDPA)."""
+    """A decode step's attention over the whole KV cache: q (B, heads, T, head_dim), k and v (B, kv
+    heads,
+    block_size, head_dim), mask (T, block_size), True where a query may look. Spelled out rather
+    than SDPA: compiled into the decode step, it fuses with the layers around it and reads the cache
+    on every core (on CPU, 10-30% less time per token than SDPA's kernel; a long prefill is faster
+    through SDPA)."""
     B, H, T, D = q.shape
-    q = q.view(B, k.size(1), H // k.size(1), T, D)  # query heads grouped by the key/value head they share
+    # query heads grouped by the key/value head they share
+    q = q.view(B, k.size(1), H // k.size(1), T, D)
     scores = q @ k.unsqueeze(2).transpose(-2, -1) * D ** -0.5  # (B, kv heads, group, T, block_size)
     scores = scores.masked_fill(~mask, -float('inf'))
     return (torch.softmax(scores, dim=-1) @ v.unsqueeze(2)).view(B, H, T, D)
 
 
 def use_flex(device, training, dropout):
-    """Packed rows through FlexAttention or a dense mask? FlexAttention on CUDA: a dense (B, 1, T, T) mask keeps
-    SDPA off its flash kernels (with grouped-query attention, on the math kernel that materialises every score).
-    Not on a CPU: torch has no FlexAttention backward there, and its forward beats the dense mask only from
-    ~1024 tokens (BENCHMARKS.md). Not with attention dropout, which FlexAttention does not have."""
+    """Packed rows through FlexAttention or a dense mask? FlexAttention on CUDA: a dense (B, 1, T,
+    T) mask keeps SDPA off its flash kernels (with grouped-query attention, on the math kernel that
+    materialises every score). Not on a CPU: torch has no FlexAttention backward there, and its
+    forward beats the dense mask only from ~1024 tokens (BENCHMARKS.md). Not with attention dropout,
+    which FlexAttention does not have."""
     return flex_attention is not None and device.type == 'cuda' and not (training and dropout > 0)
 
 
 def document_block_mask(doc_ids):
-    """doc_ids (B, T) -> a BlockMask: query q sees key k when both are in the same document and k <= q. It records
-    which 128 x 128 tiles of the (T, T) scores are hidden entirely (most of them, in a long row of short
-    documents), and the kernel skips those."""
+    """doc_ids (B, T) -> a BlockMask: query q sees key k when both are in the same document and k <=
+    q. It records which 128 x 128 tiles of the (T, T) scores are hidden entirely (most of them, in a
+    long row of short documents), and the kernel skips those."""
     B, T = doc_ids.shape
 
     def causal_within_document(b, h, q, k):
@@ -95,8 +103,9 @@ def compiled_flex_attention():
 
 
 def flex_attend(q, k, v, block_mask, gqa):
-    """FlexAttention over packed documents: (B, n_head, T, head_dim). Compiled: run eagerly, flex_attention is a
-    slow reference that materialises every score (inside a model that is compiled already, it compiles with it)."""
+    """FlexAttention over packed documents: (B, n_head, T, head_dim). Compiled: run eagerly,
+    flex_attention is a slow reference that materialises every score (inside a model that is
+    compiled already, it compiles with it)."""
     attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
     return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
@@ -105,7 +114,8 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
@@ -114,26 +124,39 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, pos=None):
         B, T, _ = x.shape  # x (B, T, n_embd)
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        # (B, n_head, T, head_dim)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        # (B, n_kv_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # (B, n_kv_head, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # same shapes, rotated by position
-        if cache is not None:  # generation: write this step's keys/values at `pos`, attend over the cache
+        # generation: write this step's keys/values at `pos`, attend over the cache
+        if cache is not None:
             k, v = cache.update(layer, k, v, pos)  # (B, n_kv_head, block_size, head_dim)
-            end = T if attn_mask is None else attn_mask.size(-1)  # a prefill reads the positions written so far,
-            k, v = k[:, :, :end], v[:, :, :end]  # a decode step all of them (its mask hides the rest)
-        # is_causal only when there is no mask. is_causal masks query i to keys 0..i, which is right only when
-        # queries and keys start at the same position: with tokens already in the cache, query i sits at cache.pos + i,
-        # so the cache path passes an explicit mask (T, keys) instead; training with doc_ids passes its own too.
-        if cache is not None and T == 1 and attn_mask is not None:  # a decode step, or one token after others
+            # a prefill reads the positions written so far,
+            end = T if attn_mask is None else attn_mask.size(-1)
+            # a decode step all of them (its mask hides the rest)
+            k, v = k[:, :, :end], v[:, :, :end]
+        # is_causal only when there is no mask. is_causal masks query i to keys 0..i, which is right
+        # only when queries and keys start at the same position: with tokens already in the cache,
+        # query i sits at cache.pos + i, so the cache path passes an explicit mask (T, keys)
+        # instead; training with doc_ids passes its own too.
+        # a decode step, or one token after others
+        if cache is not None and T == 1 and attn_mask is not None:
             y = cached_attention(q, k, v, attn_mask)  # (B, n_head, 1, head_dim)
-        elif BlockMask is not None and isinstance(attn_mask, BlockMask):  # packed documents, FlexAttention
-            y = flex_attend(q, k, v, attn_mask, self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
+        # packed documents, FlexAttention
+        elif BlockMask is not None and isinstance(attn_mask, BlockMask):
+            # (B, n_head, T, head_dim)
+            y = flex_attend(q, k, v, attn_mask, self.n_kv_head != self.n_head)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               is_causal=attn_mask is None,
                                                dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, n_embd)
+                                               # (B, n_head, T, head_dim)
+                                               enable_gqa=self.n_kv_head != self.n_head)
+        # heads side by side again: (B, T, n_embd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):
@@ -171,7 +194,8 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight  # one matrix reads tokens in and writes them out
+            # one matrix reads tokens in and writes them out
+            self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
@@ -189,24 +213,32 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, pos=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss over targets != -1.
-        doc_ids (B, T): rows packing several documents; a token attends only within its own.
-        cache: a KVCache, for generation: idx continues the tokens it holds, at positions pos (T,) (a tensor, so
-        that one compiled decode step serves every position); by default the next T after cache.pos."""
+        doc_ids (B, T): rows packing several documents; a token attends only within its own. cache:
+        a KVCache, for generation: idx continues the tokens it holds, at positions pos (T,) (a
+        tensor, so that one compiled decode step serves every position); by default the next T after
+        cache.pos."""
         B, T = idx.shape
         block = self.cfg.block_size
         attn_mask = None
         if cache is not None:
-            if pos is None:  # a prefill (or a chunk after one): T tokens after the cache.pos already there
+            # a prefill (or a chunk after one): T tokens after the cache.pos already there
+            if pos is None:
                 start = cache.pos
                 if start + T > block:
-                    raise ValueError(f"sequence of {start + T} tokens is longer than block_size {block}")
+                    raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                                     f"{block}")
                 pos = torch.arange(start, start + T, device=idx.device)
                 cache.pos += T
-                # query i sees keys 0..start+i; from an empty cache that is plain causal attention (no mask)
+                # query i sees keys 0..start+i; from an empty cache that is plain causal attention
+                # (no mask)
                 if start:
-                    attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
-            else:  # a decode step: the query at position p sees keys 0..p of the whole cache, the rest is stale
-                attn_mask = torch.arange(block, device=idx.device) <= pos[:, None]  # (T, block_size)
+                    attn_mask = torch.ones(T, start + T, dtype=torch.bool,
+                                           device=idx.device).tril(start)
+            # a decode step: the query at position p sees keys 0..p of the whole cache, the rest is
+            # stale
+            else:
+                # (T, block_size)
+                attn_mask = torch.arange(block, device=idx.device) <= pos[:, None]
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         else:
             if T > block:
@@ -214,14 +246,17 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             if doc_ids is not None:  # packed rows: causal and within the same document
                 flex = self.document_attention == 'flex' or (
-                    self.document_attention == 'auto' and use_flex(idx.device, self.training, self.cfg.dropout))
+                    self.document_attention == 'auto'
+                    and use_flex(idx.device, self.training, self.cfg.dropout))
                 if flex:
-                    # built eagerly, outside any compiled graph, once per forward for all layers (disabled here, not
-                    # by a decorator, which would import the compiler stack into every stage at start: ~2.5 s)
+                    # built eagerly, outside any compiled graph, once per forward for all layers
+                    # (disabled here, not by a decorator, which would import the compiler stack into
+                    # every stage at start: ~2.5 s)
                     attn_mask = torch.compiler.disable(document_block_mask)(doc_ids)
                 else:
                     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
-                    same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T): query's doc == key's
+                    # (B, 1, T, T): query's doc == key's
+                    same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
                     attn_mask = same_doc & causal  # (B, 1, T, T), broadcast over the heads
         x = self.embed(idx)  # (B, T, n_embd)
         for i, layer in enumerate(self.blocks):
@@ -229,10 +264,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None
-        # cross entropy in float32 (bf16 logits lose precision); -1 marks positions with no loss. Summed and
-        # divided by the count so that a batch with no targets at all gives 0, not NaN
-        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
-                               reduction='sum')
+        # cross entropy in float32 (bf16 logits lose precision); -1 marks positions with no loss.
+        # Summed and divided by the count so that a batch with no targets at all gives 0, not NaN
+        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1, reduction='sum')
         return logits, nats / (targets != -1).sum().clamp(min=1)
 
     def num_params(self):
@@ -242,10 +277,11 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add):
-        6 per weight of every matmul (the output head included) plus attention's 12 * layers * width *
-        context (the PaLM paper's estimate, which MFU figures conventionally use)."""
+        6 per weight of every matmul (the output head included) plus attention's 12 * layers * width
+        * context (the PaLM paper's estimate, which MFU figures conventionally use)."""
         T = seq_len or self.cfg.block_size
-        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith('embed'))
+        matmul = sum(p.numel() for n, p in self.named_parameters()
+                     if p.dim() == 2 and not n.startswith('embed'))
         if self.cfg.tie_embeddings:
             matmul += self.embed.weight.numel()
         return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.n_embd * T
@@ -261,21 +297,24 @@ class GPT(nn.Module):
     def generate(self, ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                  banned=(), stop=(), generator=None, cache=None, compile=False):
         """Yield new token ids one at a time, so callers can stream them.
-        ids: the prompt (a list); with a `cache` from an earlier call, only the tokens not yet in it.
-        Stops after max_new_tokens or after yielding a token in `stop`. With the cache (use_cache), the prompt is
-        one forward (prefill) and each further token one decode_step: compiled (compile=True) the first time it
-        runs in the process, with CUDA graphs on a GPU. Tokens stay on the device; the host waits for it once
-        per token, to read the token it yields. `generator` (on the model's device) seeds the sampling."""
+        ids: the prompt (a list); with a `cache` from an earlier call, only the tokens not yet in
+        it. Stops after max_new_tokens or after yielding a token in `stop`. With the cache
+        (use_cache), the prompt is one forward (prefill) and each further token one decode_step:
+        compiled (compile=True) the first time it runs in the process, with CUDA graphs on a GPU.
+        Tokens stay on the device; the host waits for it once per token, to read the token it
+        yields. `generator` (on the model's device) seeds the sampling."""
         device = self.embed.weight.device
         banned = torch.tensor(sorted(banned), dtype=torch.long, device=device)
         noise = lambda: None if temperature == 0 else torch.empty(  # for pick_token's sampling
             1, self.cfg.vocab_size, device=device).exponential_(generator=generator)
         seq = list(ids)
-        if not use_cache:  # recompute the whole sequence for every token: slow, the reference the cache must match
+        # recompute the whole sequence for every token: slow, the reference the cache must match
+        if not use_cache:
             for _ in range(max_new_tokens):
                 with cpu_float32():
                     logits, _ = self(torch.tensor([seq[-self.cfg.block_size:]], device=device))
-                seq.append(int(pick_token(logits[:, -1], temperature, top_k, top_p, banned, noise())))
+                seq.append(int(pick_token(logits[:, -1], temperature, top_k, top_p, banned,
+                                          noise())))
                 yield seq[-1]
                 if seq[-1] in stop:
                     return
@@ -288,16 +327,20 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if pending:
                 if cache.pos + len(pending) > self.cfg.block_size:
-                    # out of context: start over from the last half block (amortised: once per half block)
+                    # out of context: start over from the last half block (amortised: once per half
+                    # block)
                     cache.reset()
                     pending = seq[-(self.cfg.block_size // 2):]
                 with cpu_float32():  # prefill: one forward
                     logits, _ = self(torch.tensor([pending], device=device), cache=cache)
-                token = pick_token(logits[:, -1:], temperature, top_k, top_p, banned, noise())  # (1, 1)
-                pos, pending = torch.tensor([cache.pos], device=device), []  # where the next token goes
+                # (1, 1)
+                token = pick_token(logits[:, -1:], temperature, top_k, top_p, banned, noise())
+                # where the next token goes
+                pos, pending = torch.tensor([cache.pos], device=device), []
             else:
                 if compile and device.type == 'cuda':
-                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs may now be overwritten
+                    # the last replay's outputs may now be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 token = step(self, token, pos, cache, banned, noise(), temperature, top_k, top_p)
                 cache.pos += 1
                 pos += 1
@@ -306,32 +349,35 @@ class GPT(nn.Module):
             if seq[-1] in stop:
                 return
             if cache.pos == self.cfg.block_size:
-                pending = [seq[-1]]  # the context is full: the next token goes through the trimming above
+                # the context is full: the next token goes through the trimming above
+                pending = [seq[-1]]
 
 
 def cpu_float32():
-    """Generation on a CPU runs in float32 whatever the autocast: a decode step is bound by reading every weight
-    once, and CPU autocast copies every weight to bf16 on every step (compiled, 12M model: 74 tokens/s under
-    autocast, 306 in float32; eager: the same speed). GPUs keep their autocast."""
+    """Generation on a CPU runs in float32 whatever the autocast: a decode step is bound by reading
+    every weight once, and CPU autocast copies every weight to bf16 on every step (compiled, 12M
+    model: 74 tokens/s under autocast, 306 in float32; eager: the same speed). GPUs keep their
+    autocast."""
     return torch.autocast('cpu', enabled=False)
 
 
 @torch.no_grad()
 def decode_step(model, token, pos, cache, banned, noise, temperature, top_k, top_p):
-    """One token in, the next one out: token (1, 1) at position pos (1,) -> the next token (1, 1). Shapes never
-    change and nothing leaves the device, so torch.compile makes the whole step (every layer, the cache update,
-    the sampling) one graph, compiled once."""
+    """One token in, the next one out: token (1, 1) at position pos (1,) -> the next token (1, 1).
+    Shapes never change and nothing leaves the device, so torch.compile makes the whole step (every
+    layer, the cache update, the sampling) one graph, compiled once."""
     with cpu_float32():
         logits, _ = model(token, cache=cache, pos=pos)
-    return pick_token(logits, temperature, top_k, top_p, banned, noise).clone()  # (a CUDA graph reuses its outputs)
+    # (a CUDA graph reuses its outputs)
+    return pick_token(logits, temperature, top_k, top_p, banned, noise).clone()
 
 
-# Compiled on first use (once per process, model and sampling settings). On CPU, BLAS runs a one-row matmul
-# (a matrix-vector product) on one core, far below the memory bandwidth decoding is bound by: inductor's
-# decompose_mm_pass rewrites it as a multiply and a sum, which it compiles into loops that stream the weights
-# on every core (2-3x faster). On a GPU, CUDA graphs replay the step's kernels without launching each from Python.
-# Built on first use too: calling torch.compile imports its compiler stack (~1.5 s), which a run that does not
-# compile should not wait for.
+# Compiled on first use (once per process, model and sampling settings). On CPU, BLAS runs a one-row
+# matmul (a matrix-vector product) on one core, far below the memory bandwidth decoding is bound by:
+# inductor's decompose_mm_pass rewrites it as a multiply and a sum, which it compiles into loops
+# that stream the weights on every core (2-3x faster). On a GPU, CUDA graphs replay the step's
+# kernels without launching each from Python. Built on first use too: calling torch.compile imports
+# its compiler stack (~1.5 s), which a run that does not compile should not wait for.
 @functools.cache
 def compiled_decode_step(device_type):
     options = dict(mode='reduce-overhead') if device_type == 'cuda' else dict(
@@ -340,11 +386,12 @@ def compiled_decode_step(device_type):
 
 
 def pick_token(logits, temperature=1.0, top_k=0, top_p=1.0, banned=None, noise=None):
-    """Pick the next token from logits (..., vocab) -> ids (...), on the device. temperature 0 is greedy (argmax).
-    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p; both can be
-    combined; `banned` ids are never picked. Sampling uses the Gumbel-max trick: with noise ~ Exp(1) per token,
-    argmax(logits / temperature - log(noise)) is token i with probability softmax(logits / temperature)[i], so
-    no host round trip is needed (the caller draws the noise from its generator)."""
+    """Pick the next token from logits (..., vocab) -> ids (...), on the device. temperature 0 is
+    greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest set whose probability
+    reaches p; both can be combined; `banned` ids are never picked. Sampling uses the Gumbel-max
+    trick: with noise ~ Exp(1) per token, argmax(logits / temperature - log(noise)) is token i with
+    probability softmax(logits / temperature)[i], so no host round trip is needed (the caller draws
+    the noise from its generator)."""
     logits = logits.float()
     if banned is not None and banned.numel():
         logits = logits.index_fill(-1, banned, -float('inf'))
@@ -360,7 +407,8 @@ def pick_token(logits, temperature=1.0, top_k=0, top_p=1.0, banned=None, noise=N
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before this one already reaches p
         drop[..., 0] = False  # the most likely token always stays (top_p=0 is then greedy)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -float('inf'))
-    # noise 0 (possible in float) would make -log(noise) infinite: a token then wins whatever its probability
+    # noise 0 (possible in float) would make -log(noise) infinite: a token then wins whatever its
+    # probability
     return (logits - noise.clamp(min=torch.finfo(noise.dtype).tiny).log()).argmax(-1)
 
 
@@ -396,7 +444,9 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
     """Wrap the target projections of every block in LoRALinear and freeze everything else."""
     for name in targets:
         if name not in LORA_TARGETS:
-            raise ValueError(f"lora_targets: {name!r} is not a projection of the model; choose from {', '.join(LORA_TARGETS)}")
+            raise ValueError(f"lora_targets: {name!r} is not a projection of the model; choose "
+                             f"from "
+                             f"{', '.join(LORA_TARGETS)}")
     for p in model.parameters():
         p.requires_grad = False
     for block in model.blocks:
@@ -424,9 +474,10 @@ def adapter_state(model):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole context: (batch, kv heads, block_size, head dim)
-    per layer. Attention always reads the whole buffer, a mask hiding the positions not written yet, so shapes
-    never change and one compiled decode step serves every position."""
+    """Keys and values of every layer, preallocated for the whole context: (batch, kv heads,
+    block_size, head dim) per layer. Attention always reads the whole buffer, a mask hiding the
+    positions not written yet, so shapes never change and one compiled decode step serves every
+    position."""
 
     def __init__(self, model, batch_size=1):
         cfg = model.cfg
@@ -440,7 +491,8 @@ class KVCache:
         if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
             self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-            if k.is_cuda:  # a CUDA graph may write into them in place: their addresses must never change
+            # a CUDA graph may write into them in place: their addresses must never change
+            if k.is_cuda:
                 torch._dynamo.mark_static_address(self.k[layer], guard=False)
                 torch._dynamo.mark_static_address(self.v[layer], guard=False)
         self.k[layer].index_copy_(2, pos, k)

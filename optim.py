@@ -2,31 +2,32 @@
 The optimizers train.py chooses from with `optimizer = 'adamw' | 'muon'`.
 
 AdamW (model.GPT.optimizer) treats every weight as a bag of numbers. Muon (Keller Jordan's, from the
-modded-nanogpt speedrun) treats a weight matrix as a matrix: it takes the momentum of the gradient and
-replaces it by the nearest (semi-)orthogonal matrix U V^T of its SVD U S V^T, so every direction the
-update moves in moves by the same amount. Rare directions that a raw gradient would barely touch get
-their share, and the step reaches a given loss in fewer updates. The SVD is too slow, so five
+modded-nanogpt speedrun) treats a weight matrix as a matrix: it takes the momentum of the gradient
+and replaces it by the nearest (semi-)orthogonal matrix U V^T of its SVD U S V^T, so every direction
+the update moves in moves by the same amount. Rare directions that a raw gradient would barely touch
+get their share, and the step reaches a given loss in fewer updates. The SVD is too slow, so five
 Newton-Schulz iterations, a handful of matmuls, approximate it (see `orthogonalize`).
 
-Muon is for the hidden matrices only: the 2-D weights of the transformer blocks. The embedding (and the
-output head, tied with it by default) is a lookup table rather than a linear map, and the norms' weights
-are vectors: those stay on AdamW, in the same optimizer object, so train.py steps, checkpoints and
-resumes one optimizer whichever it uses. LoRA adapters stay on AdamW too (Muon's premise, a full-rank
-update, does not fit a rank-8 factor).
+Muon is for the hidden matrices only: the 2-D weights of the transformer blocks. The embedding (and
+the output head, tied with it by default) is a lookup table rather than a linear map, and the norms'
+weights are vectors: those stay on AdamW, in the same optimizer object, so train.py steps,
+checkpoints and resumes one optimizer whichever it uses. LoRA adapters stay on AdamW too (Muon's
+premise, a full-rank update, does not fit a rank-8 factor).
 """
 import math
 
 import torch
 
-# Coefficients of the quintic p(x) = a x + b x^3 + c x^5 applied to the singular values. They are chosen
-# for a steep slope at 0 (small singular values grow fast) rather than for convergence to exactly 1:
-# after five steps every singular value of a full-rank input lies within ~0.7-1.2, which works as well
-# as an exact orthogonalisation and costs a third of the iterations.
+# Coefficients of the quintic p(x) = a x + b x^3 + c x^5 applied to the singular values. They are
+# chosen for a steep slope at 0 (small singular values grow fast) rather than for convergence to
+# exactly 1: after five steps every singular value of a full-rank input lies within ~0.7-1.2, which
+# works as well as an exact orthogonalisation and costs a third of the iterations.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
-    """~U V^T for G = U S V^T (G: a 2-D matrix), by Newton-Schulz iterations X <- p(X) on the singular values."""
+    """~U V^T for G = U S V^T (G: a 2-D matrix), by Newton-Schulz iterations X <- p(X) on the
+    singular values."""
     a, b, c = NS_COEFFS
     X = G.to(dtype)
     tall = X.size(0) > X.size(1)
@@ -46,15 +47,16 @@ class Muon(torch.optim.Optimizer):
         m <- beta m + (1 - beta) G                    momentum buffer (an average of gradients)
         u <- (1 - beta) G + beta m                    Nesterov: look ahead along the momentum
         W <- W - lr * sqrt(max(1, out/in)) * orthogonalize(u)
-    The sqrt(out/in) factor keeps the update's effect on the layer's output the same for tall matrices
-    (the MLP's gate and up projections) as for square ones."""
+    The sqrt(out/in) factor keeps the update's effect on the layer's output the same for tall
+    matrices (the MLP's gate and up projections) as for square ones."""
 
     def __init__(self, groups, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95,
                  ns_steps=5, ns_dtype=torch.bfloat16):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         ns_steps=ns_steps, muon=False)
         super().__init__(groups, defaults)
-        self.ns_dtype = ns_dtype  # bfloat16 where bf16 matmuls are fast (GPUs, AVX512-BF16/AMX CPUs)
+        # bfloat16 where bf16 matmuls are fast (GPUs, AVX512-BF16/AMX CPUs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -62,7 +64,8 @@ class Muon(torch.optim.Optimizer):
             for p in group['params']:
                 if p.grad is None:
                     continue
-                (self.muon_step if group['muon'] else self.adamw_step)(p, p.grad, self.state[p], group)
+                step = self.muon_step if group['muon'] else self.adamw_step
+                step(p, p.grad, self.state[p], group)
 
     def muon_step(self, p, g, state, group):
         beta, lr = group['momentum'], group['lr']
@@ -82,21 +85,25 @@ class Muon(torch.optim.Optimizer):
         state['step'] += 1
         t = state['step']
         m, v = state['exp_avg'], state['exp_avg_sq']
-        m.lerp_(g, 1 - beta1)                             # first moment: a running mean of gradients
+        # first moment: a running mean of gradients
+        m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)     # second moment: of squared gradients
         denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(group['eps'])
         p.mul_(1 - lr * group['weight_decay'])
         p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # bias-corrected m / sqrt(v)
 
 
-def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, device_type, ns_dtype=torch.bfloat16):
+def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, device_type,
+                   ns_dtype=torch.bfloat16):
     """The optimizer for `kind` ('adamw' or 'muon') over the model's trainable parameters.
-    muon: Muon (muon_lr, no weight decay) on the blocks' 2-D weights; AdamW (lr) on the embedding/head
-    (with weight decay), on the norms (without) and on LoRA adapters."""
+    muon: Muon (muon_lr, no weight decay) on the blocks' 2-D weights; AdamW (lr) on the
+    embedding/head (with weight decay), on the norms (without) and on LoRA adapters."""
     if kind == 'adamw':
         return model.optimizer(lr, weight_decay, betas, device_type)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied weight appears once
-    hidden = [p for n, p in trainable if n.startswith('blocks.') and p.dim() == 2 and '.lora_' not in n]
+    # a tied weight appears once
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in trainable
+              if n.startswith('blocks.') and p.dim() == 2 and '.lora_' not in n]
     taken = {id(p) for p in hidden}
     others = [p for _, p in trainable if id(p) not in taken]
     groups = [{'params': hidden, 'muon': True, 'lr': muon_lr, 'weight_decay': 0.0},
@@ -104,11 +111,12 @@ def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, devi
               {'params': [p for p in others if p.dim() < 2], 'weight_decay': 0.0}]
     return Muon(groups, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)
 def lr_factor(it, cfg):
-    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate, muon_lr).
-    Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at lr_decay_iters
-    (default max_iters), flat after it. In between, cosine decays all the way; wsd (warmup-stable-decay)
-    holds the peak, then decays linearly over the last decay_frac of the steps. A wsd run can be
-    extended (resume its stable phase with more max_iters) or decayed from any checkpoint."""
+    """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate,
+    muon_lr). Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at
+    lr_decay_iters (default max_iters), flat after it. In between, cosine decays all the way; wsd
+    (warmup-stable-decay) holds the peak, then decays linearly over the last decay_frac of the
+    steps. A wsd run can be extended (resume its stable phase with more max_iters) or decayed from
+    any checkpoint."""
     end = cfg.lr_decay_iters or cfg.max_iters
     floor = cfg.min_lr / cfg.learning_rate
     if it < cfg.warmup_iters:

@@ -11,9 +11,9 @@ Each source in the config's `sources` dict becomes
                                   mask_00000.bin    uint8 loss mask, chat sources only (1 = train on it)
                                   meta.json         counts, shard list, tokenizer sha256, settings
 
-Every document starts with <s> (bos), so a training window always shows where one ends and the
-next begins. Chat sources are rendered with the chat template (tokenizer.render_conversation).
-Documents go to train or val whole, each by a hash of its own content (of its title for a Roam page) and
+Every document starts with <s> (bos), so a training window always shows where one ends and the next
+begins. Chat sources are rendered with the chat template (tokenizer.render_conversation). Documents
+go to train or val whole, each by a hash of its own content (of its title for a Roam page) and
 `split_seed`: adding, removing or editing other documents never moves it (val_flags). Corpora with a
 split of their own keep it (wikitext; Tiny Shakespeare's last 10%; fineweb-edu's first val_tokens).
 
@@ -50,7 +50,8 @@ worker_tok = None
 
 def init_worker(tokenizer_path, pool_worker=True):
     global worker_tok
-    if pool_worker:  # Ctrl-C is for the main process (one message, not one per worker); never ignore it there
+    # Ctrl-C is for the main process (one message, not one per worker); never ignore it there
+    if pool_worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_tok = tokenizer.Tokenizer(tokenizer_path)
 
@@ -78,8 +79,8 @@ def tokenize_batch(batch, max_conversation_tokens, dtype):
             if sum(mask) == 0:  # the cut left no reply to learn from
                 out.append(None)
                 continue
-        out.append((np.array(ids, dtype=dtype), None if mask is None else np.array(mask, dtype=np.uint8),
-                    n_bytes, truncated, split))
+        mask = None if mask is None else np.array(mask, dtype=np.uint8)
+        out.append((np.array(ids, dtype=dtype), mask, n_bytes, truncated, split))
     return out
 
 
@@ -107,7 +108,8 @@ def tokenized(docs, tokenizer_path, num_proc, max_conversation_tokens, dtype):
     with mp.Pool(num_proc, initializer=init_worker, initargs=(tokenizer_path,)) as pool:
         pending = collections.deque()
         for batch in batches(docs):
-            pending.append(pool.apply_async(tokenize_batch, (batch, max_conversation_tokens, dtype)))
+            pending.append(pool.apply_async(tokenize_batch,
+                                            (batch, max_conversation_tokens, dtype)))
             if len(pending) >= 4 * num_proc:
                 yield pending.popleft().get()
         while pending:
@@ -126,8 +128,10 @@ class SplitWriter:
 
     def open_shard(self):
         n = len(self.shards)
-        names = [f'shard_{n:05d}.bin', f'docs_{n:05d}.bin'] + ([f'mask_{n:05d}.bin'] if self.chat else [])
-        self.files = [(name, open(os.path.join(self.folder, name + '.tmp'), 'wb')) for name in names]
+        parts = ['shard', 'docs', 'mask'] if self.chat else ['shard', 'docs']
+        names = [f'{part}_{n:05d}.bin' for part in parts]
+        self.files = [(name, open(os.path.join(self.folder, name + '.tmp'), 'wb'))
+                      for name in names]
         self.shards.append({'file': names[0], 'tokens': 0, 'documents': 0})
 
     def close_shard(self):
@@ -138,7 +142,10 @@ class SplitWriter:
 
     def add(self, ids, mask, n_bytes, truncated):
         shard = self.shards[-1] if self.shards else None
-        if self.files is None or (shard['tokens'] and shard['tokens'] + len(ids) > self.shard_tokens):
+        # a new shard when none is open, or when this document would pass shard_tokens (unless it
+        # is the shard's first)
+        if self.files is None or (shard['tokens']
+                                  and shard['tokens'] + len(ids) > self.shard_tokens):
             if self.files is not None:
                 self.close_shard()
             self.open_shard()
@@ -167,7 +174,8 @@ class SplitWriter:
 
 
 def fingerprint(src, files, tok_sha, cfg):
-    """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, split_seed, format."""
+    """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, split_seed,
+    format."""
     inputs = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
                       cfg.max_conversation_tokens], sort_keys=True)
@@ -175,23 +183,26 @@ def fingerprint(src, files, tok_sha, cfg):
 
 
 def split_key(src, where, doc):
-    """What a document's split is decided on: a Roam page's title (its path in the export), so that editing
-    a page keeps it where it was; otherwise its content (text, or the conversation's messages)."""
+    """What a document's split is decided on: a Roam page's title (its path in the export), so that
+    editing a page keeps it where it was; otherwise its content (text, or the conversation's
+    messages)."""
     if src['kind'] == 'roam':
         return 'page:' + os.path.relpath(where, os.path.expanduser(src['path']))
     return doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True, ensure_ascii=False)
 
 
 def split_hash(key, split_seed):
-    """A number in [0, 1) that depends only on the key and split_seed: val if it is below val_frac."""
+    """A number in [0, 1) that depends only on the key and split_seed: val if it is below
+    val_frac."""
     digest = hashlib.sha256(f"{split_seed}\0{key}".encode('utf-8', 'surrogatepass')).digest()
     return int.from_bytes(digest[:8], 'big') / 2 ** 64
 
 
 def val_flags(src, split_seed, stats):
-    """One pass over the documents: which go to val. A document is val when its hash is below val_frac,
-    so each one's split is its own business (growing a source by 10% moves no train document to val). A
-    source whose hashes all miss (a handful of documents) gives val its lowest-hash document."""
+    """One pass over the documents: which go to val. A document is val when its hash is below
+    val_frac, so each one's split is its own business (growing a source by 10% moves no train
+    document to val). A source whose hashes all miss (a handful of documents) gives val its
+    lowest-hash document."""
     flags, lowest = [], (2.0, None)
     for i, (where, doc, split) in enumerate(sources.iter_documents(src, stats)):
         if split:  # the corpus's own split
@@ -207,12 +218,12 @@ def val_flags(src, split_seed, stats):
 
 
 def prepare_source(cfg, name, tok):
-    """One source -> <data_dir>/<name>/{train,val}/. Built in <name>.tmp/ and swapped in only when whole, so an
-    interrupted run leaves the old shards (or none), never half of a source. A source whose inputs, settings and
-    tokenizer are those of its meta.json is skipped: reruns are cheap."""
+    """One source -> <data_dir>/<name>/{train,val}/. Built in <name>.tmp/ and swapped in only when
+    whole, so an interrupted run leaves the old shards (or none), never half of a source. A source
+    whose inputs, settings and tokenizer are those of its meta.json is skipped: reruns are cheap."""
     src = sources.source_settings(name, cfg.sources[name])
-    # a local source is identified by its files (size, mtime); a remote one by its url and settings alone, so
-    # that checking whether it is up to date never downloads it
+    # a local source is identified by its files (size, mtime); a remote one by its url and settings
+    # alone, so that checking whether it is up to date never downloads it
     remote = src['kind'] in sources.STREAMED or src.get('path', '') is None
     final = os.path.join(cfg.data_dir, name)
     fp = fingerprint(src, [] if remote else sources.source_files(src), tok.sha256, cfg)
@@ -224,25 +235,33 @@ def prepare_source(cfg, name, tok):
     shutil.rmtree(tmp, ignore_errors=True)  # an earlier run was interrupted: start this source over
 
     stats = collections.Counter()
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32  # half the disk and page cache when it fits
+    # half the disk and page cache when it fits
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     chat = src['format'] == 'chat'
-    writers = {s: SplitWriter(os.path.join(tmp, s), dtype, cfg.shard_tokens, chat) for s in ('train', 'val')}
+    writers = {s: SplitWriter(os.path.join(tmp, s), dtype, cfg.shard_tokens, chat)
+               for s in ('train', 'val')}
     t0 = time.time()
-    # the two ways of reading: a counted source is read twice (split, then tokens); a streamed one once, in order
+    # the two ways of reading: a counted source is read twice (split, then tokens); a streamed one
+    # once, in order
     write = write_streamed if src['kind'] in sources.STREAMED else write_counted
     write(cfg, src, tok, dtype, writers, stats)
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = (f"max_conversation_tokens={cfg.max_conversation_tokens} cuts every conversation before its first reply. "
-               "Raise max_conversation_tokens." if chat else "every document was empty or over budget.")
+        if chat:
+            why = (f"max_conversation_tokens={cfg.max_conversation_tokens} cuts every conversation "
+                   "before its first reply. Raise max_conversation_tokens.")
+        else:
+            why = "every document was empty or over budget."
         die(f"sources['{name}']: no documents left: {why}")
     meta = {'format_version': FORMAT_VERSION, 'source': src, 'format': src['format'],
-            'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size, 'tokenizer_sha256': tok.sha256,
+            'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size,
+            'tokenizer_sha256': tok.sha256,
             'split_seed': cfg.split_seed, 'fingerprint': fp, 'reader_counts': dict(stats)}
     for split, w in writers.items():
         m = w.finish({**meta, 'split': split})
-        extra = f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens" if chat else ''
+        extra = (f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens"
+                 if chat else '')
         print(f"  {name}/{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
               f"{len(m['shards'])} shards{extra}")
     # swap in: the old folder steps aside before the new one takes its name, then goes
@@ -253,33 +272,38 @@ def prepare_source(cfg, name, tok):
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     dt = time.time() - t0
-    print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} MB/s)")
+    print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} "
+          "MB/s)")
 
 
 def tokenized_docs(docs, cfg, tok, dtype, stats):
-    """The tokenized documents of `docs`, in order, a batch at a time: lists of (ids, mask, n_bytes, truncated,
-    split) or None for a conversation dropped (no reply left after the cut). A bad document stops the run."""
+    """The tokenized documents of `docs`, in order, a batch at a time: lists of (ids, mask, n_bytes,
+    truncated, split) or None for a conversation dropped (no reply left after the cut). A bad
+    document stops the run."""
     num_proc = cfg.num_proc or os.cpu_count()
     for result in tokenized(docs, tok.path, num_proc, cfg.max_conversation_tokens, dtype):
         if isinstance(result, str):
             die(result)
         if None in result:
-            stats['conversations dropped (no reply left within max_conversation_tokens)'] += result.count(None)
+            stats['conversations dropped (no reply left within '
+                  'max_conversation_tokens)'] += result.count(None)
         yield result
 
 
 def write_counted(cfg, src, tok, dtype, writers, stats):
-    """A local or single-file source. A cheap first pass reads every document once to decide its split
-    (val_flags: by hash, so the same document lands in the same split whatever else changes) and to count
-    them for the progress line; the second pass tokenizes in parallel and writes each to its split."""
+    """A local or single-file source. A cheap first pass reads every document once to decide its
+    split (val_flags: by hash, so the same document lands in the same split whatever else changes)
+    and to count them for the progress line; the second pass tokenizes in parallel and writes each
+    to its split."""
     files = sources.source_files(src)  # a remote file not yet in the cache is downloaded here
     is_val = val_flags(src, cfg.split_seed, stats)
     if len(is_val) == 0:
-        die(f"sources['{src['name']}']: no documents found in {src['path']} ({stats['empty']} empty files). "
-            "Point 'path' at your text.")
+        die(f"sources['{src['name']}']: no documents found in {src['path']} ({stats['empty']} "
+            f"empty "
+            "files). Point 'path' at your text.")
     total = sum(os.path.getsize(f) for f in files)
-    print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} MB, "
-          f"{int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
+    print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} "
+          f"MB, {int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
     progress = Progress(src['name'], total, unit='MB', scale=1e6)
     i = 0  # the document's index in reading order, as in is_val
     for result in tokenized_docs(sources.iter_documents(src), cfg, tok, dtype, stats):
@@ -287,14 +311,16 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
             if doc is not None:
                 writers['val' if is_val[i] else 'train'].add(*doc[:4])
             i += 1
-        # (bytes of text read against bytes of the files: a rough ETA, file bytes include markup and JSON)
+        # (bytes of text read against bytes of the files: a rough ETA, file bytes include markup and
+        # JSON)
         progress(sum(w.bytes for w in writers.values()), extra=f", {i:,}/{len(is_val):,} docs")
 
 
 def write_streamed(cfg, src, tok, dtype, writers, stats):
-    """A corpus too big to read twice (fineweb-edu, wikitext): one pass, a file at a time, each fetched only
-    while its split still has room under its token budget. Val is the corpus's own split where it has one
-    (wikitext), else the first val_tokens read (fineweb-edu): the split needs no counting pass."""
+    """A corpus too big to read twice (fineweb-edu, wikitext): one pass, a file at a time, each
+    fetched only while its split still has room under its token budget. Val is the corpus's own
+    split where it has one (wikitext), else the first val_tokens read (fineweb-edu): the split needs
+    no counting pass."""
     budget = {'train': src.get('train_tokens'), 'val': src.get('val_tokens')}
     print(f"prepare: {src['name']} ({src['kind']}): streaming, budgets {budget}, "
           f"{cfg.num_proc or os.cpu_count()} processes")
@@ -303,7 +329,8 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
         return budget[split] is not None and writers[split].tokens >= budget[split]
 
     def done(split):
-        """A file of its own split is needed while that split has room; an unsplit one while either has."""
+        """A file of its own split is needed while that split has room; an unsplit one while either
+        has."""
         return full(split) if split else full('val') and full('train')
 
     total = sum(v for v in budget.values() if v) or None
@@ -312,7 +339,8 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
     for url, file_split in sources.streamed_files(src):
         if done(file_split):
             continue  # its budget is met: this file is never downloaded
-        for result in tokenized_docs(sources.read_streamed_file(src, url, file_split), cfg, tok, dtype, stats):
+        for result in tokenized_docs(sources.read_streamed_file(src, url, file_split), cfg, tok,
+                                     dtype, stats):
             for doc in result:
                 if doc is None:
                     continue
@@ -325,9 +353,10 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
             progress(sum(w.tokens for w in writers.values()), extra=f", {i:,} docs")
 
 
-# bytes of text per byte of downloaded file, to estimate tokens before downloading (rough: parquet is
-# compressed, the jsonl files carry metadata)
-TEXT_PER_FILE_BYTE = {'fineweb_edu': 1.5, 'wikitext': 1.5, 'dolly': 0.95, 'oasst1': 1.0, 'tinyshakespeare': 1.0}
+# bytes of text per byte of downloaded file, to estimate tokens before downloading (rough: parquet
+# is compressed, the jsonl files carry metadata)
+TEXT_PER_FILE_BYTE = {'fineweb_edu': 1.5, 'wikitext': 1.5, 'dolly': 0.95, 'oasst1': 1.0,
+                      'tinyshakespeare': 1.0}
 
 
 def analyze_remote(src, bytes_per_token):
@@ -338,7 +367,8 @@ def analyze_remote(src, bytes_per_token):
     for url, split in files:
         size = download.remote_size(url)
         tokens = to_tokens(size)
-        if src['kind'] == 'fineweb_edu':  # val first, then train, then stop: later shards are not fetched
+        # val first, then train, then stop: later shards are not fetched
+        if src['kind'] == 'fineweb_edu':
             if all(est[s] >= src[f'{s}_tokens'] for s in est):
                 break
             for s in ('val', 'train'):
@@ -355,14 +385,15 @@ def analyze_remote(src, bytes_per_token):
 
 
 def analyze(cfg, names):
-    """Per source: files, documents, bytes, estimated tokens per split, empty and unreadable files; for a
-    public corpus not downloaded yet, what would be downloaded. Writes nothing."""
+    """Per source: files, documents, bytes, estimated tokens per split, empty and unreadable files;
+    for a public corpus not downloaded yet, what would be downloaded. Writes nothing."""
     tok = tokenizer.Tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path) else None
     rows, notes, ratios = [], [], []
     for name in names:
         src = sources.source_settings(name, cfg.sources[name])
-        remote = src['kind'] in sources.STREAMED or (src.get('path', '') is None and
-                                                     not os.path.exists(download.cache_path(src['url'])))
+        not_fetched = (src.get('path', '') is None
+                       and not os.path.exists(download.cache_path(src['url'])))
+        remote = src['kind'] in sources.STREAMED or not_fetched
         if remote:
             rows.append((name, src, None))
             continue
@@ -379,7 +410,8 @@ def analyze(cfg, names):
                 sample_tokens += len(tok.encode(text))
         if sample_tokens:
             ratios.append(sample_bytes / sample_tokens)
-        rows.append((name, src, (files, n_docs, text_bytes, sample_bytes, sample_tokens, stats, problems)))
+        rows.append((name, src, (files, n_docs, text_bytes, sample_bytes, sample_tokens, stats,
+                                 problems)))
     default_ratio = sum(ratios) / len(ratios) if ratios else 4.0
     print(f"{'source':<16} {'kind':<15} {'files':>6} {'docs':>9} {'MB':>9} {'est. train tok':>15} "
           f"{'est. val tok':>13} {'empty':>6} {'bad':>4}")
@@ -393,14 +425,17 @@ def analyze(cfg, names):
             unknown = len(need) - len(known)
             notes.append(f"{name}: would download {len(need)} file(s), {sum(known) / 1e6:,.1f} MB"
                          + (f" (+{unknown} of unknown size: no answer to HEAD)" if unknown else '')
-                         + (f"; {cached} already in {download.SETTINGS['cache_dir']}" if cached else ''))
+                         + (f"; {cached} already in "
+                            f"{download.SETTINGS['cache_dir']}" if cached else ''))
             continue
         files, n_docs, text_bytes, sample_bytes, sample_tokens, stats, problems = local
         ratio = sample_bytes / sample_tokens if sample_tokens else default_ratio
         tokens = int(text_bytes / ratio)
         val = int(tokens * src.get('val_frac', 0))
-        print(f"{name:<16} {src['kind']:<15} {len(files):>6,} {n_docs:>9,} {sum(os.path.getsize(f) for f in files) / 1e6:>9.2f} "
-              f"{tokens - val:>15,} {val:>13,} {stats['empty']:>6} {len(problems):>4}")
+        print(f"{name:<16} {src['kind']:<15} {len(files):>6,} {n_docs:>9,} "
+              f"{sum(os.path.getsize(f) for f in files) / 1e6:>9.2f} {tokens - val:>15,} "
+              f"{val:>13,} "
+              f"{stats['empty']:>6} {len(problems):>4}")
         notes += [f"{name}: unreadable: {p}" for p in problems]
     for note in notes:
         print('  ' + note)
@@ -413,7 +448,8 @@ def main():
     names = cfg.prepare_sources or list(cfg.sources)
     for name in names:
         if name not in cfg.sources:
-            die(f"prepare_sources names '{name}'{suggest(name, cfg.sources)}, which is not in sources")
+            die(f"prepare_sources names '{name}'{suggest(name, cfg.sources)}, which is not in "
+                "sources")
     if not names:
         die("no sources configured: add some to `sources` in your config")
     download.setup(cfg)
@@ -424,15 +460,18 @@ def main():
     for name in names:
         try:
             prepare_source(cfg, name, tok)
-        except BaseException as e:  # Ctrl-C, a full disk, a bad document: no half-built source is left behind
+        # Ctrl-C, a full disk, a bad document: no half-built source is left behind
+        except BaseException as e:
             shutil.rmtree(os.path.join(cfg.data_dir, name + '.tmp'), ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
-                print(f"\ninterrupted: source '{name}' was not finished and nothing of it was kept (sources prepared "
-                      f"before it are done); run prepare.py again to go on", file=sys.stderr)
+                print(f"\ninterrupted: source '{name}' was not finished and nothing of it was kept "
+                      "(sources prepared before it are done); run prepare.py again to go on",
+                      file=sys.stderr)
                 sys.exit(130)
             if isinstance(e, OSError):
-                die(f"{e.filename or cfg.data_dir}: {e.strerror} while preparing source '{name}'. If the disk is full, "
-                    f"free some space or set data_dir to another disk; nothing of '{name}' was kept, so re-run after")
+                die(f"{e.filename or cfg.data_dir}: {e.strerror} while preparing source '{name}'. "
+                    "If the disk is full, free some space or set data_dir to another disk; nothing "
+                    f"of '{name}' was kept, so re-run after")
             raise
 
 

@@ -9,8 +9,8 @@ that a character split over several byte tokens is printed only once it is whole
 
 Chat on a terminal edits lines with readline (arrow keys, and up/down for earlier messages of the
 session). With piped stdin it is a line protocol for programs: one message per input line, one reply
-per output line (a newline inside a reply is written as the two characters \\n, a backslash as \\\\),
-and status lines such as "(conversation reset)" go to stderr.
+per output line (a newline inside a reply is written as the two characters \\n, a backslash as
+\\\\), and status lines such as "(conversation reset)" go to stderr.
 """
 import codecs
 import os
@@ -24,17 +24,18 @@ from checkpoint import checkpoint_path, load_model
 from common import die, runtime
 from configurator import configure
 from model import KVCache
-from tokenizer import DEFAULT_SYSTEM, Tokenizer, end_reply, not_in_reply, render_conversation, render_for_reply, render_user_turn
+from tokenizer import (DEFAULT_SYSTEM, Tokenizer, end_reply, not_in_reply, render_conversation,
+                       render_for_reply, render_user_turn)
 
 def clean(text):
-    """User text as valid Unicode: a lone surrogate (from bytes that are not UTF-8, on stdin or in an argument)
-    becomes U+FFFD, which the tokenizer can encode."""
+    """User text as valid Unicode: a lone surrogate (from bytes that are not UTF-8, on stdin or in
+    an argument) becomes U+FFFD, which the tokenizer can encode."""
     return re.sub('[\ud800-\udfff]', '\ufffd', text)
 
 
 class OneLine:
-    """Piped chat: a reply is written on one line, its newlines as \\n and backslashes as \\\\ (so a program
-    reads one reply per line and can undo the escapes)."""
+    """Piped chat: a reply is written on one line, its newlines as \\n and backslashes as \\\\ (so a
+    program reads one reply per line and can undo the escapes)."""
 
     def write(self, text):
         sys.stdout.write(text.replace('\\', '\\\\').replace('\n', '\\n').replace('\r', '\\r'))
@@ -57,16 +58,17 @@ def stream(tok, tokens, out=None):
 
 
 def compile_decode(cfg, model, autocast, cache, banned=()):
-    """Compile the decode step now, for this run's sampling settings and cache, rather than inside the first
-    reply. Said on stderr, so that the replies on stdout stay as they are."""
+    """Compile the decode step now, for this run's sampling settings and cache, rather than inside
+    the first reply. Said on stderr, so that the replies on stdout stay as they are."""
     if not (cfg.compile_decode and cfg.use_kv_cache):
         return
-    print("compiling the decode step (once per process; --compile_decode=False skips it)...", end=' ', flush=True,
-          file=sys.stderr)
+    print("compiling the decode step (once per process; --compile_decode=False skips it)...",
+          end=' ', flush=True, file=sys.stderr)
     t = time.time()
     device = model.embed.weight.device
     with autocast:  # a throwaway generator: the run's own draws stay those of an uncompiled run
-        list(model.generate([0, 0], 2, cfg.temperature, cfg.top_k, cfg.top_p, banned=banned, compile=True,
+        list(model.generate([0, 0], 2, cfg.temperature, cfg.top_k, cfg.top_p, banned=banned,
+                            compile=True,
                             generator=torch.Generator(device).manual_seed(0), cache=cache))
     cache.reset()
     print(f"{time.time() - t:.1f} s", file=sys.stderr)
@@ -81,12 +83,14 @@ def complete(cfg, model, tok, autocast, generator):
         try:
             start = open(path, encoding='utf-8-sig').read()
         except UnicodeDecodeError as e:
-            die(f"--start=FILE:{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`")
+            die(f"--start=FILE:{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv "
+                "-f latin1 -t utf-8`")
     start = clean(start)
     prompt = [tok.bos_id] + tok.encode(start)
     if len(prompt) > model.cfg.block_size:
         prompt = prompt[-model.cfg.block_size:]
-    cache = KVCache(model)  # one for every sample: a compiled decode step keeps working on the same buffers
+    # one for every sample: a compiled decode step keeps working on the same buffers
+    cache = KVCache(model)
     compile_decode(cfg, model, autocast, cache)
     for i in range(cfg.num_samples):
         if i:
@@ -95,16 +99,18 @@ def complete(cfg, model, tok, autocast, generator):
         cache.reset()
         with autocast:
             # a new <s> means the model ended the document
-            stream(tok, model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+            stream(tok, model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                       cfg.top_p,
                                        use_cache=cfg.use_kv_cache, stop={tok.bos_id, tok.eos_id},
-                                       generator=generator, cache=cache, compile=cfg.compile_decode))
+                                       generator=generator, cache=cache,
+                                       compile=cfg.compile_decode))
         print()
 
 
 def fit_history(tok, messages, budget):
-    """Messages ending with a user turn -> (kept messages, prompt ids of at most `budget` tokens). The
-    oldest user+assistant exchanges go first; the system prompt stays. If the last message alone is too
-    long, its start is cut."""
+    """Messages ending with a user turn -> (kept messages, prompt ids of at most `budget` tokens).
+    The oldest user+assistant exchanges go first; the system prompt stays. If the last message alone
+    is too long, its start is cut."""
     first = 1 if messages[0]['role'] == 'system' else 0
     while True:
         ids = render_for_reply(tok, messages)
@@ -114,9 +120,9 @@ def fit_history(tok, messages, budget):
 
 
 def chat(cfg, model, tok, autocast, generator):
-    """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the new
-    user message; when the conversation outgrows the context, the oldest turns are dropped (the system
-    prompt stays) and the rest is read again."""
+    """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the
+    new user message; when the conversation outgrows the context, the oldest turns are dropped (the
+    system prompt stays) and the rest is read again."""
     configured = clean(cfg.system) or DEFAULT_SYSTEM
     if cfg.system_file:  # a file is the deliberate choice: it wins over `system`
         if not os.path.isfile(cfg.system_file):
@@ -124,17 +130,20 @@ def chat(cfg, model, tok, autocast, generator):
         try:
             configured = clean(open(cfg.system_file, encoding='utf-8-sig').read().strip())
         except UnicodeDecodeError as e:
-            die(f"--system_file={cfg.system_file} is not valid UTF-8 (byte {e.start}): convert it to UTF-8")
+            die(f"--system_file={cfg.system_file} is not valid UTF-8 (byte {e.start}): convert it "
+                "to UTF-8")
     system = configured
     banned = () if cfg.allow_special else not_in_reply(tok)
     block = model.cfg.block_size
     reply_room = min(cfg.max_new_tokens, block // 2)
     tty = sys.stdin.isatty()
     if hasattr(sys.stdin, 'reconfigure'):
-        sys.stdin.reconfigure(errors='replace')  # bytes that are not UTF-8 become U+FFFD, not a crash
+        # bytes that are not UTF-8 become U+FFFD, not a crash
+        sys.stdin.reconfigure(errors='replace')
     if tty:
         try:
-            import readline  # noqa: F401  input() then edits the line (arrow keys) and keeps this session's history
+            # input() then edits the line (arrow keys) and keeps this session's history
+            import readline  # noqa: F401
         except ImportError:  # (not on every platform)
             pass
     out = None if tty else OneLine()
@@ -144,7 +153,8 @@ def chat(cfg, model, tok, autocast, generator):
     messages = [{'role': 'system', 'content': system}]
     pending = render_conversation(tok, messages)[0]
     if tty:
-        print("chat: type a message; /reset, /system <text> (bare /system: the configured one), /quit (or Ctrl-D)")
+        print("chat: type a message; /reset, /system <text> (bare /system: the configured one), "
+              "/quit (or Ctrl-D)")
     while True:
         try:
             line = input('> ' if tty else '')
@@ -161,11 +171,13 @@ def chat(cfg, model, tok, autocast, generator):
             status = "conversation reset"
             if text.startswith('/system'):
                 system = text[len('/system'):].strip() or configured
-                status = ("configured system prompt restored, " if system == configured else "system prompt set, ") + status
+                status = ("configured system prompt restored, "
+                          "" if system == configured else "system prompt set, ") + status
             messages = [{'role': 'system', 'content': system}]
             pending = render_conversation(tok, messages)[0]
             cache.reset()
-            print(f"({status})", file=sys.stderr)  # not on stdout, where a program reads one reply per line
+            # not on stdout, where a program reads one reply per line
+            print(f"({status})", file=sys.stderr)
             continue
         messages.append({'role': 'user', 'content': text})
         pending = pending + render_user_turn(tok, text)
@@ -173,12 +185,14 @@ def chat(cfg, model, tok, autocast, generator):
             messages, pending = fit_history(tok, messages, block - reply_room)
             cache.reset()
         with autocast:
-            reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k, cfg.top_p,
-                                               banned=banned, stop={tok.eot_id}, generator=generator, cache=cache,
+            reply = stream(tok, model.generate(pending, reply_room, cfg.temperature, cfg.top_k,
+                                               cfg.top_p, banned=banned, stop={tok.eot_id},
+                                               generator=generator, cache=cache,
                                                compile=cfg.compile_decode), out)
         print(flush=True)
-        # the cache holds everything before the reply's last generated token: the next turn feeds the rest of
-        # the reply as the template has it (that token, unless it was the <eot>, and the closing <eot>)
+        # the cache holds everything before the reply's last generated token: the next turn feeds
+        # the rest of the reply as the template has it (that token, unless it was the <eot>, and the
+        # closing <eot>)
         content, closed = end_reply(tok, reply)
         pending = closed[max(len(reply) - 1, 0):]
         messages.append({'role': 'assistant', 'content': tok.decode(content)})
@@ -190,7 +204,8 @@ def main():
     tok = Tokenizer(cfg.tokenizer_path)
     path, why = checkpoint_path(cfg)
     model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
-    generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling draws its noise on the model's device
+    # sampling draws its noise on the model's device
+    generator = torch.Generator(device).manual_seed(cfg.seed)
     try:
         if cfg.interactive:
             chat(cfg, model, tok, autocast, generator)
@@ -199,7 +214,8 @@ def main():
     except KeyboardInterrupt:  # Ctrl-C, wherever it lands: leave cleanly
         print()
     except BrokenPipeError:  # `sample.py ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the flush at exit is quiet too)
+        # (so the flush at exit is quiet too)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == '__main__':

@@ -4,20 +4,20 @@ Stage 3: training, one script for pretraining and supervised fine-tuning (SFT).
     python train.py config/demo.py                                   # one process
     torchrun --standalone --nproc_per_node=8 train.py config/prod_pretrain.py   # DDP
 
-The data decides the phase. `mixture` maps prepared sources to weights: each source gets its weight's
-share of the rows' tokens.
-  - Pretraining (any text source in the mixture): a row is a random window of block_size + 1 tokens of a
-    source drawn by weight; loss on every token. Chat sources in a pretraining mixture are read the same
-    way, so the model also learns the shape of a conversation.
-  - SFT (only chat sources): rows packed best-fit with conversations (Packer), long ones cut at turn
-    boundaries (Split.cut_pieces); loss only where the chat template's mask is 1 (assistant replies and
-    their <|eot|>), targets are -1 (ignored) elsewhere.
+The data decides the phase. `mixture` maps prepared sources to weights: each source gets its
+weight's share of the rows' tokens.
+  - Pretraining (any text source in the mixture): a row is a random window of block_size + 1 tokens
+    of a source drawn by weight; loss on every token. Chat sources in a pretraining mixture are read
+    the same way, so the model also learns the shape of a conversation.
+  - SFT (only chat sources): rows packed best-fit with conversations (data.Packer), long ones cut at
+    turn boundaries (data.Split.cut_pieces); loss only where the chat template's mask is 1
+    (assistant replies and their <|eot|>), targets are -1 (ignored) elsewhere.
 A step's loss is its summed target nats over all micro-batches and processes / their target count.
 
-Batches are a pure function of (seed, step, micro-step, rank): resuming needs no sampler state, and each
-DDP rank draws the rows one process would draw at its place. Checkpoints go to <out_dir>/<phase>/: ckpt.pt
-(latest, with optimizer and RNG state, for resume) and best.pt (the best validation loss on `best_on`,
-weights only).
+Batches are a pure function of (seed, step, micro-step, rank): resuming needs no sampler state, and
+each DDP rank draws the rows one process would draw at its place. Checkpoints go to
+<out_dir>/<phase>/: ckpt.pt (latest, with optimizer and RNG state, for resume) and best.pt (the best
+validation loss on `best_on`, weights only).
 """
 import gc
 import itertools
@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ from tokenizer import Tokenizer
 def rng_state():
     import random
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {'torch': torch.get_rng_state(), 'numpy': [keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+    state = {'torch': torch.get_rng_state(), 'numpy': [keys.tolist(), int(pos), int(has_gauss),
+                                                       float(gauss)],
              'python': list(random.getstate()[1])}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
@@ -70,7 +71,8 @@ def set_rng_state(state):
 
 
 def open_run_folder(cfg, log):
-    """<out_dir>/runs/<run_id>/: the run's full config (config.json) and its metrics file, opened for appending."""
+    """<out_dir>/runs/<run_id>/: the run's full config (config.json) and its metrics file, opened
+    for appending."""
     run_id = cfg.run_id or f"{cfg.phase}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.out_dir, 'runs', run_id)
     os.makedirs(run_dir, exist_ok=True)
@@ -79,33 +81,35 @@ def open_run_folder(cfg, log):
     return open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
 
 
-def weights_state(raw_model, lora, base_ref):
-    """What a checkpoint holds of the model: its weights, or for LoRA only the adapters and a reference to the base."""
-    if lora:
-        return {'adapter': adapter_state(raw_model), 'lora': lora, 'base': base_ref}
-    return {'model': raw_model.state_dict()}
+def weights_state(learner):
+    """What a checkpoint holds of the model: its weights, or for LoRA only the adapters and a
+    reference to the base."""
+    if learner.lora:
+        return {'adapter': adapter_state(learner.raw), 'lora': learner.lora, 'base': learner.base}
+    return {'model': learner.raw.state_dict()}
 
 
-def gather_rng(ddp, world):
-    """Every process's RNG state, for a checkpoint that resumes each rank exactly (every rank must call it)."""
-    states = [None] * world
-    if ddp:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
+def gather_rng(proc):
+    """Every process's RNG state, for a checkpoint that resumes each rank exactly (every rank must
+    call it)."""
+    if not proc.ddp:
+        return [rng_state()]
+    states = [None] * proc.world
+    dist.all_gather_object(states, rng_state())
     return states
 
 
 def catch_interrupts():
-    """Ctrl-C (or a scheduler's SIGTERM) sets stop['requested']: the loop finishes the current step, saves and
-    exits. A second one raises KeyboardInterrupt and exits at once."""
+    """Ctrl-C (or a scheduler's SIGTERM) sets stop['requested']: the loop finishes the current step,
+    saves and exits. A second one raises KeyboardInterrupt and exits at once."""
     stop = {'requested': False}
 
     def on_sigint(signum, frame):
         if stop['requested']:
             raise KeyboardInterrupt
         stop['requested'] = True
-        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)",
+              file=sys.stderr)
 
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
@@ -120,97 +124,163 @@ def check_optimizer(cfg):
 
 def model_args_from(cfg, vocab_size):
     return asdict(ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or cfg.n_head, n_embd=cfg.n_embd,
-                              dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta))
+                              n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or cfg.n_head,
+                              n_embd=cfg.n_embd,
+                              dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
+                              rope_theta=cfg.rope_theta))
 
 
 def merge_adapter(cfg):
-    """--merge_lora=adapter.pt: fold a LoRA adapter into its base, save a normal checkpoint beside it."""
+    """--merge_lora=adapter.pt: fold a LoRA adapter into its base, save a normal checkpoint beside
+    it."""
     path = cfg.merge_lora
     model, ckpt = load_model(path, 'cpu', base_path=cfg.lora_base)
     if 'adapter' not in ckpt:
         die(f"--merge_lora={path} is not a LoRA adapter checkpoint (it has full weights already)")
     out = path[:-3] + '_merged.pt' if path.endswith('.pt') else path + '_merged.pt'
-    save_checkpoint({'model': model.state_dict(), 'iter': ckpt['iter'], 'best_val': ckpt['best_val'],
-                     'model_args': ckpt['model_args'], 'config': ckpt['config'], 'tokenizer_sha256': ckpt['tokenizer_sha256'],
+    save_checkpoint({'model': model.state_dict(), 'iter': ckpt['iter'],
+                     'best_val': ckpt['best_val'],
+                     'model_args': ckpt['model_args'], 'config': ckpt['config'],
+                     'tokenizer_sha256': ckpt['tokenizer_sha256'],
                      'merged_from': {'adapter': os.path.abspath(path), 'base': ckpt['base']}},
                     os.path.dirname(os.path.abspath(out)), os.path.basename(out))
     print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")
 
 
+@dataclass
+class Processes:
+    """Where this process runs and who it is among the run's processes (torchrun starts several;
+    plain python is one). Only the master (rank 0) logs and writes files."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int  # number of processes
+    device: str  # 'cpu', 'cuda:3', 'mps'
+    device_type: str  # 'cpu', 'cuda', 'mps'
+    dtype: str  # 'float32', 'bfloat16', 'float16'
+    autocast: object  # the context the forward passes run in
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *args):
+        if self.master:
+            print(*args)
+
+
+@dataclass
+class Learner:
+    """The model being trained, how it is stepped, and what a checkpoint records of it."""
+    model: torch.nn.Module  # what the steps run: compiled and/or DDP-wrapped as configured
+    raw: GPT  # the plain model underneath: its weights are what is evaluated and saved
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16 only (a no-op otherwise)
+    args: dict  # ModelConfig's fields
+    lora: dict = None  # LoRA's settings, or None: every weight trains
+    base: dict = None  # LoRA: the frozen base checkpoint's path and sha256
+
+
+@dataclass
+class Position:
+    """Where the run stands: what a checkpoint saves besides the weights, and what a resume starts
+    from."""
+    iter: int = 0  # steps taken
+    best_val: float = float('inf')  # best validation loss so far (best.pt's)
+    elapsed: float = 0.0  # seconds of training (evaluations and checkpoints not counted)
+    # skipped steps (non-finite loss or gradients): too many in a row stops the run
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+
 def setup_processes(cfg):
-    """One process (plain python) or one of several (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): joins the process
-    group and picks this process's device and dtype. Returns (ddp, rank, local_rank, world, device, device_type,
-    dtype, autocast)."""
+    """One process (plain python) or one of several (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK):
+    joins the process group and picks this process's device and dtype."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     world = int(os.environ.get('WORLD_SIZE', 1)) if ddp else 1
-    if cfg.gradient_accumulation_steps % world:  # checked before any process group or GPU is touched
-        die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
-            f"number of processes ({world}): each process runs an equal share")
+    # checked before any process group or GPU is touched
+    if cfg.gradient_accumulation_steps % world:
+        die(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+            f"the number of processes ({world}): each process runs an equal share")
     device = pick_device(cfg.device)
+    rank, local_rank = 0, 0
     if ddp:
         local_rank = int(os.environ['LOCAL_RANK'])
-        if device.startswith('cuda') and local_rank >= torch.cuda.device_count():
-            die(f"this node runs more processes than it has GPUs ({torch.cuda.device_count()}): set torchrun's "
-                f"--nproc_per_node to at most {torch.cuda.device_count()} (or --device=cpu for CPU processes)")
+        gpus = torch.cuda.device_count()
+        if device.startswith('cuda') and local_rank >= gpus:
+            die(f"this node runs more processes than it has GPUs ({gpus}): set torchrun's "
+                f"--nproc_per_node to at most {gpus} (or --device=cpu for CPU processes)")
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.startswith('cuda'):
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
-    else:
-        rank, local_rank = 0, 0
     device, device_type, dtype, autocast = runtime(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return ddp, rank, local_rank, world, device, device_type, dtype, autocast
+    return Processes(ddp, rank, local_rank, world, device, device_type, dtype, autocast)
 
 
-def build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp, master, log):
-    """The model to train, one of four ways: from scratch; resumed from this phase's newest readable checkpoint
-    (weights, optimizer, scaler, RNG, step); initialised from another checkpoint (weights only, a fresh
-    optimizer); or, with lora_rank > 0, LoRA adapters on a frozen base. Returns (model: compiled and/or DDP-
-    wrapped as configured, raw_model: the plain GPT, optimizer, scaler, start), start holding the step, best val
-    loss and seconds trained to go on from, the model args, the LoRA settings and the base's reference."""
+def starting_point(cfg, tok, args, lora, proc):
+    """Where the weights come from: (checkpoint dict or None, its weights or None, the LoRA base's
+    reference, the Position to go on from). init_from='resume' takes this phase's newest readable
+    checkpoint (weights, optimizer, scaler, RNG, step); a checkpoint path gives weights only (a
+    fresh optimizer); 'scratch' nothing."""
+    if cfg.init_from == 'resume':
+        path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
+        check_compatible(ckpt, path, "init_from='resume': the newest readable checkpoint of phase "
+                                     f"'{cfg.phase}'", args, tok)
+        if ckpt.get('lora') != lora:
+            die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has "
+                f"{lora}: "
+                "resume with the same lora_rank, lora_alpha, lora_dropout and lora_targets")
+        trained_with = ckpt['config'].get('optimizer', 'adamw')
+        if trained_with != cfg.optimizer:
+            die(f"{path} was trained with optimizer={trained_with!r}, this config has "
+                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with "
+                f"init_from={path})")
+        weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
+        # after a fallback to an older ckpt, best.pt may hold a better validation loss than the one
+        # saved there
+        best_val = min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
+        position = Position(iter=ckpt['iter'], best_val=best_val, elapsed=ckpt.get('elapsed', 0.0))
+        proc.log(f"resuming from {path} at step {position.iter}")
+        return ckpt, weights, ckpt.get('base'), position
+    if cfg.init_from == 'scratch':
+        if lora:
+            die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
+        return None, None, None, Position()
+    if not os.path.isfile(cfg.init_from):
+        die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing "
+            f"checkpoint "
+            "file")
+    ckpt = read_checkpoint(cfg.init_from)
+    check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args,
+                     tok)
+    if 'adapter' in ckpt:
+        die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first "
+            f"(--merge_lora={cfg.init_from})")
+    # LoRA: the base is copied beside the adapters' checkpoints (and recorded by path and sha256)
+    base = freeze_base(cfg.init_from, cfg.ckpt_dir) if lora and proc.master else None
+    proc.log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
+    return ckpt, ckpt['model'], base, Position()
+
+
+def build_model(cfg, tok, proc):
+    """The model to train, one of four ways: from scratch; resumed (see starting_point); initialised
+    from another checkpoint; or, with lora_rank > 0, LoRA adapters on a frozen base. Returns
+    (Learner, Position)."""
     args = model_args_from(cfg, tok.vocab_size)
     # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
     lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
-    start = {'iter': 0, 'best_val': float('inf'), 'elapsed': 0.0, 'args': args, 'lora': lora, 'base': None}
-    ckpt = weights = None
-    if cfg.init_from == 'resume':
-        path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
-        why = f"init_from='resume': the newest readable checkpoint of phase '{cfg.phase}'"
-        check_compatible(ckpt, path, why, args, tok)
-        if ckpt.get('lora') != lora:
-            die(f"{path} was trained with LoRA settings {ckpt.get('lora')}, this config has {lora}: resume with "
-                f"the same lora_rank, lora_alpha, lora_dropout and lora_targets")
-        if ckpt['config'].get('optimizer', 'adamw') != cfg.optimizer:
-            die(f"{path} was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, this config has "
-                f"{cfg.optimizer!r}: resume with the same optimizer (or start from it with init_from={path})")
-        weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
-        start['base'] = ckpt.get('base')
-        start['iter'] = ckpt['iter']
-        start['best_val'] = min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
-        start['elapsed'] = ckpt.get('elapsed', 0.0)
-        log(f"resuming from {path} at step {start['iter']}")
-    elif cfg.init_from != 'scratch':
-        if not os.path.isfile(cfg.init_from):
-            die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file")
-        ckpt = read_checkpoint(cfg.init_from)
-        check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args, tok)
-        if 'adapter' in ckpt:
-            die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first (--merge_lora={cfg.init_from})")
-        weights = ckpt['model']
-        if lora:
-            start['base'] = freeze_base(cfg.init_from, cfg.ckpt_dir) if master else None
-        log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
-    elif lora:
-        die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
+    ckpt, weights, base, position = starting_point(cfg, tok, args, lora, proc)
+    resume = cfg.init_from == 'resume'
     model = GPT(ModelConfig(**args))
-    torch.manual_seed(cfg.seed + rank)  # same init everywhere (DDP also broadcasts rank 0's), own dropout per rank
+    # same init everywhere (DDP also broadcasts rank 0's), own dropout
+    torch.manual_seed(cfg.seed + proc.rank)
     if weights is not None:
         model.load_state_dict(weights)
     if lora:
@@ -218,108 +288,138 @@ def build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp, mas
             add_lora(model, **lora)
         except ValueError as e:  # an unknown lora_targets name
             die(str(e))
-        if cfg.init_from == 'resume':
+        if resume:
             model.load_state_dict(ckpt['adapter'], strict=False)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
-                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, device_type,
-                               ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    if cfg.init_from == 'resume':
+    model.to(proc.device)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr,
+                               cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum, proc.device_type,
+                               ns_dtype=torch.float32 if proc.dtype == 'float32'
+                               else torch.bfloat16)
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == 'float16'))
+    if resume:
         optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt['scaler']:  # empty when the checkpoint's run did not use float16
             scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-    raw_model = model
+        set_rng_state(ckpt['rng'][proc.rank] if proc.rank < len(ckpt['rng']) else ckpt['rng'][0])
+    raw = model
     if cfg.compile:
-        log("compiling the model (the first steps take a while)...")
+        proc.log("compiling the model (the first steps take a while)...")
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    return model, raw_model, optimizer, scaler, start
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == 'cuda' else None)
+    return Learner(model, raw, optimizer, scaler, args, lora, base), position
 
 
-def describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, sft, packer, device, dtype, world):
-    """The run's opening lines: the model's size and FLOPs, LoRA, optimizer, data, SFT row fill and the epochs each
-    source will see (a warning past max_epochs); stops first if the disk cannot hold the checkpoints. Returns
-    (tokens_per_step, flops_per_step) for the log's speed figures."""
-    B, T = cfg.batch_size, cfg.block_size
-    total, non_embedding = raw_model.num_params()
+def check_disk(cfg, raw_model, proc):
+    """Stop now, not after an hour of training, if the disk cannot hold the checkpoints."""
+    total, _ = raw_model.num_params()
     ckpt_bytes = 12 * total  # fp32 weights + two AdamW moments
-    free = shutil.disk_usage(cfg.ckpt_dir).free if master else float('inf')
+    free = shutil.disk_usage(cfg.ckpt_dir).free if proc.master else float('inf')
     if free < 3 * ckpt_bytes:
-        die(f"only {free / 1e9:.2f} GB free in {cfg.ckpt_dir}; checkpoints need about {3 * ckpt_bytes / 1e9:.2f} GB "
-            f"(ckpt.pt, its temp file while saving, best.pt): free some space or set out_dir elsewhere")
+        die(f"only {free / 1e9:.2f} GB free in {cfg.ckpt_dir}; checkpoints need about "
+            f"{3 * ckpt_bytes / 1e9:.2f} GB (ckpt.pt, its temp file while saving, best.pt): free "
+            "some space or set out_dir elsewhere")
+
+
+def describe_run(cfg, proc, learner, run_data, packer):
+    """The run's opening lines: the model's size and FLOPs, LoRA, optimizer, data, SFT row fill and
+    the epochs each source will see (a warning past max_epochs). Returns (tokens_per_step,
+    flops_per_step) for the log's speed figures."""
+    B, T = cfg.batch_size, cfg.block_size
+    raw, log, mixture, sft = learner.raw, proc.log, run_data.mixture, run_data.sft
+    total, non_embedding = raw.num_params()
     tokens_per_step = B * T * cfg.gradient_accumulation_steps
-    flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
+    flops_per_step = raw.flops_per_token(T) * tokens_per_step
     log(f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
-        f"{raw_model.flops_per_token(T) / 1e6:.1f} MFLOP per token")
-    if lora:
-        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: training "
-            f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the base is frozen")
+        f"{raw.flops_per_token(T) / 1e6:.1f} MFLOP per token")
+    if learner.lora:
+        lora = learner.lora
+        trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        log(f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: "
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the "
+            "base is frozen")
     if cfg.optimizer == 'muon':
-        count = lambda muon: sum(p.numel() for g in optimizer.param_groups if g['muon'] == muon for p in g['params'])
-        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} parameters), AdamW "
-            f"(lr {cfg.learning_rate:g}) on {'the LoRA adapters' if lora else 'the embedding/head and norms'} "
-            f"({count(False):,}); {cfg.lr_schedule} schedule")
+        groups = learner.optimizer.param_groups
+        count = lambda muon: sum(p.numel() for g in groups if g['muon'] == muon
+                                 for p in g['params'])
+        adamw_part = 'the LoRA adapters' if learner.lora else 'the embedding/head and norms'
+        log(f"optimizer: Muon (lr {cfg.muon_lr:g}) on the blocks' matrices ({count(True):,} "
+            f"parameters), AdamW (lr {cfg.learning_rate:g}) on {adamw_part} ({count(False):,}); "
+            f"{cfg.lr_schedule} schedule")
     else:
         log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
     log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
-        f"{device} {dtype}, {world} process(es), {tokens_per_step:,} tokens per step")
+        f"{proc.device} {proc.dtype}, {proc.world} process(es), {tokens_per_step:,} tokens per "
+        f"step")
     rows_per_step = B * cfg.gradient_accumulation_steps
     if sft:
-        fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))  # the first steps
-        log(f"SFT rows: {100 * fill:.1f}% full, {trained_per_row * rows_per_step:,.0f} trained tokens per step "
-            f"({100 * trained_per_row / (T + 1):.1f}% of row tokens); conversations longer than a row, cut at turn "
-            f"boundaries: " + ', '.join(f"{n} {s.long} of {s.conversations} ({s.truncated} with a turn cut to fit, "
-                                        f"{s.conversations - len(s.usable)} with no reply left)" for n, s in train.items()))
-    # how often the run repeats each source: worth it up to a few passes, wasted compute far beyond (max_epochs)
+        # the first steps
+        fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))
+        cuts = ', '.join(f"{n} {s.long} of {s.conversations} ({s.truncated} with a turn cut to "
+                         f"fit, "
+                         f"{s.conversations - len(s.usable)} with no reply left)" for n,
+                         s in run_data.train.items())
+        log(f"SFT rows: {100 * fill:.1f}% full, {trained_per_row * rows_per_step:,.0f} trained "
+            f"tokens per step ({100 * trained_per_row / (T + 1):.1f}% of row tokens); "
+            f"conversations "
+            f"longer than a row, cut at turn boundaries: {cuts}")
+    # how often the run repeats each source: worth it up to a few passes, wasted compute far beyond
+    # (max_epochs)
     drawn = cfg.max_iters * rows_per_step * (fill * (T + 1) if sft else T)  # tokens the run reads
-    epochs = {n: drawn * mixture[n] / sum(mixture.values()) / (s.pieces['length'].sum() if sft else s.tokens)
-              for n, s in train.items()}
-    log(f"expected epochs per source over {cfg.max_iters} steps: " + ', '.join(f"{n} {e:.2f}" for n, e in epochs.items()))
+    # tokens of one epoch of a source
+    size = lambda s: s.pieces['length'].sum() if sft else s.tokens
+    epochs = {n: drawn * mixture[n] / sum(mixture.values()) / size(s)
+              for n, s in run_data.train.items()}
+    log(f"expected epochs per source over {cfg.max_iters} steps: "
+        + ', '.join(f"{n} {e:.2f}" for n, e in epochs.items()))
     for n, e in epochs.items():
-        if e > cfg.max_epochs and master:
-            print(f"warning: this run would repeat '{n}' {e:.1f} times, more than max_epochs={cfg.max_epochs}: beyond "
-                  f"~16 passes, more repeats of the same tokens are worth almost nothing (Muennighoff et al. 2023, "
-                  f"'Scaling Data-Constrained Language Models'). Lower its weight or max_iters, or give it more data",
+        if e > cfg.max_epochs and proc.master:
+            print(f"warning: this run would repeat '{n}' {e:.1f} times, more than "
+                  f"max_epochs={cfg.max_epochs}: beyond ~16 passes, more repeats of the same "
+                  f"tokens "
+                  "are worth almost nothing (Muennighoff et al. 2023, 'Scaling Data-Constrained "
+                  "Language Models'). Lower its weight or max_iters, or give it more data",
                   file=sys.stderr)
     return tokens_per_step, flops_per_step
 
 
 def to_device(arrays, device):
     """numpy arrays -> tensors on the device (pinned and non-blocking on CUDA); None stays None."""
-    to = lambda t: t.pin_memory().to(device, non_blocking=True) if device.startswith('cuda') else t.to(device)
+    cuda = device.startswith('cuda')
+    to = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
     return [None if a is None else to(torch.from_numpy(a)) for a in arrays]
 
 
+
+
 @torch.no_grad()
-def evaluate(model, raw_model, val, val_batches, device, autocast, token_bytes, ddp):
-    """Mean loss per target token and bits per byte of each val source (data.loss_sums, as eval.py computes
-    them): ({source: loss}, {source: bpb}), over every process's batches."""
-    model.eval()
+def evaluate(learner, proc, val, val_batches, token_bytes):
+    """Mean loss per target token and bits per byte of each val source (data.loss_sums, as eval.py
+    computes them): ({source: loss}, {source: bpb}), over every process's batches."""
+    learner.model.eval()
     losses, bpb = {}, {}
     for i, name in enumerate(val):
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
+        sums = torch.zeros(3, dtype=torch.float64, device=proc.device)  # nats, targets, bytes
         for batch in val_batches(i, name):
-            x, y, doc = to_device(batch, device)
-            with autocast:
-                logits, _ = raw_model(x, doc_ids=doc)
-            nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
+            x, y, doc = to_device(batch, proc.device)
+            with proc.autocast:
+                logits, _ = learner.raw(x, doc_ids=doc)
+            nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1,
+                                   reduction='none')  # (B, T)
             sums += torch.stack(loss_sums(nats, y, token_bytes)).double()
-        if ddp:
+        if proc.ddp:
             dist.all_reduce(sums)
         nats, targets, n_bytes = sums.tolist()
         losses[name] = nats / max(targets, 1)
         bpb[name] = bits_per_byte(nats, max(n_bytes, 1))
-    model.train()
+    learner.model.train()
     return losses, bpb
 
 
 def best_on_mean(values, mixture, best_on):
-    """The figure best.pt is chosen on: the best_on sources' values weighted by their mixture weights (equally
-    where none of them is in the mixture)."""
+    """The figure best.pt is chosen on: the best_on sources' values weighted by their mixture
+    weights (equally where none of them is in the mixture)."""
     weights = {n: mixture.get(n, 0) for n in best_on}
     if sum(weights.values()) == 0:
         weights = {n: 1 for n in best_on}
@@ -333,39 +433,47 @@ def record(metrics, **row):
         metrics.flush()
 
 
-def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, world, so_far, steps_left):
-    """The log line of a step, and its speed figures: (line, tokens/s, FLOP/s, MFU or None without a peak)."""
+def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, world, so_far,
+              steps_left):
+    """The log line of a step, and its speed figures: (line, tokens/s, FLOP/s, MFU or None without a
+    peak)."""
     tok_s = tokens_per_step / dt
     flops_s = flops_per_step / dt
-    mfu = flops_s / (peak * world) if peak else None  # flops_s counts every process; peak is one GPU's
+    # flops_s counts every process; peak is one GPU's
+    mfu = flops_s / (peak * world) if peak else None
     speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
-    line = (f"step {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | {speed} | "
-            f"{duration(so_far)} in, eta {duration(steps_left * dt)}")
+    line = (f"step {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tok_s:,.0f} "
+            f"tok/s | {speed} | {duration(so_far)} in, eta {duration(steps_left * dt)}")
     return line, tok_s, flops_s, mfu
 
 
-def check_output_folder(cfg, master, ddp):
-    """The checkpoint folder must be writable before anything else happens (not after an hour of training)."""
-    if master:
+def check_output_folder(cfg, proc):
+    """The checkpoint folder must be writable before anything else happens (not after an hour of
+    training)."""
+    if proc.master:
         check_writable(cfg.ckpt_dir, 'out_dir')
-    if ddp:
+    if proc.ddp:
         dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 
 
 def log_evaluation(log, metrics, iter_num, per_source, bpb, mixture, best_on, elapsed):
     """The log line and metrics row of an evaluation; returns the val loss best.pt is chosen on."""
-    val_loss, val_bpb = best_on_mean(per_source, mixture, best_on), best_on_mean(bpb, mixture, best_on)
+    val_loss = best_on_mean(per_source, mixture, best_on)
+    val_bpb = best_on_mean(bpb, mixture, best_on)
     shown = ', '.join(f'{n} {v:.4f}' for n, v in per_source.items())
-    log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, {elapsed:.0f} s of training")
-    record(metrics, iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb, elapsed=elapsed)
+    log(f"step {iter_num}: val loss {val_loss:.4f} ({shown}), {val_bpb:.4f} bits per byte, "
+        f"{elapsed:.0f} s of training")
+    record(metrics, iter=iter_num, val_loss=val_loss, val=per_source, val_bpb=val_bpb, bpb=bpb,
+           elapsed=elapsed)
     return val_loss
 
 
 def read_ahead(read, first):
-    """Yield read(first), read(first + 1), ...; each is read by a background thread while the caller works on the
-    one before. A step's batches (memmap reads and packing: numpy work, much of it outside the GIL) are then ready
-    when the step starts, so it never waits for its data; and since a batch depends only on the step and
-    micro-step numbers, reading ahead changes nothing that is trained."""
+    """Yield read(first), read(first + 1), ...; each is read by a background thread while the caller
+    works on the one before. A step's batches (memmap reads and packing: numpy work, much of it
+    outside the GIL) are then ready when the step starts, so it never waits for its data; and since
+    a batch depends only on the step and micro-step numbers, reading ahead changes nothing that is
+    trained."""
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read, first)
         for it in itertools.count(first + 1):
@@ -373,57 +481,129 @@ def read_ahead(read, first):
             yield done.result()
 
 
-def stop_requested(stop, ddp, device, log_step):
-    """Save and stop before this step? Ctrl-C lands on each process at its own moment: with several, they agree on
-    it first, on log steps only (the steps that wait for the device anyway), so all of them save the same step."""
-    if not ddp:
+def stop_requested(stop, proc, log_step):
+    """Save and stop before this step? Ctrl-C lands on each process at its own moment: with several,
+    they agree on it first, on log steps only (the steps that wait for the device anyway), so all of
+    them save the same step."""
+    if not proc.ddp:
         return stop['requested']
     if not log_step:
         return False
-    agreed = torch.tensor(float(stop['requested']), device=device)
+    agreed = torch.tensor(float(stop['requested']), device=proc.device)
     dist.all_reduce(agreed)
     return agreed.item() > 0
 
 
 def set_lr(optimizer, cfg, it):
-    """Every group's learning rate at step `it` (Muon's matrices have their own peak); returns AdamW's."""
+    """Every group's learning rate at step `it` (Muon's matrices have their own peak); returns
+    AdamW's."""
     factor = lr_factor(it, cfg)
     for group in optimizer.param_groups:
         group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
     return cfg.learning_rate * factor
 
 
-def forward_backward(model, batches, scaler, autocast, device, ddp, world):
-    """Accumulate one step's gradients over this process's micro-batches; returns (the step's loss, its target
-    count over every process). The step's loss is its summed target nats over every micro-batch and process
-    divided by their total target count, so a micro-batch weighs by its targets (an SFT one may have few or many),
-    not by 1/accum. That total is needed before the first backward, which is why the batches come read up front."""
+def forward_backward(learner, proc, batches):
+    """Accumulate one step's gradients over this process's micro-batches; returns (the step's loss,
+    its target count over every process). The step's loss is its summed target nats over every
+    micro-batch and process divided by their total target count, so a micro-batch weighs by its
+    targets (an SFT one may have few or many), not by 1/accum. That total is needed before the first
+    backward, which is why the batches come read up front."""
     counts = [int((y != -1).sum()) for _, y, _ in batches]
     n_total = sum(counts)
-    if ddp:
-        n_all = torch.tensor(float(n_total), dtype=torch.float64, device=device)
+    if proc.ddp:
+        n_all = torch.tensor(float(n_total), dtype=torch.float64, device=proc.device)
         dist.all_reduce(n_all)
         n_total = int(n_all.item())
-    nats = torch.zeros((), device=device)
+    nats = torch.zeros((), device=proc.device)
     for micro, (batch, n) in enumerate(zip(batches, counts)):
-        x, y, doc = to_device(batch, device)
-        if ddp:  # all-reduce gradients only on the last micro-step
-            model.require_backward_grad_sync = micro == len(batches) - 1
-        with autocast:
-            _, loss = model(x, y, doc)  # mean over this micro-batch's n targets
-        # x n / n_total: its share of the step; x world: DDP averages the processes' gradients, we want their sum
-        scaler.scale(loss * (n * world / max(n_total, 1))).backward()
+        x, y, doc = to_device(batch, proc.device)
+        if proc.ddp:  # all-reduce gradients only on the last micro-step
+            learner.model.require_backward_grad_sync = micro == len(batches) - 1
+        with proc.autocast:
+            _, loss = learner.model(x, y, doc)  # mean over this micro-batch's n targets
+        # x n / n_total: its share of the step; x world: DDP averages the processes' gradients, we
+        # want their sum
+        learner.scaler.scale(loss * (n * proc.world / max(n_total, 1))).backward()
         nats += loss.detach() * n
-    if ddp:
+    if proc.ddp:
         dist.all_reduce(nats)
     return nats / max(n_total, 1), n_total
 
 
+def take_step(cfg, proc, learner, position, batches):
+    """One optimizer step on this step's batches, or none if its loss or gradients are not finite: a
+    bad step (an overflow, bad data) is skipped rather than allowed to poison the weights, and too
+    many in a row stop the run. Returns (the step's loss, gradient norm, target count) as the device
+    has them (no wait)."""
+    raw, optimizer, scaler = learner.raw, learner.optimizer, learner.scaler
+    step_loss, n_total = forward_backward(learner, proc, batches)
+    scaler.unscale_(optimizer)  # (nothing to do unless float16)
+    grads = [p.grad for p in raw.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)
+    # the step's one wait for the device: whether to take the step (the next batches are being read
+    # meanwhile)
+    bad_loss, bad_grad = (~torch.isfinite(torch.stack([step_loss.float(),
+                                                       grad_norm.float()]))).tolist()
+    # A finite loss can still give inf/nan gradients; with float16, GradScaler skips those steps
+    # itself and lowers its scale (routine, not counted)
+    if bad_loss or (bad_grad and not scaler.is_enabled()):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        position.nonfinite_in_a_row += 1
+        position.nonfinite_total += 1
+        what = 'loss' if bad_loss else 'gradient norm'
+        proc.log(f"step {position.iter}: non-finite {what}, step skipped "
+                 f"({position.nonfinite_in_a_row} in a row)")
+        if position.nonfinite_in_a_row >= cfg.max_nonfinite:
+            too_many_nonfinite(cfg, position.nonfinite_in_a_row, position.iter)
+        return step_loss, grad_norm, n_total
+    position.nonfinite_in_a_row = 0
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(raw.parameters(), cfg.grad_clip, grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, n_total
+
+
 def too_many_nonfinite(cfg, count, iter_num):
     last = os.path.join(cfg.ckpt_dir, 'ckpt.pt')
-    last = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved yet"
-    die(f"{count} non-finite losses in a row (or gradient norms) at step {iter_num}: stopping ({last}). Try a lower "
-        f"learning_rate, float32 or bfloat16 instead of float16, or check the data")
+    last = (f"the last good checkpoint is {last}" if os.path.exists(last)
+            else "no checkpoint was saved yet")
+    die(f"{count} non-finite losses in a row (or gradient norms) at step {iter_num}: stopping "
+        f"({last}). Try a lower learning_rate, float32 or bfloat16 instead of float16, or check "
+        f"the "
+        "data")
+
+
+def save_latest(reason, cfg, proc, learner, position, tok):
+    """ckpt.pt: everything a resume needs (weights, optimizer, scaler, step, every rank's RNG).
+    Every process calls it (their RNG states are gathered); the master writes it."""
+    # weights that just gave a non-finite loss or gradient (skipped) may be finite but blown up: not
+    # saved either
+    finite = all(torch.isfinite(p).all() for p in learner.raw.parameters())
+    if position.nonfinite_in_a_row or not finite:
+        proc.log(f"step {position.iter}: the weights are not finite or the last step was, keeping "
+                 "the last good checkpoint instead of saving")
+        return
+    state = {**weights_state(learner), 'optimizer': learner.optimizer.state_dict(),
+             'scaler': learner.scaler.state_dict(), 'iter': position.iter,
+             'best_val': position.best_val,
+             'model_args': learner.args, 'config': vars(cfg), 'tokenizer_sha256': tok.sha256,
+             'elapsed': position.elapsed, 'rng': gather_rng(proc)}
+    if proc.master:
+        save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
+        proc.log(f"saved {os.path.join(cfg.ckpt_dir, 'ckpt.pt')} at step {position.iter} "
+                 f"({reason})")
+
+
+def save_best(cfg, learner, position, tok):
+    """best.pt: the weights of the best validation loss so far (no optimizer: it is for using, not
+    resuming)."""
+    save_checkpoint({**weights_state(learner), 'iter': position.iter, 'best_val': position.best_val,
+                     'model_args': learner.args, 'config': vars(cfg),
+                     'tokenizer_sha256': tok.sha256}, cfg.ckpt_dir, 'best.pt')
 
 
 def main():
@@ -431,134 +611,103 @@ def main():
     if cfg.merge_lora:
         return merge_adapter(cfg)
     check_optimizer(cfg)
-    # --- processes: torchrun sets RANK/WORLD_SIZE; plain python is one process ---
-    ddp, rank, local_rank, world, device, device_type, dtype, autocast = setup_processes(cfg)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    accum = cfg.gradient_accumulation_steps // world  # micro-batches per step of each process
+    proc = setup_processes(cfg)  # torchrun sets RANK/WORLD_SIZE; plain python is one process
+    log = proc.log
+    accum = cfg.gradient_accumulation_steps // proc.world  # micro-batches per step of each process
 
     # --- data ---
     tok = Tokenizer(cfg.tokenizer_path)
-    mixture, train, val, sft, best_on = build_data(cfg, tok)
-    train_batch, val_batches, packer = make_batches(cfg, train, val, mixture, sft, rank, world)
-
-    check_output_folder(cfg, master, ddp)  # fail now, not after an hour of training
+    run_data = build_data(cfg, tok)
+    train_batch, val_batches, packer = make_batches(cfg, run_data, proc.rank, proc.world)
+    val = run_data.val
+    check_output_folder(cfg, proc)  # fail now, not after an hour of training
 
     # --- model: from scratch, resumed, or initialised from another checkpoint ---
-    model, raw_model, optimizer, scaler, start = build_model(cfg, tok, device, device_type, dtype, rank, local_rank, ddp,
-                                                             master, log)
-    args, lora, base_ref = start['args'], start['lora'], start['base']
-    iter_num, best_val, elapsed = start['iter'], start['best_val'], start['elapsed']
-
-    # --- what the run will do (and whether the disk can hold its checkpoints) ---
-    tokens_per_step, flops_per_step = describe_run(cfg, log, master, raw_model, optimizer, lora, mixture, train, sft,
-                                                   packer, device, dtype, world)
-    peak = peak_flops(device_type, dtype)
-
-    metrics = open_run_folder(cfg, log) if master else None  # config.json and metrics.jsonl of this run
-    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)  # special tokens: 0 bytes
-
-    def save(reason):
-        # weights that just gave a non-finite loss or gradient (skipped) may be finite but blown up: not saved either
-        if nonfinite_in_a_row or not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            log(f"step {iter_num}: the weights are not finite or the last step was, keeping the last good checkpoint "
-                f"instead of saving")
-            return
-        state = {**weights_state(raw_model, lora, base_ref), 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'iter': iter_num, 'best_val': best_val, 'model_args': args,
-                 'config': vars(cfg), 'tokenizer_sha256': tok.sha256, 'elapsed': elapsed,
-                 'rng': gather_rng(ddp, world)}  # every rank takes part (RNG states are gathered)
-        if master:
-            save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
-            log(f"saved {os.path.join(cfg.ckpt_dir, 'ckpt.pt')} at step {iter_num} ({reason})")
-
-    stop = catch_interrupts()  # Ctrl-C or SIGTERM: finish the step, save, exit (a second one exits at once)
+    learner, position = build_model(cfg, tok, proc)
+    check_disk(cfg, learner.raw, proc)
+    tokens_per_step, flops_per_step = describe_run(cfg, proc, learner, run_data, packer)
+    peak = peak_flops(proc.device_type, proc.dtype)
+    # config.json and metrics.jsonl of this run
+    metrics = open_run_folder(cfg, log) if proc.master else None
+    # special tokens: 0 bytes
+    token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=proc.device)
+    # Ctrl-C or SIGTERM: finish the step, save, exit (a second one exits at once)
+    stop = catch_interrupts()
 
     # --- the loop ---
-    start_iter = iter_num
-    nonfinite_in_a_row = nonfinite_total = 0  # skipped steps: in a row (too many stops the run), and in all
-    step_time = 0.0  # seconds of the steps since the last log line, and how many: the log's ms/step
-    steps_timed = 0
-    read_step = lambda it: [train_batch(it, rank * accum + micro) for micro in range(accum)]  # same rows on any world size
-    step_batches = read_ahead(read_step, iter_num)
-    t_train = time.time()  # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
+    start_iter = position.iter
+    # seconds of the steps since the last log line, and how many: ms/step
+    step_time, steps_timed = 0.0, 0
+    # a step's micro-batches, the same rows on any number of processes
+    read_step = lambda it: [train_batch(it, proc.rank * accum + micro) for micro in range(accum)]
+    step_batches = read_ahead(read_step, position.iter)
+    # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
+    t_train = time.time()
     while True:
-        # Evaluate and save before the step: step 0's val loss is the untrained baseline, and the last pass through
-        # here (iter_num == max_iters) evaluates the finished model. A resumed run skips the evaluation its
-        # checkpoint was saved after (it would only repeat it)
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (
-                cfg.init_from == 'resume' and iter_num == start_iter):
-            elapsed += time.time() - t_train
+        it = position.iter
+        # Evaluate and save before the step: step 0's val loss is the untrained baseline, and the
+        # last pass through here (it == max_iters) evaluates the finished model. A resumed run skips
+        # the evaluation its checkpoint was saved after (it would only repeat it)
+        resumed_here = cfg.init_from == 'resume' and it == start_iter
+        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not resumed_here:
+            position.elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
-                per_source, bpb = evaluate(model, raw_model, val, val_batches, device, autocast, token_bytes, ddp)
-                val_loss = log_evaluation(log, metrics, iter_num, per_source, bpb, mixture, best_on, elapsed)
-            if val and val_loss < best_val:
-                best_val = val_loss
-                if master:
-                    save_checkpoint({**weights_state(raw_model, lora, base_ref), 'iter': iter_num, 'best_val': best_val,
-                                     'model_args': args, 'config': vars(cfg), 'tokenizer_sha256': tok.sha256},
-                                    cfg.ckpt_dir, 'best.pt')
-            if iter_num > 0:
-                save('periodic')
+                per_source, bpb = evaluate(learner, proc, val, val_batches, token_bytes)
+                val_loss = log_evaluation(log, metrics, it, per_source, bpb, run_data.mixture,
+                                          run_data.best_on, position.elapsed)
+                if val_loss < position.best_val:
+                    position.best_val = val_loss
+                    if proc.master:
+                        save_best(cfg, learner, position, tok)
+            if it > 0:
+                save_latest('periodic', cfg, proc, learner, position, tok)
             t_train = time.time()
-        if iter_num >= cfg.max_iters:
+        if it >= cfg.max_iters:
             break
-        if stop_requested(stop, ddp, device, iter_num % cfg.log_interval == 0):
-            elapsed += time.time() - t_train
-            save('interrupted')
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # saved: a late second Ctrl-C has nothing left to cut short
+        if stop_requested(stop, proc, it % cfg.log_interval == 0):
+            position.elapsed += time.time() - t_train
+            save_latest('interrupted', cfg, proc, learner, position, tok)
+            # saved: a late second Ctrl-C has nothing left to cut
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             break
 
-        t_step = time.time()  # ms/step counts the step only: evaluations and checkpoints are not in it
-        lr = set_lr(optimizer, cfg, iter_num)
-        batches = next(step_batches)  # read while the last step ran (the next step's are being read now)
-        step_loss, n_total = forward_backward(model, batches, scaler, autocast, device, ddp, world)
-        scaler.unscale_(optimizer)  # (nothing to do unless float16)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
-        # the step's one wait for the device: whether to take the step (the next batches are being read meanwhile)
-        bad_loss, bad_grad = (~torch.isfinite(torch.stack([step_loss.float(), grad_norm.float()]))).tolist()
-        # A bad step (overflow, bad data): skip it rather than poison the weights. A finite loss can still give
-        # inf/nan gradients; with float16, GradScaler skips those steps itself and lowers its scale (routine).
-        if bad_loss or (bad_grad and not scaler.is_enabled()):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            what = 'loss' if bad_loss else 'gradient norm'
-            log(f"step {iter_num}: non-finite {what}, step skipped ({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row >= cfg.max_nonfinite:
-                too_many_nonfinite(cfg, nonfinite_in_a_row, iter_num)
-        else:
-            nonfinite_in_a_row = 0
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), cfg.grad_clip, grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+        # ms/step counts the step only: evaluations and checkpoints are not in it
+        t_step = time.time()
+        lr = set_lr(learner.optimizer, cfg, it)
+        # read while the last step ran (the next step's are being read now)
+        batches = next(step_batches)
+        step_loss, grad_norm, n_total = take_step(cfg, proc, learner, position, batches)
+        position.iter += 1
         step_time += time.time() - t_step
         steps_timed += 1
 
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            loss_value, norm_value = step_loss.item(), grad_norm.item()  # waits for the device: only on log steps
-            dt, so_far = step_time / steps_timed, elapsed + time.time() - t_train
-            step_time = steps_timed = 0
-            line, tok_s, flops_s, mfu = step_line(iter_num, loss_value, lr, dt, tokens_per_step, flops_per_step, peak,
-                                                  world, so_far, cfg.max_iters - iter_num)
+        if position.iter % cfg.log_interval == 0 or position.iter == cfg.max_iters:
+            # waits for the device: log steps only
+            loss_value, norm_value = step_loss.item(), grad_norm.item()
+            dt, so_far = step_time / steps_timed, position.elapsed + time.time() - t_train
+            step_time, steps_timed = 0.0, 0
+            line, tok_s, flops_s, mfu = step_line(position.iter, loss_value, lr, dt,
+                                                  tokens_per_step,
+                                                  flops_per_step, peak, proc.world, so_far,
+                                                  cfg.max_iters - position.iter)
             log(line)
-            record(metrics, iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms=dt * 1000, tokens_per_sec=tok_s,
-                   flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total, nonfinite=nonfinite_total, elapsed=so_far)
+            record(metrics, iter=position.iter, loss=loss_value, lr=lr, grad_norm=norm_value,
+                   ms=dt * 1000,
+                   tokens_per_sec=tok_s, flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total,
+                   nonfinite=position.nonfinite_total, elapsed=so_far)
 
     step_batches.close()
     if metrics:
         metrics.close()
-    if ddp:
-        # the DDP wrapper goes first: destroyed with it, gloo's group would join its threads holding the GIL
-        # (a hang at exit, if one still frees a tensor of the last collective); destroy_process_group releases it
-        del model
+    if proc.ddp:
+        # the DDP wrapper goes first: destroyed with it, gloo's group would join its threads holding
+        # the GIL (a hang at exit, if one still frees a tensor of the last collective);
+        # destroy_process_group releases it
+        del learner.model
         gc.collect()
         dist.destroy_process_group()
-    log(f"done: best val loss {best_val:.4f}; checkpoints in {cfg.ckpt_dir}" if val else f"done: checkpoints in {cfg.ckpt_dir}")
+    where = f"checkpoints in {cfg.ckpt_dir}"
+    log(f"done: best val loss {position.best_val:.4f}; {where}" if val else f"done: {where}")
 
 
 if __name__ == '__main__':

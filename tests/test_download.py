@@ -255,9 +255,9 @@ def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path,
                     'val_files': ['valid-0.parquet']}}
     cfg = corpus_config(tmp_path, prepared, src)
     run('prepare.py', cfg, check=True)
-    data = str(tmp_path / 'out' / 'data')
-    assert data.load_split(data, 'wiki', 'train')['documents'] == 2
-    assert data.load_split(data, 'wiki', 'val')['documents'] == 1
+    data_dir = str(tmp_path / 'out' / 'data')
+    assert data.load_split(data_dir, 'wiki', 'train')['documents'] == 2
+    assert data.load_split(data_dir, 'wiki', 'val')['documents'] == 1
     docs = list(sources.iter_documents(sources.source_settings('wiki', src['wiki'])))
     assert [d[2] for d in docs] == ['val', 'train', 'train'] and docs[1][1].startswith(' = Alpha = \n')
 
@@ -278,8 +278,8 @@ def test_jsonl_gz_and_txt_sources_download_and_prepare(server, tmp_path, prepare
     p = run('prepare.py', cfg, '--analyze_only=True', check=True)
     assert not server.gets() and 'would download 1 file' in p.stdout and not (tmp_path / 'out').exists()
     run('prepare.py', cfg, check=True)
-    data = str(tmp_path / 'out' / 'data')
-    counts = {n: sum(data.load_split(data, n, s)['documents'] for s in ('train', 'val')) for n in 'odt'}
+    data_dir = str(tmp_path / 'out' / 'data')
+    counts = {n: sum(data.load_split(data_dir, n, s)['documents'] for s in ('train', 'val')) for n in 'odt'}
     assert counts == {'o': 10, 'd': 10, 't': 31}  # 30 speeches, one cut in two where the last 10% (val) begins
     assert len(server.gets()) == 3
     run('prepare.py', cfg, check=True)
@@ -323,8 +323,8 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     }
     cfg = corpus_config(tmp_path, prepared, sources, max_conversation_tokens=10 ** 6)  # keep every conversation
     run('prepare.py', cfg, check=True)
-    data = str(tmp_path / 'out' / 'data')
-    meta = {n: {s: data.load_split(data, n, s) for s in ('train', 'val')} for n in sources}
+    data_dir = str(tmp_path / 'out' / 'data')
+    meta = {n: {s: data.load_split(data_dir, n, s) for s in ('train', 'val')} for n in sources}
     docs = {n: m['train']['documents'] + m['val']['documents'] for n, m in meta.items()}
     # 100 English trees, each with a ranked reply; 387 dolly rows; 486 non-empty pages of 1,845 files;
     # 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
@@ -360,6 +360,6 @@ def test_wikitext_train_budget_stops_downloading_without_a_val_budget(server, tm
                  'train_files': ['train-0.parquet', 'train-1.parquet'], 'train_tokens': 50}}
     run('prepare.py', corpus_config(tmp_path, prepared, src), check=True)
     assert [g[1] for g in server.gets()] == ['/w/val.parquet', '/w/train-0.parquet']
-    data = str(tmp_path / 'out' / 'data')
-    assert data.load_split(data, 'w', 'val')['documents'] == 3  # no val budget: all of it
-    assert 50 <= data.load_split(data, 'w', 'train')['tokens'] < 50 + 40
+    data_dir = str(tmp_path / 'out' / 'data')
+    assert data.load_split(data_dir, 'w', 'val')['documents'] == 3  # no val budget: all of it
+    assert 50 <= data.load_split(data_dir, 'w', 'train')['tokens'] < 50 + 40

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_cfg, run, write_config, write_corpus
+import data
 import prepare
 import sources
 from tokenizer import Tokenizer
@@ -31,7 +32,7 @@ def test_layout_meta_and_split(prepared):
     cfg = load_cfg(cfg_path)
     tok = Tokenizer(cfg.tokenizer_path)
     for name in ('roam', 'primer', 'story'):
-        metas = {s: prepare.load_split(cfg.data_dir, name, s, tok.sha256) for s in ('train', 'val')}
+        metas = {s: data.load_split(cfg.data_dir, name, s, tok.sha256) for s in ('train', 'val')}
         src = sources.source_settings(name, cfg.sources[name])
         n_docs = sum(1 for _ in sources.iter_documents(src))
         assert metas['train']['documents'] + metas['val']['documents'] == n_docs
@@ -50,7 +51,7 @@ def test_layout_meta_and_split(prepared):
                     assert len(mask) == len(ids) and set(np.unique(mask)) == {0, 1}
                     assert (ids[mask == 1] == tok.eot_id).sum() > 0  # eot ends each assistant turn
     # train and val hold different documents
-    roam = [prepare.load_split(cfg.data_dir, 'roam', s) for s in ('train', 'val')]
+    roam = [data.load_split(cfg.data_dir, 'roam', s) for s in ('train', 'val')]
     texts = [Tokenizer(cfg.tokenizer_path).decode(np.fromfile(m['shards'][0]['path'], dtype=np.uint16).tolist())
              for m in roam]
     val_pages = {line for line in texts[1].split('\n') if line.startswith('page ') or line.startswith('projects/')}
@@ -256,7 +257,7 @@ def split_documents(data_dir, name, tok):
     """{'train': [...], 'val': [...]}: the decoded text of every prepared document."""
     out = {}
     for split in ('train', 'val'):
-        meta = prepare.load_split(data_dir, name, split)
+        meta = data.load_split(data_dir, name, split)
         out[split] = []
         for shard in meta['shards']:
             ids = np.fromfile(shard['path'], dtype=np.uint16)
@@ -426,10 +427,10 @@ def test_no_tokenizer_yet(tmp_path, corpus):
 def test_shards_from_another_tokenizer_say_rerun_prepare(prepared):
     cfg = load_cfg(prepared[0])
     with pytest.raises(SystemExit) as e:
-        prepare.load_split(cfg.data_dir, 'roam', 'train', tokenizer_sha256='0' * 64)
+        data.load_split(cfg.data_dir, 'roam', 'train', tokenizer_sha256='0' * 64)
     assert 'another tokenizer' in str(e.value) and 'prepare.py' in str(e.value) and 'roam' in str(e.value)
     with pytest.raises(SystemExit) as e:
-        prepare.load_split(cfg.data_dir, 'nosuch', 'train')
+        data.load_split(cfg.data_dir, 'nosuch', 'train')
     assert "source 'nosuch'" in str(e.value) and 'prepare.py' in str(e.value)
 
 
@@ -508,7 +509,7 @@ def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepa
                        tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), max_conversation_tokens=12)
     run('prepare.py', cfg, check=True)
     tok = Tokenizer(os.path.join(prepared[1], 'tokenizer.model'))
-    metas = [prepare.load_split(str(tmp_path / 'out' / 'data'), 'c', s) for s in ('train', 'val')]
+    metas = [data.load_split(str(tmp_path / 'out' / 'data'), 'c', s) for s in ('train', 'val')]
     assert sum(m['documents'] for m in metas) == 10 and metas[0]['truncated'] + metas[1]['truncated'] == 10
     meta = metas[0]
     ids = np.fromfile(meta['shards'][0]['path'], dtype=np.uint16)
