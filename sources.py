@@ -341,12 +341,52 @@ def read_jsonl(path, problems):
                 problems)
 
 
+def json_text(value, limit=60):
+    """A value as JSON spells it (null, 5, "hi"), cut short: what a message about a field shows."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+MESSAGE = '{"role": ..., "content": ...}'
+
+
+def messages_problem(messages):
+    """What is wrong with the "messages" of a chat row, or None: each must be an object with a
+    string 'role' and a string 'content' ("" is fine). Which roles, in which order, is the chat
+    template's check (tokenizer.check_roles)."""
+    if not isinstance(messages, list):
+        return f"'messages' must be a list of {MESSAGE} objects, got {json_text(messages)}"
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return f"message {i} must be an object with 'role' and 'content', got {json_text(m)}"
+        for field in ('role', 'content'):
+            if field not in m:
+                return f"message {i} has no '{field}' (each message is {MESSAGE})"
+            value = m[field]
+            if isinstance(value, str):
+                continue
+            hint = ''
+            if field == 'content' and value is None:  # (tool-call exports write this for a call)
+                hint = (": a tool call or a message without text cannot be trained on; remove it "
+                        "or give it text")
+            elif field == 'content' and isinstance(value, list):
+                hint = ": join the text of its parts into one string"
+            got = 'a list' if isinstance(value, list) else json_text(value)
+            return f"message {i}: '{field}' must be a string, got {got}{hint}"
+    return None
+
+
 def read_chat(src, stats=None, problems=None):
     for path in source_files(src):
         for n, obj in read_jsonl(path, problems):
             messages = obj.get('messages') if isinstance(obj, dict) else None
             if messages is None:
-                die(f"{path} line {n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+                bad = f'expected {{"messages": [{MESSAGE}, ...]}}, got {json_text(obj)}'
+            else:
+                bad = messages_problem(messages)
+            if bad:  # (analyze_only: recorded, and reading goes on)
+                problem(f"{path} line {n}: {bad}", problems)
+                continue
             yield f"{path} line {n}", messages
 
 
@@ -354,8 +394,15 @@ def read_dolly(src, stats=None, problems=None):
     """databricks-dolly-15k rows: instruction (+ context) -> user, response -> assistant."""
     for path in source_files(src):
         for n, row in read_jsonl(path, problems):
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ('instruction', 'response')):
-                die(f"{path} line {n}: a dolly row needs string fields 'instruction' and 'response'")
+            fields = ('instruction', 'response')
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
+                problem(f"{path} line {n}: a dolly row needs string fields 'instruction' and "
+                        "'response'", problems)
+                continue
+            if not isinstance(row.get('context') or '', str):
+                problem(f"{path} line {n}: 'context' must be a string (or null), got "
+                        f"{json_text(row['context'])}", problems)
+                continue
             if src['categories'] is not None and row.get('category') not in src['categories']:
                 continue
             context = (row.get('context') or '').strip()
@@ -366,11 +413,39 @@ def read_dolly(src, stats=None, problems=None):
                                         {'role': 'assistant', 'content': row['response'].strip()}]
 
 
+def oasst_problem(message):
+    """What is wrong with one message of an oasst1 tree, as best_path reads it, or None. (A message
+    without 'text' ends its conversation, as an empty one does.)"""
+    if not isinstance(message, dict):
+        return f"a message must be an object, got {json_text(message)}"
+    which = f"message {json_text(message.get('message_id', '?'))}"
+    role = message.get('role')
+    if role not in ('prompter', 'assistant'):
+        return f"{which}: 'role' must be \"prompter\" or \"assistant\", got {json_text(role)}"
+    if not isinstance(message.get('text', ''), str):
+        return f"{which}: 'text' must be a string, got {json_text(message['text'])}"
+    replies = message.get('replies') or []
+    if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+        return f"{which}: 'replies' must be a list of message objects, got {json_text(replies)}"
+    for r in replies:
+        rank = r.get('rank')
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+            return (f"message {json_text(r.get('message_id', '?'))}: 'rank' must be a number or "
+                    f"null, got {json_text(rank)}")
+    return None
+
+
 def best_path(message, lang):
-    """oasst1: follow the best-ranked live reply at every turn, from the prompt down to a leaf."""
+    """oasst1: follow the best-ranked live reply at every turn, from the prompt down to a leaf. A
+    malformed message on the way raises ValueError, saying what is wrong with it."""
     path = []
     while message is not None:
-        if message.get('deleted') or (lang and message.get('lang') != lang) or not message.get('text', '').strip():
+        if message.get('deleted') or (lang and message.get('lang') != lang):
+            break
+        bad = oasst_problem(message)
+        if bad:
+            raise ValueError(bad)
+        if not message.get('text', '').strip():
             break
         path.append({'role': 'user' if message['role'] == 'prompter' else 'assistant',
                      'content': message['text'].strip()})
@@ -387,8 +462,14 @@ def read_oasst1(src, stats=None, problems=None):
     for path in source_files(src):
         for n, tree in read_jsonl(path, problems):
             if not isinstance(tree, dict) or not isinstance(tree.get('prompt'), dict):
-                die(f"{path} line {n}: expected an oasst1 message tree with a 'prompt' (the *.trees.jsonl export)")
-            messages = best_path(tree['prompt'], src['lang'])
+                problem(f"{path} line {n}: expected an oasst1 message tree with a 'prompt' (the "
+                        "*.trees.jsonl export)", problems)
+                continue
+            try:
+                messages = best_path(tree['prompt'], src['lang'])
+            except ValueError as e:
+                problem(f"{path} line {n}: {e}", problems)
+                continue
             if messages:
                 yield f"{path} line {n}", messages
             elif stats is not None:

@@ -524,3 +524,29 @@ def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepa
                        tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), max_conversation_tokens=6)
     p = run('prepare.py', cfg)
     assert p.returncode != 0 and 'no documents left' in p.stderr
+
+
+def test_bad_chat_rows_are_named_and_analyze_only_reads_on(tmp_path):
+    """Each way a chat row can be malformed stops a run naming file, line and field; analyze_only (a
+    problems list) records it and reads the rows after it. Rows that are fine today stay fine."""
+    good = {'messages': [{'role': 'system', 'content': 's'}, {'role': 'user', 'content': ''},
+                         {'role': 'assistant', 'content': 'a', 'name': 'bot'}]}
+    rows = [good, {'messages': [{'role': 'user'}]}, {'messages': 'hi'},
+            {'messages': [{'role': 'user', 'content': None}]},
+            {'messages': [{'role': 2, 'content': 'x'}]}, {'messages': [['user', 'x']]},
+            {'text': 'x'}, good]
+    path = tmp_path / 'c.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    src = sources.source_settings('c', {'kind': 'chat', 'path': str(path)})
+    problems = []
+    docs = list(sources.iter_documents(src, None, problems))
+    assert [d for _, d, _ in docs] == [good['messages']] * 2 and docs[1][0].endswith('line 8')
+    assert len(problems) == 6, problems
+    assert all(f'c.jsonl line {n}:' in p for n, p in zip(range(2, 8), problems)), problems
+    assert "message 1 has no 'content'" in problems[0]
+    assert "'messages' must be a list" in problems[1]
+    assert "'content' must be a string, got null" in problems[2]
+    assert "'role' must be a string, got 2" in problems[3]
+    with pytest.raises(SystemExit) as e:
+        list(sources.iter_documents(src))
+    assert 'c.jsonl line 2' in str(e.value)
