@@ -172,6 +172,13 @@ KEYS = {
 }
 
 
+# Keys that hold a path: a leading '~' in them is the user's home, as in a shell and in the
+# sources' paths. (boolq and hellaswag may also be 'download' or a URL: expanduser leaves those be.)
+PATH_KEYS = ('out_dir', 'data_dir', 'tokenizer_path', 'show_chat', 'cache_dir', 'init_from',
+             'lora_base', 'merge_lora', 'ckpt', 'system_file', 'text_file', 'boolq', 'hellaswag',
+             'eval_out', 'export_dir', 'bench_json', 'bench_corpus', 'bench_sft_config')
+
+
 def key_spec(name):
     """(default, valid, meaning) of a key; valid is None where the table gives none."""
     entry = KEYS[name]
@@ -375,6 +382,16 @@ def configure(argv=None):
             setattr(cfg, name, value.replace('{out_dir}', cfg.out_dir).replace('{phase}', cfg.phase))
     for name in KEYS:
         check_value(name, getattr(cfg, name), cfg.set_by.get(name, 'the default'))
+    if not cfg.out_dir.strip():  # '' would put data/ and checkpoints loose in the current folder
+        die(f"out_dir is empty (from {cfg.set_by.get('out_dir', 'the default')}): set it to the "
+            f"folder for this experiment's files, e.g. --out_dir=out/mine")
+    for name in PATH_KEYS:
+        setattr(cfg, name, os.path.expanduser(getattr(cfg, name)))
+    for name in cfg.sources:  # (a name is a folder's name: sources.check_name checks the rest)
+        if not isinstance(name, str):
+            die(f"sources (from {cfg.set_by.get('sources', 'the default')}): the source name "
+                f"{name!r} must be a string, e.g. {str(name)!r}: it names the source's folder "
+                f"under data_dir")
     check_combinations(cfg)
     cfg.data_dir = cfg.data_dir or os.path.join(cfg.out_dir, 'data')
     cfg.tokenizer_path = cfg.tokenizer_path or os.path.join(cfg.out_dir, 'tokenizer.model')

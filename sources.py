@@ -26,25 +26,124 @@ DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
 
 
 
+def shown(value):
+    """A setting's value in a message: its type and repr (5 and '5', a Path and a str, differ)."""
+    return 'None' if value is None else f"{type(value).__name__} {value!r}"
+
+
+def is_text(v):
+    return isinstance(v, str) and v != ''
+
+
+def is_texts(v):
+    return isinstance(v, (list, tuple)) and all(is_text(x) for x in v)
+
+
+def is_bool(v):
+    return isinstance(v, bool)
+
+
+def is_count(v):
+    return type(v) is int and v >= 0
+
+
+FILE_NAMES = 'a list of strings (file names under base_url)'
+# What each source setting may hold: setting -> (test, what to write). Every setting of every kind
+# is checked before anything is read, as config keys are: a wrong type would otherwise fail deep in
+# a reader (a separator of 5), or quietly do something else (a categories string matches its parts).
+# val_frac, train_tokens and val_tokens are numbers with ranges: source_settings checks them itself.
+SETTING_TYPES = {
+    'path': (lambda v: is_text(v) or (is_texts(v) and len(v) > 0),
+             ("a path (a string: '~' is your home, * ? [ ] make it a glob) or a non-empty list of "
+              "strings (paths)")),
+    'glob': (lambda v: is_text(v) and not v.startswith('/'),
+             "a pattern relative to 'path', like '**/*.md'"),
+    'add_title': (is_bool, 'True or False'),
+    'hidden': (is_bool, "True or False (True: also read folders whose names start with '.')"),
+    'separator': (lambda v: v is None or is_text(v),
+                  ("None (each file is one document) or a non-empty string between documents, "
+                   "like '\\n\\n'")),
+    'url': (lambda v: v is None or is_text(v), 'a URL (a string), or None with a local path'),
+    'sha256': (lambda v: v is None or (isinstance(v, str) and re.fullmatch('[0-9a-f]{64}', v)),
+               "None (not checked) or the file's sha256: 64 lowercase hex digits"),
+    'size': (lambda v: v is None or is_count(v),
+             'None (not checked) or the size in bytes, an int >= 0'),
+    'categories': (lambda v: v is None or is_texts(v),
+                   "None (every category) or a list of category names"),
+    'lang': (lambda v: v is None or isinstance(v, str),
+             "a language code (a string) like 'en', or None for every language"),
+    'base_url': (is_text, 'a URL (a string)'),
+    'files': (is_texts, FILE_NAMES),
+    'train_files': (is_texts, FILE_NAMES),
+    'val_files': (is_texts, FILE_NAMES),
+}
+
+
+def check_name(name):
+    """A source's name is the name of its folder under data_dir (and of <name>.tmp/ while
+    prepare.py builds it): refuse a name that cannot be a folder of its own, or is another source's
+    temp folder."""
+    if not isinstance(name, str):
+        die(f"sources: the name {shown(name)} must be a string (it names the source's folder)")
+    at = f"sources['{name}']"
+    why = "a source's name is the name of its folder under data_dir"
+    if not name.strip():
+        die(f"{at}: a source needs a name ({why}): name it after its data, e.g. 'notes'")
+    if '/' in name or os.sep in name or '\0' in name:
+        better = name.replace('/', '_').replace('\0', '')
+        die(f"{at}: {why}, so it cannot hold '/': name it e.g. {better!r}")
+    if name.startswith('.'):
+        die(f"{at}: {why}, so it cannot start with '.' ('.' and '..' are other folders, '.x' "
+            f"a hidden one): name it e.g. {name.lstrip('.') or 'notes'!r}")
+    if name.endswith(('.tmp', '.old')):
+        die(f"{at}: names ending in '.tmp' or '.old' are taken: prepare.py builds source X in "
+            f"X.tmp/ and sets the old X.old/ aside while it swaps them. Name it e.g. "
+            f"{name[:-4] + '_' + name[-3:]!r}")
+
+
+def setting_hint(key, value):
+    """A word on how to write a setting of the wrong type, where there is one."""
+    paths = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, os.PathLike) for v in paths):
+        return ": write the path as a string, e.g. str(Path(...)), or the path itself in quotes"
+    if key == 'categories' and isinstance(value, str):
+        return f": for one category, {[value]!r}"
+    if key == 'path' and value in ('', [], ()):
+        return ": it is empty"
+    return ''
+
+
 def source_settings(name, src):
     """Validate one entry of the `sources` config dict and fill in its defaults."""
+    check_name(name)
     if not isinstance(src, dict) or 'kind' not in src:
         die(f"sources['{name}'] must be a dict with a 'kind' (one of {', '.join(KINDS)}), got {src!r}")
-    if src['kind'] not in KINDS:
-        die(f"sources['{name}']: unknown kind {src['kind']!r}{suggest(src['kind'], KINDS)}; kinds: {', '.join(KINDS)}")
-    fmt, _, defaults = KINDS[src['kind']]
+    kind = src['kind']
+    if not isinstance(kind, str) or kind not in KINDS:
+        close = suggest(kind, KINDS) if isinstance(kind, str) else ''
+        die(f"sources['{name}']: unknown kind {kind!r}{close}; kinds: {', '.join(KINDS)}")
+    fmt, _, defaults = KINDS[kind]
     for key in src:
         if key != 'kind' and key not in defaults:
-            die(f"sources['{name}']: unknown setting {key!r}{suggest(key, defaults)} for kind "
-                f"'{src['kind']}'; it takes {', '.join(defaults)}")
-    out = {'name': name, 'kind': src['kind'], 'format': fmt, **defaults, **src}
+            die(f"sources['{name}']: unknown setting {key!r}{suggest(str(key), defaults)} for kind "
+                f"'{kind}'; it takes {', '.join(defaults)}")
+    out = {'name': name, 'kind': kind, 'format': fmt, **defaults, **src}
+    for key, value in out.items():
+        if key not in SETTING_TYPES or (key == 'path' and value is None):  # (None: see below)
+            continue
+        ok, what = SETTING_TYPES[key]
+        if not ok(value):
+            hint = setting_hint(key, value)
+            die(f"sources['{name}']: '{key}' must be {what}, got {shown(value)}{hint}")
     if 'path' in out and out['path'] is None and out.get('url') is None:
         die(f"sources['{name}'] needs a 'path'")
-    if 'val_frac' in out and not (isinstance(out['val_frac'], (int, float)) and 0 <= out['val_frac'] < 1):
-        die(f"sources['{name}']: val_frac must be a number in [0, 1), got {out['val_frac']!r}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # (True is an int)
+    v = out.get('val_frac')
+    if 'val_frac' in out and not (number(v) and 0 <= v < 1):
+        die(f"sources['{name}']: val_frac must be a number in [0, 1), got {v!r}")
     for key in ('train_tokens', 'val_tokens'):
         v = out.get(key)
-        if key in out and not (v is None and out['kind'] == 'wikitext') and not (isinstance(v, (int, float)) and v >= 0):
+        if key in out and not (v is None and kind == 'wikitext') and not (number(v) and v >= 0):
             die(f"sources['{name}']: {key} must be a number of tokens >= 0, got {v!r}")
     return out
 
@@ -69,10 +168,12 @@ def glob_match(parts, pattern, hidden):
 LINKS_REPORTED = set()
 
 
-def find_files(root, pattern, name, hidden=False):
+def find_files(root, pattern, name, hidden=False, dot_folders=True):
     """Files under `root` matching a glob pattern ('**/*.md'), following symlinked folders but reading each
     real folder once: a link loop (`ln -s . notes/loop`) or a second link to a folder already read would
-    otherwise copy every page it reaches many times over, into train and val alike."""
+    otherwise copy every page it reaches many times over, into train and val alike.
+    With dot_folders=False, folders whose names start with '.' are not entered at all (.git,
+    .obsidian, .trash: not notes)."""
     real = set()  # the folders of the tree itself, reached without links
     for dirpath, _, _ in os.walk(root):
         st = os.stat(dirpath)
@@ -81,6 +182,8 @@ def find_files(root, pattern, name, hidden=False):
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):
+            if d.startswith('.') and not dot_folders:
+                continue
             path = os.path.join(dirpath, d)
             try:
                 st = os.stat(path)
@@ -118,7 +221,8 @@ def source_files(src):
         if src['kind'] == 'roam':
             if not os.path.isdir(p):
                 die(f"sources['{src['name']}']: {p} is not a folder (a roam source is an exported folder of .md pages)")
-            found = find_files(p, src['glob'], src['name'], hidden=True)  # Roam pages titled '.x' are pages
+            # a page titled '.x' is a page, but a folder '.obsidian' or '.trash' holds no notes
+            found = find_files(p, src['glob'], src['name'], hidden=True, dot_folders=src['hidden'])
             if not found:
                 die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the right folder?")
             files += found
@@ -131,6 +235,13 @@ def source_files(src):
             if not found:
                 die(f"sources['{src['name']}']: no files match {p}")
             files += found
+        elif os.path.isdir(p):
+            kind = src['kind']
+            ext = '.jsonl' if src['format'] == 'chat' and kind != 'primer' else '.txt'
+            other = " (or use kind 'roam' for a folder of .md notes)" if kind == 'text' else ''
+            die(f"sources['{src['name']}']: {p} is a folder, and a '{kind}' source reads files: "
+                f"set 'path' to a file, or to a glob such as "
+                f"'{os.path.join(p, '**', '*' + ext)}'{other}")
         else:
             die(f"sources['{src['name']}']: {p} does not exist (check the 'path' of this source)")
     return sorted(set(files))
@@ -341,12 +452,52 @@ def read_jsonl(path, problems):
                 problems)
 
 
+def json_text(value, limit=60):
+    """A value as JSON spells it (null, 5, "hi"), cut short: what a message about a field shows."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+MESSAGE = '{"role": ..., "content": ...}'
+
+
+def messages_problem(messages):
+    """What is wrong with the "messages" of a chat row, or None: each must be an object with a
+    string 'role' and a string 'content' ("" is fine). Which roles, in which order, is the chat
+    template's check (tokenizer.check_roles)."""
+    if not isinstance(messages, list):
+        return f"'messages' must be a list of {MESSAGE} objects, got {json_text(messages)}"
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return f"message {i} must be an object with 'role' and 'content', got {json_text(m)}"
+        for field in ('role', 'content'):
+            if field not in m:
+                return f"message {i} has no '{field}' (each message is {MESSAGE})"
+            value = m[field]
+            if isinstance(value, str):
+                continue
+            hint = ''
+            if field == 'content' and value is None:  # (tool-call exports write this for a call)
+                hint = (": a tool call or a message without text cannot be trained on; remove it "
+                        "or give it text")
+            elif field == 'content' and isinstance(value, list):
+                hint = ": join the text of its parts into one string"
+            got = 'a list' if isinstance(value, list) else json_text(value)
+            return f"message {i}: '{field}' must be a string, got {got}{hint}"
+    return None
+
+
 def read_chat(src, stats=None, problems=None):
     for path in source_files(src):
         for n, obj in read_jsonl(path, problems):
             messages = obj.get('messages') if isinstance(obj, dict) else None
             if messages is None:
-                die(f"{path} line {n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+                bad = f'expected {{"messages": [{MESSAGE}, ...]}}, got {json_text(obj)}'
+            else:
+                bad = messages_problem(messages)
+            if bad:  # (analyze_only: recorded, and reading goes on)
+                problem(f"{path} line {n}: {bad}", problems)
+                continue
             yield f"{path} line {n}", messages
 
 
@@ -354,8 +505,15 @@ def read_dolly(src, stats=None, problems=None):
     """databricks-dolly-15k rows: instruction (+ context) -> user, response -> assistant."""
     for path in source_files(src):
         for n, row in read_jsonl(path, problems):
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ('instruction', 'response')):
-                die(f"{path} line {n}: a dolly row needs string fields 'instruction' and 'response'")
+            fields = ('instruction', 'response')
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
+                problem(f"{path} line {n}: a dolly row needs string fields 'instruction' and "
+                        "'response'", problems)
+                continue
+            if not isinstance(row.get('context') or '', str):
+                problem(f"{path} line {n}: 'context' must be a string (or null), got "
+                        f"{json_text(row['context'])}", problems)
+                continue
             if src['categories'] is not None and row.get('category') not in src['categories']:
                 continue
             context = (row.get('context') or '').strip()
@@ -366,11 +524,39 @@ def read_dolly(src, stats=None, problems=None):
                                         {'role': 'assistant', 'content': row['response'].strip()}]
 
 
+def oasst_problem(message):
+    """What is wrong with one message of an oasst1 tree, as best_path reads it, or None. (A message
+    without 'text' ends its conversation, as an empty one does.)"""
+    if not isinstance(message, dict):
+        return f"a message must be an object, got {json_text(message)}"
+    which = f"message {json_text(message.get('message_id', '?'))}"
+    role = message.get('role')
+    if role not in ('prompter', 'assistant'):
+        return f"{which}: 'role' must be \"prompter\" or \"assistant\", got {json_text(role)}"
+    if not isinstance(message.get('text', ''), str):
+        return f"{which}: 'text' must be a string, got {json_text(message['text'])}"
+    replies = message.get('replies') or []
+    if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+        return f"{which}: 'replies' must be a list of message objects, got {json_text(replies)}"
+    for r in replies:
+        rank = r.get('rank')
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+            return (f"message {json_text(r.get('message_id', '?'))}: 'rank' must be a number or "
+                    f"null, got {json_text(rank)}")
+    return None
+
+
 def best_path(message, lang):
-    """oasst1: follow the best-ranked live reply at every turn, from the prompt down to a leaf."""
+    """oasst1: follow the best-ranked live reply at every turn, from the prompt down to a leaf. A
+    malformed message on the way raises ValueError, saying what is wrong with it."""
     path = []
     while message is not None:
-        if message.get('deleted') or (lang and message.get('lang') != lang) or not message.get('text', '').strip():
+        if message.get('deleted') or (lang and message.get('lang') != lang):
+            break
+        bad = oasst_problem(message)
+        if bad:
+            raise ValueError(bad)
+        if not message.get('text', '').strip():
             break
         path.append({'role': 'user' if message['role'] == 'prompter' else 'assistant',
                      'content': message['text'].strip()})
@@ -387,8 +573,14 @@ def read_oasst1(src, stats=None, problems=None):
     for path in source_files(src):
         for n, tree in read_jsonl(path, problems):
             if not isinstance(tree, dict) or not isinstance(tree.get('prompt'), dict):
-                die(f"{path} line {n}: expected an oasst1 message tree with a 'prompt' (the *.trees.jsonl export)")
-            messages = best_path(tree['prompt'], src['lang'])
+                problem(f"{path} line {n}: expected an oasst1 message tree with a 'prompt' (the "
+                        "*.trees.jsonl export)", problems)
+                continue
+            try:
+                messages = best_path(tree['prompt'], src['lang'])
+            except ValueError as e:
+                problem(f"{path} line {n}: {e}", problems)
+                continue
             if messages:
                 yield f"{path} line {n}", messages
             elif stats is not None:
@@ -462,7 +654,8 @@ def read_streamed(src, stats=None, problems=None):
 # checked against their size and sha256. Set 'path' to use a local copy instead of downloading.
 HF = download.HF_DATASETS
 KINDS = {
-    'roam': ('text', read_roam, {'path': None, 'glob': '**/*.md', 'add_title': True, 'val_frac': 0.1}),
+    'roam': ('text', read_roam, {'path': None, 'glob': '**/*.md', 'add_title': True,
+                                 'hidden': False, 'val_frac': 0.1}),
     'text': ('text', read_text, {'path': None, 'separator': None, 'val_frac': 0.1}),
     'primer': ('chat', read_primer, {'path': None, 'val_frac': 0.1}),
     'chat': ('chat', read_chat, {'path': None, 'val_frac': 0.1}),

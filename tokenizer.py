@@ -34,10 +34,13 @@ NOT_READ = ('val_frac', 'train_tokens', 'val_tokens', 'sha256', 'size')
 
 class Tokenizer:
     def __init__(self, model_path):
+        if os.path.isdir(model_path):
+            die(f"tokenizer_path {model_path} is a folder: set it to the tokenizer's file "
+                f"(tokenizer.py writes e.g. {os.path.join(model_path, 'tokenizer.model')})")
         if not os.path.isfile(model_path):
             die(f"no tokenizer at {model_path}: train one first with `python tokenizer.py <your config>`")
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.sp = load_model(model_path)
         self.sha256 = file_sha256(model_path)
         self.vocab_size = self.sp.get_piece_size()
         for i, piece in enumerate(SPECIALS):
@@ -72,6 +75,30 @@ class Tokenizer:
 
     def decode(self, ids):
         return b''.join(self.id_bytes[i] for i in ids).decode('utf-8', errors='replace')
+
+
+def load_model(path):
+    """A SentencePieceProcessor of the file, or a message saying what the file is instead: a Hugging
+    Face tokenizer.json, an empty or cut-short file. (SentencePiece itself names a line of its C++
+    source, not the file.)"""
+    train = ("train one with `python tokenizer.py <your config>`, or set tokenizer_path to a "
+             "tokenizer.model it wrote")
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        die(f"cannot read the tokenizer {path} ({e.strerror})")
+    if not data:
+        die(f"the tokenizer {path} is empty (0 bytes; an interrupted copy?): {train}")
+    try:
+        return spm.SentencePieceProcessor(model_proto=data)
+    except (RuntimeError, OSError):
+        if data.lstrip()[:1] in (b'{', b'['):
+            what = (": it is JSON (a Hugging Face tokenizer.json?), and smallchat reads "
+                    "SentencePiece .model files only")
+        else:
+            what = ", or it was cut short or damaged"
+        die(f"{path} is not a SentencePiece model{what}. {train[0].upper()}{train[1:]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,9 +231,18 @@ def what_it_reads(settings):
                     for name, s in settings['sources'].items()}}))
 
 
-def training_sentences(cfg, settings):
+def training_sentences(cfg, settings, stopped):
     """Lines of text from each source up to its byte budget. '\\n' is a piece of its own, so a line
-    is a natural training sentence; very long lines are cut so SentencePiece does not drop them."""
+    is a natural training sentence; very long lines are cut so SentencePiece does not drop them.
+    A bad file (a die() in a reader) ends the lines and is kept in `stopped`, for train_tokenizer to
+    raise: SentencePiece would wrap the SystemExit in an error of its own, with Python's frames."""
+    try:
+        yield from source_sentences(settings)
+    except SystemExit as e:
+        stopped.append(e)
+
+
+def source_sentences(settings):
     for name, s in settings['sources'].items():
         src = sources.source_settings(name, s['settings'])
         seen = 0
@@ -222,17 +258,39 @@ def training_sentences(cfg, settings):
         print(f"tokenizer: read {seen / 1e6:.2f} MB from {name}")
 
 
+def read_record(info_path):
+    """The record tokenizer.py wrote beside a model ({} if none); a damaged one is named."""
+    if not os.path.exists(info_path):
+        return {}
+    try:
+        with open(info_path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # (ValueError: bad JSON or bad UTF-8)
+        die(f"{info_path}, the record of what its tokenizer was trained on, is damaged or "
+            f"unreadable ({e}): delete it and the tokenizer beside it (and re-run prepare.py) to "
+            f"train a new one, or set --tokenizer_path to a new file")
+
+
 def train_tokenizer(cfg):
     settings = tokenizer_settings(cfg)
     path = cfg.tokenizer_path
     info_path = path + '.json'
+    now = what_it_reads(settings)  # (a bad source in this config stops here, before any work)
+    if os.path.isdir(path):
+        die(f"tokenizer_path {path} is a folder: set it to a file, e.g. "
+            f"{os.path.join(path, 'tokenizer.model')}")
     if os.path.exists(path):
-        old = json.load(open(info_path)) if os.path.exists(info_path) else {}
-        now = what_it_reads(settings)  # (a bad source in this config stops here, named)
+        old = read_record(info_path)
         try:
             same = what_it_reads(old['settings']) == now
         except (KeyError, TypeError, AttributeError, SystemExit):  # no record, or one this code cannot read
             same = False
+        # the record is of the file tokenizer.py wrote: a model copied over it is not that file
+        if same and isinstance(old.get('sha256'), str) and old['sha256'] != file_sha256(path):
+            die(f"{path} is not the file tokenizer.py trained for this config: its sha256 "
+                f"differs from the one recorded in {info_path}, so it was replaced or changed "
+                f"since. Put the trained file back, or delete both (and re-run prepare.py) to "
+                f"train a new one, or set --tokenizer_path to a new file.")
         if same:
             print(f"tokenizer: {path} is up to date with this config, nothing to do")
             return
@@ -242,9 +300,10 @@ def train_tokenizer(cfg):
     check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
     spm.set_random_generator_seed(TRAIN_SEED)
     model = io.BytesIO()
+    stopped = []  # a bad source file met while SentencePiece reads the sentences
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(cfg, settings), model_writer=model,
+            sentence_iterator=training_sentences(cfg, settings, stopped), model_writer=model,
             vocab_size=cfg.vocab_size, model_type=cfg.tokenizer_type,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=SPECIALS[3:],
             user_defined_symbols=['\n'],  # a newline is always its own token, never merged
@@ -253,6 +312,8 @@ def train_tokenizer(cfg):
             character_coverage=0.9995, max_sentence_length=16384, input_sentence_size=2_000_000,
             shuffle_input_sentence=True, num_threads=TRAIN_THREADS, minloglevel=2)
     except RuntimeError as e:
+        if stopped:
+            raise stopped[0]
         m = re.search(r'value <= (\d+)', str(e))
         if m:
             die(f"vocab_size={cfg.vocab_size} is too large for this little text: SentencePiece can make at most "
@@ -262,6 +323,8 @@ def train_tokenizer(cfg):
             die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, the newline, 256 bytes) "
                 f"and the characters of this text need {m.group(1)}. Raise vocab_size to at least {m.group(1)}.")
         die(f"SentencePiece training failed: {e}")
+    if stopped:  # (training may also end normally on the lines read before the bad file)
+        raise stopped[0]
     try:
         with atomic_file(path) as f:
             f.write(model.getvalue())

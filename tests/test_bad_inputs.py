@@ -18,6 +18,7 @@ def base(tmp_path_factory, prepared, trained):
     """A workspace: tokenizer, shards and a checkpoint, plus the config that uses them."""
     root = tmp_path_factory.mktemp('bad_base')
     shutil.copy(os.path.join(prepared[1], 'tokenizer.model'), root / 'tokenizer.model')
+    shutil.copy(os.path.join(prepared[1], 'tokenizer.model.json'), root / 'tokenizer.model.json')
     shutil.copytree(os.path.join(prepared[1], 'data'), root / 'data')
     shutil.copy(os.path.join(trained[1], 'pretrain', 'ckpt.pt'), root / 'ckpt.pt')
     return root
@@ -45,6 +46,12 @@ def foreign_tokenizer(w):
                                    minloglevel=2)
     write(w / 'foreign.model', model.getvalue(), 'wb')
     return [f"--tokenizer_path={w / 'foreign.model'}"]
+
+
+def replace_tokenizer(w):
+    """tokenizer.model replaced by another model, its .json record left as tokenizer.py wrote it."""
+    foreign_tokenizer(w)
+    shutil.copy(w / 'foreign.model', w / 'tokenizer.model')
 
 
 def edit_meta(w, name, **changes):
@@ -279,7 +286,151 @@ CASES = [
     ('export type misspelt', 'export.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=q8'], ["'q8'", "did you mean 'q8_0'"]),
     ('disk already full before eval starts', 'eval.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--eval_out={w / 'res'}"],
      ['res', 'cannot write', 'eval_out'], 1_000),
+
+    # --- issue 24: chat rows checked before use (file, line and field named) ---
+    ('chat message without content', 'prepare.py',
+     lambda w: [chat_src(w, CHAT + chat_line({'role': 'user'}, ASST))],
+     ['c.jsonl line 2', 'message 1', "no 'content'"]),
+    ('chat content a number', 'prepare.py',
+     lambda w: [chat_src(w, chat_line({'role': 'user', 'content': 5}, ASST))],
+     ['c.jsonl line 1', 'message 1', "'content' must be a string", 'got 5']),
+    ('chat messages a string', 'prepare.py',
+     lambda w: [chat_src(w, CHAT + json.dumps({'messages': 'hi there'}) + '\n')],
+     ['c.jsonl line 2', "'messages' must be a list", '"hi there"']),
+    ('chat content null (a tool call)', 'tokenizer.py',
+     lambda w: [new_tok(w), chat_src(w, chat_line(
+         USER, {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'x'}]}))],
+     ['c.jsonl line 1', 'message 2', "'content' must be a string", 'got null']),
+    ('chat message that is not an object', 'tokenizer.py',
+     lambda w: [new_tok(w), chat_src(w, chat_line('hi', ASST))],
+     ['c.jsonl line 1', 'message 1', "'role' and 'content'", '"hi"']),
+    ('chat content a list of parts', 'prepare.py',
+     lambda w: [chat_src(w, chat_line({'role': 'user', 'content': [{'type': 'text', 'text': 'q'}]},
+                                      ASST))],
+     ['c.jsonl line 1', 'message 1', "'content' must be a string", 'got a list']),
+    ('chat row that is not an object', 'tokenizer.py',
+     lambda w: [new_tok(w), chat_src(w, CHAT + '[1, 2]\n')], ['c.jsonl line 2', '"messages"']),
+    ('dolly context a number', 'prepare.py',
+     lambda w: [src(w, 'dolly', path=write(w / 'd.jsonl', json.dumps(
+         {'instruction': 'i', 'context': 7, 'response': 'r'})))],
+     ['d.jsonl line 1', "'context'", 'string']),
+    ('oasst1 message text null', 'prepare.py',
+     lambda w: [oasst_src(w, replies=[{'role': 'assistant', 'text': None, 'lang': 'en'}])],
+     ['t.jsonl line 1', "'text'", 'got null']),
+    ('oasst1 reply without a role', 'tokenizer.py',
+     lambda w: [new_tok(w), oasst_src(w, replies=[{'text': 'a', 'lang': 'en'}])],
+     ['t.jsonl line 1', "'role'"]),
+    ('oasst1 replies not a list', 'prepare.py', lambda w: [oasst_src(w, replies='none')],
+     ['t.jsonl line 1', "'replies'", 'list']),
+
+    # --- issue 24: every source setting type-checked, the source and the setting named ---
+    ('roam glob None', 'prepare.py', lambda w: [src(w, 'roam', path=str(w), glob=None)],
+     ["sources['s']", "'glob'", 'got None']),
+    ('text separator a number', 'prepare.py',
+     lambda w: [src(w, 'text', path=a_file(w), separator=5)],
+     ["sources['s']", "'separator'", 'got int 5']),
+    ('text separator empty', 'prepare.py', lambda w: [src(w, 'text', path=a_file(w), separator='')],
+     ["sources['s']", "'separator'", 'None']),
+    ('source path a pathlib.Path', 'prepare.py',
+     lambda w: [write(w / 'p.py', f"import pathlib\nsources = {{'s': {{'kind': 'text', "
+                                  f"'path': pathlib.Path({a_file(w)!r})}}}}\n")],
+     ["sources['s']", "'path'", 'PosixPath', 'str(']),
+    ('source path a list with a number', 'tokenizer.py',
+     lambda w: [src(w, 'text', path=[a_file(w), 3])],
+     ["sources['s']", "'path'", 'list of strings']),
+    ('source path empty', 'prepare.py', lambda w: [src(w, 'text', path='')],
+     ["sources['s']", "'path'", 'empty']),
+    ('roam add_title a string', 'prepare.py',
+     lambda w: [src(w, 'roam', path=str(w), add_title='no')],
+     ["sources['s']", "'add_title'", 'True or False']),
+    ('val_frac given as False', 'prepare.py',
+     lambda w: [src(w, 'text', path=a_file(w), val_frac=False)],
+     ["sources['s']", 'val_frac', 'got False']),
+    ('dolly categories a string', 'prepare.py',
+     lambda w: [src(w, 'dolly', path=a_file(w), categories='open_qa')],
+     ["sources['s']", "'categories'", 'list', "['open_qa']"]),
+    ('oasst1 lang a list', 'tokenizer.py',
+     lambda w: [src(w, 'oasst1', path=a_file(w), lang=['en'])],
+     ["sources['s']", "'lang'", 'string']),
+    ('fineweb files a string', 'prepare.py',  # (no retries: unchecked, it went downloading)
+     lambda w: ['--download_retries=0', src(w, 'fineweb_edu', files='000_00000.parquet')],
+     ["sources['s']", "'files'", 'list of strings']),
+    ('train_tokens given as True', 'prepare.py',
+     lambda w: ['--download_retries=0', src(w, 'fineweb_edu', train_tokens=True)],
+     ["sources['s']", 'train_tokens', 'got True']),
+    ('download size a string', 'prepare.py',
+     lambda w: ['--download_retries=0', src(w, 'tinyshakespeare', size='1 MB')],
+     ["sources['s']", "'size'", "'1 MB'"]),
+    ('source kind a list', 'prepare.py', lambda w: [src(w, ['roam'], path=str(w))],
+     ["sources['s']", 'kind', "['roam']"]),
+    ('source named with an empty string', 'prepare.py', lambda w: [named(w, '')],
+     ["sources['']", 'name']),
+    ('source named with a number', 'prepare.py', lambda w: [named(w, 3)],
+     ['source name 3', 'string']),
+    ('source name with a slash', 'tokenizer.py', lambda w: [named(w, 'a/b')],
+     ["sources['a/b']", "'/'"]),
+    ('source name with dots', 'prepare.py', lambda w: [named(w, '..')], ["sources['..']", "'.'"]),
+    ('source named like a temp folder', 'prepare.py',  # (prepare.py removes <name>.tmp of <name>)
+     lambda w: [named(w, 'notes.tmp')], ["sources['notes.tmp']", '.tmp']),
+    ('text source pointed at a folder', 'prepare.py',
+     lambda w: [src(w, 'text', path=str(w / 'data'))],
+     ['data', 'is a folder', "'roam'", '**/*.txt']),
+
+    # --- issue 24: tokenizer files ---
+    ('tokenizer_path a tokenizer.json', 'prepare.py',
+     lambda w: ['--tokenizer_path=' + write(w / 'tokenizer.json',
+                                            json.dumps({'model': {'type': 'BPE'}}))],
+     ['tokenizer.json', 'not a SentencePiece model', 'JSON']),
+    ('sample with a tokenizer.json', 'sample.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", f"--tokenizer_path={write(w / 'tokenizer.json', '{}')}"],
+     ['tokenizer.json', 'not a SentencePiece model']),
+    ('empty tokenizer file', 'train.py',
+     lambda w: [f"--tokenizer_path={write(w / 'empty.model', '')}"],
+     ['empty.model', 'empty']),
+    ('truncated tokenizer file', 'eval.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--tokenizer_path=' + write(
+         w / 'cut.model', (w / 'tokenizer.model').read_bytes()[:3000], 'wb')],
+     ['cut.model', 'not a SentencePiece model']),
+    ('tokenizer_path a folder', 'prepare.py', lambda w: [f"--tokenizer_path={w / 'data'}"],
+     ['data', 'is a folder']),
+    ('tokenizer.py with tokenizer_path a folder', 'tokenizer.py',
+     lambda w: [f"--tokenizer_path={w / 'data'}"], ['data', 'is a folder']),
+    ('tokenizer.model replaced by another file', 'tokenizer.py',  # (the settings are the same)
+     lambda w: replace_tokenizer(w) or [],
+     ['tokenizer.model', 'sha256', 'replaced']),
+    ('damaged tokenizer record', 'tokenizer.py',
+     lambda w: [write(w / 'tokenizer.model.json', '{"settings": ')],
+     ['tokenizer.model.json', 'damaged']),
+    ('empty out_dir', 'tokenizer.py', lambda w: ['--out_dir='], ['out_dir', 'empty']),
 ]
+
+USER, ASST = {'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}
+
+
+def chat_line(*messages):
+    return json.dumps({'messages': list(messages)}) + '\n'
+
+
+def chat_src(w, text):
+    return src(w, 'chat', path=write(w / 'c.jsonl', text))
+
+
+def oasst_src(w, replies):
+    prompt = {'role': 'prompter', 'text': 'q', 'lang': 'en', 'replies': replies}
+    return src(w, 'oasst1', path=write(w / 't.jsonl', json.dumps({'prompt': prompt})))
+
+
+def new_tok(w):
+    return f"--tokenizer_path={w / 'new.model'}"
+
+
+def a_file(w):
+    return str(w / 'cfg.py')
+
+
+def named(w, name):
+    """A source with this name (which is all that is wrong with it)."""
+    return f"--sources={ {name: {'kind': 'text', 'path': a_file(w)}}!r}"
 
 BOOLQ = json.dumps({'question': 'is it', 'passage': 'it is.', 'answer': True}) + '\n'
 CHAT = json.dumps({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]}) + '\n'
@@ -308,8 +459,8 @@ def snapshot(root):
     return out
 
 
-def test_the_catalogue_has_at_least_105_cases_across_every_stage():
-    assert len(CASES) >= 105  # 49 before issue 16
+def test_the_catalogue_has_at_least_145_cases_across_every_stage():
+    assert len(CASES) >= 145  # 49 before issue 16, 105 before issue 24
     assert {case[1] for case in CASES} == {'tokenizer.py', 'prepare.py', 'train.py', 'sample.py', 'eval.py', 'export.py'}
     assert len({case[0] for case in CASES}) == len(CASES)
 
@@ -323,6 +474,7 @@ def test_bad_input(ws, case):
     p = run(script, ws / 'cfg.py', *args, input='hello\n', **kw)
     assert p.returncode != 0, p.stdout
     assert 'Traceback' not in p.stderr, p.stderr
+    assert 'SystemExit' not in p.stderr, p.stderr  # (a message never shows Python's insides)
     for word in words:
         assert word in p.stderr, (word, p.stderr)
     after = snapshot(ws)

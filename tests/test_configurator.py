@@ -207,3 +207,27 @@ def test_profiles_pretrain_with_muon_and_fine_tune_with_adamw():
                  ['config/prod_sft.py']):
         cfg = load_cfg(*argv)
         assert (cfg.optimizer, cfg.lr_schedule) == ('adamw', 'cosine'), argv
+
+
+def test_a_tilde_means_home_in_every_path_key(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))
+    home = str(tmp_path)
+    cfg = load_cfg('--out_dir=~/exp', '--init_from={out_dir}/pretrain/best.pt', '--ckpt=~/c.pt',
+                   '--export_dir=~/e', '--cache_dir=~/cache', '--system_file=~/voice.txt',
+                   '--eval_out=~/res')
+    assert cfg.out_dir == f'{home}/exp' and cfg.data_dir == f'{home}/exp/data'
+    assert cfg.tokenizer_path == f'{home}/exp/tokenizer.model'
+    assert cfg.init_from == f'{home}/exp/pretrain/best.pt'
+    assert (cfg.ckpt, cfg.export_dir) == (f'{home}/c.pt', f'{home}/e')
+    assert cfg.cache_dir == f'{home}/cache'
+    assert (cfg.system_file, cfg.eval_out) == (f'{home}/voice.txt', f'{home}/res')
+    cfg = load_cfg('--data_dir=~/d', '--tokenizer_path=~/t.model', '--boolq=download',
+                   '--init_from=scratch')
+    assert (cfg.data_dir, cfg.tokenizer_path) == (f'{home}/d', f'{home}/t.model')
+    assert (cfg.boolq, cfg.init_from) == ('download', 'scratch')
+
+
+def test_an_empty_out_dir_is_refused(tmp_path):
+    assert 'out_dir' in die_message('--out_dir=') and 'empty' in die_message('--out_dir=  ')
+    (tmp_path / 'c.py').write_text("out_dir = ''\n")
+    assert 'c.py line 1' in die_message(tmp_path / 'c.py')

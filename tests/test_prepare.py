@@ -525,3 +525,64 @@ def test_chat_shards_keep_an_aligned_mask_and_conversation_index(tmp_path, prepa
                        tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), max_conversation_tokens=6)
     p = run('prepare.py', cfg)
     assert p.returncode != 0 and 'no documents left' in p.stderr
+
+
+def test_dot_folders_of_a_notes_folder_are_skipped_unless_hidden_is_set(tmp_path):
+    """A notes folder's .obsidian/, .trash/ and .github/ hold settings and deleted pages, not notes;
+    a page titled '.x' (a file, not a folder) is still a page."""
+    for rel in ('a.md', 'sub/b.md', '.x.md', '.obsidian/workspace.md', '.trash/old.md',
+                'sub/.github/ci.md'):
+        (tmp_path / 'notes' / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'notes' / rel).write_text('- body\n')
+
+    def titles(**settings):
+        notes = {'kind': 'roam', 'path': str(tmp_path / 'notes'), **settings}
+        src = sources.source_settings('n', notes)
+        return sorted(doc.split('\n')[0] for _, doc, _ in sources.iter_documents(src))
+
+    assert titles() == ['.x', 'a', 'sub/b']
+    assert titles(hidden=True) == ['.obsidian/workspace', '.trash/old', '.x', 'a', 'sub/.github/ci',
+                                   'sub/b']
+
+
+def test_bad_chat_rows_are_named_and_analyze_only_reads_on(tmp_path):
+    """Each way a chat row can be malformed stops a run naming file, line and field; analyze_only (a
+    problems list) records it and reads the rows after it. Rows that are fine today stay fine."""
+    good = {'messages': [{'role': 'system', 'content': 's'}, {'role': 'user', 'content': ''},
+                         {'role': 'assistant', 'content': 'a', 'name': 'bot'}]}
+    rows = [good, {'messages': [{'role': 'user'}]}, {'messages': 'hi'},
+            {'messages': [{'role': 'user', 'content': None}]},
+            {'messages': [{'role': 2, 'content': 'x'}]}, {'messages': [['user', 'x']]},
+            {'text': 'x'}, good]
+    path = tmp_path / 'c.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    src = sources.source_settings('c', {'kind': 'chat', 'path': str(path)})
+    problems = []
+    docs = list(sources.iter_documents(src, None, problems))
+    assert [d for _, d, _ in docs] == [good['messages']] * 2 and docs[1][0].endswith('line 8')
+    assert len(problems) == 6, problems
+    assert all(f'c.jsonl line {n}:' in p for n, p in zip(range(2, 8), problems)), problems
+    assert "message 1 has no 'content'" in problems[0]
+    assert "'messages' must be a list" in problems[1]
+    assert "'content' must be a string, got null" in problems[2]
+    assert "'role' must be a string, got 2" in problems[3]
+    with pytest.raises(SystemExit) as e:
+        list(sources.iter_documents(src))
+    assert 'c.jsonl line 2' in str(e.value)
+
+
+def test_every_source_setting_is_type_checked_and_defaults_pass():
+    needs_path = lambda kind: {'path': 'x'} if kind in ('roam', 'text', 'primer', 'chat') else {}
+    for kind in sources.KINDS:  # every default is fine
+        sources.source_settings('s', {'kind': kind, **needs_path(kind)})
+    bad = {'roam': {'glob': None, 'add_title': 1, 'hidden': 'yes', 'path': ['x', None]},
+           'text': {'separator': 5, 'path': __import__('pathlib').Path('x'), 'val_frac': '0.1'},
+           'dolly': {'categories': 'open_qa', 'url': 3, 'sha256': 'abc', 'size': -1},
+           'oasst1': {'lang': ['en']},
+           'fineweb_edu': {'files': 'a.parquet', 'base_url': None, 'val_tokens': True},
+           'wikitext': {'train_files': [1], 'val_files': None}}
+    for kind, settings in bad.items():
+        for key, value in settings.items():
+            with pytest.raises(SystemExit) as e:
+                sources.source_settings('s', {'kind': kind, **needs_path(kind), key: value})
+            assert "sources['s']" in str(e.value) and key in str(e.value), (kind, key, str(e.value))

@@ -192,3 +192,31 @@ def test_show_chat_marks_the_trained_tokens(prepared, tmp_path):
     (tmp_path / 'bad.json').write_text('[{"role": "assistant", "content": "first"}]')
     p = run('tokenizer.py', prepared[0], f'--show_chat={tmp_path}/bad.json')
     assert p.returncode != 0 and 'bad.json' in p.stderr and "role 'assistant'" in p.stderr
+
+
+def test_a_replaced_model_is_not_up_to_date(tmp_path, corpus):
+    """tokenizer.py checks the file itself against the sha256 it recorded, not only the settings."""
+    cfg = write_config(tmp_path / 'a.py', str(tmp_path / 'out'), corpus)
+    run('tokenizer.py', cfg, check=True)
+    model = tmp_path / 'out' / 'tokenizer.model'
+    other = tmp_path / 'other' / 't.model'
+    run('tokenizer.py', cfg, f'--tokenizer_path={other}', '--vocab_size=600', check=True)
+    model.write_bytes(other.read_bytes())
+    p = run('tokenizer.py', cfg)
+    assert p.returncode != 0 and 'up to date' not in p.stdout
+    assert str(model) in p.stderr and 'sha256' in p.stderr
+    assert model.read_bytes() == other.read_bytes()  # (nothing replaced in turn)
+
+
+def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path):
+    cases = {'tokenizer.json': json.dumps({'version': '1.0', 'model': {'type': 'BPE'}}),
+             'empty.model': '', 'notes.txt': 'just some text\n'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit) as e:
+            Tokenizer(str(tmp_path / name))
+        assert str(tmp_path / name) in str(e.value) and 'tokenizer.py' in str(e.value), str(e.value)
+        assert ('empty' if name == 'empty.model' else 'not a SentencePiece model') in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        Tokenizer(str(tmp_path))
+    assert 'is a folder' in str(e.value)
