@@ -19,10 +19,11 @@ Three conveniences for config files:
     (config/demo.py does `if phase == 'sft': ...`);
   - `include('other.py')` runs another config file (path relative to the including file) in the
     same namespace, so config/prod_sft.py can start from config/prod_pretrain.py;
-  - `include_text('file.txt')` is the stripped text of a file beside the config file (the system prompt
-    config/demo.py, dev_sft.py and prod_sft.py share is config/mara_system.txt);
+  - `include_text('file.txt')` is the stripped text of a file beside the config file (the system
+    prompt config/demo.py, dev_sft.py and prod_sft.py share is config/mara_system.txt);
   - `{out_dir}` and `{phase}` in a string value are filled in at the very end, so a path such as
-    init_from = '{out_dir}/pretrain/best.pt' follows --out_dir (and the out_dir of a copied profile).
+    init_from = '{out_dir}/pretrain/best.pt' follows --out_dir (and the out_dir of a copied
+    profile).
 
 This module also holds the plumbing every stage shares: `die` (a clear error and a non-zero exit),
 `atomic_file` (write to a temp file, fsync, rename: never a half-written file) and `Progress` (the
@@ -40,74 +41,99 @@ import types
 from common import atomic_file, die, suggest
 
 # Every key any stage reads: name -> (default, meaning) or (default, valid, meaning), grouped by the
-# stage that uses it. `valid` says which values make sense, and every stage checks it before doing any
-# work (`--help` shows it). Every number needs one:
-#   '>= 1', '> 0', '<= 8'           a bound          '[0, 1)', '(0, 1]', '[0, 9]'   an interval ([ ] include the end)
+# stage that uses it. `valid` says which values make sense, and every stage checks it before doing
+# any work (`--help` shows it). Every number needs one: '>= 1', '> 0', '<= 8' a bound '[0, 1)', '(0,
+# 1]', '[0, 9]' an interval ([ ] include the end)
 #   ('bpe', 'unigram')              the only choices
-#   list, dict                      for a key whose default is None: None, or one of these ('a,b' makes ['a', 'b'])
+# list, dict for a key whose default is None: None, or one of these ('a,b' makes ['a', 'b'])
 KEYS = {
     # --- where things go (all stages) ---
-    'out_dir': ('out/demo', "folder for everything this experiment produces (tokenizer, data/, checkpoints, runs/)"),
+    'out_dir': ('out/demo', "folder for everything this experiment produces (tokenizer, data/, "
+                            "checkpoints, runs/)"),
     'data_dir': ('', "where prepared shards go; '' means <out_dir>/data"),
     'tokenizer_path': ('', "SentencePiece model file; '' means <out_dir>/tokenizer.model"),
     'seed': (1337, '[0, 4294967295]',
-             "seed for training and sampling: batches, init, dropout, generation (not the split: split_seed)"),
-    'split_seed': (0, '[0, 4294967295]', "seed of the train/val split: a document is val by a hash of its "
+             "seed for training and sampling: batches, init, dropout, generation (not the split: "
+             "split_seed)"),
+    'split_seed': (0, '[0, 4294967295]', "seed of the train/val split: a document is val by a hash "
+                                         "of its "
                    "content and this; change it to draw another val set"),
     'sources': ({
         'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
         'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
-    }, "the data: {name: {'kind': roam|primer|text|chat|dolly|oasst1|..., 'path': ..., more settings}}"),
+    }, "the data: "
+       "{name: {'kind': roam|primer|text|chat|dolly|oasst1|..., 'path': ..., more settings}}"),
 
     # --- tokenizer.py ---
     'vocab_size': (2048, '>= 265', "tokenizer vocabulary size (also the model's)"),
     'tokenizer_type': ('bpe', ('bpe', 'unigram'), "SentencePiece model type: 'bpe' or 'unigram'"),
-    'tokenizer_sources': (None, dict, "{source name: max bytes} to train the tokenizer on; None = every source"),
-    'tokenizer_max_bytes': (20_000_000, '>= 1', "byte budget per source when tokenizer_sources is None"),
-    'show_chat': ('', "tokenizer.py: print a conversation (a .json or .jsonl file) rendered with the chat template"),
+    'tokenizer_sources': (None, dict, "{source name: max bytes} to train the tokenizer on; None = "
+                                      "every source"),
+    'tokenizer_max_bytes': (20_000_000, '>= 1', "byte budget per source when tokenizer_sources is "
+                                                "None"),
+    'show_chat': ('', "tokenizer.py: print a conversation (a .json or .jsonl file) rendered with "
+                      "the chat template"),
 
     # --- prepare.py ---
-    'shard_tokens': (50_000_000, '>= 1', "largest shard in tokens (a document never spans two shards)"),
+    'shard_tokens': (50_000_000, '>= 1', "largest shard in tokens (a document never spans two "
+                                         "shards)"),
     'num_proc': (0, '>= 0', "prepare.py worker processes for tokenizing; 0 = one per CPU core"),
-    'analyze_only': (False, "prepare.py: report files, documents, bytes and estimated tokens; write nothing"),
-    'prepare_sources': (None, list, "list of source names prepare.py works on; None = every source"),
-    'max_conversation_tokens': (4096, '>= 2', "SFT conversations longer than this are truncated when prepared"),
-    'cache_dir': ('out/cache', "downloaded corpora and benchmark files, kept across runs (a rerun downloads nothing)"),
-    'download_retries': (5, '>= 0', "retries of a failed download (5xx, dropped connection, timeout), with backoff"),
+    'analyze_only': (False, "prepare.py: report files, documents, bytes and estimated tokens; "
+                            "write nothing"),
+    'prepare_sources': (None, list, "list of source names prepare.py works on; None = every "
+                                    "source"),
+    'max_conversation_tokens': (4096, '>= 2', "SFT conversations longer than this are truncated "
+                                              "when prepared"),
+    'cache_dir': ('out/cache', "downloaded corpora and benchmark files, kept across runs (a rerun "
+                               "downloads nothing)"),
+    'download_retries': (5, '>= 0', "retries of a failed download (5xx, dropped connection, "
+                                    "timeout), with backoff"),
     'download_timeout': (30.0, '> 0', "seconds to wait for a server before retrying"),
     'download_backoff': (2.0, '>= 0', "seconds before the first retry; doubles each time"),
 
     # --- the model (model.py) ---
     'n_layer': (6, '>= 1', "transformer blocks"),
     'n_head': (6, '>= 1', "attention heads (query heads)"),
-    'n_kv_head': (0, '>= 0', "key/value heads; 0 = n_head, fewer = grouped-query attention (smaller KV cache)"),
+    'n_kv_head': (0, '>= 0', "key/value heads; 0 = n_head, fewer = grouped-query attention "
+                             "(smaller KV cache)"),
     'n_embd': (384, '>= 2', "width of the residual stream"),
     'block_size': (256, '>= 1', "context length in tokens"),
-    'dropout': (0.0, '[0, 1)', "dropout rate (0 for pretraining; a little can help small fine-tunes)"),
+    'dropout': (0.0, '[0, 1)', "dropout rate (0 for pretraining; a little can help small "
+                               "fine-tunes)"),
     'tie_embeddings': (True, "share the token embedding with the output head"),
     'rope_theta': (10000.0, '> 0', "base of the rotary position embedding frequencies"),
 
     # --- train.py ---
-    'phase': ('pretrain', "name of this training run: checkpoints go to <out_dir>/<phase>/ (e.g. pretrain, sft)"),
-    'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a source drawn by weight"),
+    'phase': ('pretrain', "name of this training run: checkpoints go to <out_dir>/<phase>/ (e.g. "
+                          "pretrain, sft)"),
+    'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a "
+                                              "source drawn by weight"),
     'val_sources': (None, list, "sources to report validation loss on; None = the mixture's"),
-    'best_on': (None, list, "sources whose val loss chooses best.pt (weighted as in the mixture); None = the largest"),
-    'max_epochs': (16, '>= 1', "warn when the run would repeat a source more times than this (train.py says why)"),
-    'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to start from"),
+    'best_on': (None, list, "sources whose val loss chooses best.pt (weighted as in the mixture); "
+                            "None = the largest"),
+    'max_epochs': (16, '>= 1', "warn when the run would repeat a source more times than this "
+                               "(train.py says why)"),
+    'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to "
+                             "start from"),
     'batch_size': (16, '>= 1', "rows per micro-batch (per process)"),
-    'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over all processes"),
+    'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over "
+                                               "all processes"),
     'max_iters': (1000, '>= 0', "optimizer steps"),
-    'optimizer': ('adamw', ('adamw', 'muon'), "'adamw', or 'muon': Muon on the blocks' matrices, AdamW on the "
-                                              "embedding/head and norms"),
-    'learning_rate': (1e-3, '> 0', "peak learning rate (of AdamW: every parameter, or with Muon the embedding/head and norms)"),
+    'optimizer': ('adamw', ('adamw', 'muon'), "'adamw', or 'muon': Muon on the blocks' matrices, "
+                                              "AdamW on the embedding/head and norms"),
+    'learning_rate': (1e-3, '> 0', "peak learning rate (of AdamW: every parameter, or with Muon "
+                                   "the embedding/head and norms)"),
     'muon_lr': (0.02, '> 0', "peak learning rate of Muon's matrices (optimizer='muon')"),
     'muon_momentum': (0.95, '[0, 1)', "Muon's momentum (Nesterov)"),
-    'lr_schedule': ('cosine', ('cosine', 'wsd'), "'cosine' (warmup, cosine decay to min_lr) or 'wsd' (warmup, "
-                                                 "constant, linear decay to min_lr over the last decay_frac of the steps)"),
-    'min_lr': (1e-4, '>= 0', "learning rate at the end of the decay (Muon's ends at muon_lr * min_lr / learning_rate)"),
+    'lr_schedule': ('cosine', ('cosine', 'wsd'), "'cosine' (warmup, cosine decay to min_lr) or "
+                                                 "'wsd' (warmup, constant, linear decay to min_lr "
+                                                 "over the last decay_frac of the steps)"),
+    'min_lr': (1e-4, '>= 0', "learning rate at the end of the decay (Muon's ends at muon_lr * "
+                             "min_lr / learning_rate)"),
     'warmup_iters': (100, '>= 0', "linear warmup steps"),
     'lr_decay_iters': (0, '>= 0', "step where the decay reaches min_lr; 0 = max_iters"),
-    'decay_frac': (0.2, '(0, 1]', "wsd: the fraction of the steps (up to lr_decay_iters) spent decaying"),
+    'decay_frac': (0.2, '(0, 1]', "wsd: the fraction of the steps (up to lr_decay_iters) spent "
+                                  "decaying"),
     'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only; Muon's matrices have none)"),
     'beta1': (0.9, '[0, 1)', "AdamW beta1"),
     'beta2': (0.95, '[0, 1)', "AdamW beta2"),
@@ -115,20 +141,26 @@ KEYS = {
     'eval_interval': (200, '>= 1', "evaluate and checkpoint every this many steps"),
     'eval_iters': (20, '>= 1', "batches per validation source in each evaluation"),
     'log_interval': (10, '>= 1', "print and record a training line every this many steps"),
-    'keep_checkpoints': (3, '>= 0', "how many earlier ckpt.pt versions to keep (resume falls back to them)"),
-    'max_nonfinite': (5, '>= 1', "stop after this many non-finite losses in a row (each one's step is skipped)"),
+    'keep_checkpoints': (3, '>= 0', "how many earlier ckpt.pt versions to keep (resume falls back "
+                                    "to them)"),
+    'max_nonfinite': (5, '>= 1', "stop after this many non-finite losses in a row (each one's step "
+                                 "is skipped)"),
     'dtype': ('auto', ('auto', 'float32', 'bfloat16', 'float16'),
               "float32, bfloat16 or float16 (autocast); auto = bfloat16 where fast, else float32"),
     'compile': (False, "wrap the model in torch.compile (CPU too; the first steps are slow)"),
     'device': ('auto', "auto (cuda, then mps, then cpu), or e.g. cpu, cuda, cuda:1, mps"),
     'run_id': ('', "name of this run's folder <out_dir>/runs/<run_id>; '' = <phase>-<date>-<time>"),
-    'lora_rank': (0, '>= 0', "> 0: freeze the model from init_from and train LoRA adapters of this rank instead"),
+    'lora_rank': (0, '>= 0', "> 0: freeze the model from init_from and train LoRA adapters of this "
+                             "rank instead"),
     'lora_alpha': (16.0, '> 0', "LoRA scale: the update is (lora_alpha / lora_rank) * B @ A"),
     'lora_dropout': (0.05, '[0, 1)', "dropout on the input of the LoRA adapters"),
-    'lora_targets': (['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], list,
-                     "projections that get adapters (all of them: closer to full fine-tuning than q/v alone)"),
+    'lora_targets': (['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+                     list,
+                     "projections that get adapters (all of them: closer to full fine-tuning than "
+                     "q/v alone)"),
     'lora_base': ('', "base checkpoint of a LoRA adapter; '' = the path the adapter recorded"),
-    'merge_lora': ('', "train.py: fold this LoRA adapter checkpoint into its base, write <name>_merged.pt, and stop"),
+    'merge_lora': ('', "train.py: fold this LoRA adapter checkpoint into its base, write "
+                       "<name>_merged.pt, and stop"),
 
     # --- sample.py ---
     'ckpt': ('', "checkpoint to load; '' = <out_dir>/<phase>/best.pt (else ckpt.pt there)"),
@@ -137,38 +169,53 @@ KEYS = {
     'max_new_tokens': (200, '>= 1', "most tokens to generate per completion or chat reply"),
     'temperature': (0.8, '>= 0', "sampling temperature; 0 = greedy"),
     'top_k': (50, '>= 0', "sample only among the k most likely tokens; 0 = off"),
-    'top_p': (0.95, '(0, 1]', "sample only among the most likely tokens that make up probability p; 1.0 = off"),
+    'top_p': (0.95, '(0, 1]', "sample only among the most likely tokens that make up probability "
+                              "p; 1.0 = off"),
     'use_kv_cache': (True, "reuse keys/values of earlier positions while generating (much faster)"),
-    'compile_decode': (True, "compile the per-token decode step (with the KV cache): 2-3x faster replies after a "
-                             "one-time compile at start-up; False = run it eagerly"),
-    'interactive': (False, "chat: a multi-turn conversation on stdin/stdout (one message per line)"),
+    'compile_decode': (True, "compile the per-token decode step (with the KV cache): 2-3x faster "
+                             "replies after a one-time compile at start-up; False = run it "
+                             "eagerly"),
+    'interactive': (False, "chat: a multi-turn conversation on stdin/stdout (one message per "
+                           "line)"),
     'system': ('', "chat system prompt; '' = the built-in default voice (system_file wins if set)"),
     'system_file': ('', "read the chat system prompt from this file (overrides system)"),
     'allow_special': (False, "let the model generate role tokens (sys/usr/asst/bos) in chat"),
 
     # --- eval.py ---
-    'eval_sources': (None, list, "prepared sources whose val split eval.py measures; None = every prepared one"),
-    'eval_tokens': (1_000_000, '>= 1', "eval.py: the first this many tokens of each val split (a fixed set)"),
-    'text_file': ('', "eval.py: measure loss, perplexity and bits per byte on this text file instead"),
-    'boolq': ('', "eval.py: BoolQ dev set: a .jsonl/.parquet path, a URL, or 'download'; '' = skip"),
-    'hellaswag': ('', "eval.py: HellaSwag val set: a .jsonl/.parquet path, a URL, or 'download'; '' = skip"),
+    'eval_sources': (None, list, "prepared sources whose val split eval.py measures; None = every "
+                                 "prepared one"),
+    'eval_tokens': (1_000_000, '>= 1', "eval.py: the first this many tokens of each val split (a "
+                                       "fixed set)"),
+    'text_file': ('', "eval.py: measure loss, perplexity and bits per byte on this text file "
+                      "instead"),
+    'boolq': ('', "eval.py: BoolQ dev set: a .jsonl/.parquet path, a URL, or 'download'; '' = "
+                  "skip"),
+    'hellaswag': ('', "eval.py: HellaSwag val set: a .jsonl/.parquet path, a URL, or 'download'; "
+                      "'' = skip"),
     'eval_limit': (0, '>= 0', "eval.py: use only the first N benchmark examples; 0 = all"),
-    'eval_chat': (False, "eval.py: ask benchmark and smoke questions through the chat template (SFT models)"),
+    'eval_chat': (False, "eval.py: ask benchmark and smoke questions through the chat template "
+                         "(SFT models)"),
     'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
 
     # --- export.py ---
-    'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = <out_dir>/export/<phase>"),
+    'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = "
+                       "<out_dir>/export/<phase>"),
     'gguf_type': ('f16', ('f32', 'f16', 'bf16', 'q8_0', 'none'),
-                  "export.py: GGUF weights: f32, f16, bf16, q8_0 (fast CPU chat), or none (no GGUF)"),
+                  "export.py: GGUF weights: f32, f16, bf16, q8_0 (fast CPU chat), or none (no "
+                  "GGUF)"),
     'overwrite': (False, "export.py: replace an export folder that already has files in it"),
 
     # --- bench.py ---
-    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, prepare, batches, bigtext"),
+    'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, "
+                     "prepare, batches, bigtext"),
     'bench_json': ('', "also write the figures to this JSON file"),
-    'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt', "text file for the prepare benchmark"),
+    'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt',
+                     "text file for the prepare benchmark"),
     'bench_steps': (10, '>= 1', "timed training steps per configuration (after 3 warm-up steps)"),
-    'bench_sft_config': ('config/dev_sft.py', "config whose prepared chat data the batches benchmark reads"),
-    'bench_bigtext_mb': (2048, '>= 1', "size of the generated text file (no separator) of the bigtext benchmark"),
+    'bench_sft_config': ('config/dev_sft.py', "config whose prepared chat data the batches "
+                                              "benchmark reads"),
+    'bench_bigtext_mb': (2048, '>= 1', "size of the generated text file (no separator) of the "
+                                       "bigtext benchmark"),
 }
 
 
@@ -205,7 +252,8 @@ def in_range(value, valid):
     m = BOUND.match(valid)
     if m:
         bound = float(m.group(2))
-        return {'>=': value >= bound, '>': value > bound, '<=': value <= bound, '<': value < bound}[m.group(1)]
+        return {'>=': value >= bound, '>': value > bound, '<=': value <= bound,
+                '<': value < bound}[m.group(1)]
     m = INTERVAL.match(valid)
     if not m:
         raise ValueError(f"not a range: {valid!r} (see the comment above KEYS)")
@@ -219,12 +267,18 @@ def check_type(name, value, where):
     """Return value converted to the type of the key's default, or die naming the key."""
     default, valid, meaning = key_spec(name)
     if (valid is list or isinstance(default, list)) and isinstance(value, (str, tuple)):
-        value = list(value) if isinstance(value, tuple) else [v.strip() for v in value.split(',') if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        else:  # 'a, b' -> ['a', 'b']
+            value = [v.strip() for v in value.split(',') if v.strip()]
     if default is None:
         if value is None or valid is None:
             return value
-        if not isinstance(value, valid) or (valid is list and not all(isinstance(v, str) for v in value)):
-            die(f"{where}: {name} must be {describe(valid)} ({meaning}), got {type(value).__name__} {value!r}")
+        strings = valid is not list or all(isinstance(v, str) for v in value)
+        if not isinstance(value, valid) or not strings:
+            die(f"{where}: {name} must be {describe(valid)} ({meaning}), got "
+                f"{type(value).__name__} "
+                f"{value!r}")
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -237,19 +291,21 @@ def check_type(name, value, where):
         ok = isinstance(value, type(default))
     if not ok:
         hint = "True or False" if isinstance(default, bool) else type(default).__name__
-        die(f"{where}: {name} must be {hint} (like the default {default!r}), got {type(value).__name__} {value!r}")
+        die(f"{where}: {name} must be {hint} (like the default {default!r}), got "
+            f"{type(value).__name__} {value!r}")
     return value
 
 
 def check_value(name, value, where):
-    """Die unless a key's final value is inside its valid range or choices (and finite, for a float)."""
+    """Die unless a key's final value is inside its valid range or choices (and finite, for a
+    float)."""
     default, valid, meaning = key_spec(name)
     if isinstance(value, float) and not math.isfinite(value):
-        die(f"{name}={value} (from {where}) is not a finite number: set a number (the default is {default!r}; "
-            f"{name}: {meaning})")
+        die(f"{name}={value} (from {where}) is not a finite number: set a number (the default is "
+            f"{default!r}; {name}: {meaning})")
     if isinstance(valid, str) and not in_range(value, valid):
-        die(f"{name}={value!r} (from {where}) is out of range: it must be {valid} (the default is {default!r}; "
-            f"{name}: {meaning})")
+        die(f"{name}={value!r} (from {where}) is out of range: it must be {valid} (the default is "
+            f"{default!r}; {name}: {meaning})")
     if isinstance(valid, tuple) and value not in valid:
         die(f"{name}={value!r} (from {where}) is not {describe(valid)}{suggest(str(value), valid)}")
 
@@ -258,16 +314,20 @@ def check_combinations(cfg):
     """Values that are each fine but do not go together (the model's shape)."""
     at = lambda *names: ', '.join(f"{n} from {cfg.set_by.get(n, 'the default')}" for n in names)
     if cfg.n_embd % cfg.n_head:
-        fits = max(1, cfg.n_embd // (2 * cfg.n_head)) * 2 * cfg.n_head  # (an even head size too, for RoPE)
-        die(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head} ({at('n_embd', 'n_head')}): each head gets "
-            f"n_embd / n_head dimensions; set n_embd to a multiple of n_head (e.g. {fits})")
+        # (an even head size too, for RoPE)
+        fits = max(1, cfg.n_embd // (2 * cfg.n_head)) * 2 * cfg.n_head
+        die(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head} "
+            f"({at('n_embd', 'n_head')}): each head gets n_embd / n_head dimensions; set n_embd to "
+            f"a multiple of n_head (e.g. {fits})")
     kv = cfg.n_kv_head or cfg.n_head
     if cfg.n_head % kv:
-        die(f"n_head={cfg.n_head} is not a multiple of n_kv_head={cfg.n_kv_head} ({at('n_head', 'n_kv_head')}): each "
-            f"key/value head serves an equal group of query heads; set n_kv_head to a divisor of n_head (or 0)")
+        die(f"n_head={cfg.n_head} is not a multiple of n_kv_head={cfg.n_kv_head} "
+            f"({at('n_head', 'n_kv_head')}): each key/value head serves an equal group of query "
+            "heads; set n_kv_head to a divisor of n_head (or 0)")
     if (cfg.n_embd // cfg.n_head) % 2:
-        die(f"n_embd / n_head = {cfg.n_embd // cfg.n_head} is odd ({at('n_embd', 'n_head')}): rotary position "
-            f"embeddings rotate pairs of dimensions, so each head needs an even size; change n_embd or n_head")
+        die(f"n_embd / n_head = {cfg.n_embd // cfg.n_head} is odd ({at('n_embd', 'n_head')}): "
+            "rotary position embeddings rotate pairs of dimensions, so each head needs an even "
+            "size; change n_embd or n_head")
 
 
 def parse_value(name, text):
@@ -285,8 +345,10 @@ def parse_value(name, text):
 
 def print_help():
     print("usage: python <stage>.py [config/X.py ...] [--key=value ...]\n")
-    print("Config files run in order, then --key=value overrides. In a string value, {out_dir} and {phase} are\n"
-          "filled in at the end, so paths follow --out_dir. Every key, with its default (and valid values):\n")
+    print("Config files run in order, then --key=value overrides. In a string value, {out_dir} and "
+          "{phase} are\n"
+          "filled in at the end, so paths follow --out_dir. Every key, with its default (and valid "
+          "values):\n")
     for name in KEYS:
         default, valid, meaning = key_spec(name)
         print(f"  --{name}={default!r}" + (f"  ({describe(valid)})" if valid is not None else ''))
@@ -294,7 +356,8 @@ def print_help():
 
 
 def assignments(path):
-    """{name: line of its first assignment} in a config file (for messages that say where a key was set)."""
+    """{name: line of its first assignment} in a config file (for messages that say where a key was
+    set)."""
     try:
         tree = ast.parse(open(path, encoding='utf-8').read())
     except (OSError, SyntaxError, ValueError):
@@ -307,7 +370,8 @@ def assignments(path):
 
 
 def read_text_file(path, by):
-    """The text of a file a config file reads with include_text (a system prompt shared by profiles), stripped."""
+    """The text of a file a config file reads with include_text (a system prompt shared by
+    profiles), stripped."""
     try:
         return open(path, encoding='utf-8-sig').read().strip()
     except (OSError, UnicodeDecodeError) as e:
@@ -316,9 +380,12 @@ def read_text_file(path, by):
 
 def run_config_file(path, ns, ran):
     if not os.path.isfile(path):
-        die(f"config file {path} not found (run from the repository root, e.g. python train.py config/demo.py)")
-    ns['include'] = lambda other: run_config_file(os.path.join(os.path.dirname(path), other), ns, ran)
-    ns['include_text'] = lambda other: read_text_file(os.path.join(os.path.dirname(path), other), path)
+        die(f"config file {path} not found (run from the repository root, e.g. python train.py "
+            "config/demo.py)")
+    ns['include'] = lambda other: run_config_file(os.path.join(os.path.dirname(path), other), ns,
+                                                  ran)
+    ns['include_text'] = lambda other: read_text_file(os.path.join(os.path.dirname(path), other),
+                                                      path)
     try:
         code = compile(open(path, encoding='utf-8').read(), path, 'exec')
         exec(code, ns)
@@ -327,13 +394,14 @@ def run_config_file(path, ns, ran):
     except Exception as e:
         die(f"config file {path} failed to run: {type(e).__name__}: {e}")
     for name, value in list(ns.items()):
-        if name.startswith('_') or name in ('include', 'include_text') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+        helpers = (types.ModuleType, types.FunctionType, type)  # imports, functions, classes
+        if name.startswith('_') or name in ('include', 'include_text') or isinstance(value, helpers):
             continue
         if name not in KEYS:
             line = assignments(path).get(name)
             at = f"{path}" + (f" line {line}" if line else "")
-            die(f"{at}: unknown key '{name}'{suggest(name, KEYS)}. "
-                f"Every known key is listed by `python train.py --help`.")
+            die(f"{at}: unknown key '{name}'{suggest(name, KEYS)}. Every known key is listed by "
+                "`python train.py --help`.")
         ns[name] = check_type(name, value, path)  # values from before this file passed already
     ran.append(path)  # after the files it includes: its own assignments come later
 
@@ -347,7 +415,8 @@ def configure(argv=None):
             print_help()
             sys.stdout.flush()
         except BrokenPipeError:  # `--help | head` has read what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
+            # (the flush at exit would fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     files, overrides = [], {}
     for arg in argv:
@@ -371,27 +440,30 @@ def configure(argv=None):
     cfg = types.SimpleNamespace(**{name: ns[name] for name in KEYS})
     cfg.set_by = {}
     for path in ran:
-        cfg.set_by.update({name: f"{path} line {line}" for name, line in assignments(path).items() if name in KEYS})
+        cfg.set_by.update({name: f"{path} line {line}" for name,
+                           line in assignments(path).items() if name in KEYS})
     cfg.set_by = {name: where for name, where in cfg.set_by.items() if ns[name] != KEYS[name][0]}
     cfg.set_by.update({name: f"--{name}" for name in overrides})
-    # {out_dir} and {phase} in a string value are filled in now that both are final: a profile's paths
-    # (init_from, ckpt) then follow --out_dir, and the out_dir of a copy of the profile
+    # {out_dir} and {phase} in a string value are filled in now that both are final: a profile's
+    # paths (init_from, ckpt) then follow --out_dir, and the out_dir of a copy of the profile
     for name in KEYS:
         value = getattr(cfg, name)
         if isinstance(value, str) and name not in ('out_dir', 'phase'):
-            setattr(cfg, name, value.replace('{out_dir}', cfg.out_dir).replace('{phase}', cfg.phase))
+            setattr(cfg, name, value.replace('{out_dir}', cfg.out_dir).replace('{phase}',
+                                                                               cfg.phase))
     for name in KEYS:
         check_value(name, getattr(cfg, name), cfg.set_by.get(name, 'the default'))
     if not cfg.out_dir.strip():  # '' would put data/ and checkpoints loose in the current folder
         die(f"out_dir is empty (from {cfg.set_by.get('out_dir', 'the default')}): set it to the "
-            f"folder for this experiment's files, e.g. --out_dir=out/mine")
+            "folder for this experiment's files, e.g. --out_dir=out/mine")
     for name in PATH_KEYS:
         setattr(cfg, name, os.path.expanduser(getattr(cfg, name)))
     for name in cfg.sources:  # (a name is a folder's name: sources.check_name checks the rest)
         if not isinstance(name, str):
             die(f"sources (from {cfg.set_by.get('sources', 'the default')}): the source name "
                 f"{name!r} must be a string, e.g. {str(name)!r}: it names the source's folder "
-                f"under data_dir")
+                f"under "
+                "data_dir")
     check_combinations(cfg)
     cfg.data_dir = cfg.data_dir or os.path.join(cfg.out_dir, 'data')
     cfg.tokenizer_path = cfg.tokenizer_path or os.path.join(cfg.out_dir, 'tokenizer.model')

@@ -9,8 +9,8 @@ prepare.py turns them into shards; tokenizer.py trains on their text.
 A reader yields (where, document[, split]): `where` names the file (and line) for error messages; a
 document is a str (text sources) or a list of {'role', 'content'} messages (chat sources); split is
 'train'/'val' where a corpus has its own. Empty documents are skipped and counted in stats. With
-problems=None a bad file stops the run; with a list (analyze_only) the problem is recorded and reading
-goes on. To add a kind: a reader and its line in KINDS (at the end of this file).
+problems=None a bad file stops the run; with a list (analyze_only) the problem is recorded and
+reading goes on. To add a kind: a reader and its line in KINDS (at the end of this file).
 """
 import codecs
 import fnmatch
@@ -61,8 +61,8 @@ SETTING_TYPES = {
     'add_title': (is_bool, 'True or False'),
     'hidden': (is_bool, "True or False (True: also read folders whose names start with '.')"),
     'separator': (lambda v: v is None or is_text(v),
-                  ("None (each file is one document) or a non-empty string between documents, "
-                   "like '\\n\\n'")),
+                  ("None (each file is one document) or a non-empty string between documents, like "
+                   "'\\n\\n'")),
     'url': (lambda v: v is None or is_text(v), 'a URL (a string), or None with a local path'),
     'sha256': (lambda v: v is None or (isinstance(v, str) and re.fullmatch('[0-9a-f]{64}', v)),
                "None (not checked) or the file's sha256: 64 lowercase hex digits"),
@@ -93,11 +93,11 @@ def check_name(name):
         better = name.replace('/', '_').replace('\0', '')
         die(f"{at}: {why}, so it cannot hold '/': name it e.g. {better!r}")
     if name.startswith('.'):
-        die(f"{at}: {why}, so it cannot start with '.' ('.' and '..' are other folders, '.x' "
-            f"a hidden one): name it e.g. {name.lstrip('.') or 'notes'!r}")
+        die(f"{at}: {why}, so it cannot start with '.' ('.' and '..' are other folders, '.x' a "
+            f"hidden one): name it e.g. {name.lstrip('.') or 'notes'!r}")
     if name.endswith(('.tmp', '.old')):
         die(f"{at}: names ending in '.tmp' or '.old' are taken: prepare.py builds source X in "
-            f"X.tmp/ and sets the old X.old/ aside while it swaps them. Name it e.g. "
+            "X.tmp/ and sets the old X.old/ aside while it swaps them. Name it e.g. "
             f"{name[:-4] + '_' + name[-3:]!r}")
 
 
@@ -117,7 +117,8 @@ def source_settings(name, src):
     """Validate one entry of the `sources` config dict and fill in its defaults."""
     check_name(name)
     if not isinstance(src, dict) or 'kind' not in src:
-        die(f"sources['{name}'] must be a dict with a 'kind' (one of {', '.join(KINDS)}), got {src!r}")
+        die(f"sources['{name}'] must be a dict with a 'kind' (one of {', '.join(KINDS)}), got "
+            f"{src!r}")
     kind = src['kind']
     if not isinstance(kind, str) or kind not in KINDS:
         close = suggest(kind, KINDS) if isinstance(kind, str) else ''
@@ -152,9 +153,9 @@ def source_settings(name, src):
 # Reading sources: finding their files, then a reader per kind (see the module docstring)
 
 def glob_match(parts, pattern, hidden):
-    """Does a relative path (a list of names) match a glob pattern (a list of names)? As in glob: '**' matches
-    any number of folders, '*', '?' and [...] stay within one name, and a wildcard matches a name starting
-    with '.' only if `hidden`."""
+    """Does a relative path (a list of names) match a glob pattern (a list of names)? As in glob:
+    '**' matches any number of folders, '*', '?' and [...] stay within one name, and a wildcard
+    matches a name starting with '.' only if `hidden`."""
     if not pattern:
         return not parts
     if pattern[0] == '**':
@@ -169,10 +170,10 @@ LINKS_REPORTED = set()
 
 
 def find_files(root, pattern, name, hidden=False, dot_folders=True):
-    """Files under `root` matching a glob pattern ('**/*.md'), following symlinked folders but reading each
-    real folder once: a link loop (`ln -s . notes/loop`) or a second link to a folder already read would
-    otherwise copy every page it reaches many times over, into train and val alike.
-    With dot_folders=False, folders whose names start with '.' are not entered at all (.git,
+    """Files under `root` matching a glob pattern ('**/*.md'), following symlinked folders but
+    reading each real folder once: a link loop (`ln -s . notes/loop`) or a second link to a folder
+    already read would otherwise copy every page it reaches many times over, into train and val
+    alike. With dot_folders=False, folders whose names start with '.' are not entered at all (.git,
     .obsidian, .trash: not notes)."""
     real = set()  # the folders of the tree itself, reached without links
     for dirpath, _, _ in os.walk(root):
@@ -198,13 +199,17 @@ def find_files(root, pattern, name, hidden=False, dot_folders=True):
         dirnames[:] = keep
         rel = os.path.relpath(dirpath, root)
         parts = [] if rel == '.' else rel.split(os.sep)
-        found += [os.path.join(dirpath, f) for f in filenames if glob_match(parts + [f], pattern.split('/'), hidden)]
+        found += [os.path.join(dirpath, f) for f in filenames if glob_match(parts + [f],
+                                                                            pattern.split('/'),
+                                                                            hidden)]
     if skipped and (name, root) not in LINKS_REPORTED:
         LINKS_REPORTED.add((name, root))
-        print(f"sources['{name}']: skipped {len(skipped)} symlinked folder(s) under {root} that lead to a folder "
-              f"already read (a link loop, or a second way to the same folder): {', '.join(skipped[:3])}"
+        print(f"sources['{name}']: skipped {len(skipped)} symlinked folder(s) under {root} that "
+              "lead to a folder already read (a link loop, or a second way to the same folder): "
+              f"{', '.join(skipped[:3])}"
               + (' ...' if len(skipped) > 3 else ''))
-    return [f[2:] if root == '.' else f for f in found if os.path.isfile(f)]  # ('x.txt', not './x.txt')
+    # ('x.txt', not './x.txt')
+    return [f[2:] if root == '.' else f for f in found if os.path.isfile(f)]
 
 
 def source_files(src):
@@ -220,11 +225,13 @@ def source_files(src):
         p = os.path.expanduser(p)
         if src['kind'] == 'roam':
             if not os.path.isdir(p):
-                die(f"sources['{src['name']}']: {p} is not a folder (a roam source is an exported folder of .md pages)")
+                die(f"sources['{src['name']}']: {p} is not a folder (a roam source is an exported "
+                    "folder of .md pages)")
             # a page titled '.x' is a page, but a folder '.obsidian' or '.trash' holds no notes
             found = find_files(p, src['glob'], src['name'], hidden=True, dot_folders=src['hidden'])
             if not found:
-                die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the right folder?")
+                die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the "
+                    "right folder?")
             files += found
         elif os.path.isfile(p):
             files.append(p)
@@ -240,7 +247,8 @@ def source_files(src):
             ext = '.jsonl' if src['format'] == 'chat' and kind != 'primer' else '.txt'
             other = " (or use kind 'roam' for a folder of .md notes)" if kind == 'text' else ''
             die(f"sources['{src['name']}']: {p} is a folder, and a '{kind}' source reads files: "
-                f"set 'path' to a file, or to a glob such as "
+                f"set "
+                "'path' to a file, or to a glob such as "
                 f"'{os.path.join(p, '**', '*' + ext)}'{other}")
         else:
             die(f"sources['{src['name']}']: {p} does not exist (check the 'path' of this source)")
@@ -248,13 +256,15 @@ def source_files(src):
 
 
 def problem(msg, problems):
-    """A bad file: stop the run with `msg`, or (analyze_only: `problems` is a list) record it and read on."""
+    """A bad file: stop the run with `msg`, or (analyze_only: `problems` is a list) record it and
+    read on."""
     if problems is None:
         die(msg)
     problems.append(msg)
 
 
-BOM = '\ufeff'  # the byte-order mark some editors (Notepad) put first in a UTF-8 file: not part of the text
+# the byte-order mark some editors (Notepad) put first in a UTF-8 file: not part of the text
+BOM = '\ufeff'
 
 
 def read_utf8(path, problems):
@@ -264,8 +274,8 @@ def read_utf8(path, problems):
         text = data.decode('utf-8')
         return text[1:] if text.startswith(BOM) else text
     except UnicodeDecodeError as e:
-        msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`, "
-               "or remove it from the source")
+        msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t "
+               "utf-8`, or remove it from the source")
     except OSError as e:
         msg = f"cannot read {path}: {e.strerror}"
     problem(msg, problems)
@@ -282,8 +292,10 @@ def read_roam(src, stats=None, problems=None):
             if stats is not None:
                 stats.update(['empty'])
             continue
-        title = os.path.splitext(os.path.relpath(path, root))[0]  # pages with '/' in the title are nested
-        title = ' '.join(title.split())  # a tab or newline in a file name must not break the title line
+        # pages with '/' in the title are nested
+        title = os.path.splitext(os.path.relpath(path, root))[0]
+        # a tab or newline in a file name must not break the title line
+        title = ' '.join(title.split())
         yield path, (f"{title}\n{text}" if src['add_title'] else text)
 
 
@@ -296,16 +308,16 @@ def read_text(src, stats=None, problems=None):
                 stats.update(['empty'])
 
 
-# A document longer than this is cut into pieces at line ends (each its own document, starting with <s>):
-# a file without a separator is read and tokenized in bounded pieces, spread over the workers, whatever its
-# size. 1M characters is ~250k tokens, so the extra <s> are one token in 250,000.
+# A document longer than this is cut into pieces at line ends (each its own document, starting with
+# <s>): a file without a separator is read and tokenized in bounded pieces, spread over the workers,
+# whatever its size. 1M characters is ~250k tokens, so the extra <s> are one token in 250,000.
 MAX_DOC_CHARS = 1 << 20
 
 
 def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
     """Documents of a file split on `sep` (None: the whole file is one), read a block at a time; a
-    document longer than max_chars is cut after its last newline within the limit (else at a space, else
-    at the limit). Memory is bounded by max_chars and block, not by the file's size."""
+    document longer than max_chars is cut after its last newline within the limit (else at a space,
+    else at the limit). Memory is bounded by max_chars and block, not by the file's size."""
     max_chars = max_chars or MAX_DOC_CHARS
     decoder = codecs.getincrementaldecoder('utf-8-sig')()  # (-sig: drops a BOM)
     rest = ''  # decoded text not yet yielded
@@ -321,15 +333,16 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
             try:
                 rest += decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                problem(f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it, e.g. `iconv -f latin1 "
-                        "-t utf-8`, or remove it from the source", problems)
+                problem(f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it, e.g. "
+                        "`iconv -f latin1 -t utf-8`, or remove it from the source", problems)
                 return
             offset += len(data)
             if sep:
                 *docs, rest = rest.split(sep)
                 for doc in docs:
                     yield from cut_long(doc, max_chars)
-            # the unfinished document: cut off what is surely not the start of a separator split across blocks
+            # the unfinished document: cut off what is surely not the start of a separator split
+            # across blocks
             while len(rest) > max_chars + len(sep or ''):
                 cut = cut_point(rest, max_chars)
                 yield rest[:cut]
@@ -340,7 +353,8 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
 
 
 def cut_point(text, max_chars):
-    """Where to cut text longer than max_chars: after the last newline in the limit, else the last space."""
+    """Where to cut text longer than max_chars: after the last newline in the limit, else the last
+    space."""
     for c in '\n ':
         i = text.rfind(c, 0, max_chars)
         if i > 0:
@@ -357,16 +371,18 @@ def cut_long(doc, max_chars):
 
 
 def read_tinyshakespeare(src, stats=None, problems=None):
-    """Tiny Shakespeare split the way its users compare numbers (nanoGPT, char-rnn): the last val_frac of the
-    file's characters is val, the rest train; each part is cut into speeches (the parts between blank lines),
-    or with separator=None kept as one stream, as nanoGPT reads it (a window then spans several speeches)."""
+    """Tiny Shakespeare split the way its users compare numbers (nanoGPT, char-rnn): the last
+    val_frac of the file's characters is val, the rest train; each part is cut into speeches (the
+    parts between blank lines), or with separator=None kept as one stream, as nanoGPT reads it (a
+    window then spans several speeches)."""
     for path in source_files(src):
         text = read_utf8(path, problems)
         if text is None:
             continue
         cut = int(len(text) * (1 - src['val_frac']))
         for split, part in (('train', text[:cut]), ('val', text[cut:])):
-            for doc in part.split(src['separator']) if src['separator'] else [part]:  # None: each part one stream
+            # None: each part one stream
+            for doc in part.split(src['separator']) if src['separator'] else [part]:
                 if doc.strip():
                     yield path, doc, split
                 elif stats is not None:
@@ -403,8 +419,8 @@ def parse_primer(text, path):
         for m, line in zip(messages, lines):
             m['content'] = m['content'].strip()
             if not m['content']:  # an empty reply would teach the model to answer with nothing
-                die(f"{path} line {line}: the {m['role']} turn of the dialogue starting at line {start} is empty: "
-                    f"write its text after '{m['role']}:' or remove the line")
+                die(f"{path} line {line}: the {m['role']} turn of the dialogue starting at line "
+                    f"{start} is empty: write its text after '{m['role']}:' or remove the line")
         yield f"{path} line {start}", messages
 
 
@@ -416,8 +432,9 @@ def read_primer(src, stats=None, problems=None):
 
 
 def lone_surrogate(value):
-    """The first half of a UTF-16 surrogate pair standing alone in the strings of a JSON value (a "\\ud83d"
-    escape without its partner: a cut emoji), or None. No UTF-8 text holds one, so it cannot be tokenized."""
+    """The first half of a UTF-16 surrogate pair standing alone in the strings of a JSON value (a
+    "\\ud83d" escape without its partner: a cut emoji), or None. No UTF-8 text holds one, so it
+    cannot be tokenized."""
     if isinstance(value, str):
         m = re.search('[\ud800-\udfff]', value)
         return m.group() if m else None
@@ -430,26 +447,28 @@ def read_jsonl(path, problems):
     opener = gzip.open if path.endswith('.gz') else open
     n = 0
     try:
-        with opener(path, 'rt', encoding='utf-8-sig') as f:  # (-sig: a BOM before the first line is fine)
+        # (-sig: a BOM before the first line is fine)
+        with opener(path, 'rt', encoding='utf-8-sig') as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    msg = f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object"
+                    msg = (f"{path} line {n}: not valid JSON ({e.msg}); each line must be one "
+                           "JSON object")
                 else:
                     bad = '\\u' in line and lone_surrogate(obj)  # (only escapes can make one)
                     if not bad:
                         yield n, obj
                         continue
-                    msg = (f"{path} line {n}: {bad!r} is half of a UTF-16 surrogate pair standing alone (a cut emoji?), "
-                           "which is not text: fix the line or remove it")
+                    msg = (f"{path} line {n}: {bad!r} is half of a UTF-16 surrogate pair standing "
+                           "alone (a cut emoji?), which is not text: fix the line or remove it")
                 problem(msg, problems)
     except (UnicodeDecodeError, EOFError, OSError) as e:  # bad bytes, a truncated or damaged .gz
         what = 'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else f'unreadable ({e})'
-        problem(f"{path} is {what} after line {n}: fix the file, or delete it if it was downloaded to fetch it again",
-                problems)
+        problem(f"{path} is {what} after line {n}: fix the file, or delete it if it was downloaded "
+                "to fetch it again", problems)
 
 
 def json_text(value, limit=60):
@@ -561,7 +580,8 @@ def best_path(message, lang):
         path.append({'role': 'user' if message['role'] == 'prompter' else 'assistant',
                      'content': message['text'].strip()})
         live = [r for r in message.get('replies') or [] if not r.get('deleted')]
-        ranked = sorted(live, key=lambda r: r['rank'] if r.get('rank') is not None else float('inf'))
+        rank = lambda r: r['rank'] if r.get('rank') is not None else float('inf')
+        ranked = sorted(live, key=rank)
         message = ranked[0] if ranked else None
     if path and path[-1]['role'] == 'user':
         path.pop()  # a conversation ends with an assistant reply
@@ -592,11 +612,13 @@ def parquet(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        die(f"reading {path} needs pyarrow (parquet): pip install pyarrow, or pip install -r requirements-dev.txt")
+        die(f"reading {path} needs pyarrow (parquet): pip install pyarrow, or pip install -r "
+            "requirements-dev.txt")
     try:
         return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types for a damaged or non-parquet file
-        die(f"cannot read {path} as parquet ({e}): is the download complete? delete it to fetch it again")
+        die(f"cannot read {path} as parquet ({e}): is the download complete? delete it to fetch it "
+            "again")
 
 
 def read_parquet_texts(path, column='text'):
@@ -612,7 +634,8 @@ def read_parquet_texts(path, column='text'):
 
 
 def streamed_files(src):
-    """(url, split) of each file of a streamed corpus, in reading order; split None: decided by budget."""
+    """(url, split) of each file of a streamed corpus, in reading order; split None: decided by
+    budget."""
     if src['kind'] == 'fineweb_edu':
         return [(f"{src['base_url']}/{f}", None) for f in src['files']]
     return ([(f"{src['base_url']}/{f}", 'val') for f in src['val_files']] +
@@ -647,11 +670,12 @@ def read_streamed(src, stats=None, problems=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The kinds of source: kind -> (format, reader, {setting: default}). To add a kind, write its reader and
-# add its line here. 'text' sources train on every token; 'chat' sources are conversations with a loss
-# mask. A setting a kind does not know is an error (typos must not pass). Public corpora are downloaded
-# into cache_dir (download.py): point url/base_url at a mirror if you like; files that never change are
-# checked against their size and sha256. Set 'path' to use a local copy instead of downloading.
+# The kinds of source: kind -> (format, reader, {setting: default}). To add a kind, write its reader
+# and add its line here. 'text' sources train on every token; 'chat' sources are conversations with
+# a loss mask. A setting a kind does not know is an error (typos must not pass). Public corpora are
+# downloaded into cache_dir (download.py): point url/base_url at a mirror if you like; files that
+# never change are checked against their size and sha256. Set 'path' to use a local copy instead of
+# downloading.
 HF = download.HF_DATASETS
 KINDS = {
     'roam': ('text', read_roam, {'path': None, 'glob': '**/*.md', 'add_title': True,
@@ -664,20 +688,24 @@ KINDS = {
         'sha256': None, 'size': None, 'val_frac': 0.1, 'categories': None}),
     'oasst1': ('chat', read_oasst1, {
         'path': None, 'url': f'{HF}/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz',
-        'sha256': '2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7', 'size': 34145252,
+        'sha256': '2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7',
+                                     'size': 34145252,
         'val_frac': 0.1, 'lang': 'en'}),
     'tinyshakespeare': ('text', read_tinyshakespeare, {
         'path': None, 'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
-        'sha256': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed', 'size': 1115394,
+        'sha256': '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed',
+                                                       'size': 1115394,
         'separator': '\n\n', 'val_frac': 0.1}),
     # streamed: parquet shards fetched one at a time, only while the token budgets still need text
     'fineweb_edu': ('text', read_streamed, {
         'base_url': f'{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT',
-        'files': [f'{i:03d}_00000.parquet' for i in range(14)], 'train_tokens': 200_000_000, 'val_tokens': 5_000_000}),
+        'files': [f'{i:03d}_00000.parquet' for i in range(14)], 'train_tokens': 200_000_000,
+                                            'val_tokens': 5_000_000}),
     'wikitext': ('text', read_streamed, {
         'base_url': f'{HF}/Salesforce/wikitext/resolve/main/wikitext-103-raw-v1',
         'train_files': ['train-00000-of-00002.parquet', 'train-00001-of-00002.parquet'],
-        'val_files': ['validation-00000-of-00001.parquet'], 'train_tokens': None, 'val_tokens': None}),
+        'val_files': ['validation-00000-of-00001.parquet'], 'train_tokens': None,
+                                         'val_tokens': None}),
 }
 # no counting pass: val is their own split (wikitext) or comes first (budgets)
 STREAMED = tuple(kind for kind, (_, reader, _) in KINDS.items() if reader is read_streamed)

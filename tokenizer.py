@@ -27,8 +27,10 @@ from configurator import configure
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
 SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
 TRAIN_THREADS = 4  # fixed on purpose: SentencePiece's result depends on its thread count
-TRAIN_SEED = 1337  # fixed too: a tokenizer outlives training runs, so --seed (batches, init) must not change it
-# source settings that only decide train/val (the tokenizer reads every document) or check a download
+# fixed too: a tokenizer outlives training runs, so --seed (batches, init) must not change it
+TRAIN_SEED = 1337
+# source settings that only decide train/val (the tokenizer reads every document) or check a
+# download
 NOT_READ = ('val_frac', 'train_tokens', 'val_tokens', 'sha256', 'size')
 
 
@@ -38,17 +40,21 @@ class Tokenizer:
             die(f"tokenizer_path {model_path} is a folder: set it to the tokenizer's file "
                 f"(tokenizer.py writes e.g. {os.path.join(model_path, 'tokenizer.model')})")
         if not os.path.isfile(model_path):
-            die(f"no tokenizer at {model_path}: train one first with `python tokenizer.py <your config>`")
+            die(f"no tokenizer at {model_path}: train one first with `python tokenizer.py <your "
+                "config>`")
         self.path = model_path
         self.sp = load_model(model_path)
         self.sha256 = file_sha256(model_path)
         self.vocab_size = self.sp.get_piece_size()
         for i, piece in enumerate(SPECIALS):
-            if self.vocab_size <= i or self.sp.id_to_piece(i) != piece or not (self.sp.is_control(i) or i == 0):
+            if self.vocab_size <= i or self.sp.id_to_piece(i) != piece or not (
+                    self.sp.is_control(i) or i == 0):  # (<unk> is of a type of its own)
                 found = self.sp.id_to_piece(i) if i < self.vocab_size else None
-                die(f"{model_path} was not made by tokenizer.py: id {i} should be the control symbol {piece!r}, "
-                    f"found {found!r}. Train a tokenizer with `python tokenizer.py <your config>`.")
-        self.unk_id, self.bos_id, self.eos_id, self.sys_id, self.usr_id, self.asst_id, self.eot_id = range(7)
+                die(f"{model_path} was not made by tokenizer.py: id {i} should be the control "
+                    f"symbol {piece!r}, found {found!r}. Train a tokenizer with `python "
+                    "tokenizer.py <your config>`.")
+        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.sys_id, self.usr_id, self.asst_id, self.eot_id = 3, 4, 5, 6
         # bytes of every id, for decode and for streaming output one token at a time
         self.id_bytes = []
         for i in range(self.vocab_size):
@@ -62,8 +68,8 @@ class Tokenizer:
         self.space_bytes = [self.sp.piece_to_id(f'<0x{b:02X}>') for b in SPACE.encode('utf-8')]
 
     def encode(self, text):
-        # SentencePiece turns spaces into U+2581 and back, so a literal U+2581 in the text would come
-        # back as a space. Encode around it and spell it with byte tokens instead.
+        # SentencePiece turns spaces into U+2581 and back, so a literal U+2581 in the text would
+        # come back as a space. Encode around it and spell it with byte tokens instead.
         if SPACE not in text:
             return self.sp.encode(text)
         ids = []
@@ -108,9 +114,9 @@ def load_model(path):
 # learns to answer and to stop, never to imitate the user or the system prompt.
 
 # the system prompt of chat (and of what export.py writes) when a config sets none
-DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in lowercase, "
-                  "and you sound a little put out to be asked. you never guess: if you are not sure, "
-                  "you say \"i don't know\".")
+DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in "
+                  "lowercase, and you sound a little put out to be asked. you never guess: if you "
+                  "are not sure, you say \"i don't know\".")
 
 
 def check_roles(messages):
@@ -120,20 +126,23 @@ def check_roles(messages):
     expected = 'user'
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get('content'), str) or 'role' not in m:
-            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string 'content', got {m!r:.80}")
+            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string "
+                             f"'content', "
+                             f"got {m!r:.80}")
         role = m['role']
         if role == 'system' and i == 0:
             continue
         if role != expected:
             want = "'system' (first only), 'user'" if i == 0 else repr(expected)
-            raise ValueError(f"message {i + 1} has role {role!r} where {want} was expected "
-                             "(roles go: optional system, then user and assistant taking turns)")
+            raise ValueError(f"message {i + 1} has role {role!r} where {want} was expected (roles "
+                             "go: optional system, then user and assistant taking turns)")
         expected = 'assistant' if role == 'user' else 'user'
 
 
 def render_turn(tok, role, content):
     """The ids and mask one message adds: [role] content, and [eot] after an assistant's content."""
-    ids = [{'system': tok.sys_id, 'user': tok.usr_id, 'assistant': tok.asst_id}[role]] + tok.encode(content)
+    ids = [{'system': tok.sys_id, 'user': tok.usr_id,
+            'assistant': tok.asst_id}[role]] + tok.encode(content)
     if role != 'assistant':
         return ids, [0] * len(ids)
     return ids + [tok.eot_id], [0] + [1] * len(ids)
@@ -154,7 +163,8 @@ def render_for_reply(tok, messages):
     return render_conversation(tok, messages)[0] + [tok.asst_id]
 
 
-# What chat (sample.py) needs to go on from a conversation already fed to the model, a turn at a time.
+# What chat (sample.py) needs to go on from a conversation already fed to the model, a turn at a
+# time.
 
 def render_user_turn(tok, content):
     """A user message added to a conversation, then [asst] to ask for the reply."""
@@ -162,8 +172,8 @@ def render_user_turn(tok, content):
 
 
 def end_reply(tok, reply):
-    """A generated reply -> (its content ids, the reply as the template has it: ending with one <|eot|>). A
-    reply stops at its <|eot|>, or without one when it ran out of room."""
+    """A generated reply -> (its content ids, the reply as the template has it: ending with one
+    <|eot|>). A reply stops at its <|eot|>, or without one when it ran out of room."""
     content = reply[:-1] if reply and reply[-1] == tok.eot_id else reply
     return content, content + [tok.eot_id]
 
@@ -196,11 +206,12 @@ def load_conversation_file(path):
     try:
         obj = json.loads(text.splitlines()[0] if path.endswith('.jsonl') else text)
     except (json.JSONDecodeError, IndexError) as e:
-        die(f"{path}: not a JSON conversation ({e}); expected [{{'role': ..., 'content': ...}}, ...] "
+        die(f"{path}: not a JSON conversation ({e}); expected [{{'role': ..., 'content': ...}}, "
+            f"...] "
             "or {'messages': [...]}")
     if sources.lone_surrogate(obj):
-        die(f"{path}: {sources.lone_surrogate(obj)!r} is half of a UTF-16 surrogate pair standing alone, which is "
-            "not text: fix the file")
+        die(f"{path}: {sources.lone_surrogate(obj)!r} is half of a UTF-16 surrogate pair standing "
+            "alone, which is not text: fix the file")
     return obj['messages'] if isinstance(obj, dict) and 'messages' in obj else obj
 
 
@@ -212,21 +223,26 @@ def tokenizer_settings(cfg):
     budgets = cfg.tokenizer_sources or {name: cfg.tokenizer_max_bytes for name in cfg.sources}
     for name, max_bytes in budgets.items():
         if name not in cfg.sources:
-            die(f"tokenizer_sources names '{name}', which is not in sources ({', '.join(cfg.sources)})")
+            die(f"tokenizer_sources names '{name}', which is not in sources "
+                f"({', '.join(cfg.sources)})")
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
-            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of it; got {max_bytes!r}")
+            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of "
+                f"it; "
+                f"got {max_bytes!r}")
     return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type,
-            'sources': {name: {'settings': cfg.sources[name], 'max_bytes': budgets[name]} for name in budgets}}
+            'sources': {name: {'settings': cfg.sources[name],
+                               'max_bytes': budgets[name]} for name in budgets}}
 
 
 def what_it_reads(settings):
-    """The part of recorded settings that decides the trained model: no split-only source settings and no
-    seed (records written before TRAIN_SEED kept the global one), every source setting filled with its
-    default (so spelling out a default changes nothing)."""
+    """The part of recorded settings that decides the trained model: no split-only source settings
+    and no seed (records written before TRAIN_SEED kept the global one), every source setting filled
+    with its default (so spelling out a default changes nothing)."""
     return json.loads(json.dumps({
         'vocab_size': settings['vocab_size'], 'model_type': settings['model_type'],
         'sources': {name: {'max_bytes': s['max_bytes'],
-                           'settings': {k: v for k, v in sources.source_settings(name, s['settings']).items()
+                           'settings': {k: v for k, v
+                                        in sources.source_settings(name, s['settings']).items()
                                         if k not in NOT_READ}}
                     for name, s in settings['sources'].items()}}))
 
@@ -268,7 +284,7 @@ def read_record(info_path):
     except (OSError, ValueError) as e:  # (ValueError: bad JSON or bad UTF-8)
         die(f"{info_path}, the record of what its tokenizer was trained on, is damaged or "
             f"unreadable ({e}): delete it and the tokenizer beside it (and re-run prepare.py) to "
-            f"train a new one, or set --tokenizer_path to a new file")
+            "train a new one, or set --tokenizer_path to a new file")
 
 
 def train_tokenizer(cfg):
@@ -283,20 +299,22 @@ def train_tokenizer(cfg):
         old = read_record(info_path)
         try:
             same = what_it_reads(old['settings']) == now
-        except (KeyError, TypeError, AttributeError, SystemExit):  # no record, or one this code cannot read
+        # no record, or one this code cannot read
+        except (KeyError, TypeError, AttributeError, SystemExit):
             same = False
         # the record is of the file tokenizer.py wrote: a model copied over it is not that file
         if same and isinstance(old.get('sha256'), str) and old['sha256'] != file_sha256(path):
-            die(f"{path} is not the file tokenizer.py trained for this config: its sha256 "
-                f"differs from the one recorded in {info_path}, so it was replaced or changed "
-                f"since. Put the trained file back, or delete both (and re-run prepare.py) to "
-                f"train a new one, or set --tokenizer_path to a new file.")
+            die(f"{path} is not the file tokenizer.py trained for this config: its sha256 differs "
+                f"from the one recorded in {info_path}, so it was replaced or changed since. Put "
+                "the trained file back, or delete both (and re-run prepare.py) to train a new one, "
+                "or set --tokenizer_path to a new file.")
         if same:
             print(f"tokenizer: {path} is up to date with this config, nothing to do")
             return
-        die(f"{path} exists but was trained with other settings ({info_path} differs from this config). "
-            "Shards and checkpoints made with it depend on it, so it is not replaced silently: delete it "
-            "(and re-run prepare.py) to train a new one, or set --tokenizer_path to a new file.")
+        die(f"{path} exists but was trained with other settings ({info_path} differs from this "
+            "config). Shards and checkpoints made with it depend on it, so it is not replaced "
+            "silently: delete it (and re-run prepare.py) to train a new one, or set "
+            "--tokenizer_path to a new file.")
     check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
     spm.set_random_generator_seed(TRAIN_SEED)
     model = io.BytesIO()
@@ -316,12 +334,15 @@ def train_tokenizer(cfg):
             raise stopped[0]
         m = re.search(r'value <= (\d+)', str(e))
         if m:
-            die(f"vocab_size={cfg.vocab_size} is too large for this little text: SentencePiece can make at most "
-                f"{m.group(1)} pieces from it. Lower vocab_size or add text to the sources.")
+            die(f"vocab_size={cfg.vocab_size} is too large for this little text: SentencePiece can "
+                f"make at most {m.group(1)} pieces from it. Lower vocab_size or add text to the "
+                "sources.")
         m = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
         if m:
-            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, the newline, 256 bytes) "
-                f"and the characters of this text need {m.group(1)}. Raise vocab_size to at least {m.group(1)}.")
+            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, "
+                f"the "
+                f"newline, 256 bytes) and the characters of this text need {m.group(1)}. Raise "
+                f"vocab_size to at least {m.group(1)}.")
         die(f"SentencePiece training failed: {e}")
     if stopped:  # (training may also end normally on the lines read before the bad file)
         raise stopped[0]
@@ -330,11 +351,13 @@ def train_tokenizer(cfg):
             f.write(model.getvalue())
         with atomic_file(info_path, 'w') as f:
             json.dump({'settings': settings, 'sha256': file_sha256(path)}, f, indent=2)
-    except OSError as e:  # a full disk: atomic_file removed its temp file; a model without its .json is not kept
+    # a full disk: atomic_file removed its temp file; a model without its .json is not kept
+    except OSError as e:
         if os.path.exists(path) and not os.path.exists(info_path):
             os.remove(path)
-        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or set tokenizer_path "
-            "to another disk; nothing half-written was kept")
+        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or "
+            f"set "
+            "tokenizer_path to another disk; nothing half-written was kept")
     tok = Tokenizer(path)
     print(f"tokenizer: wrote {path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
 
@@ -349,7 +372,8 @@ def main():
         except ValueError as e:
             die(f"{cfg.show_chat}: {e}")
         print(text)
-        print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the <|eot|> that ends each")
+        print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the <|eot|> "
+              "that ends each")
         return
     download.setup(cfg)  # a public corpus among the sources is fetched (or read from the cache)
     train_tokenizer(cfg)
