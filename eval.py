@@ -7,9 +7,9 @@ Stage 5: how good is a checkpoint?
     python eval.py config/demo.py --text_file=some.txt
 
 - Val splits (or --text_file): mean loss per target token (summed over tokens, not averaged over
-  batch means), perplexity, and bits per byte = summed nats / (ln 2 x UTF-8 bytes of the target
-  text), with special tokens counting zero bytes. Bits per byte compares models with different
-  tokenizers. The set is fixed (the first eval_tokens tokens of each split, in order), so numbers
+  batch means; every target, control tokens included), perplexity, and bits per byte = the summed
+  nats of the text targets / (ln 2 x their UTF-8 bytes): control tokens (<s>, <|eot|>) have no bytes
+  and count in neither. Bits per byte compares models with different tokenizers. The set is fixed (the first eval_tokens tokens of each split, in order), so numbers
   compare across checkpoints.
 - BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" or
   " no") has the higher log-likelihood, beside the majority-class and always-no baselines on the
@@ -88,16 +88,17 @@ def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
     (data.loss_sums, as train.py's evaluation computes them)."""
     # special tokens: 0 bytes
     token_bytes = torch.tensor([len(b) for b in tok.id_bytes], device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
+    # nats, targets, nats of text targets, their bytes
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     progress = Progress(label, len(sequences), every=5)
     for y, nats in position_nats(model, sequences, autocast, device, batch_size, progress):
         sums += torch.stack(loss_sums(nats, y, token_bytes)).double()
-    nats, n, n_bytes = sums.tolist()
+    nats, n, text_nats, n_bytes = sums.tolist()
     if n == 0:
         die(f"{label}: nothing to evaluate (no target tokens)")
     return {'tokens': int(n), 'bytes': int(n_bytes), 'loss': nats / n,
             'perplexity': math.exp(nats / n),
-            'bits_per_byte': bits_per_byte(nats, n_bytes) if n_bytes else None}
+            'bits_per_byte': bits_per_byte(text_nats, n_bytes) if n_bytes else None}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,9 +117,16 @@ def catch_interrupts():
 
 
 def check_optimizer(cfg):
-    """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak."""
+    """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak, and the
+    warm-up ends before the decay does."""
     if cfg.min_lr > cfg.learning_rate:
         die(f"need min_lr <= learning_rate, got {cfg.min_lr} and {cfg.learning_rate}")
+    # the schedule warms up, then decays until lr_decay_iters: a warm-up that ends after the decay
+    # would keep raising the rate past it and then drop it to the floor in one step
+    if cfg.lr_decay_iters and cfg.warmup_iters > cfg.lr_decay_iters:
+        die(f"warmup_iters={cfg.warmup_iters} is longer than lr_decay_iters={cfg.lr_decay_iters}, "
+            f"where the decay must have ended: set warmup_iters <= lr_decay_iters (or "
+            f"lr_decay_iters=0 to decay until max_iters)")
 
 
 def model_args_from(cfg, vocab_size):
@@ -400,7 +407,8 @@ def evaluate(learner, proc, val, val_batches, token_bytes):
     learner.model.eval()
     losses, bpb = {}, {}
     for i, name in enumerate(val):
-        sums = torch.zeros(3, dtype=torch.float64, device=proc.device)  # nats, targets, bytes
+        # nats, targets, nats of text targets, their bytes
+        sums = torch.zeros(4, dtype=torch.float64, device=proc.device)
         for batch in val_batches(i, name):
             x, y, doc = to_device(batch, proc.device)
             with proc.autocast:
@@ -410,9 +418,9 @@ def evaluate(learner, proc, val, val_batches, token_bytes):
             sums += torch.stack(loss_sums(nats, y, token_bytes)).double()
         if proc.ddp:
             dist.all_reduce(sums)
-        nats, targets, n_bytes = sums.tolist()
+        nats, targets, text_nats, n_bytes = sums.tolist()
         losses[name] = nats / max(targets, 1)
-        bpb[name] = bits_per_byte(nats, max(n_bytes, 1))
+        bpb[name] = bits_per_byte(text_nats, max(n_bytes, 1))
     learner.model.train()
     return losses, bpb
 

@@ -231,3 +231,22 @@ def test_a_continuation_longer_than_the_context_and_a_prompt_cut_to_fit(tok):
     chat_prompt = [tok.bos_id, tok.usr_id] + list(range(100, 140)) + [tok.asst_id]
     evaluate.continuation_logprobs(model, [(chat_prompt, [7, 8])], nullcontext(), 'cpu', 2, 'x', head=2)
     assert seen[0][:2] == [tok.bos_id, tok.usr_id] and seen[0][-2:] == [tok.asst_id, 7] and len(seen[0]) == 16
+
+
+def test_bits_per_byte_counts_only_text_targets_and_the_loss_counts_every_target(tok):
+    """<|eot|> and <s> targets have no bytes: their nats are in the loss per token, not in bits per
+    byte (bits of nothing). Fails if control-token nats reach the numerator."""
+    model = random_model(tok)
+    text = tok.encode('a reply with some words')
+    ids = [tok.bos_id, tok.asst_id] + text + [tok.eot_id, tok.bos_id] + text
+    targets = ids[1:]
+    m = evaluate.split_metrics(model, tok, [(ids[:-1], targets)], nullcontext(), 'cpu', 4, 'x')
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    per = -F.log_softmax(logits[0], -1)[torch.arange(len(targets)), torch.tensor(targets)]
+    is_text = torch.tensor([len(tok.id_bytes[t]) > 0 for t in targets])
+    n_bytes = sum(len(tok.id_bytes[t]) for t in targets)
+    assert not is_text.all()  # control tokens among the targets
+    assert m['loss'] == pytest.approx(per.sum().item() / len(targets), rel=1e-5)
+    assert m['bits_per_byte'] == pytest.approx(per[is_text].sum().item() / math.log(2) / n_bytes, rel=1e-5)
+    assert m['bits_per_byte'] < per.sum().item() / math.log(2) / n_bytes

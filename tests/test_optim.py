@@ -264,3 +264,13 @@ def test_a_muon_trained_checkpoint_exports_to_the_same_llama(tmp_path, prepared)
     x = torch.tensor([[tok.bos_id] + tok.encode('the garden and the bike chain')])
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours.eval()(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_warm_up_longer_than_the_decay_is_refused(tmp_path, prepared):
+    """warmup_iters > lr_decay_iters would raise the rate past the end of the decay, then drop it to
+    the floor at once: refused with both keys named."""
+    cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c')
+    p = run('train.py', cfg, '--warmup_iters=50', '--lr_decay_iters=40')
+    assert p.returncode != 0 and 'warmup_iters=50' in p.stderr and 'lr_decay_iters=40' in p.stderr
+    assert 'Traceback' not in p.stderr
+    assert run('train.py', cfg, '--warmup_iters=2', '--lr_decay_iters=4', '--max_iters=4').returncode == 0
