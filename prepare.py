@@ -14,7 +14,7 @@ Each source in the config's `sources` dict becomes
 Every document starts with <s> (bos), so a training window always shows where one ends and the next
 begins. Chat sources are rendered with the chat template (tokenizer.render_conversation). Documents
 go to train or val whole, each by a hash of its own content (of its title for a Roam page) and
-`split_seed`: adding, removing or editing other documents never moves it (val_flags). Corpora with a
+`split_seed`: adding, removing or editing other documents never moves it (sources.val_flags). Corpora with a
 split of their own keep it (wikitext; Tiny Shakespeare's last 10%; fineweb-edu's first val_tokens).
 
 Safe to interrupt: a source is built in <name>.tmp/ (shards renamed from temp names as they close,
@@ -182,41 +182,6 @@ def fingerprint(src, files, tok_sha, cfg):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def split_key(src, where, doc):
-    """What a document's split is decided on: a Roam page's title (its path in the export), so that
-    editing a page keeps it where it was; otherwise its content (text, or the conversation's
-    messages)."""
-    if src['kind'] == 'roam':
-        return 'page:' + os.path.relpath(where, os.path.expanduser(src['path']))
-    return doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True, ensure_ascii=False)
-
-
-def split_hash(key, split_seed):
-    """A number in [0, 1) that depends only on the key and split_seed: val if it is below
-    val_frac."""
-    digest = hashlib.sha256(f"{split_seed}\0{key}".encode('utf-8', 'surrogatepass')).digest()
-    return int.from_bytes(digest[:8], 'big') / 2 ** 64
-
-
-def val_flags(src, split_seed, stats):
-    """One pass over the documents: which go to val. A document is val when its hash is below
-    val_frac, so each one's split is its own business (growing a source by 10% moves no train
-    document to val). A source whose hashes all miss (a handful of documents) gives val its
-    lowest-hash document."""
-    flags, lowest = [], (2.0, None)
-    for i, (where, doc, split) in enumerate(sources.iter_documents(src, stats)):
-        if split:  # the corpus's own split
-            flags.append(split == 'val')
-            continue
-        h = split_hash(split_key(src, where, doc), split_seed)
-        flags.append(h < src['val_frac'])
-        lowest = min(lowest, (h, i))
-    flags = np.array(flags, dtype=bool)
-    if src['val_frac'] > 0 and len(flags) >= 2 and not flags.any() and lowest[1] is not None:
-        flags[lowest[1]] = True
-    return flags
-
-
 def prepare_source(cfg, name, tok):
     """One source -> <data_dir>/<name>/{train,val}/. Built in <name>.tmp/ and swapped in only when
     whole, so an interrupted run leaves the old shards (or none), never half of a source. A source
@@ -296,7 +261,7 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
     and to count them for the progress line; the second pass tokenizes in parallel and writes each
     to its split."""
     files = sources.source_files(src)  # a remote file not yet in the cache is downloaded here
-    is_val = val_flags(src, cfg.split_seed, stats)
+    is_val = sources.val_flags(src, cfg.split_seed, stats)
     if len(is_val) == 0:
         die(f"sources['{src['name']}']: no documents found in {src['path']} ({stats['empty']} "
             f"empty "

@@ -15,9 +15,12 @@ reading goes on. To add a kind: a reader and its line in KINDS (at the end of th
 import codecs
 import fnmatch
 import gzip
+import hashlib
 import json
 import os
 import re
+
+import numpy as np
 
 import download
 from common import die, suggest
@@ -718,10 +721,66 @@ def iter_documents(src, stats=None, problems=None):
         yield item if len(item) == 3 else (*item, None)
 
 
-def iter_texts(src):
-    """Plain text of a source, for training the tokenizer: documents, or each message of a chat."""
-    for _, doc, _ in iter_documents(src):
-        if isinstance(doc, str):
-            yield doc
-        else:
-            yield from (m['content'] for m in doc)
+# ----------------------------------------------------------------------------------------------
+# Train or val: decided here, for prepare.py (which writes each document to its split) and for
+# tokenizer.py, which must learn from train documents only (a tokenizer that has seen the val text
+# encodes it in fewer, longer tokens, and val looks better than it is).
+
+def split_key(src, where, doc):
+    """What a document's split is decided on: a Roam page's title (its path in the export), so that
+    editing a page keeps it where it was; otherwise its content (text, or the conversation's
+    messages)."""
+    if src['kind'] == 'roam':
+        return 'page:' + os.path.relpath(where, os.path.expanduser(src['path']))
+    return doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True, ensure_ascii=False)
+
+
+def split_hash(key, split_seed):
+    """A number in [0, 1) that depends only on the key and split_seed: val if it is below
+    val_frac."""
+    digest = hashlib.sha256(f"{split_seed}\0{key}".encode('utf-8', 'surrogatepass')).digest()
+    return int.from_bytes(digest[:8], 'big') / 2 ** 64
+
+
+def val_flags(src, split_seed, stats=None):
+    """One pass over the documents: which go to val. A document is val when its hash is below
+    val_frac, so each one's split is its own business (growing a source by 10% moves no train
+    document to val). A source whose hashes all miss (a handful of documents) gives val its
+    lowest-hash document."""
+    flags, lowest = [], (2.0, None)
+    for i, (where, doc, split) in enumerate(iter_documents(src, stats)):
+        if split:  # the corpus's own split
+            flags.append(split == 'val')
+            continue
+        h = split_hash(split_key(src, where, doc), split_seed)
+        flags.append(h < src['val_frac'])
+        lowest = min(lowest, (h, i))
+    flags = np.array(flags, dtype=bool)
+    if src['val_frac'] > 0 and len(flags) >= 2 and not flags.any() and lowest[1] is not None:
+        flags[lowest[1]] = True
+    return flags
+
+
+# The most characters one token can hold: SentencePiece's max_sentencepiece_length (its default,
+# which tokenizer.py keeps). A streamed corpus's val is its first val_tokens tokens, and tokens are not
+# known before the tokenizer is: the tokenizer skips enough text for val_tokens of the longest tokens.
+MAX_PIECE_CHARS = 16
+
+
+def train_texts(src, split_seed):
+    """The text of the documents prepare.py puts in train, in reading order (each message of a
+    conversation on its own): what the tokenizer may learn from. The same rules as prepare.py's:
+    the hash of val_flags, a corpus's own split, a streamed corpus's val first."""
+    if src['kind'] in STREAMED:
+        # without a val budget prepare.py puts every unsplit document in val
+        skip = float('inf') if src['val_tokens'] is None else src['val_tokens'] * MAX_PIECE_CHARS
+        for _, doc, split in iter_documents(src):
+            if split is None and skip > 0:
+                skip -= len(doc)
+            elif split != 'val':
+                yield doc
+        return
+    is_val = val_flags(src, split_seed)
+    for (_, doc, _), val in zip(iter_documents(src), is_val):
+        if not val:
+            yield from [doc] if isinstance(doc, str) else (m['content'] for m in doc)

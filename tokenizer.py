@@ -29,9 +29,9 @@ SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text 
 TRAIN_THREADS = 4  # fixed on purpose: SentencePiece's result depends on its thread count
 # fixed too: a tokenizer outlives training runs, so --seed (batches, init) must not change it
 TRAIN_SEED = 1337
-# source settings that only decide train/val (the tokenizer reads every document) or check a
-# download
-NOT_READ = ('val_frac', 'train_tokens', 'val_tokens', 'sha256', 'size')
+# source settings that do not change what the tokenizer reads: train's token budget (it reads far
+# less) and a download's checks
+NOT_READ = ('train_tokens', 'sha256', 'size')
 
 
 class Tokenizer:
@@ -227,19 +227,23 @@ def tokenizer_settings(cfg):
                 f"({', '.join(cfg.sources)})")
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
             die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of "
-                f"it; "
-                f"got {max_bytes!r}")
+                f"it; got {max_bytes!r}")
+    # split_seed (and each source's val_frac, val_tokens) decide which documents are train: the only
+    # ones the tokenizer reads
     return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type,
+            'split_seed': cfg.split_seed,
             'sources': {name: {'settings': cfg.sources[name],
                                'max_bytes': budgets[name]} for name in budgets}}
 
 
 def what_it_reads(settings):
-    """The part of recorded settings that decides the trained model: no split-only source settings
-    and no seed (records written before TRAIN_SEED kept the global one), every source setting filled
-    with its default (so spelling out a default changes nothing)."""
+    """The part of recorded settings that decides the trained model: which documents are train
+    (split_seed, val_frac, val_tokens), what is read of them, but not train's token budget, a
+    download's checks or the seed (records written before TRAIN_SEED kept the global one); every
+    source setting filled with its default (so spelling out a default changes nothing)."""
     return json.loads(json.dumps({
         'vocab_size': settings['vocab_size'], 'model_type': settings['model_type'],
+        'split_seed': settings['split_seed'],  # (a record from before it: trained on val text too)
         'sources': {name: {'max_bytes': s['max_bytes'],
                            'settings': {k: v for k, v
                                         in sources.source_settings(name, s['settings']).items()
@@ -262,7 +266,7 @@ def source_sentences(settings):
     for name, s in settings['sources'].items():
         src = sources.source_settings(name, s['settings'])
         seen = 0
-        for text in sources.iter_texts(src):
+        for text in sources.train_texts(src, settings['split_seed']):
             for line in text.split('\n'):
                 for i in range(0, len(line), 4000):
                     chunk = line[i:i + 4000]
@@ -311,8 +315,12 @@ def train_tokenizer(cfg):
         if same:
             print(f"tokenizer: {path} is up to date with this config, nothing to do")
             return
+        # a record without split_seed is from before the tokenizer read train documents only
+        leak = (" It was trained on the sources' val documents too (an older tokenizer.py): a "
+                "new one reads train only." if isinstance(old.get('settings'), dict)
+                and 'split_seed' not in old['settings'] else '')
         die(f"{path} exists but was trained with other settings ({info_path} differs from this "
-            "config). Shards and checkpoints made with it depend on it, so it is not replaced "
+            f"config).{leak} Shards and checkpoints made with it depend on it, so it is not replaced "
             "silently: delete it (and re-run prepare.py) to train a new one, or set "
             "--tokenizer_path to a new file.")
     check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
@@ -340,9 +348,13 @@ def train_tokenizer(cfg):
         m = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
         if m:
             die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, "
-                f"the "
-                f"newline, 256 bytes) and the characters of this text need {m.group(1)}. Raise "
-                f"vocab_size to at least {m.group(1)}.")
+                f"the newline, 256 bytes) and the characters of this text need {m.group(1)}. "
+                f"Raise vocab_size to at least {m.group(1)}.")
+        if 'sentences_.empty()' in str(e):
+            die("the sources gave the tokenizer no text to learn from: it reads only the documents "
+                "prepare.py puts in train, and here val takes them all (a small source, or a "
+                "streamed one with fewer than val_tokens x 16 characters). Add text, or lower "
+                "val_frac or val_tokens.")
         die(f"SentencePiece training failed: {e}")
     if stopped:  # (training may also end normally on the lines read before the bad file)
         raise stopped[0]

@@ -330,7 +330,8 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     # 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
     assert docs == {'oasst1': 100, 'dolly': 387, 'roam': 486, 'shakespeare': 7223}  # 7,222 speeches, one cut where val begins
     assert shakespeare.decode().count('\n\n') + 1 == 7222
-    assert meta['roam']['train']['reader_counts']['empty'] == 1845 - 486
+    # (the export's one file in a dot-folder, .concept/difference.md, is skipped as hidden, not read)
+    assert meta['roam']['train']['reader_counts']['empty'] == 1845 - 486 - 1
     for n, m in meta.items():  # val by a hash of each document: ~10%, within 4 standard deviations of a binomial
         if n == 'shakespeare':  # (its val is the last 10% of the characters: test_prepare checks that)
             continue
@@ -342,12 +343,19 @@ def test_tokenizer_trains_on_a_downloaded_corpus_within_its_byte_budget(server, 
     for i in range(2):
         texts = [' '.join(words[(j * 7 + k * 3) % len(words)] for k in range(60)) + f' doc {j}.' for j in range(300)]
         server.files[f'/fw/{i:03d}_00000.parquet'] = parquet_bytes(texts, tmp_path)
-    src = {'fw': {'kind': 'fineweb_edu', 'base_url': server.url + '/fw', 'files': ['000_00000.parquet', '001_00000.parquet']}}
+    # val: the first 100 tokens, which the tokenizer never reads (it skips 100 x 16 characters)
+    src = {'fw': {'kind': 'fineweb_edu', 'base_url': server.url + '/fw', 'files': ['000_00000.parquet', '001_00000.parquet'],
+                  'val_tokens': 100}}
     cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), '', sources=src, vocab_size=300,
                        tokenizer_sources={'fw': 20_000}, cache_dir=str(tmp_path / 'cache'), download_backoff=0.01)
     p = run('tokenizer.py', cfg, check=True)
     assert 'read 0.02 MB from fw' in p.stdout and (tmp_path / 'out' / 'tokenizer.model').exists()
     assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']  # 20 kB came from the first shard alone
+    # with the default val budget (5M tokens) val takes all of this little corpus: a message, not
+    # SentencePiece's internal error
+    del src['fw']['val_tokens']
+    p = run('tokenizer.py', cfg, f'--sources={src!r}', f"--tokenizer_path={tmp_path / 'other.model'}")
+    assert p.returncode != 0 and 'no text to learn from' in p.stderr and 'INTERNAL' not in p.stderr
 
 
 def test_wikitext_train_budget_stops_downloading_without_a_val_budget(server, tmp_path, prepared):

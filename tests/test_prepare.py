@@ -36,7 +36,7 @@ def test_layout_meta_and_split(prepared):
         src = sources.source_settings(name, cfg.sources[name])
         n_docs = sum(1 for _ in sources.iter_documents(src))
         assert metas['train']['documents'] + metas['val']['documents'] == n_docs
-        assert metas['val']['documents'] == prepare.val_flags(src, cfg.split_seed, None).sum() > 0
+        assert metas['val']['documents'] == sources.val_flags(src, cfg.split_seed, None).sum() > 0
         for split, meta in metas.items():
             assert meta['dtype'] == 'uint16' and meta['tokenizer_sha256'] == tok.sha256
             assert meta['source']['path'] == src['path'] and meta['split'] == split

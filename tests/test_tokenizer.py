@@ -89,26 +89,78 @@ def test_rerun_skips_and_changed_settings_do_not_overwrite(tmp_path, corpus):
     assert model.read_bytes() == before
 
 
-def test_split_settings_and_the_seed_do_not_change_the_tokenizer(tmp_path, corpus):
-    """The fingerprint holds only what the tokenizer reads: a source's val_frac, --seed or --split_seed change
-    the shards and the batches, not the tokenizer; a record written before this rule still matches."""
+def test_what_decides_train_from_val_is_part_of_the_tokenizer_and_the_seed_is_not(tmp_path, corpus):
+    """The tokenizer reads train documents only, so a source's val_frac and --split_seed change what it
+    reads (a conflict, never a silent retrain); --seed and train's token budget do not; a record from
+    before this rule (no split_seed: trained on val text too) is not up to date, and says why."""
     cfg = write_config(tmp_path / 'a.py', str(tmp_path / 'out'), corpus)
     run('tokenizer.py', cfg, check=True)
     model = tmp_path / 'out' / 'tokenizer.model'
     before = model.read_bytes()
     sources = load_cfg(cfg).sources
-    sources['roam']['val_frac'] = 0.3
-    for args in (['--seed=2'], ['--split_seed=5'], [f'--sources={sources!r}']):
-        p = run('tokenizer.py', cfg, *args)
-        assert p.returncode == 0 and 'up to date' in p.stdout, (args, p.stderr)
+    p = run('tokenizer.py', cfg, '--seed=2')
+    assert p.returncode == 0 and 'up to date' in p.stdout, p.stderr
     info = tmp_path / 'out' / 'tokenizer.model.json'
     record = json.loads(info.read_text())
-    record['settings']['seed'] = 1337  # as tokenizer.py recorded it before
+    record['settings']['seed'] = 1337  # as tokenizer.py recorded it before TRAIN_SEED
     info.write_text(json.dumps(record))
     assert 'up to date' in run('tokenizer.py', cfg, check=True).stdout
-    sources['roam']['glob'] = '*.md'  # what it reads: a conflict
-    p = run('tokenizer.py', cfg, f'--sources={sources!r}')
-    assert p.returncode != 0 and 'other settings' in p.stderr and model.read_bytes() == before
+    changed = {**sources, 'roam': {**sources['roam'], 'val_frac': 0.3}}
+    for args in (['--split_seed=5'], [f'--sources={changed!r}']):
+        p = run('tokenizer.py', cfg, *args)
+        assert p.returncode != 0 and 'other settings' in p.stderr, args
+    del record['settings']['split_seed']  # a record written before the tokenizer read train only
+    info.write_text(json.dumps(record))
+    p = run('tokenizer.py', cfg)
+    assert p.returncode != 0 and "val documents too" in p.stderr and model.read_bytes() == before
+
+
+def test_the_tokenizer_reads_exactly_the_documents_prepare_puts_in_train(prepared):
+    """Every line the tokenizer trains on comes from a train document, in reading order, and every
+    train document is read: the val documents (found in prepare.py's val shards) never are."""
+    import data
+    import tokenizer
+    from sources import iter_documents, source_settings
+    from tokenizer import render_conversation
+    cfg = load_cfg(prepared[0])
+    settings = tokenizer.tokenizer_settings(cfg)
+    for s in settings['sources'].values():
+        s['max_bytes'] = None  # all of it
+    read = list(tokenizer.source_sentences(settings))
+    tok = Tokenizer(cfg.tokenizer_path)
+    expected = []
+    for name in cfg.sources:
+        val = data.SplitReader(cfg.data_dir, name, 'val')
+        val_docs = set()
+        for i in range(len(val.shards)):
+            ids = val.tokens(i).tolist()
+            starts = val.doc_starts(i).tolist() + [len(ids)]
+            val_docs |= {tuple(ids[a:b]) for a, b in zip(starts, starts[1:])}
+        seen_val = 0
+        for _, doc, _ in iter_documents(source_settings(name, cfg.sources[name])):
+            chat = not isinstance(doc, str)
+            ids = render_conversation(tok, doc)[0] if chat else [tok.bos_id] + tok.encode(doc)
+            if tuple(ids) in val_docs:
+                seen_val += 1
+                continue
+            for text in [m['content'] for m in doc] if chat else [doc]:
+                expected += [line[i:i + 4000] for line in text.split('\n')
+                             for i in range(0, len(line), 4000) if line[i:i + 4000]]
+        assert seen_val == len(val_docs) > 0, name
+    assert read == expected
+
+
+def test_a_streamed_corpus_skips_text_enough_for_its_val_tokens(monkeypatch):
+    """fineweb-edu's val is its first val_tokens tokens: the tokenizer skips MAX_PIECE_CHARS
+    characters per val token before it reads; a corpus's own val split is never read."""
+    import sources
+    docs = [(f'row {i}', f'{i:02d}' + 'x' * 48, None) for i in range(10)]  # 50 characters each
+    monkeypatch.setattr(sources, 'iter_documents', lambda src, stats=None, problems=None: iter(docs))
+    src = {'kind': 'fineweb_edu', 'val_tokens': 10}  # 10 tokens x 16 characters: the first 4 rows
+    assert [t[:2] for t in sources.train_texts(src, 1337)] == [f'{i:02d}' for i in range(4, 10)]
+    assert list(sources.train_texts({**src, 'val_tokens': None}, 1337)) == []  # all of it is val
+    docs[:] = [('a', 'train text', 'train'), ('b', 'val text', 'val')]
+    assert list(sources.train_texts({'kind': 'wikitext', 'val_tokens': None}, 1337)) == ['train text']
 
 
 def test_vocab_too_large_is_a_clear_error(tmp_path, corpus):
