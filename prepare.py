@@ -14,8 +14,9 @@ Each source in the config's `sources` dict becomes
 Every document starts with <s> (bos), so a training window always shows where one ends and the next
 begins. Chat sources are rendered with the chat template (tokenizer.render_conversation). Documents
 go to train or val whole, each by a hash of its own content (of its title for a Roam page) and
-`split_seed`: adding, removing or editing other documents never moves it (sources.val_flags). Corpora with a
-split of their own keep it (wikitext; Tiny Shakespeare's last 10%; fineweb-edu's first val_tokens).
+`split_seed`: adding, removing or editing other documents never moves it (sources.val_flags).
+Corpora with a split of their own keep it (wikitext; Tiny Shakespeare's last 10%; fineweb-edu's
+first val_tokens).
 
 Safe to interrupt: a source is built in <name>.tmp/ (shards renamed from temp names as they close,
 meta.json last) and swapped in when complete. A rerun skips sources whose meta.json matches the

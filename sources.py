@@ -762,8 +762,9 @@ def val_flags(src, split_seed, stats=None):
 
 
 # The most characters one token can hold: SentencePiece's max_sentencepiece_length (its default,
-# which tokenizer.py keeps). A streamed corpus's val is its first val_tokens tokens, and tokens are not
-# known before the tokenizer is: the tokenizer skips enough text for val_tokens of the longest tokens.
+# which tokenizer.py keeps). A streamed corpus's val is its first val_tokens tokens, and tokens are
+# not known before the tokenizer is: the tokenizer skips enough text for val_tokens of the longest
+# tokens.
 MAX_PIECE_CHARS = 16
 
 

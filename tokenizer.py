@@ -126,8 +126,7 @@ def check_roles(messages):
     expected = 'user'
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get('content'), str) or 'role' not in m:
-            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string "
-                             f"'content', "
+            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string 'content', "
                              f"got {m!r:.80}")
         role = m['role']
         if role == 'system' and i == 0:
@@ -226,8 +225,8 @@ def tokenizer_settings(cfg):
             die(f"tokenizer_sources names '{name}', which is not in sources "
                 f"({', '.join(cfg.sources)})")
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
-            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of "
-                f"it; got {max_bytes!r}")
+            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of it; "
+                f"got {max_bytes!r}")
     # split_seed (and each source's val_frac, val_tokens) decide which documents are train: the only
     # ones the tokenizer reads
     return {'vocab_size': cfg.vocab_size, 'model_type': cfg.tokenizer_type,
@@ -316,12 +315,12 @@ def train_tokenizer(cfg):
             print(f"tokenizer: {path} is up to date with this config, nothing to do")
             return
         # a record without split_seed is from before the tokenizer read train documents only
-        leak = (" It was trained on the sources' val documents too (an older tokenizer.py): a "
-                "new one reads train only." if isinstance(old.get('settings'), dict)
+        leak = (" It was trained on the sources' val documents too (an older tokenizer.py): a new "
+                "one reads train only." if isinstance(old.get('settings'), dict)
                 and 'split_seed' not in old['settings'] else '')
         die(f"{path} exists but was trained with other settings ({info_path} differs from this "
-            f"config).{leak} Shards and checkpoints made with it depend on it, so it is not replaced "
-            "silently: delete it (and re-run prepare.py) to train a new one, or set "
+            f"config).{leak} Shards and checkpoints made with it depend on it, so it is not "
+            "replaced silently: delete it (and re-run prepare.py) to train a new one, or set "
             "--tokenizer_path to a new file.")
     check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
     spm.set_random_generator_seed(TRAIN_SEED)
@@ -347,9 +346,9 @@ def train_tokenizer(cfg):
                 "sources.")
         m = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
         if m:
-            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, "
-                f"the newline, 256 bytes) and the characters of this text need {m.group(1)}. "
-                f"Raise vocab_size to at least {m.group(1)}.")
+            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, the "
+                f"newline, 256 bytes) and the characters of this text need {m.group(1)}. Raise "
+                f"vocab_size to at least {m.group(1)}.")
         if 'sentences_.empty()' in str(e):
             die("the sources gave the tokenizer no text to learn from: it reads only the documents "
                 "prepare.py puts in train, and here val takes them all (a small source, or a "
@@ -367,8 +366,7 @@ def train_tokenizer(cfg):
     except OSError as e:
         if os.path.exists(path) and not os.path.exists(info_path):
             os.remove(path)
-        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or "
-            f"set "
+        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or set "
             "tokenizer_path to another disk; nothing half-written was kept")
     tok = Tokenizer(path)
     print(f"tokenizer: wrote {path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
