@@ -4,9 +4,11 @@
 #   python eval.py config/shakespeare.py --text_file=<the last 10% of input.txt>      (the same figure)
 # Every setting below was chosen by measurement for that budget (BENCHMARKS.md, "Muon and WSD").
 out_dir = 'out/shakespeare'
-# separator=None: train and val are each one stream, as nanoGPT reads the file, so a window spans several
-# speeches (who speaks next, and to whom, is learnable); split into speeches, each attending only to itself,
-# the same run ends at ~2.38 bits per byte instead (BENCHMARKS.md). Add 'path': '.../input.txt' for a local copy.
+# separator=None: train and val are each one stream, as nanoGPT reads the file. Split into speeches
+# (separator='\n\n') each speech is a document that starts with <s>; pretraining windows still span
+# several (no row has a document mask outside SFT), but the val windows then hold more <s> targets and
+# the val text is cut differently, so that run's 2.38 bits per byte (BENCHMARKS.md) is not a like-for-like
+# comparison. Add 'path': '.../input.txt' for a local copy.
 sources = {'tinyshakespeare': {'kind': 'tinyshakespeare', 'separator': None}}
 mixture = {'tinyshakespeare': 1.0}
 # The tokenizer learns from the first ~89% of the file only (sources are read in file order, train part
