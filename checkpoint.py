@@ -187,9 +187,9 @@ def freeze_base(path, ckpt_dir):
             'from': os.path.abspath(path)}
 
 
-def saved_best_val(ckpt_dir):
-    """best.pt's validation loss: after a fallback to an older ckpt, it may be better than the one
-    saved there."""
+def saved_best(ckpt_dir):
+    """best.pt's (validation loss, step), or (inf, None) without one: after a fallback to an older
+    ckpt, it may be better than the one saved there."""
     path = os.path.join(ckpt_dir, 'best.pt')
     ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
-    return ckpt['best_val'] if ckpt else float('inf')
+    return (ckpt['best_val'], ckpt['iter']) if ckpt else (float('inf'), None)

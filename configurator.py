@@ -167,7 +167,8 @@ KEYS = {
     'start': ('', "completion prompt; FILE:path reads it from a file"),
     'num_samples': (1, '>= 1', "completions to print"),
     'max_new_tokens': (200, '>= 1', "most tokens to generate per completion or chat reply"),
-    'temperature': (0.8, '>= 0', "sampling temperature; 0 = greedy"),
+    'temperature': (0.8, '>= 0', "sampling temperature, in chat too; 0 = greedy (the same reply "
+                    "every run: run.sh's demo chat)"),
     'top_k': (50, '>= 0', "sample only among the k most likely tokens; 0 = off"),
     'top_p': (0.95, '(0, 1]', "sample only among the most likely tokens that make up probability "
                               "p; 1.0 = off"),

@@ -9,8 +9,8 @@ Stage 5: how good is a checkpoint?
 - Val splits (or --text_file): mean loss per target token (summed over tokens, not averaged over
   batch means; every target, control tokens included), perplexity, and bits per byte = the summed
   nats of the text targets / (ln 2 x their UTF-8 bytes): control tokens (<s>, <|eot|>) have no bytes
-  and count in neither. Bits per byte compares models with different tokenizers. The set is fixed (the first eval_tokens tokens of each split, in order), so numbers
-  compare across checkpoints.
+  and count in neither. Bits per byte compares models with different tokenizers. The set is fixed
+  (the first eval_tokens tokens of each split, in order), so numbers compare across checkpoints.
 - BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" or
   " no") has the higher log-likelihood, beside the majority-class and always-no baselines on the
   same examples (each with its standard error).
@@ -38,7 +38,7 @@ import sources
 from checkpoint import checkpoint_path, load_model
 from common import Progress, atomic_file, check_writable, die, runtime
 from configurator import configure
-from data import bits_per_byte, is_prepared, loss_sums, split_sequences, windows
+from data import bits_per_byte, is_prepared, load_split, loss_sums, split_sequences, windows
 from tokenizer import Tokenizer, render_for_reply
 
 HF = download.HF_DATASETS
@@ -335,7 +335,7 @@ def main():
     T, B = model.cfg.block_size, cfg.batch_size
     results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'],
                'tokenizer_sha256': tok.sha256, 'chat': cfg.eval_chat, 'splits': {}}
-    print(f"eval: {path} (step {ckpt['iter']}) on {device} {dtype}")
+    print(f"eval: {path} (step {ckpt['iter']}; {why}) on {device} {dtype}")
 
     if text is not None:
         ids = [tok.bos_id] + tok.encode(text)[:cfg.eval_tokens]
@@ -349,9 +349,14 @@ def main():
             if seqs:
                 results['splits'][name] = split_metrics(model, tok, seqs, autocast, device, B,
                                                         f"{name}/val")
+                # a chat split is scored on the replies: train.py's pretraining val reads the same
+                # source as text, every token, so its figure for it differs
+                chat = load_split(cfg.data_dir, name, 'val')['format'] == 'chat'
+                results['splits'][name]['scored'] = 'assistant replies' if chat else 'every token'
     for name, m in results['splits'].items():
+        scored = f", {m['scored']}" if 'scored' in m else ''
         print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte "
-              f"{m['bits_per_byte']:.4f} ({m['tokens']:,} tokens)")
+              f"{m['bits_per_byte']:.4f} ({m['tokens']:,} tokens{scored})")
 
     for name, rows in benchmarks.items():
         score = boolq if name == 'boolq' else hellaswag

@@ -36,4 +36,6 @@ ${TRAIN:-python} train.py "${sft[@]}" "$@"
 echo; echo "=== a completion from the pretrained model ==="
 python sample.py "${pre[@]}" --start="the garden" --max_new_tokens=60 "$@"
 echo; echo "=== a chat with the fine-tuned model (more: python sample.py ${sft[*]} --interactive) ==="
+# greedy (--temperature=0): the same replies every run, to compare with README.md; chat by hand samples at
+# the default 0.8
 printf 'who is mara?\nwhat is her cat called?\n' | python sample.py "${sft[@]}" --interactive --temperature=0 "$@"

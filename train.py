@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model,
-                        read_checkpoint, save_checkpoint, saved_best_val)
+                        checkpoint_path, read_checkpoint, save_checkpoint, saved_best)
 from common import check_writable, die, duration, peak_flops, pick_device, runtime
 from configurator import configure, save_config
 from data import bits_per_byte, build_data, loss_sums, make_batches
@@ -194,6 +194,7 @@ class Position:
     from."""
     iter: int = 0  # steps taken
     best_val: float = float('inf')  # best validation loss so far (best.pt's)
+    best_iter: int = None  # the step of best.pt
     elapsed: float = 0.0  # seconds of training (evaluations and checkpoints not counted)
     # skipped steps (non-finite loss or gradients): too many in a row stops the run
     nonfinite_in_a_row: int = 0
@@ -251,8 +252,9 @@ def starting_point(cfg, tok, args, lora, proc):
         weights = base_weights(ckpt, path, cfg.lora_base) if lora else ckpt['model']
         # after a fallback to an older ckpt, best.pt may hold a better validation loss than the one
         # saved there
-        best_val = min(ckpt['best_val'], saved_best_val(cfg.ckpt_dir))
-        position = Position(iter=ckpt['iter'], best_val=best_val, elapsed=ckpt.get('elapsed', 0.0))
+        best_val, best_iter = saved_best(cfg.ckpt_dir)
+        position = Position(iter=ckpt['iter'], best_val=min(ckpt['best_val'], best_val),
+                            best_iter=best_iter, elapsed=ckpt.get('elapsed', 0.0))
         proc.log(f"resuming from {path} at step {position.iter}")
         return ckpt, weights, ckpt.get('base'), position
     if cfg.init_from == 'scratch':
@@ -644,6 +646,7 @@ def main():
 
     # --- the loop ---
     start_iter = position.iter
+    last_val = last_iter = None  # the latest evaluation's val loss and step
     # seconds of the steps since the last log line, and how many: ms/step
     step_time, steps_timed = 0.0, 0
     # a step's micro-batches, the same rows on any number of processes
@@ -663,8 +666,9 @@ def main():
                 per_source, bpb = evaluate(learner, proc, val, val_batches, token_bytes)
                 val_loss = log_evaluation(log, metrics, it, per_source, bpb, run_data.mixture,
                                           run_data.best_on, position.elapsed)
+                last_val, last_iter = val_loss, it
                 if val_loss < position.best_val:
-                    position.best_val = val_loss
+                    position.best_val, position.best_iter = val_loss, it
                     if proc.master:
                         save_best(cfg, learner, position, tok)
             if it > 0:
@@ -715,7 +719,18 @@ def main():
         gc.collect()
         dist.destroy_process_group()
     where = f"checkpoints in {cfg.ckpt_dir}"
-    log(f"done: best val loss {position.best_val:.4f}; {where}" if val else f"done: {where}")
+    if not val or last_val is None:
+        log(f"done: {where}")
+        return
+    log(f"done: best val loss {position.best_val:.4f} at step {position.best_iter} (best.pt), the "
+        f"last {last_val:.4f} at step {last_iter}; {where}")
+    if position.best_iter is not None and position.best_iter < last_iter:
+        # a small data set learned by heart (the demo's, on purpose) reads like a failure otherwise
+        path, why = checkpoint_path(cfg)
+        log(f"note: the val loss rose after step {position.best_iter}: from there the model learns "
+            f"its train set by heart rather than what generalises to val (expected when it is "
+            f"small, as the demo's is on purpose). sample.py and eval.py load {path} ({why}); set "
+            f"ckpt to choose the other")
 
 
 if __name__ == '__main__':

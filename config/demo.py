@@ -53,5 +53,8 @@ else:  # sft (or lora): only chat sources in the mixture, so the loss is on the 
     eval_iters = 10
     log_interval = 25
     # 123 dialogues are too few to generalise from: validation loss rises as soon as the model starts to
-    # learn them by heart, so best.pt would be the untuned model. The demo chats with the final weights.
-    ckpt = '{out_dir}/{phase}/ckpt.pt'
+    # learn them by heart, so best.pt would be the untuned model.
+# sample.py and eval.py load the final weights of each phase (ckpt.pt), the ones SFT starts from and the
+# demo chats with: the demo learns its sample by heart on purpose, so best.pt (the lowest val loss) is an
+# early step of each phase (train.py's last lines say so)
+ckpt = '{out_dir}/{phase}/ckpt.pt'
