@@ -14,7 +14,6 @@ per output line (a newline inside a reply is written as the two characters \\n, 
 """
 import codecs
 import os
-import re
 import sys
 import time
 
@@ -24,13 +23,8 @@ from checkpoint import checkpoint_path, load_model
 from common import die, runtime
 from configurator import configure
 from model import KVCache
-from tokenizer import (DEFAULT_SYSTEM, Tokenizer, end_reply, not_in_reply, render_conversation,
-                       render_for_reply, render_user_turn)
-
-def clean(text):
-    """User text as valid Unicode: a lone surrogate (from bytes that are not UTF-8, on stdin or in
-    an argument) becomes U+FFFD, which the tokenizer can encode."""
-    return re.sub('[\ud800-\udfff]', '\ufffd', text)
+from tokenizer import (Tokenizer, clean, end_reply, not_in_reply, render_conversation,
+                       render_for_reply, render_user_turn, system_prompt)
 
 
 class OneLine:
@@ -123,15 +117,7 @@ def chat(cfg, model, tok, autocast, generator):
     """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the
     new user message; when the conversation outgrows the context, the oldest turns are dropped (the
     system prompt stays) and the rest is read again."""
-    configured = clean(cfg.system) or DEFAULT_SYSTEM
-    if cfg.system_file:  # a file is the deliberate choice: it wins over `system`
-        if not os.path.isfile(cfg.system_file):
-            die(f"--system_file={cfg.system_file}: no such file")
-        try:
-            configured = clean(open(cfg.system_file, encoding='utf-8-sig').read().strip())
-        except UnicodeDecodeError as e:
-            die(f"--system_file={cfg.system_file} is not valid UTF-8 (byte {e.start}): convert it "
-                "to UTF-8")
+    configured = system_prompt(cfg)  # the one export.py writes into the model's chat templates
     system = configured
     banned = () if cfg.allow_special else not_in_reply(tok)
     block = model.cfg.block_size
