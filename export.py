@@ -21,6 +21,10 @@ tokenizer: our SentencePiece model goes in as it is (tokenizer.model), and also 
 (the `tokenizers` library's format, which transformers loads without sentencepiece or protobuf) and
 as GGUF token lists with scores and types, all set up to give our ids.
 
+The chat templates (tokenizer_config.json's, the GGUF file's, the Modelfile's) give a conversation
+that has no system message the system prompt sample.py's chat gives it (tokenizer.system_prompt:
+system_file, else system, else the built-in one), so that they feed the model the same ids.
+
 Where the other tokenizers cannot match ours (tests/test_export.py checks the rest):
   - A literal U+2581 ('▁') in text: ours spells it with byte tokens, theirs read it as a space.
   - The special tokens typed as text ("<|eot|>"): ours never turn text into a special id;
@@ -41,32 +45,49 @@ import torch
 from checkpoint import checkpoint_path, load_model
 from common import check_writable, die
 from configurator import configure
-from tokenizer import DEFAULT_SYSTEM, SPECIALS, Tokenizer
+from tokenizer import SPECIALS, Tokenizer, system_prompt
 
 EXTRA = "pip install -r requirements-export.txt"
 
-# Our chat template (tokenizer.render_conversation) as Jinja, for transformers' apply_chat_template
-# and llama.cpp's --jinja: bos, then each message as [role] content, an assistant's closed by [eot];
-# the generation prompt is [asst]. Roles must go: optional system, then user and assistant taking
-# turns.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% set expected = 'assistant' if (loop.index0 - (1 if messages[0]['role'] == 'system' else 0)) % 2 "
-    "else 'user' %}"
-    "{% if message['role'] == 'system' and loop.first %}<|sys|>"
-    "{% elif message['role'] != expected %}"
-    "{{ raise_exception('roles go: optional system, then user and assistant taking turns') }}"
-    "{% elif message['role'] == 'user' %}<|usr|>"
-    "{% else %}<|asst|>{% endif %}"
-    "{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}<|eot|>{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|asst|>{% endif %}"
-)
 
-# The same for ollama, whose templates are Go templates (a system prompt comes as .System).
-OLLAMA_TEMPLATE = ('{{ if .System }}<|sys|>{{ .System }}{{ end }}{{ range .Messages }}'
+def jinja_string(text):
+    """`text` as a Jinja string literal that Jinja2 (transformers) and llama.cpp's template engine
+    both read back as it is: backslashes, double quotes and line breaks escaped, the rest left
+    alone ('{{' and '{%' inside a string literal are text, not tags)."""
+    escapes = {'\\': '\\\\', '"': '\\"', '\n': '\\n', '\r': '\\r', '\t': '\\t'}
+    return '"' + ''.join(escapes.get(c, c) for c in text) + '"'
+
+
+def chat_template(system):
+    """Our chat template (tokenizer.render_conversation) as Jinja, for transformers'
+    apply_chat_template and llama.cpp's --jinja: bos, then each message as [role] content, an
+    assistant's closed by [eot]; the generation prompt is [asst]. A conversation without a system
+    message gets `system` (tokenizer.system_prompt), as in sample.py's chat, so that both give the
+    same ids. Roles must go: optional system, then user and assistant taking turns."""
+    return (
+        "{{ bos_token }}"
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        "<|sys|>{{ " + jinja_string(system) + " }}"
+        "{% endif %}"
+        "{% for message in messages %}"
+        "{% set expected = 'assistant' if (loop.index0 - (1 if messages[0]['role'] == 'system' "
+        "else 0)) % 2 else 'user' %}"
+        "{% if message['role'] == 'system' and loop.first %}<|sys|>"
+        "{% elif message['role'] != expected %}"
+        "{{ raise_exception('roles go: optional system, then user and assistant taking turns') }}"
+        "{% elif message['role'] == 'user' %}<|usr|>"
+        "{% else %}<|asst|>{% endif %}"
+        "{{ message['content'] }}"
+        "{% if message['role'] == 'assistant' %}<|eot|>{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|asst|>{% endif %}"
+    )
+
+
+# The same for ollama, whose templates are Go templates. Its system prompt (.System) is the
+# Modelfile's SYSTEM unless the conversation brings one; <|sys|> comes even for an empty one, as
+# in our chat.
+OLLAMA_TEMPLATE = ('<|sys|>{{ .System }}{{ range .Messages }}'
                    '{{ if eq .Role "user" }}<|usr|>{{ .Content }}{{ else if eq .Role "assistant" }}'
                    '<|asst|>{{ .Content }}<|eot|>{{ end }}{{ end }}<|asst|>')
 
@@ -258,7 +279,7 @@ def tokenizer_json(sp):
     }
 
 
-def tokenizer_config(sp, block_size):
+def tokenizer_config(sp, block_size, system):
     specials = {i: text for i, (text, _, kind) in enumerate(sp['pieces']) if kind in (2, 3, 4)}
     return {
         'tokenizer_class': 'PreTrainedTokenizerFast',  # tokenizer.json as it is
@@ -270,7 +291,7 @@ def tokenizer_config(sp, block_size):
                                           'normalized': False,
                                           'single_word': False, 'special': text in SPECIALS}
                                  for i, text in specials.items()},
-        'chat_template': CHAT_TEMPLATE,
+        'chat_template': chat_template(system),
     }
 
 
@@ -280,7 +301,7 @@ def write_json(path, obj):
         f.write('\n')
 
 
-def write_hf(folder, model, tok, sp):
+def write_hf(folder, model, tok, sp, system):
     need('safetensors')
     from safetensors.torch import save_file
     os.makedirs(folder)
@@ -292,7 +313,7 @@ def write_hf(folder, model, tok, sp):
     shutil.copyfile(tok.path, os.path.join(folder, 'tokenizer.model'))
     write_json(os.path.join(folder, 'tokenizer.json'), tokenizer_json(sp))
     write_json(os.path.join(folder, 'tokenizer_config.json'),
-               tokenizer_config(sp, model.cfg.block_size))
+               tokenizer_config(sp, model.cfg.block_size, system))
     write_json(os.path.join(folder, 'special_tokens_map.json'), {
         'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
         'additional_special_tokens': SPECIALS[3:]})
@@ -350,7 +371,7 @@ def gguf_encode(gguf, w, gguf_type):
     return w.astype(np.float16), T.F16
 
 
-def write_gguf(path, model, tok, sp, gguf_type, name):
+def write_gguf(path, model, tok, sp, gguf_type, name, system):
     gguf = need('gguf')
     c = model.cfg
     file_type = {'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
@@ -384,7 +405,7 @@ def write_gguf(path, model, tok, sp, gguf_type, name):
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
     w.add_remove_extra_whitespaces(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template(system))
     fallback = []
     for tensor_name, weight in gguf_tensors(model):
         data, qtype = gguf_encode(gguf, weight, gguf_type)
@@ -403,6 +424,9 @@ def write_gguf(path, model, tok, sp, gguf_type, name):
 def write_modelfile(path, gguf_name, system):
     lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
              'PARAMETER stop "<|eot|>"', 'PARAMETER stop "</s>"']
+    if '"""' in system:  # (ollama reads a triple-quoted value up to the next """, unescaped)
+        die('the system prompt holds """, which a Modelfile cannot: change it (system_file or '
+            'system), or export with --gguf_type=none')
     if system:  # one line needs no quotes (a quoted one could not end in a quote)
         lines.append(f'SYSTEM {system}' if '\n' not in system and not system.startswith('"')
                      else f'SYSTEM """{system}"""')
@@ -447,6 +471,7 @@ def main():
     # (before the work, not after it)
     check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')
     tok = Tokenizer(cfg.tokenizer_path)
+    system = system_prompt(cfg)  # chat's: the templates give it to conversations without one
     path, why = checkpoint_path(cfg)
     model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path)
     sp = read_sentencepiece(tok.path)
@@ -454,11 +479,11 @@ def main():
     tmp = prepare_destination(folder, cfg.overwrite)
     try:
         name = f"smallchat-{os.path.basename(os.path.normpath(cfg.out_dir))}-{cfg.phase}"
-        write_hf(os.path.join(tmp, 'hf'), model, tok, sp)
+        write_hf(os.path.join(tmp, 'hf'), model, tok, sp, system)
         if cfg.gguf_type != 'none':
             gguf_name = f'model-{cfg.gguf_type}.gguf'
-            write_gguf(os.path.join(tmp, gguf_name), model, tok, sp, cfg.gguf_type, name)
-            write_modelfile(os.path.join(tmp, 'Modelfile'), gguf_name, cfg.system or DEFAULT_SYSTEM)
+            write_gguf(os.path.join(tmp, gguf_name), model, tok, sp, cfg.gguf_type, name, system)
+            write_modelfile(os.path.join(tmp, 'Modelfile'), gguf_name, system)
         swap_in(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

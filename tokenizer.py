@@ -119,6 +119,38 @@ DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few wor
                   "are not sure, you say \"i don't know\".")
 
 
+def clean(text):
+    """User text as valid Unicode: a lone surrogate (from bytes that are not UTF-8, on stdin or in
+    an argument) becomes U+FFFD, which the tokenizer can encode."""
+    return re.sub('[\ud800-\udfff]', '\ufffd', text)
+
+
+def system_prompt(cfg):
+    """The system prompt of a conversation that brings none of its own. Chat (sample.py) starts
+    with it, and export.py writes it into the Modelfile and the chat templates, so that every way
+    of talking to the model gives it the same one. The rules: `system_file` if set (a file is the
+    deliberate choice: it wins over `system`), its text stripped; else `system`; else
+    DEFAULT_SYSTEM. An empty file is an empty system prompt, on purpose."""
+    if not cfg.system_file:
+        return clean(cfg.system) or DEFAULT_SYSTEM
+    path = cfg.system_file
+    set_by = getattr(cfg, 'set_by', {}).get('system_file', 'the config')
+    where = f"system_file={path} (from {set_by})"
+    fix = "point it at a text file holding the system prompt, or set it to '' to use `system`"
+    if os.path.isdir(path):
+        die(f"{where} is a folder: {fix}")
+    if not os.path.isfile(path):
+        die(f"{where}: no such file; {fix}")
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            return clean(f.read().strip())
+    except UnicodeDecodeError as e:
+        die(f"{where} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t "
+            "utf-8`")
+    except OSError as e:
+        die(f"{where}: cannot read it ({e.strerror})")
+
+
 def check_roles(messages):
     """Raise ValueError unless messages are: optional system, then user/assistant alternating."""
     if not isinstance(messages, list) or not messages:

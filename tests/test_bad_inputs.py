@@ -165,6 +165,17 @@ CASES = [
     ('prompt file missing', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--start=FILE:nothing.txt'], ['nothing.txt', 'no such file']),
     ('chat with a missing system file', 'sample.py', lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--interactive', '--system_file=voice.txt'],
      ['voice.txt', 'no such file']),
+    ('chat with a folder as its system file', 'sample.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--interactive', f"--system_file={w}"],
+     ['system_file', 'is a folder', 'text file']),
+    # export writes chat's system prompt into the model's templates: the same rules, the same words
+    ('export with a missing system file', 'export.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--system_file=voice.txt'],
+     ['voice.txt', 'no such file', "set it to ''"]),
+    ('export with a system file that is not UTF-8', 'export.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}",
+                f"--system_file={write(w / 'voice.txt', b'caf' + bytes([0xe9]), 'wb')}"],
+     ['voice.txt', 'not valid UTF-8', 'iconv']),
 
     # --- numbers that make no sense: every key has a valid range, checked by every stage before any work ---
     ('no micro-batches per step', 'train.py', lambda w: ['--gradient_accumulation_steps=0'],

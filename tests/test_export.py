@@ -12,7 +12,7 @@ from conftest import load_cfg, run
 import export
 from checkpoint import checkpoint_path, load_model
 from model import GPT, ModelConfig
-from tokenizer import SPACE, Tokenizer, render_conversation, render_for_reply
+from tokenizer import SPACE, Tokenizer, render_conversation, render_for_reply, system_prompt
 
 gguf = pytest.importorskip('gguf', reason="the export extra is not installed: pip install -r requirements-export.txt")
 pytest.importorskip('safetensors', reason="the export extra is not installed: pip install -r requirements-export.txt")
@@ -35,6 +35,18 @@ CHATS = [
     [{'role': 'system', 'content': ''}, {'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': ' y\t'},
      {'role': 'user', 'content': 'tabs\tand\nnewlines'}],
 ]
+
+
+# a system prompt that Jinja would misread if it were pasted into the template as it is
+TRICKY_SYSTEM = ('say "hi", then \'bye\'; {{ not a tag }} {% if x %}{# nor a comment #} %} }}\n'
+                 'second line\twith a tab, a backslash \\ and \\n and \\u00e9 as text, café 😀')
+
+
+def with_system(messages, system):
+    """The conversation as chat feeds it: with `system` first when it brings no system message."""
+    if messages[0]['role'] == 'system':
+        return messages
+    return [{'role': 'system', 'content': system}] + messages
 
 
 @pytest.fixture(scope='module')
@@ -105,18 +117,85 @@ def test_autotokenizer_gives_our_ids_and_text(exported, hf):
     assert hf_tok.encode('<|eot|>', add_special_tokens=False) == [tok.eot_id] != tok.encode('<|eot|>')
 
 
-def test_apply_chat_template_gives_our_chat_ids(exported, hf):
+def test_apply_chat_template_gives_our_chat_ids(exported, hf, sft_trained):
     _, _, tok = exported
     _, hf_tok = hf
-    for messages in CHATS:
+    system = system_prompt(load_cfg(sft_trained[0]))  # the config's `system`
+    assert system == 'you are a test bot.'
+    for messages in CHATS:  # a conversation without a system message gets chat's (CHATS[0])
         ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        assert ids['input_ids'] == render_for_reply(tok, messages)
+        assert ids['input_ids'] == render_for_reply(tok, with_system(messages, system))
         ids = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)
-        assert ids['input_ids'] == render_conversation(tok, messages)[0]
+        assert ids['input_ids'] == render_conversation(tok, with_system(messages, system))[0]
     for bad in ([{'role': 'assistant', 'content': 'x'}], [{'role': 'user', 'content': 'x'}] * 2,
                 [{'role': 'user', 'content': 'x'}, {'role': 'system', 'content': 'y'}]):
         with pytest.raises(Exception, match='roles go'):
             hf_tok.apply_chat_template(bad)
+
+
+def test_chat_template_reads_any_system_prompt_back_as_it_is():
+    """The system prompt is a string literal inside the template: quotes, tags, backslashes and line
+    breaks in it come out as text, in the Jinja environment transformers renders templates with."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    for system in (TRICKY_SYSTEM, '', ' ', 'ends in a backslash \\', 'cr\r\nlf', '"', "'", '\\"'):
+        text = env.from_string(export.chat_template(system)).render(
+            messages=[{'role': 'user', 'content': 'x'}], bos_token='<s>',
+            add_generation_prompt=True)
+        assert text == f'<s><|sys|>{system}<|usr|>x<|asst|>', repr(system)
+
+
+def test_modelfile_refuses_a_system_prompt_it_cannot_quote(tmp_path):
+    with pytest.raises(SystemExit, match='"""'):
+        export.write_modelfile(str(tmp_path / 'Modelfile'), 'model-f32.gguf', 'a """ b\nc')
+
+
+def test_export_gives_chat_s_system_prompt_from_a_system_file(sft_trained, tmp_path, monkeypatch):
+    """--system_file: the Modelfile's SYSTEM, and the HF and GGUF templates' ids for a conversation
+    without a system message, are those sample.py's chat feeds the model."""
+    transformers = pytest.importorskip('transformers', reason="transformers is a dev requirement")
+    import io
+    import types
+    from contextlib import nullcontext
+    import sample
+    cfg_path, _ = sft_trained
+    (tmp_path / 'voice.txt').write_text(f'\n{TRICKY_SYSTEM}\n', encoding='utf-8')
+    system_file = f'--system_file={tmp_path}/voice.txt'
+    run('export.py', cfg_path, '--gguf_type=f32', system_file, f'--export_dir={tmp_path}/x',
+        check=True)
+    cfg = load_cfg(cfg_path, system_file, '--compile_decode=False')
+    tok = Tokenizer(cfg.tokenizer_path)
+    assert system_prompt(cfg) == TRICKY_SYSTEM  # the file wins over the config's `system`, stripped
+    modelfile = (tmp_path / 'x' / 'Modelfile').read_text(encoding='utf-8')
+    assert f'SYSTEM """{TRICKY_SYSTEM}"""\n' in modelfile
+    assert '<|sys|>{{ .System }}' in modelfile
+
+    class Recorder:  # a model that records what chat feeds it and says nothing
+        cfg = types.SimpleNamespace(block_size=1024)  # room for the long system prompt
+        prompts = []
+
+        def generate(self, ids, *args, **kwargs):
+            self.prompts.append(list(ids))
+            yield tok.eot_id
+
+    monkeypatch.setattr(sample, 'KVCache',
+                        lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
+    monkeypatch.setattr('sys.stdin', io.StringIO('what does the cat eat?\n'))
+    model = Recorder()
+    sample.chat(cfg, model, tok, nullcontext(), None)
+    messages = [{'role': 'user', 'content': 'what does the cat eat?'}]
+    fed = model.prompts[0]
+    assert fed == render_for_reply(tok, with_system(messages, TRICKY_SYSTEM))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'x' / 'hf'))
+    gguf_file = gguf.GGUFReader(str(tmp_path / 'x' / 'model-f32.gguf'))
+    template = gguf_fields(gguf_file)['tokenizer.chat_template']
+    assert template == hf_tok.chat_template == export.chat_template(TRICKY_SYSTEM)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)['input_ids'] == fed
+    for messages in CHATS:
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)
+        assert ids['input_ids'] == render_for_reply(tok, with_system(messages, TRICKY_SYSTEM))
 
 
 def test_hf_folder_files(exported):
@@ -143,6 +222,7 @@ def test_hf_folder_files(exported):
     assert open(os.path.join(hf_dir, 'tokenizer.model'), 'rb').read() == open(tok.path, 'rb').read()
     modelfile = open(os.path.join(folder, 'Modelfile')).read()
     assert modelfile.startswith('FROM ./model-f32.gguf\n') and 'PARAMETER stop "<|eot|>"' in modelfile
+    assert 'SYSTEM you are a test bot.\n' in modelfile  # the config's `system`, as chat has it
 
 
 # ---- GGUF ----
@@ -202,8 +282,9 @@ def llamacpp_forward(w, meta, ids):
     return norm(x, w['output_norm.weight']) @ head.T
 
 
-def check_gguf(path, model, tok, atol):
-    """Every tensor with its shape, the metadata, and llama.cpp's forward equal to ours within atol."""
+def check_gguf(path, model, tok, atol, system='you are a test bot.'):
+    """Every tensor with its shape, the metadata (the chat template with `system`, the config's
+    system prompt), and llama.cpp's forward equal to ours within atol."""
     reader, w = gguf_weights(path)
     meta = gguf_fields(reader)
     c = model.cfg
@@ -216,7 +297,8 @@ def check_gguf(path, model, tok, atol):
                 'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.bos_token_id': tok.bos_id,
                 'tokenizer.ggml.eos_token_id': tok.eos_id, 'tokenizer.ggml.eot_token_id': tok.eot_id,
                 'tokenizer.ggml.unknown_token_id': tok.unk_id, 'tokenizer.ggml.add_bos_token': True,
-                'tokenizer.ggml.add_space_prefix': False, 'tokenizer.chat_template': export.CHAT_TEMPLATE}
+                'tokenizer.ggml.add_space_prefix': False,
+                'tokenizer.chat_template': export.chat_template(system)}
     assert {k: meta[k] for k in expected} == expected
     assert meta['llama.attention.layer_norm_rms_epsilon'] == pytest.approx(torch.finfo(torch.float32).eps)
     sp = tok.sp
@@ -294,7 +376,8 @@ def test_gqa_and_untied_embeddings(prepared, tmp_path, shape):
     model = make_checkpoint(tmp_path / 'ckpt.pt', tok, **shape)
     run('export.py', cfg_path, f'--ckpt={tmp_path}/ckpt.pt', '--gguf_type=f32', f'--export_dir={tmp_path}/x',
         check=True)
-    err, scale = check_gguf(str(tmp_path / 'x' / 'model-f32.gguf'), model, tok, atol=0)
+    err, scale = check_gguf(str(tmp_path / 'x' / 'model-f32.gguf'), model, tok, atol=0,
+                            system=system_prompt(load_cfg(cfg_path)))
     assert err < 1e-4 * max(1.0, scale)
     transformers = pytest.importorskip('transformers', reason="transformers is a dev requirement")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'x' / 'hf'), dtype=torch.float32).eval()

@@ -190,10 +190,13 @@ class Parrot:
 
 def test_piped_chat_writes_each_reply_on_one_line(trained, monkeypatch, capsys):
     from contextlib import nullcontext
-    cfg = load_cfg(trained[0])
+    # (a short system prompt: the built-in one, in this tiny tokenizer, is too long to fit beside a
+    # message, and chat would say so on stderr)
+    cfg = load_cfg(trained[0], '--system=be brief.')
     tok = Tokenizer(cfg.tokenizer_path)
     reply = 'first line\nsecond line \\ with a backslash\n\nlast'
-    monkeypatch.setattr(sample, 'KVCache', lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
+    monkeypatch.setattr(sample, 'KVCache',
+                        lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
     monkeypatch.setattr('sys.stdin', io.StringIO('hi\n/reset\nagain\n'))
     sample.chat(cfg, Parrot(tok, reply), tok, nullcontext(), None)
     out, err = capsys.readouterr()
@@ -282,3 +285,80 @@ def test_completion_into_a_closed_pipe_is_quiet(trained):
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert 'Traceback' not in err and 'BrokenPipe' not in err, err
+
+
+# ---- a prompt longer than the context: <s>, the system turn and <|asst|> stay, as in training ----
+
+LONG = ' '.join(f'word{i}' for i in range(300)) + ' and so, what is the question?'
+
+
+def test_a_message_longer_than_the_context_keeps_bos_the_system_turn_and_its_end(trained):
+    tok = Tokenizer(load_cfg(trained[0]).tokenizer_path)
+    system = [{'role': 'system', 'content': 'be brief.'}]
+    messages = system + [{'role': 'user', 'content': 'hi'},
+                         {'role': 'assistant', 'content': 'hello'},
+                         {'role': 'user', 'content': LONG}]
+    assert len(tok.encode(LONG)) > 200
+    kept, ids = sample.fit_history(tok, messages, 60)
+    head = sample.render_conversation(tok, system)[0]  # <s> <|sys|> be brief.
+    assert ids[:len(head)] == head and ids[0] == tok.bos_id and ids[1] == tok.sys_id
+    assert ids[len(head)] == tok.usr_id and ids[-1] == tok.asst_id
+    # the oldest exchange went first, then the start of the message: its end is what is left
+    assert kept[:-1] == system and LONG.endswith(kept[-1]['content'])
+    assert kept[-1]['content'].endswith('what is the question?')
+    assert ids == sample.render_for_reply(tok, kept)
+    assert 55 <= len(ids) <= 60  # cut no more than needed
+
+
+def test_chat_feeds_bos_the_system_turn_and_leaves_the_reply_its_room(trained, monkeypatch, capsys):
+    from contextlib import nullcontext
+    cfg = load_cfg(trained[0], '--system=be brief.', '--max_new_tokens=20',
+                   '--compile_decode=False')
+    tok = Tokenizer(cfg.tokenizer_path)
+    monkeypatch.setattr(sample, 'KVCache',
+                        lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
+    monkeypatch.setattr('sys.stdin', io.StringIO(f'{LONG}\n'))
+    model = Parrot(tok, 'ok')
+    model.cfg = ModelConfig(block_size=64)
+    sample.chat(cfg, model, tok, nullcontext(), None)
+    fed = model.prompts[0]
+    head = sample.render_conversation(tok, [{'role': 'system', 'content': 'be brief.'}])[0]
+    assert fed[:len(head)] == head and fed[len(head)] == tok.usr_id and fed[-1] == tok.asst_id
+    assert len(fed) + 20 <= 64 and LONG.endswith(tok.decode(fed[len(head) + 1:-1]))
+    assert 'last' in capsys.readouterr().err  # the cut is said, on stderr
+
+
+def test_a_system_prompt_too_long_for_the_context_keeps_its_head(trained, monkeypatch, capsys):
+    from contextlib import nullcontext
+    system = 'be very brief and say nothing twice. ' * 20
+    cfg = load_cfg(trained[0], f'--system={system}', '--max_new_tokens=30',
+                   '--compile_decode=False')
+    tok = Tokenizer(cfg.tokenizer_path)
+    monkeypatch.setattr(sample, 'KVCache',
+                        lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
+    monkeypatch.setattr('sys.stdin', io.StringIO('what does the cat eat?\n'))
+    model = Parrot(tok, 'ok')
+    model.cfg = ModelConfig(block_size=64)
+    sample.chat(cfg, model, tok, nullcontext(), None)
+    fed = model.prompts[0]
+    assert fed[:2] == [tok.bos_id, tok.sys_id] and fed[-1] == tok.asst_id and len(fed) + 30 <= 64
+    usr = fed.index(tok.usr_id)
+    assert system.startswith(tok.decode(fed[2:usr])) and usr > 10
+    assert tok.decode(fed[usr + 1:-1]) == 'what does the cat eat?'
+    assert 'system prompt' in capsys.readouterr().err
+
+
+def test_completion_keeps_bos_and_the_end_of_a_long_prompt(trained, monkeypatch, capsys):
+    from contextlib import nullcontext
+    cfg = load_cfg(trained[0], f'--start={LONG}', '--max_new_tokens=10', '--compile_decode=False')
+    tok = Tokenizer(cfg.tokenizer_path)
+    monkeypatch.setattr(sample, 'KVCache',
+                        lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
+    model = Parrot(tok, 'ok')
+    model.cfg = ModelConfig(block_size=64)
+    sample.complete(cfg, model, tok, nullcontext(), None)
+    fed = model.prompts[0]
+    assert fed[0] == tok.bos_id and tok.bos_id not in fed[1:]
+    assert LONG.endswith(tok.decode(fed[1:]))
+    assert 50 <= len(fed) <= 64 - 10  # and room for what it writes
+    assert capsys.readouterr().out.startswith(LONG)  # the whole prompt is still printed

@@ -272,3 +272,17 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path):
     with pytest.raises(SystemExit) as e:
         Tokenizer(str(tmp_path))
     assert 'is a folder' in str(e.value)
+
+
+def test_system_prompt_rules(tmp_path):
+    """One function decides the system prompt of chat, export and the exported templates."""
+    from tokenizer import DEFAULT_SYSTEM, system_prompt
+    assert system_prompt(load_cfg()) == DEFAULT_SYSTEM
+    assert system_prompt(load_cfg('--system=be brief.')) == 'be brief.'
+    (tmp_path / 'voice.txt').write_bytes('\ufeff  be a pirate.\n\n'.encode('utf-8'))  # BOM, spaces
+    assert system_prompt(load_cfg('--system=be brief.', f'--system_file={tmp_path}/voice.txt')) == \
+        'be a pirate.'  # the file wins, stripped
+    (tmp_path / 'empty.txt').write_text('\n')
+    assert system_prompt(load_cfg(f'--system_file={tmp_path}/empty.txt')) == ''  # empty on purpose
+    with pytest.raises(SystemExit, match=r'none\.txt \(from --system_file\): no such file'):
+        system_prompt(load_cfg(f'--system_file={tmp_path}/none.txt'))
