@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -215,6 +216,57 @@ def val_flags(src, split_seed, stats):
     if src['val_frac'] > 0 and len(flags) >= 2 and not flags.any() and lowest[1] is not None:
         flags[lowest[1]] = True
     return flags
+
+
+# What prepare.py writes at <data_dir>/<source> (and at <source>.tmp, <source>.old while it swaps):
+# train/ and val/, each holding shards, their document index and loss mask, meta.json, and the temp
+# names these are written under. A folder holding anything else is not ours to replace or delete.
+OWN_FILE = re.compile(r'(shard|docs|mask)_\d{5}\.bin(\.tmp)?|meta\.json(\.tmp\d+)?')
+
+
+def not_ours(folder):
+    """What in `folder` prepare.py did not write: [] when it holds only prepare's own layout (or is
+    not there)."""
+    if not os.path.lexists(folder):
+        return []
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return [f"{os.path.basename(folder)} itself (a link or a file, not a folder)"]
+    found = []
+    for entry in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, entry)
+        if entry not in ('train', 'val') or os.path.islink(sub) or not os.path.isdir(sub):
+            found.append(entry)
+            continue
+        found += [f"{entry}/{f}" for f in sorted(os.listdir(sub))
+                  if not OWN_FILE.fullmatch(f) or not os.path.isfile(os.path.join(sub, f))
+                  or os.path.islink(os.path.join(sub, f))]
+    return found
+
+
+def check_own_folders(cfg, names):
+    """Before anything is written: every folder prepare.py would replace or delete holds only what
+    it wrote, and data_dir is not inside a notes folder it reads (the shards would land among the
+    notes). A data_dir that is the folder holding the notes would otherwise lose them."""
+    data_dir = os.path.realpath(cfg.data_dir)
+    for name, src in cfg.sources.items():  # (every source: one not prepared now is read later)
+        folders = src.get('path') if isinstance(src, dict) and src.get('kind') == 'roam' else None
+        for p in [folders] if isinstance(folders, str) else folders or []:
+            if not isinstance(p, str):
+                continue  # (source_settings names the bad setting)
+            p = os.path.realpath(os.path.expanduser(p))
+            if os.path.commonpath([p, data_dir]) == p:
+                die(f"data_dir={cfg.data_dir} is {'' if p == data_dir else 'inside '}the folder "
+                    f"of source '{name}' ({p}): the shards would be written among its notes. Set "
+                    "data_dir to a folder of its own (the default is <out_dir>/data)")
+    for name in names:
+        for folder in (os.path.join(cfg.data_dir, name + end) for end in ('', '.tmp', '.old')):
+            found = not_ours(folder)
+            if found:
+                shown = ', '.join(repr(f) for f in found[:5]) + (' ...' if len(found) > 5 else '')
+                die(f"{folder} holds what prepare.py did not write ({len(found)} entries: {shown}). "
+                    f"prepare.py replaces that folder with the shards of source '{name}' and "
+                    "touches nothing it did not write, so it stops here. Set data_dir to a folder "
+                    "of its own (the default is <out_dir>/data), or move those files elsewhere")
 
 
 def prepare_source(cfg, name, tok):
@@ -456,13 +508,16 @@ def main():
     if cfg.analyze_only:
         return analyze(cfg, names)
     tok = tokenizer.Tokenizer(cfg.tokenizer_path)
+    check_own_folders(cfg, names)  # (before check_writable makes data_dir)
     check_writable(cfg.data_dir, 'data_dir (or out_dir)')
     for name in names:
         try:
             prepare_source(cfg, name, tok)
         # Ctrl-C, a full disk, a bad document: no half-built source is left behind
         except BaseException as e:
-            shutil.rmtree(os.path.join(cfg.data_dir, name + '.tmp'), ignore_errors=True)
+            tmp = os.path.join(cfg.data_dir, name + '.tmp')
+            if not not_ours(tmp):  # (checked before: this is the one this run wrote)
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
                 print(f"\ninterrupted: source '{name}' was not finished and nothing of it was kept "
                       "(sources prepared before it are done); run prepare.py again to go on",
