@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model,
                         read_checkpoint, save_checkpoint, saved_best_val)
-from common import check_writable, die, duration, peak_flops, pick_device, runtime
+from common import (check_writable, die, duration, hold_lock, peak_flops, pick_device,
+                    runtime)
 from configurator import configure, save_config
 from data import bits_per_byte, build_data, loss_sums, make_batches
 from model import GPT, ModelConfig, add_lora, adapter_state
@@ -452,6 +453,8 @@ def check_output_folder(cfg, proc):
     training)."""
     if proc.master:
         check_writable(cfg.ckpt_dir, 'out_dir')
+        # two runs in one folder would interleave checkpoints, best.pt and metrics
+        hold_lock(cfg.ckpt_dir, 'train.lock', f"the checkpoint folder of phase '{cfg.phase}'")
     if proc.ddp:
         dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 
