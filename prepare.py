@@ -316,6 +316,8 @@ def prepare_source(cfg, name, tok):
                  if chat else '')
         print(f"  {name}/{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
               f"{len(m['shards'])} shards{extra}")
+    if write is write_counted:
+        check_val_share(name, src, writers)
     # swap in: the old folder steps aside before the new one takes its name, then goes
     old = final + '.old'
     shutil.rmtree(old, ignore_errors=True)
@@ -326,6 +328,23 @@ def prepare_source(cfg, name, tok):
     dt = time.time() - t0
     print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} "
           "MB/s)")
+
+
+def check_val_share(name, src, writers):
+    """val_frac splits by document, so a few long documents can make val's share of the tokens far
+    from it (one long note made val 33% of a source at val_frac 0.1). Warn when it is more than 2x
+    off or 0.2 away, for a source with enough documents that chance alone rarely does that (val
+    expects 10 or more)."""
+    frac, val = src.get('val_frac') or 0, writers['val'].tokens
+    total, documents = val + writers['train'].tokens, sum(w.documents for w in writers.values())
+    if not frac or not total or documents * frac < 10:
+        return
+    share = val / total
+    if share > 2 * frac or share < frac / 2 or abs(share - frac) > 0.2:
+        print(f"warning: source '{name}': val holds {100 * share:.1f}% of its tokens ({val:,} of "
+              f"{total:,}) at val_frac={frac:g}: documents go to val whole, and a few long ones "
+              f"weigh a lot, so its val loss measures them. Try another split_seed, or cut the long "
+              f"documents up", file=sys.stderr)
 
 
 def tokenized_docs(docs, cfg, tok, dtype, stats):

@@ -645,3 +645,38 @@ def test_prepare_still_replaces_its_own_shards_and_leftovers(tmp_path, prepared)
     p = run('prepare.py', cfg, '--prepare_sources=story', check=True)
     assert 'story/train' in p.stdout
     assert sorted(os.listdir(tmp_path / 'data')) == ['story']
+
+
+def lopsided_text(tmp_path, long_in_val):
+    """200 short paragraphs and one long one (20x all of them) that the split puts in val (or not),
+    as one long note did to a Roam source (val 33% of its tokens at val_frac 0.1)."""
+    rng = __import__('random').Random(0)
+    short = [f"Paragraph {i}: the cat reads slowly under the sea." for i in range(200)]
+    for i in range(1000):
+        long = f"Long note {i}: " + ' '.join(rng.choice(['bike', 'seed', 'cat']) for _ in range(4000))
+        if (prepare.split_hash(long, 0) < 0.1) == long_in_val:
+            break
+    path = tmp_path / 'lopsided.txt'
+    path.write_text('\n\n'.join(short + [long]) + '\n')
+    return str(path)
+
+
+@pytest.mark.parametrize('long_in_val', [True, False], ids=['val too big', 'val too small'])
+def test_a_val_share_of_tokens_far_from_val_frac_is_warned_about(tmp_path, prepared, long_in_val):
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '',
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), sources={
+                           'notes': {'kind': 'text', 'path': lopsided_text(tmp_path, long_in_val),
+                                     'separator': '\n\n'}})
+    p = run('prepare.py', cfg, check=True)
+    assert "warning: source 'notes'" in p.stderr and 'val_frac=0.1' in p.stderr, p.stderr
+    assert 'split_seed' in p.stderr and 'of its tokens' in p.stderr
+
+
+def test_an_even_split_and_a_small_source_are_not_warned_about(tmp_path, prepared):
+    corpus = write_corpus(str(tmp_path / 'corpus'), pages=4, dialogues=3)
+    with open(os.path.join(corpus, 'story.txt'), 'w') as f:
+        f.write('\n\n'.join(f"Paragraph {i}: the cat reads slowly." for i in range(300)))
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus,
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))
+    p = run('prepare.py', cfg, check=True)
+    assert 'warning' not in p.stderr, p.stderr
