@@ -114,6 +114,15 @@ def pid_alive(pid):
     return True
 
 
+def unused_keys(cfg, names, why):
+    """Say which of these keys, given on the command line, this run cannot honour (`why`), rather
+    than ignore them. (A config file often sets keys for other stages or phases: not warned.)"""
+    given = [f"--{n}" for n in names if cfg.set_by.get(n, '').startswith('--')]
+    if given:
+        print(f"warning: {', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored: {why}",
+              file=sys.stderr)
+
+
 def duration(seconds):
     """12s, 3m05s, 2h07m: elapsed times and ETAs in progress lines (Progress, train.py's log)."""
     s = int(seconds)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from checkpoint import checkpoint_path, load_model
-from common import check_writable, die
+from common import check_writable, die, unused_keys
 from configurator import configure
 from tokenizer import DEFAULT_SYSTEM, SPECIALS, Tokenizer
 
@@ -468,6 +468,9 @@ def swap_in(tmp, folder):
 
 def main():
     cfg = configure()  # (checks gguf_type against the choices in configurator.KEYS)
+    unused_keys(cfg, ['device', 'dtype', 'compile', 'compile_decode'],
+                "export.py loads the model in float32 on the CPU and writes float32 weights (and "
+                "gguf_type's)")
     need('safetensors')
     if cfg.gguf_type != 'none':
         need('gguf')

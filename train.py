@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model,
                         read_checkpoint, save_checkpoint, saved_best_val)
 from common import (check_writable, die, duration, hold_lock, peak_flops, pick_device,
-                    runtime)
+                    runtime, unused_keys)
 from configurator import configure, save_config
 from data import bits_per_byte, build_data, loss_sums, make_batches
 from model import GPT, ModelConfig, add_lora, adapter_state
@@ -121,6 +121,16 @@ def check_optimizer(cfg):
     """What configurator.py's per-key checks cannot say: min_lr is a floor below the peak."""
     if cfg.min_lr > cfg.learning_rate:
         die(f"need min_lr <= learning_rate, got {cfg.min_lr} and {cfg.learning_rate}")
+    # keys that only matter with another key set
+    if cfg.optimizer != 'muon':
+        unused_keys(cfg, ['muon_lr', 'muon_momentum'], f"optimizer={cfg.optimizer!r} (Muon's "
+                    "settings need optimizer='muon')")
+    if cfg.lr_schedule != 'wsd':
+        unused_keys(cfg, ['decay_frac'], f"lr_schedule={cfg.lr_schedule!r} (it is wsd's)")
+    if cfg.lora_rank == 0:
+        unused_keys(cfg, ['lora_alpha', 'lora_dropout', 'lora_targets'] +
+                    ([] if cfg.merge_lora or cfg.init_from == 'resume' else ['lora_base']),
+                    "lora_rank=0 trains every weight (set lora_rank > 0 for LoRA)")
 
 
 def model_args_from(cfg, vocab_size):

@@ -317,3 +317,16 @@ def test_a_second_run_on_the_same_checkpoint_folder_is_refused_and_a_stale_lock_
     # a run that stops with an error releases it too
     p = run('train.py', cfg, '--init_from=nosuch.pt')
     assert p.returncode == 1 and not lock.exists()
+
+
+def test_keys_given_that_this_run_cannot_honour_are_named(tmp_path, prepared):
+    """Each of these only matters with another key set: said on stderr rather than ignored."""
+    cfg = tiny_config(tmp_path, prepared, max_iters=1, eval_interval=1)
+    p = run('train.py', cfg, '--muon_lr=0.05', '--decay_frac=0.3', '--lora_alpha=8.0',
+            '--lora_base=x.pt', check=True)
+    assert p.stderr.count('warning: ') == 3
+    for key, why in (('muon_lr', "optimizer='adamw'"), ('decay_frac', "lr_schedule='cosine'"),
+                     ('lora_alpha', 'lora_rank=0'), ('lora_base', 'lora_rank=0')):
+        assert f'--{key}' in p.stderr and why in p.stderr, (key, p.stderr)
+    p = run('train.py', cfg, check=True)  # the same keys from a profile: not a word
+    assert 'warning' not in p.stderr, p.stderr
