@@ -442,8 +442,9 @@ def prepare_destination(folder, overwrite):
     if found:
         shown = ', '.join(repr(f) for f in found[:5]) + (' ...' if len(found) > 5 else '')
         die(f"export_dir={folder} holds what export.py did not write ({len(found)} entries: "
-            f"{shown}); it replaces only an earlier export (hf/, model-*.gguf, Modelfile), even with "
-            "--overwrite=True. Choose an --export_dir of its own, e.g. <out_dir>/export/<phase>")
+            f"{shown}); it replaces only an earlier export (hf/, model-*.gguf, Modelfile), even "
+            "with --overwrite=True. Choose an --export_dir of its own, e.g. "
+            "<out_dir>/export/<phase>")
     if used and not overwrite:
         die(f"{folder} already holds an export: pass --overwrite=True to replace it, or choose "
             "another --export_dir")

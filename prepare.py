@@ -263,10 +263,11 @@ def check_own_folders(cfg, names):
             found = not_ours(folder)
             if found:
                 shown = ', '.join(repr(f) for f in found[:5]) + (' ...' if len(found) > 5 else '')
-                die(f"{folder} holds what prepare.py did not write ({len(found)} entries: {shown}). "
-                    f"prepare.py replaces that folder with the shards of source '{name}' and "
-                    "touches nothing it did not write, so it stops here. Set data_dir to a folder "
-                    "of its own (the default is <out_dir>/data), or move those files elsewhere")
+                die(f"{folder} holds what prepare.py did not write ({len(found)} entries: "
+                    f"{shown}). prepare.py replaces that folder with the shards of source "
+                    f"'{name}' and touches nothing it did not write, so it stops here. Set "
+                    "data_dir to a folder of its own (the default is <out_dir>/data), or move "
+                    "those files elsewhere")
 
 
 def prepare_source(cfg, name, tok):
@@ -343,8 +344,8 @@ def check_val_share(name, src, writers):
     if share > 2 * frac or share < frac / 2 or abs(share - frac) > 0.2:
         print(f"warning: source '{name}': val holds {100 * share:.1f}% of its tokens ({val:,} of "
               f"{total:,}) at val_frac={frac:g}: documents go to val whole, and a few long ones "
-              f"weigh a lot, so its val loss measures them. Try another split_seed, or cut the long "
-              f"documents up", file=sys.stderr)
+              f"weigh a lot, so its val loss measures them. Try another split_seed, or cut the "
+              f"long documents up", file=sys.stderr)
 
 
 def tokenized_docs(docs, cfg, tok, dtype, stats):

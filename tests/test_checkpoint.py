@@ -1,4 +1,5 @@
-"""checkpoint.py: writing checkpoints (a full disk keeps the earlier ones and leaves no partial file)."""
+"""checkpoint.py: writing checkpoints (a full disk keeps the earlier ones, leaves no partial
+file)."""
 import errno
 import os
 

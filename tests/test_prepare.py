@@ -653,7 +653,8 @@ def lopsided_text(tmp_path, long_in_val):
     rng = __import__('random').Random(0)
     short = [f"Paragraph {i}: the cat reads slowly under the sea." for i in range(200)]
     for i in range(1000):
-        long = f"Long note {i}: " + ' '.join(rng.choice(['bike', 'seed', 'cat']) for _ in range(4000))
+        words = ' '.join(rng.choice(['bike', 'seed', 'cat']) for _ in range(4000))
+        long = f"Long note {i}: {words}"
         if (prepare.split_hash(long, 0) < 0.1) == long_in_val:
             break
     path = tmp_path / 'lopsided.txt'

@@ -306,7 +306,8 @@ def test_a_second_run_on_the_same_checkpoint_folder_is_refused_and_a_stale_lock_
         p = run('train.py', cfg)
         assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
         assert f'pid {first.pid}' in p.stderr and str(lock) in p.stderr, p.stderr
-        assert sorted(os.listdir(ckpt_dir)) == ['train.lock'] and not (tmp_path / 'cfg' / 'runs').exists()
+        assert sorted(os.listdir(ckpt_dir)) == ['train.lock']
+        assert not (tmp_path / 'cfg' / 'runs').exists()
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
