@@ -52,9 +52,17 @@ def save_checkpoint(obj, folder, name, keep=0):
     of them)."""
     path = os.path.join(folder, name)
     with atomic_file(path) as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # the new one is on disk before the old ones move
+        try:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the new one is on disk before the old ones move
+        # a full disk: an OSError, or from torch's zip writer a RuntimeError with no errno at all.
+        # The earlier checkpoints have not moved yet, and atomic_file removes the partial file.
+        except (OSError, RuntimeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:120]
+            die(f"could not write {path} ({why}): is the disk full? Free some space in {folder} "
+                "(or set out_dir to another disk), then go on with init_from='resume'. The "
+                "checkpoints already there are kept, and nothing half-written is left")
         base = path[:-3]
         if keep > 0 and os.path.exists(path):
             for i in range(keep - 1, 0, -1):

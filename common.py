@@ -9,10 +9,14 @@ the model runs (the device and dtype keys, and the GPU peaks that MFU is measure
 Library code: it imports nothing of this project. torch is imported only inside the functions that
 need it, so the stages that never run a model (tokenizer.py, prepare.py, plot.py) start ~2 s sooner.
 """
+import atexit
 import contextlib
 import difflib
 import hashlib
+import json
 import os
+import socket
+import sys
 import time
 from contextlib import nullcontext
 
@@ -58,6 +62,65 @@ def check_writable(folder, key):
     finally:
         if os.path.exists(test):
             os.remove(test)
+
+
+def hold_lock(folder, name, what):
+    """One process at a time in `folder`: take folder/name (the process's pid and host), or stop
+    naming the process that holds it. A lock whose process is gone (killed, the machine restarted)
+    is taken over. Released when this process exits, errors and Ctrl-C included."""
+    path = os.path.join(folder, name)
+    me = {'pid': os.getpid(), 'host': socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.load(open(path))
+                pid, host = int(holder['pid']), str(holder['host'])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = None, me['host']  # (unreadable: a process that died writing it)
+            if host != me['host']:
+                die(f"{path}: {what} is in use by pid {pid} on {host}. One run at a time: wait for "
+                    f"it, or if it has ended, delete {path}")
+            if pid is not None and pid_alive(pid):
+                die(f"{path}: {what} is in use by pid {pid} (still running). One run at a time: "
+                    "wait for it or stop it, or use another out_dir or phase")
+            print(f"note: {path} was left by pid {pid}, which is no longer running: taking it "
+                  "over", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        break
+
+    def release():
+        with contextlib.suppress(OSError, ValueError):
+            if json.load(open(path)) == me:  # (never another run's, after a takeover)
+                os.remove(path)
+    atexit.register(release)
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def unused_keys(cfg, names, why):
+    """Say which of these keys, given on the command line, this run cannot honour (`why`), rather
+    than ignore them. (A config file often sets keys for other stages or phases: not warned.)"""
+    given = [f"--{n}" for n in names if cfg.set_by.get(n, '').startswith('--')]
+    if given:
+        print(f"warning: {', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored: {why}",
+              file=sys.stderr)
 
 
 def duration(seconds):

@@ -457,6 +457,12 @@ def configure(argv=None):
     if not cfg.out_dir.strip():  # '' would put data/ and checkpoints loose in the current folder
         die(f"out_dir is empty (from {cfg.set_by.get('out_dir', 'the default')}): set it to the "
             "folder for this experiment's files, e.g. --out_dir=out/mine")
+    # checkpoints go to <out_dir>/<phase>: a phase of '', '.' or '..' would put them loose in
+    # out_dir or outside it, where train.py replaces ckpt.pt and export.py names its folder
+    if cfg.phase.strip() in ('', '.') or '..' in cfg.phase.split('/'):
+        die(f"phase={cfg.phase!r} (from {cfg.set_by.get('phase', 'the default')}) is not the name "
+            "of a folder inside out_dir: checkpoints go to <out_dir>/<phase>. Use a name such as "
+            "pretrain or sft")
     for name in PATH_KEYS:
         setattr(cfg, name, os.path.expanduser(getattr(cfg, name)))
     for name in cfg.sources:  # (a name is a folder's name: sources.check_name checks the rest)

@@ -44,6 +44,10 @@ def load_split(data_dir, name, split, tokenizer_sha256=None):
     try:
         meta = json.load(open(path))
         meta['shards'], meta['dtype'], meta['tokenizer_sha256']
+        for shard in meta['shards']:  # (each shard's counts, as SplitWriter writes them)
+            if not (isinstance(shard['file'], str) and type(shard['tokens']) is int
+                    and type(shard['documents']) is int):
+                raise TypeError(f"shard entry {json.dumps(shard)[:80]}")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         die(f"{path} is damaged ({type(e).__name__}: {e}): re-run `python prepare.py <your "
             f"config>`")
@@ -63,11 +67,29 @@ def load_split(data_dir, name, split, tokenizer_sha256=None):
         number = shard['file'][len('shard'):]
         shard['docs_path'] = os.path.join(folder, 'docs' + number)
         shard['mask_path'] = os.path.join(folder, 'mask' + number)
-        size = os.path.getsize(shard['path']) if os.path.exists(shard['path']) else -1
-        if size != shard['tokens'] * np.dtype(meta['dtype']).itemsize:
-            die(f"{shard['path']} is missing or has the wrong size for {shard['tokens']} "
-                f"{meta['dtype']} tokens: re-run `python prepare.py <your config>`")
+        check_shard(shard, meta['dtype'], meta.get('format') == 'chat')
     return meta
+
+
+def check_shard(shard, dtype, chat):
+    """Every file of a shard against meta.json: the tokens, the loss mask (chat sources) and the
+    document index have their sizes, and the index is whole (offsets from 0, increasing, inside the
+    shard): a truncated or damaged docs_*.bin must never train on wrong conversation boundaries."""
+    rerun = "re-run `python prepare.py <your config>` to rebuild it"
+    tokens, documents = shard['tokens'], shard['documents']
+    expected = [(shard['path'], tokens * np.dtype(dtype).itemsize, f"{tokens} {dtype} tokens"),
+                (shard['docs_path'], 8 * documents, f"the index of {documents} documents")]
+    if chat:
+        expected.append((shard['mask_path'], tokens, f"the loss mask of {tokens} tokens"))
+    for path, size, what in expected:
+        actual = os.path.getsize(path) if os.path.isfile(path) else -1
+        if actual != size:
+            state = 'is missing' if actual < 0 else f'has the wrong size ({actual:,} bytes)'
+            die(f"{path} {state}: meta.json records {what} ({size:,} bytes): {rerun}")
+    starts = np.fromfile(shard['docs_path'], dtype=np.int64)
+    if len(starts) and (starts[0] != 0 or (np.diff(starts) <= 0).any() or starts[-1] >= tokens):
+        die(f"{shard['docs_path']} is damaged: a shard's document offsets start at 0 and increase, "
+            f"below its {tokens} tokens: {rerun}")
 
 
 class SplitReader:

@@ -37,13 +37,14 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import time
 
 import numpy as np
 import torch
 
 from checkpoint import checkpoint_path, load_model
-from common import check_writable, die
+from common import check_writable, die, unused_keys
 from configurator import configure
 from tokenizer import SPECIALS, Tokenizer, system_prompt
 
@@ -436,33 +437,65 @@ def write_modelfile(path, gguf_name, system):
 
 # ----------------------------------------------------------------------------------------------
 
+# What an export folder holds (write_hf, write_gguf, write_modelfile): --overwrite=True replaces a
+# folder holding these alone, never one with anything else in it (out_dir, data_dir, a home folder).
+HF_FILES = {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.model',
+            'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'}
+
+
+def not_ours(folder):
+    """What in `folder` export.py did not write: [] for an earlier export (or an empty folder)."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return [f"{os.path.basename(os.path.normpath(folder))} itself (a file or a link)"]
+    found = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if entry == 'hf' and os.path.isdir(path) and not os.path.islink(path):
+            found += [f"hf/{f}" for f in sorted(os.listdir(path)) if f not in HF_FILES]
+        elif not (entry == 'Modelfile' or entry.startswith('model-') and entry.endswith('.gguf')):
+            found.append(entry)
+    return found
+
+
 def prepare_destination(folder, overwrite):
-    """Refuse a folder with something in it unless overwrite; return a fresh temp folder beside
-    it."""
-    used = os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder))
+    """Refuse a folder with something in it unless overwrite, and one that is not an earlier export
+    even then; return a fresh temp folder beside it."""
+    folder = os.path.normpath(folder)
+    used = os.path.lexists(folder) and (not os.path.isdir(folder) or os.listdir(folder))
+    found = not_ours(folder) if used else []
+    if found:
+        shown = ', '.join(repr(f) for f in found[:5]) + (' ...' if len(found) > 5 else '')
+        die(f"export_dir={folder} holds what export.py did not write ({len(found)} entries: "
+            f"{shown}); it replaces only an earlier export (hf/, model-*.gguf, Modelfile), even "
+            "with --overwrite=True. Choose an --export_dir of its own, e.g. "
+            "<out_dir>/export/<phase>")
     if used and not overwrite:
-        die(f"{folder} already exists and is not empty: pass --overwrite=True to replace it, or "
-            "choose another --export_dir")
-    tmp = f"{folder.rstrip(os.sep)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
+        die(f"{folder} already holds an export: pass --overwrite=True to replace it, or choose "
+            "another --export_dir")
+    # a name of its own beside it (never an existing folder of the same name)
+    return tempfile.mkdtemp(prefix=os.path.basename(folder) + '.tmp', dir=os.path.dirname(
+        os.path.abspath(folder)))
 
 
 def swap_in(tmp, folder):
     """Replace `folder` with the finished `tmp` by renames: an interruption leaves one or the
     other."""
+    folder = os.path.normpath(folder)
     old = None
     if os.path.exists(folder):
-        old = f"{folder.rstrip(os.sep)}.old{os.getpid()}"
-        os.replace(folder, old)
+        old = tempfile.mkdtemp(prefix=os.path.basename(folder) + '.old',
+                               dir=os.path.dirname(os.path.abspath(folder)))
+        os.replace(folder, old)  # (over the empty folder just made)
     os.replace(tmp, folder)
     if old:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+        shutil.rmtree(old)
 
 
 def main():
     cfg = configure()  # (checks gguf_type against the choices in configurator.KEYS)
+    unused_keys(cfg, ['device', 'dtype', 'compile', 'compile_decode'],
+                "export.py loads the model in float32 on the CPU and writes float32 weights (and "
+                "gguf_type's)")
     need('safetensors')
     if cfg.gguf_type != 'none':
         need('gguf')

@@ -28,6 +28,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -183,6 +184,58 @@ def fingerprint(src, files, tok_sha, cfg):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# What prepare.py writes at <data_dir>/<source> (and at <source>.tmp, <source>.old while it swaps):
+# train/ and val/, each holding shards, their document index and loss mask, meta.json, and the temp
+# names these are written under. A folder holding anything else is not ours to replace or delete.
+OWN_FILE = re.compile(r'(shard|docs|mask)_\d{5}\.bin(\.tmp)?|meta\.json(\.tmp\d+)?')
+
+
+def not_ours(folder):
+    """What in `folder` prepare.py did not write: [] when it holds only prepare's own layout (or is
+    not there)."""
+    if not os.path.lexists(folder):
+        return []
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return [f"{os.path.basename(folder)} itself (a link or a file, not a folder)"]
+    found = []
+    for entry in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, entry)
+        if entry not in ('train', 'val') or os.path.islink(sub) or not os.path.isdir(sub):
+            found.append(entry)
+            continue
+        found += [f"{entry}/{f}" for f in sorted(os.listdir(sub))
+                  if not OWN_FILE.fullmatch(f) or not os.path.isfile(os.path.join(sub, f))
+                  or os.path.islink(os.path.join(sub, f))]
+    return found
+
+
+def check_own_folders(cfg, names):
+    """Before anything is written: every folder prepare.py would replace or delete holds only what
+    it wrote, and data_dir is not inside a notes folder it reads (the shards would land among the
+    notes). A data_dir that is the folder holding the notes would otherwise lose them."""
+    data_dir = os.path.realpath(cfg.data_dir)
+    for name, src in cfg.sources.items():  # (every source: one not prepared now is read later)
+        folders = src.get('path') if isinstance(src, dict) and src.get('kind') == 'roam' else None
+        for p in [folders] if isinstance(folders, str) else folders or []:
+            if not isinstance(p, str):
+                continue  # (source_settings names the bad setting)
+            p = os.path.realpath(os.path.expanduser(p))
+            if os.path.commonpath([p, data_dir]) == p:
+                die(f"data_dir={cfg.data_dir} is {'' if p == data_dir else 'inside '}the folder "
+                    f"of source '{name}' ({p}): the shards would be written among its notes. Set "
+                    "data_dir to a folder of its own (the default is <out_dir>/data)")
+    for name in names:
+        for folder in (os.path.join(cfg.data_dir, name + end) for end in ('', '.tmp', '.old')):
+            found = not_ours(folder)
+            if found:
+                shown = ', '.join(repr(f) for f in found[:5]) + (' ...' if len(found) > 5 else '')
+                die(f"{folder} holds what prepare.py did not write ({len(found)} entries: "
+                    f"{shown}). prepare.py replaces that folder with the shards of source "
+                    f"'{name}' and touches nothing it did not write, so it stops here. Set "
+                    "data_dir to a folder of its own (the default is <out_dir>/data), or move "
+                    "those files elsewhere")
+
+
 def prepare_source(cfg, name, tok):
     """One source -> <data_dir>/<name>/{train,val}/. Built in <name>.tmp/ and swapped in only when
     whole, so an interrupted run leaves the old shards (or none), never half of a source. A source
@@ -230,6 +283,8 @@ def prepare_source(cfg, name, tok):
                  if chat else '')
         print(f"  {name}/{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
               f"{len(m['shards'])} shards{extra}")
+    if write is write_counted:
+        check_val_share(name, src, writers)
     # swap in: the old folder steps aside before the new one takes its name, then goes
     old = final + '.old'
     shutil.rmtree(old, ignore_errors=True)
@@ -240,6 +295,23 @@ def prepare_source(cfg, name, tok):
     dt = time.time() - t0
     print(f"  {name}: done in {dt:.1f}s ({sum(w.bytes for w in writers.values()) / 1e6 / dt:.2f} "
           "MB/s)")
+
+
+def check_val_share(name, src, writers):
+    """val_frac splits by document, so a few long documents can make val's share of the tokens far
+    from it (one long note made val 33% of a source at val_frac 0.1). Warn when it is more than 2x
+    off or 0.2 away, for a source with enough documents that chance alone rarely does that (val
+    expects 10 or more)."""
+    frac, val = src.get('val_frac') or 0, writers['val'].tokens
+    total, documents = val + writers['train'].tokens, sum(w.documents for w in writers.values())
+    if not frac or not total or documents * frac < 10:
+        return
+    share = val / total
+    if share > 2 * frac or share < frac / 2 or abs(share - frac) > 0.2:
+        print(f"warning: source '{name}': val holds {100 * share:.1f}% of its tokens ({val:,} of "
+              f"{total:,}) at val_frac={frac:g}: documents go to val whole, and a few long ones "
+              f"weigh a lot, so its val loss measures them. Try another split_seed, or cut the "
+              f"long documents up", file=sys.stderr)
 
 
 def tokenized_docs(docs, cfg, tok, dtype, stats):
@@ -422,13 +494,16 @@ def main():
     if cfg.analyze_only:
         return analyze(cfg, names)
     tok = tokenizer.Tokenizer(cfg.tokenizer_path)
+    check_own_folders(cfg, names)  # (before check_writable makes data_dir)
     check_writable(cfg.data_dir, 'data_dir (or out_dir)')
     for name in names:
         try:
             prepare_source(cfg, name, tok)
         # Ctrl-C, a full disk, a bad document: no half-built source is left behind
         except BaseException as e:
-            shutil.rmtree(os.path.join(cfg.data_dir, name + '.tmp'), ignore_errors=True)
+            tmp = os.path.join(cfg.data_dir, name + '.tmp')
+            if not not_ours(tmp):  # (checked before: this is the one this run wrote)
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
                 print(f"\ninterrupted: source '{name}' was not finished and nothing of it was kept "
                       "(sources prepared before it are done); run prepare.py again to go on",

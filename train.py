@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model,
                         checkpoint_path, read_checkpoint, save_checkpoint, saved_best)
-from common import check_writable, die, duration, peak_flops, pick_device, runtime
+from common import (check_writable, die, duration, hold_lock, peak_flops, pick_device,
+                    runtime, unused_keys)
 from configurator import configure, save_config
 from data import bits_per_byte, build_data, loss_sums, make_batches
 from model import GPT, ModelConfig, add_lora, adapter_state
@@ -127,6 +128,16 @@ def check_optimizer(cfg):
         die(f"warmup_iters={cfg.warmup_iters} is longer than lr_decay_iters={cfg.lr_decay_iters}, "
             f"where the decay must have ended: set warmup_iters <= lr_decay_iters (or "
             f"lr_decay_iters=0 to decay until max_iters)")
+    # keys that only matter with another key set
+    if cfg.optimizer != 'muon':
+        unused_keys(cfg, ['muon_lr', 'muon_momentum'], f"optimizer={cfg.optimizer!r} (Muon's "
+                    "settings need optimizer='muon')")
+    if cfg.lr_schedule != 'wsd':
+        unused_keys(cfg, ['decay_frac'], f"lr_schedule={cfg.lr_schedule!r} (it is wsd's)")
+    if cfg.lora_rank == 0:
+        unused_keys(cfg, ['lora_alpha', 'lora_dropout', 'lora_targets'] +
+                    ([] if cfg.merge_lora or cfg.init_from == 'resume' else ['lora_base']),
+                    "lora_rank=0 trains every weight (set lora_rank > 0 for LoRA)")
 
 
 def model_args_from(cfg, vocab_size):
@@ -462,6 +473,8 @@ def check_output_folder(cfg, proc):
     training)."""
     if proc.master:
         check_writable(cfg.ckpt_dir, 'out_dir')
+        # two runs in one folder would interleave checkpoints, best.pt and metrics
+        hold_lock(cfg.ckpt_dir, 'train.lock', f"the checkpoint folder of phase '{cfg.phase}'")
     if proc.ddp:
         dist.barrier()  # the other ranks read ckpt_dir (resume) only once rank 0 has made it
 

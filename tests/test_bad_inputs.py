@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import socket
 
 import pytest
 import sentencepiece as spm
@@ -413,7 +414,90 @@ CASES = [
      lambda w: [write(w / 'tokenizer.model.json', '{"settings": ')],
      ['tokenizer.model.json', 'damaged']),
     ('empty out_dir', 'tokenizer.py', lambda w: ['--out_dir='], ['out_dir', 'empty']),
+
+    # --- issue 24: folders that are not ours are never replaced or deleted ---
+    ('data_dir the folder holding the notes', 'prepare.py',  # (roam/ was swapped out and deleted)
+     lambda w: notes(w, data_dir=w / 'notes'),
+     ['notes/roam', 'did not write', "'page 1.md'", 'data_dir']),
+    ('data_dir inside a notes folder', 'prepare.py',
+     lambda w: notes(w, data_dir=w / 'notes' / 'roam' / 'shards'),
+     ["source 'roam'", 'data_dir', 'among its notes']),
+    ('data_dir a notes folder', 'prepare.py', lambda w: notes(w, data_dir=w / 'notes' / 'roam'),
+     ["source 'roam'", 'data_dir', 'among its notes']),
+    ('an old folder of a source that is not prepare\'s', 'prepare.py',
+     lambda w: [write(w / 'data' / 'story.old' / 'mine.txt', 'mine') and '--prepare_sources=story'],
+     ['story.old', 'did not write', "'mine.txt'"]),
+    ('a file where a source\'s shards go', 'prepare.py',
+     lambda w: [write(w / 'data' / 'notes', 'my notes') and named(w, 'notes')],
+     ['data/notes', 'did not write', 'not a folder']),
+    ('data_dir out_dir with a source named like the phase', 'prepare.py',
+     lambda w: [write(w / 'out' / 'pretrain' / 'ckpt.pt', 'weights') and f"--data_dir={w / 'out'}",
+                named(w, 'pretrain')],
+     ['out/pretrain', 'did not write', "'ckpt.pt'"]),
+    ('export over the workspace with overwrite', 'export.py',  # (tokenizer, data, ckpt: all gone)
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=none', f'--export_dir={w}',
+                '--overwrite=True'],
+     ['export_dir', 'did not write', "'ckpt.pt'", "'data'"]),
+    ('export over data_dir with overwrite', 'export.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=none', f"--export_dir={w / 'data'}",
+                '--overwrite=True'],
+     ['export_dir', 'did not write', "'roam'"]),
+    ('export_dir a checkpoint file with overwrite', 'export.py',
+     lambda w: [f"--ckpt={w / 'ckpt.pt'}", '--gguf_type=none', f"--export_dir={w / 'ckpt.pt'}",
+                '--overwrite=True'],
+     ['ckpt.pt', 'did not write', 'a file']),
+    ('phase that leaves out_dir', 'train.py', lambda w: ['--phase=..'],
+     ["phase='..'", 'out_dir', 'sft']),
+
+    # --- issue 24: damaged prepared files, checked when a split is opened ---
+    ('loss mask deleted', 'train.py',
+     lambda w: [os.remove(w / 'data' / 'primer' / 'train' / 'mask_00000.bin') or '--max_iters=1'],
+     ['primer/train/mask_00000.bin', 'missing', 'prepare.py']),
+    ('loss mask truncated', 'eval.py',
+     lambda w: [cut(w / 'data' / 'primer' / 'val' / 'mask_00000.bin', 1),
+                f"--ckpt={w / 'ckpt.pt'}"],
+     ['primer/val/mask_00000.bin', 'wrong size', 'prepare.py']),
+    ('document index truncated', 'train.py',
+     lambda w: [cut(w / 'data' / 'roam' / 'train' / 'docs_00000.bin', 8), '--max_iters=1'],
+     ['roam/train/docs_00000.bin', 'wrong size', 'documents', 'prepare.py']),
+    ('document index out of order', 'train.py',
+     lambda w: [reorder(w / 'data' / 'roam' / 'train' / 'docs_00000.bin') or '--max_iters=1'],
+     ['roam/train/docs_00000.bin', 'damaged', 'increase', 'prepare.py']),
+    ('shard entry without its counts', 'train.py',
+     lambda w: [edit_meta(w, 'roam', shards=[{'file': 'shard_00000.bin'}]) or '--max_iters=1'],
+     ['roam/train/meta.json', 'damaged', 'prepare.py']),
+
+    # --- issue 24: checkpoints ---
+    ('checkpoint folder in use by another run', 'train.py',
+     lambda w: [write(w / 'out' / 'pretrain' / 'train.lock', json.dumps(
+         {'pid': os.getpid(), 'host': socket.gethostname()})) and '--max_iters=1'],
+     ['train.lock', f'pid {os.getpid()}', 'One run at a time']),
+    ('disk full while saving a checkpoint', 'train.py',
+     lambda w: ['--max_iters=2', '--eval_interval=1'],
+     ['could not write', 'best.pt', 'Free some space', "init_from='resume'"], 100_000),
 ]
+
+
+def notes(w, data_dir):
+    """A notes folder (roam/ with pages) and a roam source reading it, with this data_dir."""
+    for i in range(3):
+        write(w / 'notes' / 'roam' / f'page {i}.md', f'- note {i}\n')
+    return [f"--data_dir={data_dir}",
+            f"--sources={ {'roam': {'kind': 'roam', 'path': str(w / 'notes' / 'roam')}}!r}"]
+
+
+def cut(path, n):
+    """`path` less its last n bytes (a file cut short); returns an argument for the run."""
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - n)
+    return '--max_iters=1'
+
+
+def reorder(path):
+    import numpy as np
+    starts = np.fromfile(path, dtype=np.int64)
+    starts[1], starts[2] = starts[2], starts[1]
+    starts.tofile(path)
 
 USER, ASST = {'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}
 

@@ -231,3 +231,11 @@ def test_an_empty_out_dir_is_refused(tmp_path):
     assert 'out_dir' in die_message('--out_dir=') and 'empty' in die_message('--out_dir=  ')
     (tmp_path / 'c.py').write_text("out_dir = ''\n")
     assert 'c.py line 1' in die_message(tmp_path / 'c.py')
+
+
+@pytest.mark.parametrize('phase', ['', '..', '.', '../other', 'sft/../..'])
+def test_a_phase_that_is_not_a_folder_inside_out_dir_is_refused(phase):
+    """Checkpoints go to <out_dir>/<phase>: '..' would put them (and replace ckpt.pt) outside."""
+    message = die_message(f'--phase={phase}')
+    assert 'phase' in message and 'out_dir' in message and 'sft' in message, message
+    assert configure(['--phase=sft']).ckpt_dir == os.path.join('out/demo', 'sft')

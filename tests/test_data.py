@@ -274,3 +274,51 @@ def test_the_mask_survives_from_prepare_to_the_loss(prepared):
     manual = torch.nn.functional.cross_entropy(logits[keep], y[keep])
     torch.testing.assert_close(loss, manual)
     assert 0 < keep.sum() < (x != 0).sum()  # some positions train, many do not
+
+
+# ---- issue 24: every file of a prepared split is checked when it is opened ----
+
+def damage(path, how):
+    if how == 'deleted':
+        os.remove(path)
+    elif how == 'truncated':
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) - 1)
+    else:  # an offset rewritten: (index, value)
+        starts = np.fromfile(path, dtype=np.int64)
+        starts[how[0]] = how[1]
+        starts.tofile(path)
+
+
+@pytest.mark.parametrize('file, how', [
+    ('mask', 'deleted'), ('mask', 'truncated'), ('docs', 'deleted'), ('docs', 'truncated'),
+    ('docs', (0, 3)), ('docs', (2, 1)), ('docs', (2, 999)), ('docs', (1, -4))],
+    ids=['mask deleted', 'mask truncated', 'docs deleted', 'docs truncated', 'docs not from 0',
+         'docs not increasing', 'docs past the tokens', 'docs negative'])
+def test_a_damaged_index_or_mask_says_rerun_prepare(tmp_path, file, how):
+    write_split(str(tmp_path), 'c', [[1, 5, 6, 7], [1, 5, 8], [1, 5, 9, 9, 9]], chat=True)
+    path = tmp_path / 'c' / 'train' / f'{file}_00000.bin'
+    damage(path, how)
+    with pytest.raises(SystemExit) as e:
+        data.load_split(str(tmp_path), 'c', 'train')
+    assert str(path) in str(e.value) and 're-run `python prepare.py' in str(e.value), e.value
+
+
+def test_a_truncated_index_of_a_text_source_is_found_and_whole_files_pass(tmp_path):
+    write_split(str(tmp_path), 't', [[1, 5, 6, 7], [1, 5, 8], [1, 5, 9, 9, 9]])
+    data.load_split(str(tmp_path), 't', 'val')  # as prepare.py wrote it: fine
+    damage(tmp_path / 't' / 'train' / 'docs_00000.bin', 'truncated')
+    with pytest.raises(SystemExit, match='docs_00000.bin.*3 documents'):
+        data.load_split(str(tmp_path), 't', 'train')
+
+
+@pytest.mark.parametrize('entry', [{'file': 'shard_00000.bin'}, 'shard_00000.bin',
+                                   {'file': 'shard_00000.bin', 'tokens': '12', 'documents': 3}])
+def test_a_shard_entry_without_its_counts_is_a_damaged_meta_json(tmp_path, entry):
+    import json
+    write_split(str(tmp_path), 't', [[1, 5, 6, 7], [1, 5, 8], [1, 5, 9, 9, 9]])
+    path = tmp_path / 't' / 'train' / 'meta.json'
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, 'shards': [entry]}))
+    with pytest.raises(SystemExit, match='meta.json is damaged.*re-run'):
+        data.load_split(str(tmp_path), 't', 'train')

@@ -1,6 +1,7 @@
 """export.py: the Hugging Face folder reproduces our logits, greedy text, token ids and chat ids in
 transformers; the GGUF file holds every tensor and the metadata llama.cpp reads, and a forward pass
 written from llama.cpp's conventions (neighbouring RoPE pairs) over its tensors gives our logits."""
+import glob
 import json
 import math
 import os
@@ -399,12 +400,11 @@ def test_refuses_foreign_checkpoints_and_occupied_folders(sft_trained, tmp_path)
     p = run('export.py', cfg_path, f'--ckpt={tmp_path}/foreign.pt', f'--export_dir={tmp_path}/a')
     assert p.returncode != 0 and 'foreign.pt' in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'a')
-    # an export folder with something in it is kept unless --overwrite=True; the new one replaces it whole
-    (tmp_path / 'b').mkdir()
-    (tmp_path / 'b' / 'notes.txt').write_text('mine')
+    # an earlier export is kept unless --overwrite=True; the new one replaces it whole
+    run('export.py', cfg_path, '--gguf_type=f16', f'--export_dir={tmp_path}/b', check=True)
     p = run('export.py', cfg_path, '--gguf_type=none', f'--export_dir={tmp_path}/b')
     assert p.returncode != 0 and '--overwrite=True' in p.stderr and 'Traceback' not in p.stderr
-    assert os.listdir(tmp_path / 'b') == ['notes.txt']
+    assert sorted(os.listdir(tmp_path / 'b')) == ['Modelfile', 'hf', 'model-f16.gguf']
     run('export.py', cfg_path, '--gguf_type=none', f'--export_dir={tmp_path}/b', '--overwrite=True', check=True)
     assert sorted(os.listdir(tmp_path / 'b')) == ['hf']
     assert sorted(os.listdir(tmp_path)) == ['b', 'foreign.pt']  # no temp folder left behind
@@ -490,3 +490,54 @@ def test_a_lora_adapter_is_merged_into_its_base(prepared, tmp_path):
         assert torch.equal(weights[f'model.layers.{i}.self_attn.q_proj.weight'], block.attn.q_proj.weight)
         assert torch.equal(weights[f'model.layers.{i}.mlp.down_proj.weight'], block.mlp.down_proj.weight)
     assert not torch.equal(merged.blocks[0].attn.q_proj.weight, torch.load(tmp_path / 'base.pt')['model']['blocks.0.attn.q_proj.weight'])
+
+
+# ---- issue 24: --overwrite=True replaces only an earlier export ----
+
+def test_overwrite_replaces_only_an_earlier_export_never_the_runs_own_folders(trained, tmp_path):
+    """export_dir pointed at out_dir, at data_dir, at a parent of out_dir, or at any folder of the
+    user's: refused even with --overwrite=True, naming what is there; an earlier export is still
+    replaced."""
+    cfg_path, out = trained
+    cfg = load_cfg(cfg_path)
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('mine')
+    (tmp_path / 'afile').write_text('a file')
+    for folder in (out, cfg.data_dir, os.path.dirname(out), mine, tmp_path / 'afile'):
+        before = {p: os.path.getsize(p) for p in glob.glob(f'{folder}/**', recursive=True)
+                  if os.path.isfile(p)}
+        p = run('export.py', cfg_path, '--gguf_type=none', f'--export_dir={folder}',
+                '--overwrite=True')
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+        assert 'did not write' in p.stderr and str(folder) in p.stderr, p.stderr
+        assert {p: os.path.getsize(p) for p in before} == before
+    p = run('export.py', cfg_path, '--gguf_type=none', f'--export_dir={mine}', '--overwrite=True')
+    assert "'notes.txt'" in p.stderr
+    # an earlier export (of either kind) is replaced, as before
+    exp = tmp_path / 'exp'
+    run('export.py', cfg_path, '--gguf_type=f16', f'--export_dir={exp}', check=True)
+    assert sorted(os.listdir(exp)) == ['Modelfile', 'hf', 'model-f16.gguf']
+    run('export.py', cfg_path, '--gguf_type=none', f'--export_dir={exp}', '--overwrite=True',
+        check=True)
+    assert sorted(os.listdir(exp)) == ['hf']
+    assert sorted(os.listdir(tmp_path)) == ['afile', 'exp', 'mine']  # no temp folder left
+
+
+def test_prepare_destination_refuses_the_working_folder_and_home(tmp_path, monkeypatch):
+    """'.' and '~' as export_dir (checked in-process, in a scratch folder standing in for them)."""
+    (tmp_path / 'work').mkdir()
+    (tmp_path / 'work' / 'train.py').write_text('code')
+    monkeypatch.chdir(tmp_path / 'work')
+    monkeypatch.setenv('HOME', str(tmp_path / 'work'))
+    for folder in ('.', os.path.expanduser('~'), os.getcwd() + '/'):
+        with pytest.raises(SystemExit, match="did not write.*'train.py'"):
+            export.prepare_destination(folder, overwrite=True)
+    assert os.listdir(tmp_path) == ['work'] and os.listdir(tmp_path / 'work') == ['train.py']
+
+
+def test_keys_export_cannot_honour_are_named(trained, tmp_path):
+    p = run('export.py', trained[0], '--gguf_type=none', f'--export_dir={tmp_path}/e',
+            '--compile=True', '--dtype=bfloat16', check=True)
+    assert 'warning: --dtype, --compile are ignored' in p.stderr, p.stderr
+    assert 'float32 on the CPU' in p.stderr

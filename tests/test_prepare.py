@@ -586,3 +586,98 @@ def test_every_source_setting_is_type_checked_and_defaults_pass():
             with pytest.raises(SystemExit) as e:
                 sources.source_settings('s', {'kind': kind, **needs_path(kind), key: value})
             assert "sources['s']" in str(e.value) and key in str(e.value), (kind, key, str(e.value))
+
+
+# ---- issue 24: prepare.py replaces or deletes only what it wrote ----
+
+def notes_config(tmp_path, prepared, **extra):
+    """A workspace whose data_dir is the folder that holds the notes (roam/) and the story."""
+    corpus = write_corpus(str(tmp_path / 'corpus'), pages=4, dialogues=3)
+    keys = {'tokenizer_path': os.path.join(prepared[1], 'tokenizer.model'), 'data_dir': corpus,
+            **extra}
+    return write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus, **keys), corpus
+
+
+def test_a_data_dir_holding_the_notes_is_refused_and_the_notes_stay(tmp_path, prepared):
+    cfg, corpus = notes_config(tmp_path, prepared)
+    before = tree_bytes(corpus)
+    p = run('prepare.py', cfg, '--prepare_sources=roam')
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert os.path.join(corpus, 'roam') in p.stderr and 'did not write' in p.stderr, p.stderr
+    assert 'page 0.md' in p.stderr and 'data_dir' in p.stderr
+    assert tree_bytes(corpus) == before
+
+
+def test_a_tmp_or_old_folder_that_is_not_prepares_own_is_never_deleted(tmp_path, prepared):
+    cfg, corpus = notes_config(tmp_path, prepared, data_dir=str(tmp_path / 'data'))
+    for name in ('story.tmp', 'primer.old'):
+        os.makedirs(tmp_path / 'data' / name)
+        (tmp_path / 'data' / name / 'mine.txt').write_text('my own file')
+    for name in ('story', 'primer'):
+        p = run('prepare.py', cfg, f'--prepare_sources={name}')
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+        assert 'mine.txt' in p.stderr and 'did not write' in p.stderr, p.stderr
+    assert tree_bytes(tmp_path / 'data') == {'story.tmp/mine.txt': b'my own file',
+                                             'primer.old/mine.txt': b'my own file'}
+
+
+def test_data_dir_inside_or_equal_to_a_source_folder_is_refused(tmp_path, prepared):
+    cfg, corpus = notes_config(tmp_path, prepared)
+    before = tree_bytes(corpus)
+    for data_dir in (os.path.join(corpus, 'roam'), os.path.join(corpus, 'roam', 'shards')):
+        p = run('prepare.py', cfg, f'--data_dir={data_dir}', '--prepare_sources=story')
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+        assert "source 'roam'" in p.stderr and 'data_dir' in p.stderr, p.stderr
+        assert not os.path.exists(os.path.join(corpus, "roam", "shards"))
+    assert tree_bytes(corpus) == before
+
+
+def test_prepare_still_replaces_its_own_shards_and_leftovers(tmp_path, prepared):
+    """Its own layout (train/ and val/ with shards and meta.json, temp names included) is replaced
+    as before: a changed source, an interrupted run's story.tmp, an old swap's story.old."""
+    cfg, corpus = notes_config(tmp_path, prepared, data_dir=str(tmp_path / 'data'))
+    run('prepare.py', cfg, '--prepare_sources=story', check=True)
+    shutil.copytree(tmp_path / 'data' / 'story', tmp_path / 'data' / 'story.old')
+    shutil.copytree(tmp_path / 'data' / 'story', tmp_path / 'data' / 'story.tmp')
+    open(tmp_path / 'data' / 'story.tmp' / 'train' / 'shard_00001.bin.tmp', 'wb').close()
+    with open(os.path.join(corpus, 'story.txt'), 'a') as f:
+        f.write('A new paragraph.\n')
+    p = run('prepare.py', cfg, '--prepare_sources=story', check=True)
+    assert 'story/train' in p.stdout
+    assert sorted(os.listdir(tmp_path / 'data')) == ['story']
+
+
+def lopsided_text(tmp_path, long_in_val):
+    """200 short paragraphs and one long one (20x all of them) that the split puts in val (or not),
+    as one long note did to a Roam source (val 33% of its tokens at val_frac 0.1)."""
+    rng = __import__('random').Random(0)
+    short = [f"Paragraph {i}: the cat reads slowly under the sea." for i in range(200)]
+    for i in range(1000):
+        words = ' '.join(rng.choice(['bike', 'seed', 'cat']) for _ in range(4000))
+        long = f"Long note {i}: {words}"
+        if (prepare.split_hash(long, 0) < 0.1) == long_in_val:
+            break
+    path = tmp_path / 'lopsided.txt'
+    path.write_text('\n\n'.join(short + [long]) + '\n')
+    return str(path)
+
+
+@pytest.mark.parametrize('long_in_val', [True, False], ids=['val too big', 'val too small'])
+def test_a_val_share_of_tokens_far_from_val_frac_is_warned_about(tmp_path, prepared, long_in_val):
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '',
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), sources={
+                           'notes': {'kind': 'text', 'path': lopsided_text(tmp_path, long_in_val),
+                                     'separator': '\n\n'}})
+    p = run('prepare.py', cfg, check=True)
+    assert "warning: source 'notes'" in p.stderr and 'val_frac=0.1' in p.stderr, p.stderr
+    assert 'split_seed' in p.stderr and 'of its tokens' in p.stderr
+
+
+def test_an_even_split_and_a_small_source_are_not_warned_about(tmp_path, prepared):
+    corpus = write_corpus(str(tmp_path / 'corpus'), pages=4, dialogues=3)
+    with open(os.path.join(corpus, 'story.txt'), 'w') as f:
+        f.write('\n\n'.join(f"Paragraph {i}: the cat reads slowly." for i in range(300)))
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus,
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))
+    p = run('prepare.py', cfg, check=True)
+    assert 'warning' not in p.stderr, p.stderr

@@ -286,3 +286,48 @@ def test_read_ahead_yields_every_step_in_order_and_reads_the_next_one_while_the_
     assert reading_seven.wait(timeout=10)  # step 7 is being read before the caller asks for it
     assert next(steps) == [70] and started[:3] == [5, 6, 7]
     steps.close()
+
+
+# ---- issue 24: one run at a time per checkpoint folder ----
+
+def test_a_second_run_on_the_same_checkpoint_folder_is_refused_and_a_stale_lock_taken_over(
+        tmp_path, prepared):
+    import signal
+    import socket
+    import subprocess
+    cfg = tiny_config(tmp_path, prepared, max_iters=2, eval_interval=2)
+    ckpt_dir = tmp_path / 'cfg' / 'pretrain'
+    ckpt_dir.mkdir(parents=True)
+    lock = ckpt_dir / 'train.lock'
+    # a run still going (a live process stands in for it): refused, naming it
+    first = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+    lock.write_text(json.dumps({'pid': first.pid, 'host': socket.gethostname()}))
+    try:
+        p = run('train.py', cfg)
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+        assert f'pid {first.pid}' in p.stderr and str(lock) in p.stderr, p.stderr
+        assert sorted(os.listdir(ckpt_dir)) == ['train.lock']
+        assert not (tmp_path / 'cfg' / 'runs').exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the run was killed: its lock is stale, taken over, and released when this run ends
+    p = run('train.py', cfg, check=True)
+    assert f'pid {first.pid}' in p.stderr and 'no longer running' in p.stderr, p.stderr
+    assert (ckpt_dir / 'ckpt.pt').exists() and not lock.exists()
+    # a run that stops with an error releases it too
+    p = run('train.py', cfg, '--init_from=nosuch.pt')
+    assert p.returncode == 1 and not lock.exists()
+
+
+def test_keys_given_that_this_run_cannot_honour_are_named(tmp_path, prepared):
+    """Each of these only matters with another key set: said on stderr rather than ignored."""
+    cfg = tiny_config(tmp_path, prepared, max_iters=1, eval_interval=1)
+    p = run('train.py', cfg, '--muon_lr=0.05', '--decay_frac=0.3', '--lora_alpha=8.0',
+            '--lora_base=x.pt', check=True)
+    assert p.stderr.count('warning: ') == 3
+    for key, why in (('muon_lr', "optimizer='adamw'"), ('decay_frac', "lr_schedule='cosine'"),
+                     ('lora_alpha', 'lora_rank=0'), ('lora_base', 'lora_rank=0')):
+        assert f'--{key}' in p.stderr and why in p.stderr, (key, p.stderr)
+    p = run('train.py', cfg, check=True)  # the same keys from a profile: not a word
+    assert 'warning' not in p.stderr, p.stderr
