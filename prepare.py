@@ -494,6 +494,8 @@ def main():
     if cfg.analyze_only:
         return analyze(cfg, names)
     tok = tokenizer.Tokenizer(cfg.tokenizer_path)
+    for name in cfg.sources:  # every source's settings, checked before anything is read or written
+        sources.source_settings(name, cfg.sources[name])
     check_own_folders(cfg, names)  # (before check_writable makes data_dir)
     check_writable(cfg.data_dir, 'data_dir (or out_dir)')
     for name in names:

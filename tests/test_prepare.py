@@ -655,7 +655,7 @@ def lopsided_text(tmp_path, long_in_val):
     for i in range(1000):
         words = ' '.join(rng.choice(['bike', 'seed', 'cat']) for _ in range(4000))
         long = f"Long note {i}: {words}"
-        if (prepare.split_hash(long, 0) < 0.1) == long_in_val:
+        if (sources.split_hash(long, 0) < 0.1) == long_in_val:
             break
     path = tmp_path / 'lopsided.txt'
     path.write_text('\n\n'.join(short + [long]) + '\n')
