@@ -43,8 +43,8 @@ EXTRA = "pip install -r requirements-export.txt"
 # where hf:<owner>/<name> is downloaded from (tests point it at a local server)
 HUB = {'url': 'https://huggingface.co'}
 
-# Besides the weights, what an hf: download takes when the repository has it: the later steps
-# build the tokenizer and the chat template from these
+# Besides the weights, what an hf: download takes when the repository has it: the tokenizer and
+# its chat template, and generation_config.json for the tokens that end a reply
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'generation_config.json')
 
@@ -81,8 +81,10 @@ def load_pretrained(source, device='cpu', max_block_size=2048):
     source: a Hugging Face model folder, a .gguf file, or hf:<owner>/<name>. The model's context
     (block_size) is the file's, capped at max_block_size: RoPE tables and the KV cache grow with
     it, and an 8192-token context is rarely what a fine-tune on a small machine needs.
-    info: where it came from (format, files, tokenizer files), the file's own context length, and
-    the model_args (ModelConfig's fields) a checkpoint would record."""
+    info: where it came from (format, path, weight files, their tensor types), the file's own
+    context length, the model_args (ModelConfig's fields) a checkpoint would record, and for a
+    Hugging Face model tokenizer_files: {name: path} of the TOKENIZER_FILES it has (a GGUF file
+    holds its tokenizer in its metadata)."""
     if source.startswith('hf:'):
         repo = source[3:]
         config_path = hub_config(repo)
@@ -146,6 +148,8 @@ def hf_model_args(config, path, max_block_size):
     }
     # transformers >= 5 writes rope_theta and the RoPE type into rope_parameters
     rope = config.get('rope_parameters') or {}
+    if not isinstance(rope, dict):
+        die(f"{path}: rope_parameters is {rope!r}, not a JSON object: download it again")
     refuse['rope_parameters'] = rope.get('rope_type', 'default') != 'default'
     for key, bad in refuse.items():
         if bad:
@@ -166,8 +170,9 @@ def hf_model_args(config, path, max_block_size):
         vocab_size=integer(config, 'vocab_size', path), n_embd=n_embd, n_head=n_head,
         n_kv_head=n_kv_head, n_layer=integer(config, 'num_hidden_layers', path),
         intermediate_size=integer(config, 'intermediate_size', path),
-        rope_theta=float(rope.get('rope_theta', config.get('rope_theta', 10000.0))),
-        norm_eps=float(config.get('rms_norm_eps', 1e-6)),
+        rope_theta=real(rope.get('rope_theta', config.get('rope_theta', 10000.0)), 'rope_theta',
+                        path),
+        norm_eps=real(config.get('rms_norm_eps', 1e-6), 'rms_norm_eps', path),
         tie_embeddings=bool(config.get('tie_word_embeddings', False)),
         block_size=min(context, max_block_size)), context
 
@@ -178,6 +183,13 @@ def integer(config, key, path, default=None):
         die(f"{path}: {key} is {value!r}, it must be a positive whole number: is the file "
             "damaged? Download it again")
     return value
+
+
+def real(value, key, path):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        die(f"{path}: {key} is {value!r}, it must be a positive number: is the file damaged? "
+            "Download it again")
+    return float(value)
 
 
 def gguf_model_args(reader, path, max_block_size):
