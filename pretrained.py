@@ -86,6 +86,7 @@ def load_pretrained(source, device='cpu', max_block_size=2048):
     Hugging Face model tokenizer_files: {name: path} of the TOKENIZER_FILES it has (a GGUF file
     holds its tokenizer in its metadata)."""
     if source.startswith('hf:'):
+        need('safetensors', 'safetensors weights')  # (before downloading them)
         repo = source[3:]
         config_path = hub_config(repo)
         args, context = hf_model_args(read_json(config_path), config_path, max_block_size)
@@ -100,6 +101,7 @@ def load_pretrained(source, device='cpu', max_block_size=2048):
         if not os.path.isfile(config_path):
             die(f"{source} has no config.json: a Hugging Face model folder needs it (with the "
                 "weights in model.safetensors); a GGUF model is one .gguf file, give its path")
+        need('safetensors', 'safetensors weights')
         args, context = hf_model_args(read_json(config_path), config_path, max_block_size)
         check_memory(args, source)
         files = folder_weight_files(source)
@@ -380,7 +382,6 @@ def hub_weight_files(repo):
 
 
 def load_hf(source, folder, files, args, context, tokenizer, device):
-    need('safetensors', 'safetensors weights')
     from safetensors import SafetensorError, safe_open
     cfg = ModelConfig(**args)
     names = file_names(cfg, 0)  # file name -> ours

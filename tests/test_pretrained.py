@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -81,6 +82,11 @@ def test_hf_folder_gives_transformers_logits(tmp_path, tied):
     assert info['format'] == 'safetensors' and info['context_length'] == 64
     assert info['model_args'] == {**vars(c)} and info['params'] == sum(p.numel() for p in ref.parameters())
     assert_same_logits(model, ref)
+    # what a checkpoint would record rebuilds the same model; export writes the same eps and width back
+    again = GPT(ModelConfig(**info['model_args'])).eval()
+    again.load_state_dict(model.state_dict())
+    assert_same_logits(again, ref)
+    assert export.rms_eps(again) == 1e-5 and again.blocks[0].mlp.gate_proj.out_features == 96
 
 
 def test_sharded_bfloat16_folder(tmp_path):
@@ -111,6 +117,17 @@ def test_tokenizer_files_are_listed(tmp_path):
         f.write('{}')
     _, info = pretrained.load_pretrained(folder)
     assert set(info['tokenizer_files']) == {'tokenizer.json', 'generation_config.json'}
+
+
+def test_without_the_export_extra(tmp_path, monkeypatch):
+    folder = save_hf(hf_model(), tmp_path / 'hf')
+    path = write_gguf(tmp_path / 'm.gguf', hf_model())
+    for module, source in (('safetensors', folder), ('gguf', path)):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)  # (import fails)
+            with pytest.raises(SystemExit) as e:
+                pretrained.load_pretrained(source)
+        assert f"'{module}' package" in message(e) and 'pip install -r requirements-export.txt' in message(e)
 
 
 def test_old_model_args_build_the_same_model():
