@@ -45,6 +45,11 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # SwiGLU's hidden width. None: our rule (SwiGLU below); a pretrained model brings its own
+    intermediate_size: int | None = None
+    # RMSNorm's epsilon. None: torch's default, float32's machine epsilon (what every checkpoint
+    # trained here uses); a pretrained model brings its own (often 1e-5 or 1e-6)
+    norm_eps: float | None = None
 
 
 def rope_tables(head_dim, length, theta):
@@ -162,7 +167,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        hidden = 64 * math.ceil(cfg.n_embd * 8 / 3 / 64)  # ~ the parameters of a 4x GELU MLP
+        # ~ the parameters of a 4x GELU MLP, unless the config says otherwise
+        hidden = cfg.intermediate_size or 64 * math.ceil(cfg.n_embd * 8 / 3 / 64)
         self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
@@ -174,9 +180,9 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.n_embd)
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.n_embd)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -191,7 +197,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd)
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # one matrix reads tokens in and writes them out
