@@ -254,7 +254,6 @@ def gguf_model_args(reader, path, max_block_size):
 def float32_value(x):
     """A float32 read from a file (1e-5 is 9.99999974738e-06 there) as the float it was written
     from."""
-    import numpy as np
     return float(str(np.float32(x)))
 
 
