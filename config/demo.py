@@ -1,4 +1,5 @@
-# demo: the built-in sample (data/sample: a Roam export and a primer of dialogues), both phases, ~3-7 min on 2 CPU cores.
+# demo: the built-in sample (data/sample: a Roam export and a primer of dialogues), both phases; ~3 min 40 s on
+# 2 CPU cores for ./run.sh demo (README.md: the machine).
 #   ./run.sh demo   (or by hand:)
 #   python tokenizer.py config/demo.py && python prepare.py config/demo.py
 #   python train.py config/demo.py                  pretrain on notes + dialogues   -> out/demo/pretrain/
