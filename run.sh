@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline for a profile: tokenizer -> shards -> pretraining -> SFT -> a completion and a chat.
 # Stages already done are skipped by the scripts themselves (tokenizer, shards); training starts over.
-#   ./run.sh demo            (the built-in sample, ~3 min 40 s on 2 CPU cores: README.md says where)
+#   ./run.sh demo            (the built-in sample, ~4 minutes on 2 CPU cores: README.md says where)
 #   ./run.sh smoke           (seconds: checks the install)
 #   ./run.sh dev | prod      (see config/)
 #   ./run.sh shakespeare     (Tiny Shakespeare, 150 s of training; reports val bits per byte; no chat)

@@ -1,4 +1,4 @@
-# demo: the built-in sample (data/sample: a Roam export and a primer of dialogues), both phases; ~3 min 40 s on
+# demo: the built-in sample (data/sample: a Roam export and a primer of dialogues), both phases; ~4 minutes on
 # 2 CPU cores for ./run.sh demo (README.md: the machine).
 #   ./run.sh demo   (or by hand:)
 #   python tokenizer.py config/demo.py && python prepare.py config/demo.py
