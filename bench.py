@@ -220,8 +220,8 @@ def bench_prepare(corpus, vocab_size):
             cfg = os.path.join(work, 'cfg.py')
             with open(cfg, 'w') as f:
                 f.write(f"out_dir = {os.path.join(work, 'out')!r}\nvocab_size = {vocab_size}\n"
-                        f"sources = "
-                        f"{{'corpus': {{'kind': 'text', 'path': {path!r}, 'separator': '\\n\\n\\n'}}}}\n"
+                        f"sources = {{'corpus': {{'kind': 'text', 'path': {path!r}, "
+                        f"'separator': '\\n\\n\\n'}}}}\n"
                         f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
             if not os.path.exists(os.path.join(work, 'tokenizer.model')):
                 run_measured([sys.executable, 'tokenizer.py', cfg])

@@ -8,14 +8,18 @@ A checkpoint is a dict: 'model' (or 'adapter' and 'base' for LoRA), 'model_args'
 'config', 'tokenizer_sha256', 'iter', 'best_val'; train.py's ckpt.pt adds optimizer and RNG state
 for resume. It is written atomically (temp file, fsync, rename); the previous keep_checkpoints
 versions of ckpt.pt stay as ckpt.1.pt, ckpt.2.pt ... so a corrupt latest file has a fallback.
-model.py knows none of this: it stays plain torch, to be copied anywhere.
+model.py knows none of this: it stays plain torch, to be copied anywhere. Also here: each process's
+random state (what an exact resume restores) and folding a LoRA adapter into its base (train.py
+--merge_lora).
 """
 import os
 import pickle
+import random
 import shutil
 import sys
 import zipfile
 
+import numpy as np
 import torch
 
 from common import atomic_file, die, file_sha256
@@ -201,3 +205,43 @@ def saved_best(ckpt_dir):
     path = os.path.join(ckpt_dir, 'best.pt')
     ckpt = read_checkpoint(path, fatal=False) if os.path.exists(path) else None
     return (ckpt['best_val'], ckpt['iter']) if ckpt else (float('inf'), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state, for exact resume; a LoRA adapter folded into its base
+
+def rng_state():
+    """This process's random state (torch, numpy, Python, CUDA): what makes a resumed run draw the
+    same numbers as an uninterrupted one."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    state = {'torch': torch.get_rng_state(), 'numpy': numpy_state,
+             'python': list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state(('MT19937', np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(state['python']), None))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def merge_adapter(path, base_path=''):
+    """train.py --merge_lora=adapter.pt: fold a LoRA adapter into its base, save a normal checkpoint
+    beside it."""
+    model, ckpt = load_model(path, 'cpu', base_path=base_path)
+    if 'adapter' not in ckpt:
+        die(f"--merge_lora={path} is not a LoRA adapter checkpoint (it has full weights already)")
+    out = path[:-3] + '_merged.pt' if path.endswith('.pt') else path + '_merged.pt'
+    save_checkpoint({'model': model.state_dict(), 'iter': ckpt['iter'],
+                     'best_val': ckpt['best_val'],
+                     'model_args': ckpt['model_args'], 'config': ckpt['config'],
+                     'tokenizer_sha256': ckpt['tokenizer_sha256'],
+                     'merged_from': {'adapter': os.path.abspath(path), 'base': ckpt['base']}},
+                    os.path.dirname(os.path.abspath(out)), os.path.basename(out))
+    print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")

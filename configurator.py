@@ -396,7 +396,8 @@ def run_config_file(path, ns, ran):
         die(f"config file {path} failed to run: {type(e).__name__}: {e}")
     for name, value in list(ns.items()):
         helpers = (types.ModuleType, types.FunctionType, type)  # imports, functions, classes
-        if name.startswith('_') or name in ('include', 'include_text') or isinstance(value, helpers):
+        if (name.startswith('_') or name in ('include', 'include_text')
+                or isinstance(value, helpers)):
             continue
         if name not in KEYS:
             line = assignments(path).get(name)

@@ -487,13 +487,13 @@ def split_sequences(cfg, tok, name, T):
 
 
 def loss_sums(nats, y, token_bytes):
-    """One batch's share of the loss and bits per byte of an evaluation, which train.py (its val loss)
-    and eval.py both add up: nats (B, T) the loss at each position (0 where there is no target), y
-    (B, T) the targets (-1: none), token_bytes (vocab,) the UTF-8 bytes of each token (0 for control
-    tokens). Returns (nats, targets, text nats, text bytes), each summed over the batch. The loss per
-    token counts every target; bits per byte only the targets that are text (control tokens such as
-    <s> and <|eot|> have no bytes, so their nats would be bits of nothing). 0-d tensors: tensor
-    methods only, so this module needs no torch."""
+    """One batch's share of the loss and bits per byte of an evaluation, which train.py (its val
+    loss) and eval.py both add up: nats (B, T) the loss at each position (0 where there is no
+    target), y (B, T) the targets (-1: none), token_bytes (vocab,) the UTF-8 bytes of each token (0
+    for control tokens). Returns (nats, targets, text nats, text bytes), each summed over the batch.
+    The loss per token counts every target; bits per byte only the targets that are text (control
+    tokens such as <s> and <|eot|> have no bytes, so their nats would be bits of nothing). 0-d
+    tensors: tensor methods only, so this module needs no torch."""
     trained = y != -1
     n_bytes = token_bytes[y.clamp(min=0)] * trained  # (B, T): 0 where no target or a control token
     return nats.sum(), trained.sum(), (nats * (n_bytes > 0)).sum(), n_bytes.sum()

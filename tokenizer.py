@@ -158,7 +158,8 @@ def check_roles(messages):
     expected = 'user'
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get('content'), str) or 'role' not in m:
-            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string 'content', "
+            raise ValueError(f"message {i + 1} must be a dict with a 'role' and a string "
+                             f"'content', "
                              f"got {m!r:.80}")
         role = m['role']
         if role == 'system' and i == 0:
@@ -257,7 +258,8 @@ def tokenizer_settings(cfg):
             die(f"tokenizer_sources names '{name}', which is not in sources "
                 f"({', '.join(cfg.sources)})")
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
-            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of it; "
+            die(f"tokenizer_sources['{name}'] must be a number of bytes > 0, or None for all of "
+                f"it; "
                 f"got {max_bytes!r}")
     # split_seed (and each source's val_frac, val_tokens) decide which documents are train: the only
     # ones the tokenizer reads
@@ -378,7 +380,8 @@ def train_tokenizer(cfg):
                 "sources.")
         m = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
         if m:
-            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, the "
+            die(f"vocab_size={cfg.vocab_size} is too small: the fixed pieces (7 special tokens, "
+                f"the "
                 f"newline, 256 bytes) and the characters of this text need {m.group(1)}. Raise "
                 f"vocab_size to at least {m.group(1)}.")
         if 'sentences_.empty()' in str(e):
@@ -398,7 +401,8 @@ def train_tokenizer(cfg):
     except OSError as e:
         if os.path.exists(path) and not os.path.exists(info_path):
             os.remove(path)
-        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or set "
+        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or "
+            f"set "
             "tokenizer_path to another disk; nothing half-written was kept")
     tok = Tokenizer(path)
     print(f"tokenizer: wrote {path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")

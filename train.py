@@ -30,14 +30,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (base_weights, check_compatible, freeze_base, load_for_resume, load_model,
-                        checkpoint_path, read_checkpoint, save_checkpoint, saved_best)
+from checkpoint import (base_weights, check_compatible, checkpoint_path, freeze_base,
+                        load_for_resume, merge_adapter, read_checkpoint, rng_state, save_checkpoint,
+                        saved_best, set_rng_state)
 from common import (check_writable, die, duration, hold_lock, peak_flops, pick_device,
                     runtime, unused_keys)
 from configurator import configure, save_config
@@ -48,27 +48,7 @@ from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
-# Random state, the run folder, checkpoints' contents, Ctrl-C, the schedule
-
-def rng_state():
-    import random
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {'torch': torch.get_rng_state(), 'numpy': [keys.tolist(), int(pos), int(has_gauss),
-                                                       float(gauss)],
-             'python': list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    import random
-    torch.set_rng_state(state['torch'])
-    keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state(('MT19937', np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate((3, tuple(state['python']), None))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+# The run folder, checkpoints' contents, Ctrl-C, the schedule
 
 
 def open_run_folder(cfg, log):
@@ -146,23 +126,6 @@ def model_args_from(cfg, vocab_size):
                               n_embd=cfg.n_embd,
                               dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
                               rope_theta=cfg.rope_theta))
-
-
-def merge_adapter(cfg):
-    """--merge_lora=adapter.pt: fold a LoRA adapter into its base, save a normal checkpoint beside
-    it."""
-    path = cfg.merge_lora
-    model, ckpt = load_model(path, 'cpu', base_path=cfg.lora_base)
-    if 'adapter' not in ckpt:
-        die(f"--merge_lora={path} is not a LoRA adapter checkpoint (it has full weights already)")
-    out = path[:-3] + '_merged.pt' if path.endswith('.pt') else path + '_merged.pt'
-    save_checkpoint({'model': model.state_dict(), 'iter': ckpt['iter'],
-                     'best_val': ckpt['best_val'],
-                     'model_args': ckpt['model_args'], 'config': ckpt['config'],
-                     'tokenizer_sha256': ckpt['tokenizer_sha256'],
-                     'merged_from': {'adapter': os.path.abspath(path), 'base': ckpt['base']}},
-                    os.path.dirname(os.path.abspath(out)), os.path.basename(out))
-    print(f"merged {path} into its base {ckpt['base']['path']}: wrote {out}")
 
 
 @dataclass
@@ -411,8 +374,6 @@ def to_device(arrays, device):
     return [None if a is None else to(torch.from_numpy(a)) for a in arrays]
 
 
-
-
 @torch.no_grad()
 def evaluate(learner, proc, val, val_batches, token_bytes):
     """Mean loss per target token and bits per byte of each val source (data.loss_sums, as eval.py
@@ -632,7 +593,7 @@ def save_best(cfg, learner, position, tok):
 def main():
     cfg = configure()
     if cfg.merge_lora:
-        return merge_adapter(cfg)
+        return merge_adapter(cfg.merge_lora, cfg.lora_base)
     check_optimizer(cfg)
     proc = setup_processes(cfg)  # torchrun sets RANK/WORLD_SIZE; plain python is one process
     log = proc.log

@@ -22,7 +22,9 @@ def write_split(data_dir, name, tokens, chat=False, docs=None):
     for split in ('train', 'val'):
         w = prepare.SplitWriter(os.path.join(data_dir, name, split), np.uint16, 10 ** 9, chat)
         for doc in tokens:
-            w.add(np.asarray(doc, dtype=np.uint16), np.ones(len(doc), dtype=np.uint8) if chat else None, len(doc), False)
+            mask = np.ones(len(doc), dtype=np.uint8) if chat else None
+            w.add(np.asarray(doc, dtype=np.uint16), mask,
+                  len(doc), False)
         w.finish({'format': 'chat' if chat else 'text', 'dtype': 'uint16', 'tokenizer_sha256': 'x'})
 
 
@@ -33,19 +35,23 @@ def test_mixture_frequencies_match_the_weights(tmp_path):
     splits = {n: data.Split(str(tmp_path), n, 'train', None) for n in 'abc'}
     weights = {'a': 0.6, 'b': 0.3, 'c': 0.1}
     rng = np.random.default_rng(0)
-    rows = np.concatenate([data.window_batch(splits, weights, rng, 100, 16)[0][:, 0] for _ in range(40)])
+    firsts = [data.window_batch(splits, weights, rng, 100, 16)[0][:, 0] for _ in range(40)]
+    rows = np.concatenate(firsts)  # each row's first token: which source it came from
     n = len(rows)
     for name, token in (('a', 10), ('b', 20), ('c', 30)):
         p = weights[name]
         freq = (rows == token).mean()
-        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5, (name, freq)  # within 4 standard deviations
+        # within 4 standard deviations
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5, (name, freq)
 
 
 def test_reading_windows_does_not_grow_memory(tmp_path):
-    """Random reads all over a 200 MB shard: a long-lived memmap would keep what it touched resident."""
+    """Random reads all over a 200 MB shard: a long-lived memmap would keep what it touched
+    resident."""
     write_split(tmp_path, 'big', [np.tile(np.arange(60000, dtype=np.uint16), 1667)])
     split = data.Split(str(tmp_path), 'big', 'train', None)
-    rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+    status = lambda: open('/proc/self/status').read().splitlines()
+    rss = lambda: int(next(l for l in status() if l.startswith('VmRSS')).split()[1]) // 1024  # MB
     before = rss()
     rng = np.random.default_rng(0)
     for _ in range(3000):
@@ -102,13 +108,15 @@ def test_sft_rows_pack_whole_conversations_with_masked_targets(tmp_path):
 
 def test_long_conversations_are_cut_at_turn_boundaries_with_their_context(tmp_path):
     system = [40, 41]
-    long_chat = conversation(system, ([50] * 6, [60] * 6), ([51] * 6, [61] * 6), ([52] * 6, [62] * 6))  # 3 x 16 + 4
+    long_chat = conversation(system, ([50] * 6, [60] * 6), ([51] * 6, [61] * 6),
+                             ([52] * 6, [62] * 6))  # 3 x 16 + 4
     long_question = conversation(system, ([53] * 40, [63] * 4))  # a user turn longer than the row
     long_reply = conversation(None, ([54] * 3, [64] * 40))
     write_chat(tmp_path, 'chat', [long_chat, long_question, long_reply])
     split = data.Split(str(tmp_path), 'chat', 'train', None)
     split.cut_pieces(21)
-    # every piece: <s>, the system prompt where it fits, whole exchanges; at most 21 tokens, all with trained tokens
+    # every piece: <s>, the system prompt where it fits, whole exchanges; at most 21 tokens, all
+    # with trained tokens
     assert pieces_of(split, 0) == [[BOS, SYS, *system, USR, *[50] * 6, ASST, *[60] * 6, EOT],
                                    [BOS, SYS, *system, USR, *[51] * 6, ASST, *[61] * 6, EOT],
                                    [BOS, SYS, *system, USR, *[52] * 6, ASST, *[62] * 6, EOT]]
@@ -121,21 +129,25 @@ def test_long_conversations_are_cut_at_turn_boundaries_with_their_context(tmp_pa
 
 
 def test_pieces_without_a_reply_to_train_on_are_never_used(tmp_path):
-    only_question = ([BOS, USR, 50, 51, 52, ASST], [0, 0, 0, 0, 0, 0])  # as prepare.py cuts at max_conversation_tokens
+    # as prepare.py cuts at max_conversation_tokens
+    only_question = ([BOS, USR, 50, 51, 52, ASST], [0, 0, 0, 0, 0, 0])
     write_chat(tmp_path, 'chat', [only_question, conversation(None, ([50], [60]))])
     split = data.Split(str(tmp_path), 'chat', 'train', None)
     packer = data.Packer({'chat': split}, {'chat': 1.0}, [0], 8)
     assert split.usable.tolist() == [1]
     x, y, doc = packer.batch(0, 10)
-    assert not (x == 52).any() and (y == 60).sum() == 10  # one conversation of 6 tokens per row of 9
+    # one conversation of 6 tokens per row of 9
+    assert not (x == 52).any() and (y == 60).sum() == 10
 
 
 def test_each_conversation_is_trained_as_often_whatever_its_length(tmp_path):
-    """Weight-proportional, not length-proportional: within a source every conversation is trained once per epoch;
-    sources get their weight's share of the tokens; rows stay >= 95% full."""
+    """Weight-proportional, not length-proportional: within a source every conversation is trained
+    once per epoch; sources get their weight's share of the tokens; rows stay >= 95% full."""
     rng = np.random.default_rng(0)
-    short = [conversation(None, ([50] * int(rng.integers(2, 30)), [60] * int(rng.integers(2, 30)))) for _ in range(60)]
-    long = [conversation(None, ([51] * int(rng.integers(50, 200)), [61] * int(rng.integers(20, 200)))) for _ in range(60)]
+    short = [conversation(None, ([50] * int(rng.integers(2, 30)),
+                                 [60] * int(rng.integers(2, 30)))) for _ in range(60)]
+    long = [conversation(None, ([51] * int(rng.integers(50, 200)),
+                                [61] * int(rng.integers(20, 200)))) for _ in range(60)]
     write_chat(tmp_path, 'mixed', short + long)
     write_chat(tmp_path, 'other', [conversation(None, ([52] * 10, [62] * 10))] * 20)
     splits = {n: data.Split(str(tmp_path), n, 'train', None) for n in ('mixed', 'other')}
@@ -149,7 +161,8 @@ def test_each_conversation_is_trained_as_often_whatever_its_length(tmp_path):
             tokens[k] += packer.splits[packer.names[k]].pieces['length'][p]
             if packer.names[k] == 'mixed':
                 trained[np.searchsorted(split.pieces['first'], p, side='right') - 1] += 1
-    # epochs: each one drawn once before any is drawn again (a few still wait in the buffer at the end)
+    # epochs: each one drawn once before any is drawn again (a few still wait in the buffer at the
+    # end)
     assert trained.max() - trained.min() <= 2 and trained.min() > 5
     assert abs(trained[:60].mean() - trained[60:].mean()) < 0.2
     assert tokens[0] / tokens.sum() == pytest.approx(0.75, abs=0.01)
@@ -158,10 +171,12 @@ def test_each_conversation_is_trained_as_often_whatever_its_length(tmp_path):
 
 
 def test_sft_batches_are_a_pure_function_of_the_row_index(tmp_path):
-    """A resumed run (or a DDP rank) asks for rows from the middle of the stream: they must be the rows an
-    uninterrupted run sees there."""
+    """A resumed run (or a DDP rank) asks for rows from the middle of the stream: they must be the
+    rows an uninterrupted run sees there."""
     rng = np.random.default_rng(1)
-    write_chat(tmp_path, 'chat', [conversation([40], ([50] * int(rng.integers(1, 60)), [60] * int(rng.integers(1, 60))))
+    write_chat(tmp_path, 'chat', [conversation([40],
+                                               ([50] * int(rng.integers(1, 60)),
+                                                [60] * int(rng.integers(1, 60))))
                                   for _ in range(50)])
     split = data.Split(str(tmp_path), 'chat', 'train', None)
     whole = data.Packer({'chat': split}, {'chat': 1.0}, [7], 64)
@@ -182,7 +197,8 @@ def test_a_source_or_folder_named_shard_still_reads_its_index_and_mask(tmp_path)
     assert (y == 60).sum() == 2 * 2 and (doc[:, :8] != -1).all()
 
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data')
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared',
+                      'data')
 
 
 DOLLY = os.path.join(SHARED, 'dolly', 'databricks-dolly-15k-safety-only.subset.jsonl')
@@ -191,15 +207,19 @@ DOLLY = os.path.join(SHARED, 'dolly', 'databricks-dolly-15k-safety-only.subset.j
 OASST = os.path.join(SHARED, 'oasst1', 'en_100_tree.jsonl')
 
 
-@pytest.mark.skipif(not (os.path.exists(DOLLY) and os.path.exists(OASST)), reason='../shared/data is not here')
+@pytest.mark.skipif(not (os.path.exists(DOLLY) and os.path.exists(OASST)),
+                    reason='../shared/data is not here')
 def test_real_sft_rows_are_95_percent_full_at_block_256_and_1024(tmp_path):
-    """dolly + oasst1 + primer (the real data in ../shared/data), dev_sft's mixture: rows >= 95% full at the
-    dev and prod block sizes, and the start of an SFT run says so (with trained tokens per step and cuts)."""
+    """dolly + oasst1 + primer (the real data in ../shared/data), dev_sft's mixture: rows >= 95%
+    full at the dev and prod block sizes, and the start of an SFT run says so (with trained tokens
+    per step and cuts)."""
     from conftest import write_config
-    srcs = {'primer': {'kind': 'primer', 'path': os.path.join(os.path.dirname(data.__file__), 'data', 'sample', 'primer.txt')},
+    primer = os.path.join(os.path.dirname(data.__file__), 'data', 'sample', 'primer.txt')
+    srcs = {'primer': {'kind': 'primer', 'path': primer},
             'dolly': {'kind': 'dolly', 'path': DOLLY}, 'oasst1': {'kind': 'oasst1', 'path': OASST}}
     mixture = {'primer': 0.06, 'dolly': 0.47, 'oasst1': 0.47}
-    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), '', sources=srcs, vocab_size=4096, num_proc=2,
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), '', sources=srcs,
+                       vocab_size=4096, num_proc=2,
                        phase='sft', mixture=mixture, **{**TINY_SFT, 'max_iters': 1})
     run('tokenizer.py', cfg, check=True)
     run('prepare.py', cfg, check=True)
@@ -211,13 +231,15 @@ def test_real_sft_rows_are_95_percent_full_at_block_256_and_1024(tmp_path):
         assert trained > 0.3 * (T + 1)  # replies are most of a dolly/oasst conversation
     p = run('train.py', cfg, '--block_size=256', check=True)
     line = next(l for l in p.stdout.splitlines() if l.startswith('SFT rows: '))
-    assert float(line.split()[2].rstrip('%')) >= 90  # (one step's 8 rows: a noisier measure than 2000 rows)
+    # (one step's 8 rows: a noisier measure than 2000 rows)
+    assert float(line.split()[2].rstrip('%')) >= 90
     assert 'trained tokens per step' in line and 'oasst1 ' in line
 
 
 def test_the_mask_survives_from_prepare_to_the_loss(prepared):
-    """End to end: primer text -> prepare.py shards -> the batch train.py builds -> the loss. The loss must
-    be the cross entropy over exactly the positions predicting assistant tokens and <|eot|>."""
+    """End to end: primer text -> prepare.py shards -> the batch train.py builds -> the loss. The
+    loss must be the cross entropy over exactly the positions predicting assistant tokens and
+    <|eot|>."""
     cfg = load_cfg(prepared[0])
     tok = Tokenizer(cfg.tokenizer_path)
     splits = {'primer': data.Split(cfg.data_dir, 'primer', 'train', tok.sha256)}
@@ -234,7 +256,8 @@ def test_the_mask_survives_from_prepare_to_the_loss(prepared):
         return [ids[a:b] for a, b in zip(at, at[1:])]
 
     def comes_from(piece, ids):
-        """<s>, the system turn (if kept), then consecutive turns of the conversation (the last ones maybe cut)."""
+        """<s>, the system turn (if kept), then consecutive turns of the conversation (the last ones
+        maybe cut)."""
         mine, theirs = turns(piece), turns(ids)
         if piece[0] != tok.bos_id or not mine:
             return False
@@ -242,10 +265,12 @@ def test_the_mask_survives_from_prepare_to_the_loss(prepared):
             if mine.pop(0) != theirs[0]:
                 return False
         starts = [j for j, t in enumerate(theirs) if mine and t[0] == mine[0][0] == tok.usr_id]
-        return any(all(j + i < len(theirs) and theirs[j + i][:len(m)] == m for i, m in enumerate(mine)) for j in starts)
+        return any(all(j + i < len(theirs) and theirs[j + i][:len(m)] == m for i,
+                       m in enumerate(mine)) for j in starts)
 
     def trained(ids):
-        """1 where the template trains: assistant content and the <|eot|> ending it, found from the role tokens."""
+        """1 where the template trains: assistant content and the <|eot|> ending it, found from the
+        role tokens."""
         out, inside = [], False
         for t in ids:
             inside = inside if t not in roles + (tok.bos_id,) else t == tok.asst_id
@@ -258,17 +283,20 @@ def test_the_mask_survives_from_prepare_to_the_loss(prepared):
         for k in set(doc[row].tolist()) - {-1}:
             pos = (doc[row] == k).nonzero().flatten()
             piece = x[row, pos].tolist()
-            if pos[-1] == T - 1 and y[row, -1] != -1:  # a piece ending the row: its last token is only a target
+            # a piece ending the row: its last token is only a target
+            if pos[-1] == T - 1 and y[row, -1] != -1:
                 piece.append(y[row, -1].item())
             assert any(comes_from(piece, ids) for ids, _ in rendered), piece
             flags = trained(piece)
             want = [t if m else -1 for t, m in zip(piece[1:], flags[1:])]
-            want += [-1] * (len(pos) - len(want))  # the last position faces the next piece (or padding): no target
+            # the last position faces the next piece (or padding): no target
+            want += [-1] * (len(pos) - len(want))
             assert y[row, pos].tolist() == want
             n_checked += 1
     assert n_checked >= 8
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                            n_kv_head=2, n_embd=32))
     logits, loss = model(x, y, doc)
     keep = y != -1
     manual = torch.nn.functional.cross_entropy(logits[keep], y[keep])

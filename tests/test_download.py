@@ -49,7 +49,8 @@ class Server:
                 etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
                 rng = self.headers.get('Range')
                 if self.headers.get('If-Range') not in (None, etag):
-                    rng = None  # the file changed since the client's first part: send all of it (RFC 9110)
+                    # the file changed since the client's first part: send all of it (RFC 9110)
+                    rng = None
                 if rng and action != 'norange':
                     start = int(rng.split('=')[1].split('-')[0])
                     if start >= len(data):
@@ -116,7 +117,8 @@ def test_resume_after_the_server_cuts_the_body(server, cache):
     gets = server.gets('/blob.bin')
     assert len(gets) == 2 and gets[0][2] is None
     resumed_at = int(gets[1][2][len('bytes='):-1])
-    assert len(BLOB) // 2 - (1 << 16) < resumed_at <= len(BLOB) // 2  # all but the last chunk was kept
+    # all but the last chunk was kept
+    assert len(BLOB) // 2 - (1 << 16) < resumed_at <= len(BLOB) // 2
 
 
 def test_downloads_ask_for_the_bytes_as_they_are(server, cache):
@@ -231,7 +233,8 @@ def test_fineweb_budgets_stop_downloading_early_and_a_rerun_downloads_nothing(se
                   'train_tokens': 2000, 'val_tokens': 500}}
     cfg = corpus_config(tmp_path, prepared, src)
     p = run('prepare.py', cfg, check=True)
-    assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']  # the budget was met inside the first shard
+    # the budget was met inside the first shard
+    assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']
     metas = {s: data.load_split(str(tmp_path / 'out' / 'data'), 'fw', s) for s in ('train', 'val')}
     assert 500 <= metas['val']['tokens'] < 500 + 200 and 2000 <= metas['train']['tokens'] < 2000 + 200
     assert 'downloaded' in p.stdout
@@ -279,8 +282,11 @@ def test_jsonl_gz_and_txt_sources_download_and_prepare(server, tmp_path, prepare
     assert not server.gets() and 'would download 1 file' in p.stdout and not (tmp_path / 'out').exists()
     run('prepare.py', cfg, check=True)
     data_dir = str(tmp_path / 'out' / 'data')
-    counts = {n: sum(data.load_split(data_dir, n, s)['documents'] for s in ('train', 'val')) for n in 'odt'}
-    assert counts == {'o': 10, 'd': 10, 't': 31}  # 30 speeches, one cut in two where the last 10% (val) begins
+    documents = lambda n: sum(data.load_split(data_dir, n, s)['documents']
+                              for s in ('train', 'val'))
+    counts = {n: documents(n) for n in 'odt'}
+    # 30 speeches, one cut in two where the last 10% (val) begins
+    assert counts == {'o': 10, 'd': 10, 't': 31}
     assert len(server.gets()) == 3
     run('prepare.py', cfg, check=True)
     assert len(server.gets()) == 3
@@ -314,26 +320,32 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason='../shared/data is not here')
 def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, prepared):
     shakespeare = open(os.path.join(SHARED, 'tinyshakespeare', 'input.txt'), 'rb').read()
-    server.files['/char-rnn/input.txt'] = shakespeare  # served as from its public URL, checked against the pinned sha256
+    # served as from its public URL, checked against the pinned sha256
+    server.files['/char-rnn/input.txt'] = shakespeare
     sources = {
         'oasst1': {'kind': 'oasst1', 'path': os.path.join(SHARED, 'oasst1', 'en_100_tree.jsonl')},
         'dolly': {'kind': 'dolly', 'path': os.path.join(SHARED, 'dolly', 'databricks-dolly-15k-safety-only.subset.jsonl')},
         'roam': {'kind': 'roam', 'path': os.path.join(SHARED, 'roam-collective', 'markdown')},
         'shakespeare': {'kind': 'tinyshakespeare', 'url': server.url + '/char-rnn/input.txt'},
     }
-    cfg = corpus_config(tmp_path, prepared, sources, max_conversation_tokens=10 ** 6)  # keep every conversation
+    # keep every conversation
+    cfg = corpus_config(tmp_path, prepared, sources, max_conversation_tokens=10 ** 6)
     run('prepare.py', cfg, check=True)
     data_dir = str(tmp_path / 'out' / 'data')
     meta = {n: {s: data.load_split(data_dir, n, s) for s in ('train', 'val')} for n in sources}
     docs = {n: m['train']['documents'] + m['val']['documents'] for n, m in meta.items()}
-    # 100 English trees, each with a ranked reply; 387 dolly rows; 486 non-empty pages of 1,845 files;
-    # 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
-    assert docs == {'oasst1': 100, 'dolly': 387, 'roam': 486, 'shakespeare': 7223}  # 7,222 speeches, one cut where val begins
+    # 100 English trees, each with a ranked reply; 387 dolly rows; 486 non-empty pages of 1,845
+    # files; 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
+    # 7,222 speeches, one cut where val begins
+    assert docs == {'oasst1': 100, 'dolly': 387, 'roam': 486, 'shakespeare': 7223}
     assert shakespeare.decode().count('\n\n') + 1 == 7222
-    # (the export's one file in a dot-folder, .concept/difference.md, is skipped as hidden, not read)
+    # (the export's one file in a dot-folder, .concept/difference.md, is skipped as hidden, not
+    # read)
     assert meta['roam']['train']['reader_counts']['empty'] == 1845 - 486 - 1
-    for n, m in meta.items():  # val by a hash of each document: ~10%, within 4 standard deviations of a binomial
-        if n == 'shakespeare':  # (its val is the last 10% of the characters: test_prepare checks that)
+    # val by a hash of each document: ~10%, within 4 standard deviations of a binomial
+    for n, m in meta.items():
+        # (its val is the last 10% of the characters: test_prepare checks that)
+        if n == 'shakespeare':
             continue
         assert abs(m['val']['documents'] - 0.1 * docs[n]) < 4 * (docs[n] * 0.1 * 0.9) ** 0.5, n
 
@@ -344,17 +356,20 @@ def test_tokenizer_trains_on_a_downloaded_corpus_within_its_byte_budget(server, 
         texts = [' '.join(words[(j * 7 + k * 3) % len(words)] for k in range(60)) + f' doc {j}.' for j in range(300)]
         server.files[f'/fw/{i:03d}_00000.parquet'] = parquet_bytes(texts, tmp_path)
     # val: the first 100 tokens, which the tokenizer never reads (it skips 100 x 16 characters)
-    src = {'fw': {'kind': 'fineweb_edu', 'base_url': server.url + '/fw', 'files': ['000_00000.parquet', '001_00000.parquet'],
+    src = {'fw': {'kind': 'fineweb_edu', 'base_url': server.url + '/fw',
+                  'files': ['000_00000.parquet', '001_00000.parquet'],
                   'val_tokens': 100}}
     cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), '', sources=src, vocab_size=300,
                        tokenizer_sources={'fw': 20_000}, cache_dir=str(tmp_path / 'cache'), download_backoff=0.01)
     p = run('tokenizer.py', cfg, check=True)
     assert 'read 0.02 MB from fw' in p.stdout and (tmp_path / 'out' / 'tokenizer.model').exists()
-    assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']  # 20 kB came from the first shard alone
+    # 20 kB came from the first shard alone
+    assert [g[1] for g in server.gets()] == ['/fw/000_00000.parquet']
     # with the default val budget (5M tokens) val takes all of this little corpus: a message, not
     # SentencePiece's internal error
     del src['fw']['val_tokens']
-    p = run('tokenizer.py', cfg, f'--sources={src!r}', f"--tokenizer_path={tmp_path / 'other.model'}")
+    p = run('tokenizer.py', cfg, f'--sources={src!r}',
+            f"--tokenizer_path={tmp_path / 'other.model'}")
     assert p.returncode != 0 and 'no text to learn from' in p.stderr and 'INTERNAL' not in p.stderr
 
 

@@ -248,5 +248,6 @@ def test_bits_per_byte_counts_only_text_targets_and_the_loss_counts_every_target
     n_bytes = sum(len(tok.id_bytes[t]) for t in targets)
     assert not is_text.all()  # control tokens among the targets
     assert m['loss'] == pytest.approx(per.sum().item() / len(targets), rel=1e-5)
-    assert m['bits_per_byte'] == pytest.approx(per[is_text].sum().item() / math.log(2) / n_bytes, rel=1e-5)
+    assert m['bits_per_byte'] == pytest.approx(per[is_text].sum().item() / math.log(2) / n_bytes,
+                                               rel=1e-5)
     assert m['bits_per_byte'] < per.sum().item() / math.log(2) / n_bytes

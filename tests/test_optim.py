@@ -26,12 +26,14 @@ def muon_of(params, lr=1.0, momentum=0.95, ns_dtype=torch.float32):
 @pytest.mark.parametrize('ns_dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('shape', [(64, 160), (160, 64), (96, 96)])
 def test_a_muon_update_is_close_to_orthogonal(shape, ns_dtype):
-    """Whatever the gradient's spectrum, the update's singular values all land near 1: every direction moves."""
+    """Whatever the gradient's spectrum, the update's singular values all land near 1: every
+    direction moves."""
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
     V, _ = torch.linalg.qr(torch.randn(shape[1], shape[1]))
     k = min(shape)
-    spectrum = torch.logspace(0, -2, k)  # singular values from 1 down to 0.01: a badly conditioned gradient
+    # singular values from 1 down to 0.01: a badly conditioned gradient
+    spectrum = torch.logspace(0, -2, k)
     grad = U[:, :k] @ torch.diag(spectrum) @ V[:, :k].T
     p = torch.nn.Parameter(torch.zeros(shape))
     p.grad = grad
@@ -86,7 +88,8 @@ def test_orthogonalize_keeps_shape_dtype_and_is_scale_free():
 
 
 def test_the_adamw_groups_of_muon_step_exactly_as_torch_adamw():
-    """Embedding/head and norms stay on AdamW inside the Muon optimizer: the same numbers as torch's."""
+    """Embedding/head and norms stay on AdamW inside the Muon optimizer: the same numbers as
+    torch's."""
     a, b = tiny_model(), tiny_model()
     opt_a = make_optimizer(a, 'muon', 1e-2, 0.02, 0.1, (0.9, 0.95), 0.95, 'cpu')
     rest = [g for g in opt_a.param_groups if not g['muon']]
@@ -152,8 +155,10 @@ def test_wsd_schedule_at_its_corners():
     assert f(9) == pytest.approx(10 / 11)
     assert f(10) == 1.0 and f(50) == 1.0 and f(79) == 1.0   # stable at the peak
     assert f(80) == 1.0                               # the decay starts at 100 - 0.2 x 100
-    assert f(90) == pytest.approx(0.1 + 0.9 * 0.5)    # linear: halfway down at the middle of the decay
-    assert f(100) == pytest.approx(0.1) and f(150) == pytest.approx(0.1)  # min_lr / learning_rate, then flat
+    # linear: halfway down at the middle of the decay
+    assert f(90) == pytest.approx(0.1 + 0.9 * 0.5)
+    # min_lr / learning_rate, then flat
+    assert f(100) == pytest.approx(0.1) and f(150) == pytest.approx(0.1)
     values = [f(i) for i in range(10, 101)]
     assert all(b <= a for a, b in zip(values, values[1:]))
     # lr_decay_iters ends the decay early; decay_frac=1 decays from the end of the warmup
@@ -192,7 +197,8 @@ def test_muon_trains_with_bf16_compile_and_accumulation(tmp_path, prepared):
     ckpt = torch.load(tmp_path / 'm' / 'pretrain' / 'ckpt.pt', weights_only=True)
     kinds = [g.get('muon', False) for g in ckpt['optimizer']['param_groups']]
     assert kinds == [True, False, False]
-    assert any('momentum' in s for s in ckpt['optimizer']['state'].values())  # Muon's state is saved
+    # Muon's state is saved
+    assert any('momentum' in s for s in ckpt['optimizer']['state'].values())
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path, prepared):
@@ -213,8 +219,8 @@ def test_bad_optimizer_settings_are_clear_errors(tmp_path, prepared, key, value,
 
 
 def test_val_bits_per_byte_is_what_eval_py_computes_on_the_same_batches(tmp_path, prepared):
-    """train.py's val_bpb per source = eval.py's bits per byte (summed nats / ln 2 / target bytes) on the
-    rows train.py evaluated."""
+    """train.py's val_bpb per source = eval.py's bits per byte (summed nats / ln 2 / target bytes)
+    on the rows train.py evaluated."""
     import eval as evaluation
     from checkpoint import load_model
     cfg_path = muon_config(tmp_path, prepared, max_iters=4, eval_interval=4, eval_iters=3)
@@ -227,7 +233,8 @@ def test_val_bits_per_byte_is_what_eval_py_computes_on_the_same_batches(tmp_path
         split = data.Split(cfg.data_dir, name, 'val', tok.sha256)
         rows = []
         for k in range(cfg.eval_iters):
-            x, y = data.window_batch({name: split}, {name: 1.0}, np.random.default_rng([cfg.seed, 1_000_003, i, k]),
+            x, y = data.window_batch({name: split}, {name: 1.0},
+                                     np.random.default_rng([cfg.seed, 1_000_003, i, k]),
                                       cfg.batch_size, cfg.block_size)
             rows += [(a.tolist(), b.tolist()) for a, b in zip(x, y)]
         got = evaluation.split_metrics(model, tok, rows, torch.autocast('cpu', enabled=False), 'cpu', 8, name)
@@ -245,13 +252,15 @@ def test_the_log_shows_elapsed_time_and_an_eta_and_metrics_record_seconds(tmp_pa
     rows = metrics(str(tmp_path / 'm'))
     times = [r['elapsed'] for r in rows if 'val_bpb' in r]
     assert len(times) == 3 and times[0] < times[1] < times[2]
-    run('train.py', cfg, '--init_from=resume', '--max_iters=9', check=True)  # a resumed run carries on counting
+    # a resumed run carries on counting
+    run('train.py', cfg, '--init_from=resume', '--max_iters=9', check=True)
     later = [r['elapsed'] for r in metrics(str(tmp_path / 'm')) if 'val_bpb' in r]
     assert later[-1] > times[-1]
 
 
 def test_a_muon_trained_checkpoint_exports_to_the_same_llama(tmp_path, prepared):
-    """Muon changes how the weights are found, not what they are: export.py's Llama gives our logits."""
+    """Muon changes how the weights are found, not what they are: export.py's Llama gives our
+    logits."""
     pytest.importorskip('safetensors', reason="the export extra is not installed: pip install -r requirements-export.txt")
     transformers = pytest.importorskip('transformers', reason="transformers is a dev requirement")
     from checkpoint import load_model
@@ -273,4 +282,5 @@ def test_a_warm_up_longer_than_the_decay_is_refused(tmp_path, prepared):
     p = run('train.py', cfg, '--warmup_iters=50', '--lr_decay_iters=40')
     assert p.returncode != 0 and 'warmup_iters=50' in p.stderr and 'lr_decay_iters=40' in p.stderr
     assert 'Traceback' not in p.stderr
-    assert run('train.py', cfg, '--warmup_iters=2', '--lr_decay_iters=4', '--max_iters=4').returncode == 0
+    assert run('train.py', cfg, '--warmup_iters=2', '--lr_decay_iters=4',
+               '--max_iters=4').returncode == 0

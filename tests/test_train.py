@@ -9,6 +9,7 @@ import torch
 
 from conftest import load_cfg, metrics, run, tiny_train_config
 
+import checkpoint
 import data
 import train
 from checkpoint import load_model, save_checkpoint
@@ -41,7 +42,7 @@ def test_training_writes_checkpoints_config_and_metrics(tmp_path, prepared):
 
 def test_checkpoint_round_trips_exactly(tmp_path):
     state = {'model': {'w': torch.randn(3, 4), 'b': torch.randn(4).bfloat16()}, 'iter': 3, 'model_args': {},
-             'rng': [train.rng_state()]}
+             'rng': [checkpoint.rng_state()]}
     save_checkpoint(state, str(tmp_path), 'ckpt.pt', keep=2)
     loaded = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert all(torch.equal(loaded['model'][k], v) for k, v in state['model'].items())
