@@ -51,7 +51,12 @@ KEYS = {
     'out_dir': ('out/demo', "folder for everything this experiment produces (tokenizer, data/, "
                             "checkpoints, runs/)"),
     'data_dir': ('', "where prepared shards go; '' means <out_dir>/data"),
-    'tokenizer_path': ('', "SentencePiece model file; '' means <out_dir>/tokenizer.model"),
+    'tokenizer_path': ('', "SentencePiece model file, or an imported tokenizer.json; '' means "
+                           "<out_dir>/tokenizer.model (<out_dir>/tokenizer.json with base_model)"),
+    'base_model': ('', "a pretrained Llama to start from: a Hugging Face model folder, a .gguf "
+                       "file or hf:<owner>/<name>. tokenizer.py then imports its tokenizer and "
+                       "chat template instead of training one; init_from='base_model' (train.py) "
+                       "and ckpt='base_model' (sample, eval, export) take its weights"),
     'seed': (1337, '[0, 4294967295]',
              "seed for training and sampling: batches, init, dropout, generation (not the split: "
              "split_seed)"),
@@ -113,8 +118,8 @@ KEYS = {
                             "None = the largest"),
     'max_epochs': (16, '>= 1', "warn when the run would repeat a source more times than this "
                                "(train.py says why)"),
-    'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), or a checkpoint path to "
-                             "start from"),
+    'init_from': ('scratch', "'scratch', 'resume' (this phase's ckpt.pt), 'base_model' (its "
+                             "weights), or a checkpoint path to start from"),
     'batch_size': (16, '>= 1', "rows per micro-batch (per process)"),
     'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over "
                                                "all processes"),
@@ -163,7 +168,8 @@ KEYS = {
                        "<name>_merged.pt, and stop"),
 
     # --- sample.py ---
-    'ckpt': ('', "checkpoint to load; '' = <out_dir>/<phase>/best.pt (else ckpt.pt there)"),
+    'ckpt': ('', "checkpoint to load; '' = <out_dir>/<phase>/best.pt (else ckpt.pt there); "
+                 "'base_model' = the base model as it comes"),
     'start': ('', "completion prompt; FILE:path reads it from a file"),
     'num_samples': (1, '>= 1', "completions to print"),
     'max_new_tokens': (200, '>= 1', "most tokens to generate per completion or chat reply"),
@@ -222,9 +228,9 @@ KEYS = {
 
 # Keys that hold a path: a leading '~' in them is the user's home, as in a shell and in the
 # sources' paths. (boolq and hellaswag may also be 'download' or a URL: expanduser leaves those be.)
-PATH_KEYS = ('out_dir', 'data_dir', 'tokenizer_path', 'show_chat', 'cache_dir', 'init_from',
-             'lora_base', 'merge_lora', 'ckpt', 'system_file', 'text_file', 'boolq', 'hellaswag',
-             'eval_out', 'export_dir', 'bench_json', 'bench_corpus', 'bench_sft_config')
+PATH_KEYS = ('out_dir', 'data_dir', 'tokenizer_path', 'base_model', 'show_chat', 'cache_dir',
+             'init_from', 'lora_base', 'merge_lora', 'ckpt', 'system_file', 'text_file', 'boolq',
+             'hellaswag', 'eval_out', 'export_dir', 'bench_json', 'bench_corpus', 'bench_sft_config')
 
 
 def key_spec(name):
@@ -474,7 +480,8 @@ def configure(argv=None):
                 "data_dir")
     check_combinations(cfg)
     cfg.data_dir = cfg.data_dir or os.path.join(cfg.out_dir, 'data')
-    cfg.tokenizer_path = cfg.tokenizer_path or os.path.join(cfg.out_dir, 'tokenizer.model')
+    cfg.tokenizer_path = cfg.tokenizer_path or os.path.join(
+        cfg.out_dir, 'tokenizer.json' if cfg.base_model else 'tokenizer.model')
     cfg.ckpt_dir = os.path.join(cfg.out_dir, cfg.phase)
     cfg.config_files = files
     return cfg
