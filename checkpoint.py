@@ -100,6 +100,11 @@ def load_for_resume(folder, keep):
 def checkpoint_path(cfg):
     """(path, why): the checkpoint to load and why it is that one (for messages when it does not
     fit)."""
+    if cfg.ckpt == 'base_model':
+        if not cfg.base_model:
+            die("ckpt='base_model' but base_model is not set: set it to the pretrained model "
+                "(a Hugging Face folder, a .gguf file or hf:<owner>/<name>)")
+        return cfg.base_model, "base_model, as ckpt='base_model'"
     if cfg.ckpt:
         return cfg.ckpt, f"ckpt, from {cfg.set_by.get('ckpt', 'the config')}"
     best = os.path.join(cfg.ckpt_dir, 'best.pt')
@@ -128,10 +133,20 @@ def check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256):
 
 
 def load_model(path, device, tokenizer_sha256=None, base_path='', why='the checkpoint asked for',
-               tokenizer_path='the configured tokenizer'):
+               tokenizer_path='the configured tokenizer', tok=None):
     """A trained model from a checkpoint, in eval mode on `device`; refuses one from another
     tokenizer (`why` the checkpoint was picked goes into that message). A LoRA adapter checkpoint is
-    loaded onto its base model (the path it records, or base_path) and merged into it."""
+    loaded onto its base model (the path it records, or base_path) and merged into it. A pretrained
+    model (ckpt='base_model': a folder, .gguf or hf: id) is read as it comes, with a checkpoint-like
+    dict; `tok` must then be the tokenizer imported from it."""
+    if path.startswith('hf:') or path.endswith('.gguf') or os.path.isdir(path):
+        import pretrained  # (it needs the export extra; checkpoints of ours do not)
+        model, info = pretrained.load_pretrained(path, device)
+        if tok is not None:
+            check_base_tokenizer(tok, info['model_args'], path)
+        return model, {'model_args': info['model_args'], 'iter': 0, 'best_val': None,
+                       'config': {'base_model': path}, 'tokenizer_sha256': tokenizer_sha256,
+                       'pretrained': info}
     ckpt = read_checkpoint(path)
     if tokenizer_sha256:
         check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256)
@@ -166,16 +181,32 @@ def base_weights(adapter_ckpt, adapter_path, base_path=''):
     return base['model']
 
 
+def check_base_tokenizer(tok, args, source):
+    """A base model's tokenizer is the one tokenizer.py imported from it: not ours (a SentencePiece
+    model of our own), and with no id past the model's embedding (which may be padded larger)."""
+    if getattr(tok, 'template', None) == 'smallchat':
+        die(f"base_model={source} comes with its own tokenizer, but {tok.path} is one of ours: run "
+            "`python tokenizer.py <your config>` with base_model set to import it (tokenizer_path "
+            "then defaults to <out_dir>/tokenizer.json)")
+    if tok.vocab_size > args['vocab_size']:
+        die(f"{tok.path} has {tok.vocab_size} tokens but base_model={source} embeds only "
+            f"{args['vocab_size']}: it is not this model's tokenizer. Import this model's with "
+            "`python tokenizer.py <your config>` (into a new tokenizer_path)")
+
+
 def check_compatible(ckpt, path, why, args, tok):
     """A checkpoint must come from this tokenizer and have this model's shape (block_size may
     shrink)."""
     check_tokenizer(ckpt, path, why, tok.path, tok.sha256)
     saved = ckpt['model_args']
     for key in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'tie_embeddings',
-                'rope_theta'):
-        if saved[key] != args[key]:
-            die(f"{path} has {key}={saved[key]} but this config makes {key}={args[key]}: set "
-                f"{key}={saved[key]} (the model's shape must match its checkpoint)")
+                'rope_theta', 'intermediate_size', 'norm_eps'):
+        if saved.get(key) != args.get(key):  # (older checkpoints lack the last two: None)
+            fix = (f"set {key}={saved.get(key)}" if key in ('n_layer', 'n_head', 'n_kv_head',
+                   'n_embd', 'tie_embeddings', 'rope_theta') else "check the tokenizer")
+            die(f"{path} has {key}={saved.get(key)} but this config makes {key}={args.get(key)}: "
+                f"{fix}, or set base_model to the model it was trained from (the model's shape "
+                "must match its checkpoint)")
     if args['block_size'] > saved['block_size']:
         die(f"block_size={args['block_size']} is larger than the {saved['block_size']} that {path} "
             f"was trained with: set block_size <= {saved['block_size']}")

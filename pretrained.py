@@ -85,38 +85,56 @@ def load_pretrained(source, device='cpu', max_block_size=2048):
     context length, the model_args (ModelConfig's fields) a checkpoint would record, and for a
     Hugging Face model tokenizer_files: {name: path} of the TOKENIZER_FILES it has (a GGUF file
     holds its tokenizer in its metadata)."""
-    if source.startswith('hf:'):
-        need('safetensors', 'safetensors weights')  # (before downloading them)
+    kind = source_kind(source)
+    if kind == 'gguf':
+        return load_gguf(source, device, max_block_size)
+    need('safetensors', 'safetensors weights')  # (before downloading them)
+    args, context = model_args(source, max_block_size)
+    check_memory(args, source)
+    if kind == 'hub':
         repo = source[3:]
-        config_path = hub_config(repo)
-        args, context = hf_model_args(read_json(config_path), config_path, max_block_size)
-        check_memory(args, source)
+        folder = os.path.dirname(hub_config(repo))  # (already in the cache)
         files = hub_weight_files(repo)
-        folder = os.path.dirname(config_path)
         tokenizer = {name: path for name in TOKENIZER_FILES
                      if (path := hub_file(repo, name, required=False))}
-        return load_hf(source, folder, files, args, context, tokenizer, device)
-    if os.path.isdir(source):
-        config_path = os.path.join(source, 'config.json')
-        if not os.path.isfile(config_path):
-            die(f"{source} has no config.json: a Hugging Face model folder needs it (with the "
-                "weights in model.safetensors); a GGUF model is one .gguf file, give its path")
-        need('safetensors', 'safetensors weights')
-        args, context = hf_model_args(read_json(config_path), config_path, max_block_size)
-        check_memory(args, source)
+    else:
+        folder = source
         files = folder_weight_files(source)
         tokenizer = {name: os.path.join(source, name) for name in TOKENIZER_FILES
                      if os.path.isfile(os.path.join(source, name))}
-        return load_hf(source, source, files, args, context, tokenizer, device)
+    return load_hf(source, folder, files, args, context, tokenizer, device)
+
+
+def source_kind(source):
+    """'hub', 'folder' or 'gguf': what a base_model string names, or stop saying what it should
+    be."""
+    if source.startswith('hf:'):
+        return 'hub'
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, 'config.json')):
+            die(f"{source} has no config.json: a Hugging Face model folder needs it (with the "
+                "weights in model.safetensors); a GGUF model is one .gguf file, give its path")
+        return 'folder'
     if os.path.isfile(source):
         with open(source, 'rb') as f:
             magic = f.read(4)
         if magic != b'GGUF':
             die(f"{source} is not a GGUF file (it does not start with 'GGUF'): give a .gguf file, "
                 "a Hugging Face model folder, or hf:<owner>/<name>")
-        return load_gguf(source, device, max_block_size)
+        return 'gguf'
     die(f"no model at {source}: give a Hugging Face model folder (config.json and "
         "model.safetensors), a .gguf file, or hf:<owner>/<name> to download one")
+
+
+def model_args(source, max_block_size=2048):
+    """(ModelConfig fields, the file's context length) of a pretrained model from its config alone,
+    no weights read: the model a run that starts from it builds, and every run that goes on from
+    that one (resume, SFT on its checkpoint)."""
+    kind = source_kind(source)
+    if kind == 'gguf':
+        return gguf_model_args(read_gguf(source), source, max_block_size)
+    path = hub_config(source[3:]) if kind == 'hub' else os.path.join(source, 'config.json')
+    return hf_model_args(read_json(path), path, max_block_size)
 
 
 def read_json(path):
@@ -465,11 +483,7 @@ def rope_from_interleaved(w, n_heads):
 
 def load_gguf(path, device, max_block_size):
     gguf = need('gguf', 'GGUF files')
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError) as e:
-        die(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]}): download "
-            "it again")
+    reader = read_gguf(path)
     args, context = gguf_model_args(reader, path, max_block_size)
     check_memory(args, path)
     cfg = ModelConfig(**args)
@@ -496,6 +510,15 @@ def load_gguf(path, device, max_block_size):
     info = dict(source=path, format='gguf', path=path, files=[path], tensor_types=file_types,
                 context_length=context, tokenizer_files={}, name=field(reader, 'general.name'))
     return finish(model, info, device)
+
+
+def read_gguf(path):
+    gguf = need('gguf', 'GGUF files')
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        die(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]}): download "
+            "it again")
 
 
 def field(reader, key):

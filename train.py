@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (base_weights, check_compatible, checkpoint_path, freeze_base,
-                        load_for_resume, merge_adapter, read_checkpoint, rng_state, save_checkpoint,
+from checkpoint import (base_weights, check_base_tokenizer, check_compatible, checkpoint_path,
+                        freeze_base, load_for_resume, merge_adapter, read_checkpoint, rng_state, save_checkpoint,
                         saved_best, set_rng_state)
 from common import (check_writable, die, duration, hold_lock, peak_flops, pick_device,
                     runtime, unused_keys)
@@ -44,6 +44,7 @@ from configurator import configure, save_config
 from data import bits_per_byte, build_data, loss_sums, make_batches
 from model import GPT, ModelConfig, add_lora, adapter_state
 from optim import lr_factor, make_optimizer
+import pretrained
 from tokenizer import Tokenizer
 
 
@@ -120,12 +121,20 @@ def check_optimizer(cfg):
                     "lora_rank=0 trains every weight (set lora_rank > 0 for LoRA)")
 
 
-def model_args_from(cfg, vocab_size):
-    return asdict(ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_kv_head=cfg.n_kv_head or cfg.n_head,
-                              n_embd=cfg.n_embd,
-                              dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
-                              rope_theta=cfg.rope_theta))
+def model_args_from(cfg, tok):
+    """The shape of the model to train: the config's keys, or with base_model the base model's own
+    (its file decides layers, widths, heads, vocabulary, RoPE base; block_size is capped by its
+    context). Every run of a base_model profile builds the same shape, so resume and SFT on a
+    checkpoint of it check out."""
+    if not cfg.base_model:
+        return asdict(ModelConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size,
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                  n_kv_head=cfg.n_kv_head or cfg.n_head, n_embd=cfg.n_embd,
+                                  dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
+                                  rope_theta=cfg.rope_theta))
+    args, _ = pretrained.model_args(cfg.base_model, cfg.block_size)
+    check_base_tokenizer(tok, args, cfg.base_model)
+    return {**args, 'dropout': cfg.dropout}
 
 
 @dataclass
@@ -231,14 +240,33 @@ def starting_point(cfg, tok, args, lora, proc):
                             best_iter=best_iter, elapsed=ckpt.get('elapsed', 0.0))
         proc.log(f"resuming from {path} at step {position.iter}")
         return ckpt, weights, ckpt.get('base'), position
+    if cfg.init_from == 'base_model':
+        if not cfg.base_model:
+            die("init_from='base_model' but base_model is not set: set it to a Hugging Face model "
+                "folder, a .gguf file or hf:<owner>/<name> (and run tokenizer.py and prepare.py "
+                "with it first, for its tokenizer)")
+        model, info = pretrained.load_pretrained(cfg.base_model, max_block_size=args['block_size'])
+        weights = model.state_dict()
+        proc.log(f"initialising from base_model {cfg.base_model} ({info['format']}, "
+                 f"{info['params'] / 1e6:.1f}M parameters, {'/'.join(info['tensor_types'])}), "
+                 "fresh optimizer")
+        # LoRA: the base is written as a checkpoint beside the adapters' (base.pt), as a trained
+        # checkpoint of ours would be copied there, so resume and merge read it the same way
+        base = None
+        if lora and proc.master:
+            save_checkpoint({'model': weights, 'model_args': args, 'iter': 0, 'best_val': None,
+                             'config': vars(cfg), 'tokenizer_sha256': tok.sha256},
+                            cfg.ckpt_dir, 'base.pt')
+            base = freeze_base(os.path.join(cfg.ckpt_dir, 'base.pt'), cfg.ckpt_dir)
+            base['from'] = cfg.base_model
+        return None, weights, base, Position()
     if cfg.init_from == 'scratch':
         if lora:
             die("lora_rank > 0 fine-tunes a trained model: set init_from to its checkpoint")
         return None, None, None, Position()
     if not os.path.isfile(cfg.init_from):
-        die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing "
-            f"checkpoint "
-            "file")
+        die(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume', 'base_model' nor an "
+            "existing checkpoint file")
     ckpt = read_checkpoint(cfg.init_from)
     check_compatible(ckpt, cfg.init_from, f"init_from, from {cfg.set_by.get('init_from')}", args,
                      tok)
@@ -255,7 +283,7 @@ def build_model(cfg, tok, proc):
     """The model to train, one of four ways: from scratch; resumed (see starting_point); initialised
     from another checkpoint; or, with lora_rank > 0, LoRA adapters on a frozen base. Returns
     (Learner, Position)."""
-    args = model_args_from(cfg, tok.vocab_size)
+    args = model_args_from(cfg, tok)
     # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
     lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
