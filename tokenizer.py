@@ -3,6 +3,7 @@ Stage 1: the tokenizer and the chat template.
 
     python tokenizer.py config/demo.py                          # train out/demo/tokenizer.model
     python tokenizer.py config/demo.py --show_chat=conv.json    # see how a conversation is rendered
+    python tokenizer.py config/smol.py    # base_model set: import its tokenizer.json instead
 
 A SentencePiece model trained on the configured sources (a byte budget per source caps what is
 read), set up so that any UTF-8 text round-trips exactly: byte fallback on (no unknown tokens),
@@ -11,7 +12,14 @@ identity normalization, no whitespace collapsing, no dummy leading space.
 Ids 0-6 are fixed: 0 <unk>, 1 <s> (bos: starts every document), 2 </s> (eos), 3 <|sys|>, 4 <|usr|>,
 5 <|asst|>, 6 <|eot|> (end of an assistant turn). They are SentencePiece *control* symbols: no input
 text ever encodes to them, not even their literal spelling, so a user cannot forge a turn.
+
+With base_model set (a pretrained model to start from), the model's own tokenizer is imported
+instead of training one: its tokenizer.json and chat template, written to <out_dir>/tokenizer.json
+with a tokenizer_config.json beside it (hf_tokenizer.py: byte-level BPE only, and ChatML as the chat
+template). load_tokenizer reads either kind; every stage uses the two the same way: encode, decode,
+id_bytes, bos_id, eot_id, specials, and the template functions below, which follow tok.template.
 """
+import hashlib
 import io
 import json
 import os
@@ -23,6 +31,14 @@ import download
 import sources
 from common import atomic_file, check_writable, die, file_sha256
 from configurator import configure
+from hf_tokenizer import (
+    HFTokenizer,
+    config_bytes,
+    gguf_vocab,  # noqa: F401 (for export.py, with the rest of the interface)
+    need,
+    read_source,
+    source_files,
+)
 
 SPECIALS = ['<unk>', '<s>', '</s>', '<|sys|>', '<|usr|>', '<|asst|>', '<|eot|>']  # ids 0..6
 SPACE = '\u2581'  # SentencePiece's stand-in for a space; a literal one in text needs care (encode)
@@ -34,7 +50,33 @@ TRAIN_SEED = 1337
 NOT_READ = ('train_tokens', 'sha256', 'size')
 
 
+def load_tokenizer(path):
+    """The tokenizer at `path`: our SentencePiece Tokenizer for a .model file tokenizer.py trained,
+    an HFTokenizer for a tokenizer.json it imported (told apart by content: JSON or not)."""
+    if os.path.isdir(path):
+        die(f"tokenizer_path {path} is a folder: set it to the tokenizer's file (tokenizer.py "
+            f"writes e.g. {os.path.join(path, 'tokenizer.model')}, or tokenizer.json with "
+            "base_model)")
+    if not os.path.isfile(path):
+        die(f"no tokenizer at {path}: make it first with `python tokenizer.py <your config>` "
+            "(it trains one, or imports base_model's)")
+    try:
+        with open(path, 'rb') as f:
+            start = f.read(64)
+    except OSError as e:
+        die(f"cannot read the tokenizer {path} ({e.strerror})")
+    if not start:
+        die(f"the tokenizer {path} is empty (0 bytes; an interrupted copy?): make it again with "
+            "`python tokenizer.py <your config>`")
+    if start.lstrip()[:1] == b'{':
+        return HFTokenizer(path)
+    return Tokenizer(path)
+
+
 class Tokenizer:
+    template = 'smallchat'  # the chat template below; an HFTokenizer's is 'chatml' or None
+    specials = frozenset(range(len(SPECIALS)))
+
     def __init__(self, model_path):
         if os.path.isdir(model_path):
             die(f"tokenizer_path {model_path} is a folder: set it to the tokenizer's file "
@@ -100,8 +142,8 @@ def load_model(path):
         return spm.SentencePieceProcessor(model_proto=data)
     except (RuntimeError, OSError):
         if data.lstrip()[:1] in (b'{', b'['):
-            what = (": it is JSON (a Hugging Face tokenizer.json?), and smallchat reads "
-                    "SentencePiece .model files only")
+            what = (": it is JSON (a Hugging Face tokenizer.json?), which load_tokenizer reads "
+                    "as such; Tokenizer reads SentencePiece .model files only")
         else:
             what = ", or it was cut short or damaged"
         die(f"{path} is not a SentencePiece model{what}. {train[0].upper()}{train[1:]}")
@@ -109,9 +151,15 @@ def load_model(path):
 
 # ----------------------------------------------------------------------------------------------
 # The chat template: one function turns a conversation into (ids, mask) for training AND for chat.
+# Ours (tok.template 'smallchat'):
 #   [bos] [sys] system... [usr] user... [asst] reply... [eot] [usr] user... [asst] reply... [eot]
-# mask is 1 exactly on assistant content tokens and the eot that ends each assistant turn: the model
-# learns to answer and to stop, never to imitate the user or the system prompt.
+# ChatML (an imported tokenizer's, 'chatml'), each message a turn of its own, no bos:
+#   <|im_start|>system\n system... <|im_end|>\n <|im_start|>user\n user... <|im_end|>\n
+#   <|im_start|>assistant\n reply... <|im_end|>\n
+# mask is 1 exactly on assistant content tokens and the token that ends each assistant turn
+# (<|eot|>, <|im_end|>): the model learns to answer and to stop, never to imitate the user or the
+# system prompt. A role header and the content are encoded apart, as chat feeds them: the prompt
+# for a reply ends with the header, and the model generates the content's tokens from there.
 
 # the system prompt of chat (and of what export.py writes) when a config sets none
 DEFAULT_SYSTEM = ("you are a terse, grudging assistant. you answer in as few words as you can, in "
@@ -171,18 +219,45 @@ def check_roles(messages):
         expected = 'assistant' if role == 'user' else 'user'
 
 
+def chatml(tok):
+    """Whether tok renders ChatML (else ours); a tokenizer with no template we can map stops
+    here."""
+    if tok.template is None:
+        raise ValueError(f"the chat template of the tokenizer {tok.path} is not ChatML and cannot "
+                         f"be mapped ({tok.template_problem}): chat sources and chat need one; "
+                         "plain text still works")
+    return tok.template == 'chatml'
+
+
+def header(tok, role):
+    """The ids that open a turn: [role], or ChatML's <|im_start|>role\\n."""
+    if chatml(tok):
+        return [tok.start_id] + tok.encode(role + '\n')
+    return [{'system': tok.sys_id, 'user': tok.usr_id, 'assistant': tok.asst_id}[role]]
+
+
+def closing(tok, role):
+    """The ids after a turn's content: ChatML's <|im_end|>\\n after every turn (the newline outside
+    the mask); ours, [eot] after an assistant's."""
+    if chatml(tok):
+        return [tok.eot_id] + tok.encode('\n')
+    return [tok.eot_id] if role == 'assistant' else []
+
+
 def render_turn(tok, role, content):
-    """The ids and mask one message adds: [role] content, and [eot] after an assistant's content."""
-    ids = [{'system': tok.sys_id, 'user': tok.usr_id,
-            'assistant': tok.asst_id}[role]] + tok.encode(content)
+    """The ids and mask one message adds: header, content, closing; for an assistant, mask 1 on
+    the content and its eot."""
+    head, body, close = header(tok, role), tok.encode(content), closing(tok, role)
+    ids = head + body + close
     if role != 'assistant':
         return ids, [0] * len(ids)
-    return ids + [tok.eot_id], [0] + [1] * len(ids)
+    return ids, [0] * len(head) + [1] * (len(body) + 1) + [0] * (len(close) - 1)
 
 
 def render_conversation(tok, messages):
     check_roles(messages)
-    ids, mask = [tok.bos_id], [0]
+    first = [] if chatml(tok) else [tok.bos_id]  # (ChatML starts with its first turn)
+    ids, mask = first, [0] * len(first)
     for m in messages:
         turn_ids, turn_mask = render_turn(tok, m['role'], m['content'])
         ids += turn_ids
@@ -191,28 +266,36 @@ def render_conversation(tok, messages):
 
 
 def render_for_reply(tok, messages):
-    """Prompt ids for generating the next assistant turn: the conversation, then [asst]."""
-    return render_conversation(tok, messages)[0] + [tok.asst_id]
+    """Prompt ids for generating the next assistant turn: the conversation, then the assistant's
+    header."""
+    return render_conversation(tok, messages)[0] + header(tok, 'assistant')
 
 
 # What chat (sample.py) needs to go on from a conversation already fed to the model, a turn at a
 # time.
 
 def render_user_turn(tok, content):
-    """A user message added to a conversation, then [asst] to ask for the reply."""
-    return render_turn(tok, 'user', content)[0] + [tok.asst_id]
+    """A user message added to a conversation, then the assistant's header to ask for the reply."""
+    return render_turn(tok, 'user', content)[0] + header(tok, 'assistant')
 
 
 def end_reply(tok, reply):
     """A generated reply -> (its content ids, the reply as the template has it: ending with one
-    <|eot|>). A reply stops at its <|eot|>, or without one when it ran out of room."""
+    eot, and ChatML's newline after it). A reply stops at its eot, or without one when it ran out
+    of room."""
+    close = closing(tok, 'assistant')
     content = reply[:-1] if reply and reply[-1] == tok.eot_id else reply
-    return content, content + [tok.eot_id]
+    return content, content + close
 
 
 def not_in_reply(tok):
-    """The ids a reply must never contain: every special token but <|eot|>, which ends it."""
-    return (tok.unk_id, tok.bos_id, tok.eos_id, tok.sys_id, tok.usr_id, tok.asst_id)
+    """The ids a reply must never contain: every special token but the eot, which ends it."""
+    chatml(tok)
+    return tuple(sorted(tok.specials - {tok.eot_id}))
+
+
+def special_name(tok, i):
+    return SPECIALS[i] if tok.template == 'smallchat' else tok.names[i]
 
 
 def show_conversation(tok, messages):
@@ -223,7 +306,7 @@ def show_conversation(tok, messages):
         if m != inside:
             out.append('⟦' if m else '⟧')
             inside = m
-        out.append(SPECIALS[i] if i < len(SPECIALS) else tok.decode([i]))
+        out.append(special_name(tok, i) if i in tok.specials else tok.decode([i]))
     out.append('⟧' if inside else '')
     return ''.join(out), len(ids), sum(mask)
 
@@ -408,18 +491,86 @@ def train_tokenizer(cfg):
     print(f"tokenizer: wrote {path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
 
 
+# ----------------------------------------------------------------------------------------------
+# Importing a pretrained model's tokenizer (base_model set)
+
+def import_tokenizer(cfg):
+    """Write base_model's tokenizer to tokenizer_path (a tokenizer.json) and a
+    tokenizer_config.json beside it: the chat template, bos/eos, and a record of where it came
+    from (base_model and its source files' sha256), which decides "up to date" on a re-run."""
+    path = cfg.tokenizer_path
+    config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+    if os.path.isdir(path):
+        die(f"tokenizer_path {path} is a folder: set it to a file, e.g. "
+            f"{os.path.join(path, 'tokenizer.json')}")
+    need('tokenizers')  # (before any download)
+    files = source_files(cfg.base_model)  # (an hf: model's are downloaded, once)
+    record = {'base_model': cfg.base_model,
+              'files': {name: file_sha256(p) for name, p in sorted(files.items())}}
+    fix = ("Shards and checkpoints made with it depend on it, so it is not replaced silently: "
+           "delete it and its tokenizer_config.json (and re-run prepare.py) to import again, or "
+           "set --tokenizer_path to a new file.")
+    if os.path.exists(path) or os.path.exists(config_path):
+        old = read_record(config_path)
+        old = old.get('smallchat_import') if isinstance(old, dict) else None
+        if not isinstance(old, dict) or not os.path.exists(path):
+            die(f"{path} and {config_path} are not a tokenizer that tokenizer.py imported (one is "
+                f"missing, or {config_path} holds no record of an import). {fix}")
+        if old.get('tokenizer_sha256') != file_sha256(path):
+            die(f"{path} is not the file tokenizer.py imported: its sha256 differs from the one "
+                f"recorded in {config_path}, so it was replaced or changed since. {fix}")
+        if {k: old.get(k) for k in record} != record:
+            was = old.get('base_model')
+            why = ("its files changed since" if was == cfg.base_model
+                   else f"now base_model is {cfg.base_model}")
+            die(f"{path} was imported from {was} and {why}. {fix}")
+        print(f"tokenizer: {path} is up to date with base_model {cfg.base_model}, nothing to do")
+        return
+    text, config, pre = read_source(files)
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', **config}  # (transformers reads it)
+    record['tokenizer_sha256'] = hashlib.sha256(text.encode('utf-8')).hexdigest()
+    if pre:
+        record['gguf_pre'] = pre
+    config['smallchat_import'] = record
+    where = f"base_model {cfg.base_model}"
+    tok = HFTokenizer(where, text, config)  # (a tokenizer we cannot use stops here, unwritten)
+    check_writable(os.path.dirname(path) or '.', 'tokenizer_path (or out_dir)')
+    try:
+        with atomic_file(path, 'w') as f:
+            f.write(text)
+        with atomic_file(config_path) as f:
+            f.write(config_bytes(config))
+    except OSError as e:  # (a tokenizer.json without its record is not kept)
+        if os.path.exists(path) and not os.path.exists(config_path):
+            os.remove(path)
+        die(f"cannot write {e.filename or path} ({e.strerror}): free some space on that disk or "
+            "set tokenizer_path to another disk; nothing half-written was kept")
+    names = {i: tok.tk.id_to_token(i) for i in (tok.bos_id, tok.eos_id, tok.eot_id)}
+    print(f"tokenizer: imported {cfg.base_model}'s tokenizer into {path} ({tok.vocab_size} "
+          f"tokens; bos {names[tok.bos_id]}, eos {names[tok.eos_id]}, end of reply "
+          f"{names[tok.eot_id]})")
+    if tok.template:
+        print(f"tokenizer: its chat template is {tok.template}")
+    else:
+        print(f"tokenizer: note: chat sources and chat cannot be used with it: "
+              f"{tok.template_problem}, not ChatML (plain text can)")
+
+
 def main():
     cfg = configure()
     if cfg.show_chat:
-        tok = Tokenizer(cfg.tokenizer_path)
+        tok = load_tokenizer(cfg.tokenizer_path)
         messages = load_conversation_file(cfg.show_chat)
         try:
             text, n, trained = show_conversation(tok, messages)
         except ValueError as e:
             die(f"{cfg.show_chat}: {e}")
         print(text)
-        print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the <|eot|> "
-              "that ends each")
+        print(f"\n{n} tokens, {trained} trained (inside ⟦ ⟧): assistant replies and the "
+              f"{special_name(tok, tok.eot_id)} that ends each")
+        return
+    if cfg.base_model:
+        import_tokenizer(cfg)
         return
     download.setup(cfg)  # a public corpus among the sources is fetched (or read from the cache)
     train_tokenizer(cfg)
