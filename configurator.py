@@ -187,6 +187,11 @@ KEYS = {
     'system': ('', "chat system prompt; '' = the built-in default voice (system_file wins if set)"),
     'system_file': ('', "read the chat system prompt from this file (overrides system)"),
     'allow_special': (False, "let the model generate role tokens (sys/usr/asst/bos) in chat"),
+    'retrieve_from': ('', "retrieval (retrieval.py): the source of notes whose best-matching "
+                          "chunks go in front of each user message, in SFT rows (prepare.py), "
+                          "chat and eval.py's questions; '' = off"),
+    'retrieve_k': (3, '>= 1', "retrieval: how many chunks of the notes each message gets"),
+    'retrieve_chunk_chars': (500, '>= 50', "retrieval: the longest chunk of a note, in characters"),
 
     # --- eval.py ---
     'eval_sources': (None, list, "prepared sources whose val split eval.py measures; None = every "
@@ -203,6 +208,8 @@ KEYS = {
     'eval_chat': (False, "eval.py: ask benchmark and smoke questions through the chat template "
                          "(SFT models)"),
     'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
+    'questions': ('', "eval.py: a .jsonl of questions scored by keywords (data/sample/"
+                      "questions.jsonl): asked through chat, greedy, one at a time; '' = skip"),
 
     # --- export.py ---
     'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = "
@@ -230,7 +237,7 @@ KEYS = {
 # sources' paths. (boolq and hellaswag may also be 'download' or a URL: expanduser leaves those be.)
 PATH_KEYS = ('out_dir', 'data_dir', 'tokenizer_path', 'base_model', 'show_chat', 'cache_dir',
              'init_from', 'lora_base', 'merge_lora', 'ckpt', 'system_file', 'text_file', 'boolq',
-             'hellaswag', 'eval_out', 'export_dir', 'bench_json', 'bench_corpus', 'bench_sft_config')
+             'hellaswag', 'questions', 'eval_out', 'export_dir', 'bench_json', 'bench_corpus', 'bench_sft_config')
 
 
 def key_spec(name):

@@ -23,8 +23,11 @@ from common import die
 from tokenizer import SPECIALS
 
 FORMAT_VERSION = 1  # of the shard files: prepare.py writes it into meta.json, load_split checks it
-# where turns start
-SYS, USR, ASST = (SPECIALS.index(t) for t in ('<|sys|>', '<|usr|>', '<|asst|>'))
+# How a rendered conversation marks its turns (tokenizer.turn_markers; prepare.py records the
+# tokenizer's in a chat split's meta.json): what comes before the first turn (our <s>), and the ids
+# that start each role's turn. Ours, for splits prepared before the record existed:
+OUR_TURNS = {'head': 1, 'system': [SPECIALS.index('<|sys|>')],
+             'user': [SPECIALS.index('<|usr|>')], 'assistant': [SPECIALS.index('<|asst|>')]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +168,8 @@ class Split:
                 if b - a <= R:
                     cut, truncated = [((a, b),)], False
                 else:
-                    cut, truncated = split_at_turns(np.array(tokens[a:b]), a, R)
+                    cut, truncated = split_at_turns(np.array(tokens[a:b]), a, R,
+                                                    self.meta.get('turns', OUR_TURNS))
                     self.long += 1
                 self.truncated += truncated
                 for piece in cut:
@@ -190,20 +194,38 @@ class Split:
                 f"{R - 1} tokens: raise block_size")
 
 
-def split_at_turns(ids, offset, R):
+def turn_starts(ids, turns):
+    """[(position, role)] of every turn of a rendered conversation, in order: where the ids that
+    start a role's turn (turns[role], e.g. [<|usr|>], or ChatML's <|im_start|> 'user' '\n')
+    occur. User text never holds a control token, so they occur nowhere else."""
+    found = []
+    for role in ('system', 'user', 'assistant'):
+        marker = turns[role]
+        n = len(ids) - len(marker) + 1
+        hit = np.ones(max(n, 0), dtype=bool)
+        for k, t in enumerate(marker):
+            hit &= ids[k:k + n] == t
+        found += [(p, role) for p in np.flatnonzero(hit).tolist()]
+    return sorted(found)
+
+
+def split_at_turns(ids, offset, R, markers=OUR_TURNS):
     """Pieces of one conversation longer than R tokens (see Split.cut_pieces): lists of (begin, end)
-    ranges, offset into the shard; and whether a turn had to be cut."""
-    at = np.flatnonzero((ids == SYS) | (ids == USR) | (ids == ASST)).tolist() + [len(ids)]
-    turns = [(p, q, int(ids[p])) for p, q in zip(at, at[1:])]
-    system = turns.pop(0)[:2] if turns and turns[0][2] == SYS else None
+    ranges, offset into the shard; and whether a turn had to be cut. `markers`: how the template
+    marks turns (OUR_TURNS)."""
+    starts = turn_starts(ids, markers)
+    at = [p for p, _ in starts] + [len(ids)]
+    turns = [(p, q, role) for (p, role), q in zip(starts, at[1:])]
+    system = turns.pop(0)[:2] if turns and turns[0][2] == 'system' else None
     # exchanges: a user turn and the reply to it, as (user begin, reply begin, end); a last question
     # without a reply goes
-    exchanges = [(u[0], a[0], a[1]) for u, a in zip(turns,
-                                                    turns[1:]) if u[2] == USR and a[2] == ASST]
+    exchanges = [(u[0], a[0], a[1]) for u, a in zip(turns, turns[1:])
+                 if u[2] == 'user' and a[2] == 'assistant']
+    head_len = markers['head']  # what starts every piece: our <s>, nothing in ChatML
     pieces, truncated, i = [], False, 0
     while i < len(exchanges):
-        room = R - 1  # after <s>
-        head = (0, 1)
+        room = R - head_len  # after <s>
+        head = (0, head_len)
         if system and system[1] - system[0] + exchanges[i][2] - exchanges[i][0] <= room:
             head = (0, system[1])  # <s> and the system turn are contiguous
             room -= system[1] - system[0]

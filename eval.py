@@ -39,7 +39,9 @@ from checkpoint import checkpoint_path, load_model
 from common import Progress, atomic_file, check_writable, die, runtime
 from configurator import configure
 from data import bits_per_byte, is_prepared, load_split, loss_sums, split_sequences, windows
-from tokenizer import Tokenizer, render_for_reply
+from retrieval import notes_index, with_notes
+from tokenizer import (load_tokenizer, not_in_reply, past_vocab, render_for_reply,
+                       system_prompt)
 
 HF = download.HF_DATASETS
 BENCHMARK_URLS = {'boolq': f'{HF}/google/boolq/resolve/main/data/validation-00000-of-00001.parquet',
@@ -136,9 +138,23 @@ def hellaswag_problem(row):
     row['label'] = label
 
 
+def questions_problem(row):
+    if not isinstance(row['question'], str) or not row['question'].strip():
+        return f"field 'question' must be a non-empty string, {got(row['question'])}"
+    groups = row['keywords']
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, list) and g and all(isinstance(w, str) and w.strip() for w in g)
+            for g in groups)):
+        return ("field 'keywords' must be a list of groups, each a list of words or phrases "
+                f"(an answer is right when it holds one of every group), {got(groups)}")
+    if not isinstance(row.get('kind', ''), str):
+        return f"field 'kind' must be a string such as 'fact' or 'unknown', {got(row['kind'])}"
+
+
 BENCHMARKS = {'boolq': (('question', 'passage', 'answer'), boolq_problem),
               'hellaswag': (('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label'),
-                            hellaswag_problem)}
+                            hellaswag_problem),
+              'questions': (('question', 'keywords'), questions_problem)}
 
 
 def read_rows(path, what):
@@ -266,6 +282,54 @@ def hellaswag(model, tok, rows, chat, autocast, device, batch_size):
 
 
 # ----------------------------------------------------------------------------------------------
+# Questions about the notes, asked through chat (with retrieval when the config has it) and scored
+# by keywords: right when the answer, lowercased, holds one alternative of every keyword group
+
+IDK = ("don't know", "do not know", "dont know", "not sure", "no idea")
+
+
+def ask(model, tok, system, content, autocast, max_new_tokens=64):
+    """One question, alone in a fresh chat (the system prompt, the message), answered greedily.
+    Retrieved notes too long for the context are dropped from the end first: the question stays."""
+    room = model.cfg.block_size - max_new_tokens
+    ids = render_for_reply(tok, [{'role': 'system', 'content': system},
+                                 {'role': 'user', 'content': content}])
+    if len(ids) > room:  # keep the prompt's head (system, notes) and end (the question), cut between
+        ids = ids[:room // 2] + ids[len(ids) - (room - room // 2):]
+    stop = {tok.eot_id}
+    banned = not_in_reply(tok) + past_vocab(tok, model.cfg.vocab_size)
+    with autocast:
+        new = list(model.generate(ids, max_new_tokens, temperature=0, stop=stop, banned=banned))
+    return tok.decode([t for t in new if t not in stop]).strip()
+
+
+def questions(model, tok, rows, system, notes, k, autocast):
+    """Each row asked (retrieval.with_notes when notes is an index); per kind: right / asked."""
+    answers, by_kind = [], {}
+    progress = Progress('questions', len(rows), every=5)
+    for i, row in enumerate(rows):
+        answer = ask(model, tok, system, with_notes(notes, row['question'], k), autocast)
+        text = answer.lower()
+        right = all(any(w.lower() in text for w in group) for group in row['keywords'])
+        answers.append({'id': row.get('id', i + 1), 'kind': row.get('kind', ''),
+                        'question': row['question'], 'answer': answer, 'right': right,
+                        'said_idk': any(w in text for w in IDK)})
+        kind = by_kind.setdefault(row.get('kind', '') or 'all', [0, 0])
+        kind[0] += right
+        kind[1] += 1
+        progress(i + 1)
+    return {'n': len(rows), 'right': sum(a['right'] for a in answers), 'by_kind': by_kind,
+            'idk_on_answerable': sum(a['said_idk'] for a in answers if a['kind'] != 'unknown'),
+            'answers': answers}
+
+
+def questions_line(r):
+    kinds = ', '.join(f"{kind} {right}/{n}" for kind, (right, n) in r['by_kind'].items())
+    return (f"{r['right']}/{r['n']} right ({100 * r['right'] / r['n']:.0f}%: {kinds}); "
+            f"\"i don't know\" to {r['idk_on_answerable']} answerable")
+
+
+# ----------------------------------------------------------------------------------------------
 
 def smoke(model, tok, chat, autocast, max_new_tokens=48):
     """A fixed list of prompts answered greedily (with the KV cache)."""
@@ -275,8 +339,8 @@ def smoke(model, tok, chat, autocast, max_new_tokens=48):
         stop = {tok.eot_id} if chat else {tok.bos_id, tok.eos_id}
         with autocast:
             new = list(model.generate(ids, max_new_tokens, temperature=0, stop=stop,
-                                      banned=(tok.bos_id, tok.sys_id, tok.usr_id,
-                                              tok.asst_id) if chat else ()))
+                                      banned=(not_in_reply(tok) if chat else ())
+                                      + past_vocab(tok, model.cfg.vocab_size)))
         text = tok.decode([t for t in new if t not in stop])
         out.append({'prompt': prompt, 'output': text})
         shown = text.strip()[:300].replace('\n', '\n    ')
@@ -307,6 +371,8 @@ def markdown(results):
         if name in results:
             r = results[name]
             lines += ['', f"**{name}** (n={r['n']}): {benchmark_line(name, r)}"]
+    if 'questions' in results:
+        lines += ['', f"**questions**: {questions_line(results['questions'])}"]
     return '\n'.join(lines) + '\n'
 
 
@@ -318,6 +384,8 @@ def main():
     limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows
     benchmarks = {name: limit(read_rows(benchmark_file(spec, name), name))
                   for name, spec in (('boolq', cfg.boolq), ('hellaswag', cfg.hellaswag)) if spec}
+    asked = limit(read_rows(cfg.questions, 'questions')) if cfg.questions else None
+    notes = notes_index(cfg) if asked else None  # (retrieval, when the config has it)
     text = None
     if cfg.text_file:
         if not os.path.isfile(cfg.text_file):
@@ -327,11 +395,11 @@ def main():
         except UnicodeDecodeError as e:
             die(f"--text_file: {cfg.text_file} is not valid UTF-8 (byte {e.start})")
     device, _, dtype, autocast = runtime(cfg.device, cfg.dtype)
-    tok = Tokenizer(cfg.tokenizer_path)
+    tok = load_tokenizer(cfg.tokenizer_path)
     path, why = checkpoint_path(cfg)
     out_dir = cfg.eval_out or os.path.dirname(os.path.abspath(path))
     check_writable(out_dir, 'eval_out')
-    model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
+    model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path, tok)
     T, B = model.cfg.block_size, cfg.batch_size
     results = {'ckpt': path, 'iter': ckpt['iter'], 'model_args': ckpt['model_args'],
                'tokenizer_sha256': tok.sha256, 'chat': cfg.eval_chat, 'splits': {}}
@@ -362,6 +430,14 @@ def main():
         score = boolq if name == 'boolq' else hellaswag
         results[name] = r = score(model, tok, rows, cfg.eval_chat, autocast, device, B)
         print(f"{name} (n={r['n']}): {benchmark_line(name, r)}")
+    if asked:
+        results['questions'] = r = questions(model, tok, asked, system_prompt(cfg), notes,
+                                             cfg.retrieve_k, autocast)
+        print(f"questions ({cfg.questions}{', with retrieval' if notes else ''}): "
+              f"{questions_line(r)}")
+        for a in r['answers']:
+            print(f"  {'+' if a['right'] else '-'} [{a['kind']}] {a['question']}\n"
+                  f"      {a['answer'][:200]!r}")
     print("smoke prompts (greedy):")
     results['smoke'] = smoke(model, tok, cfg.eval_chat, autocast)
 

@@ -46,7 +46,7 @@ import torch
 from checkpoint import checkpoint_path, load_model
 from common import check_writable, die, unused_keys
 from configurator import configure
-from tokenizer import SPECIALS, Tokenizer, system_prompt
+from tokenizer import SPECIALS, gguf_vocab, load_tokenizer, system_prompt
 
 EXTRA = "pip install -r requirements-export.txt"
 
@@ -83,6 +83,32 @@ def chat_template(system):
         "{% endfor %}"
         "{% if add_generation_prompt %}<|asst|>{% endif %}"
     )
+
+
+def chatml_template(system):
+    """An imported model's ChatML template (tokenizer.render_conversation for template 'chatml'):
+    each message as <|im_start|>role\ncontent<|im_end|>\n, the generation prompt
+    <|im_start|>assistant\n, and a conversation without a system message gets `system`, as in
+    sample.py's chat (the model's own template may bring another default: ours is what chat used)."""
+    return (
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        "<|im_start|>system\n{{ " + jinja_string(system) + " }}<|im_end|>\n"
+        "{% endif %}"
+        "{% for message in messages %}"
+        "{% set expected = 'assistant' if (loop.index0 - (1 if messages[0]['role'] == 'system' "
+        "else 0)) % 2 else 'user' %}"
+        "{% if not (message['role'] == 'system' and loop.first) and message['role'] != expected %}"
+        "{{ raise_exception('roles go: optional system, then user and assistant taking turns') }}"
+        "{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHATML_OLLAMA = ('<|im_start|>system\n{{ .System }}<|im_end|>\n{{ range .Messages }}'
+                 '{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                 '{{ end }}{{ end }}<|im_start|>assistant\n')
 
 
 # The same for ollama, whose templates are Go templates. Its system prompt (.System) is the
@@ -181,6 +207,18 @@ def check_exportable(cfg, model, sp, tok_path):
             "SentencePiece tokenizer merges pieces by score, which gives a BPE model's ids but not "
             "a unigram model's. Export the Hugging Face folder alone with --gguf_type=none, or "
             "train with tokenizer_type='bpe'.")
+
+
+def check_imported_exportable(cfg, model, tok):
+    """An imported tokenizer: no id past the embedding; GGUF needs a pre-tokenizer llama.cpp knows
+    by name (it picks llama.cpp's splitting rules) and, for chat, the ChatML template."""
+    if tok.vocab_size > model.cfg.vocab_size:
+        die(f"{tok.path} has {tok.vocab_size} tokens but the model embeds "
+            f"{model.cfg.vocab_size}: is it this model's tokenizer?")
+    if cfg.gguf_type != 'none' and gguf_vocab(tok)['pre'] is None:
+        die(f"{tok.path}: its pre-tokenizer is not one llama.cpp knows by name, so a GGUF file "
+            "would split text differently: export the Hugging Face folder alone with "
+            "--gguf_type=none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +334,20 @@ def tokenizer_config(sp, block_size, system):
     }
 
 
+def imported_tokenizer_config(tok, block_size, system):
+    """tokenizer_config.json for an imported (byte-level BPE) tokenizer: tokenizer.json does the
+    tokenizing; no token is added in front (the template starts every conversation); the chat
+    template is chat's, with its system prompt."""
+    tokens = gguf_vocab(tok)['tokens']
+    return {
+        'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': tokens[tok.bos_id],
+        'eos_token': tokens[tok.eot_id], 'unk_token': None, 'pad_token': None,
+        'add_bos_token': False, 'add_eos_token': False, 'add_prefix_space': False,
+        'clean_up_tokenization_spaces': False, 'model_max_length': block_size,
+        'chat_template': (chatml_template(system) if tok.template == 'chatml' else None),
+    }
+
+
 def write_json(path, obj):
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -311,6 +363,11 @@ def write_hf(folder, model, tok, sp, system):
     write_json(os.path.join(folder, 'config.json'), hf_config(model, tok))
     write_json(os.path.join(folder, 'generation_config.json'), {
         'bos_token_id': tok.bos_id, 'eos_token_id': [tok.eos_id, tok.eot_id], 'do_sample': False})
+    if sp is None:  # an imported tokenizer: its tokenizer.json as it is, our chat template
+        shutil.copyfile(tok.path, os.path.join(folder, 'tokenizer.json'))
+        write_json(os.path.join(folder, 'tokenizer_config.json'),
+                   imported_tokenizer_config(tok, model.cfg.block_size, system))
+        return
     shutil.copyfile(tok.path, os.path.join(folder, 'tokenizer.model'))
     write_json(os.path.join(folder, 'tokenizer.json'), tokenizer_json(sp))
     write_json(os.path.join(folder, 'tokenizer_config.json'),
@@ -393,20 +450,10 @@ def write_gguf(path, model, tok, sp, gguf_type, name, system):
     w.add_rope_dimension_count(c.n_embd // c.n_head)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(rms_eps(model))
-    # the tokenizer: llama.cpp's SentencePiece tokenizer ('llama') with our pieces, scores and types
-    w.add_tokenizer_model('llama')
-    w.add_token_list([text for text, _, _ in sp['pieces']])
-    w.add_token_scores([score for _, score, _ in sp['pieces']])
-    w.add_token_types([kind for _, _, kind in sp['pieces']])
-    w.add_unk_token_id(tok.unk_id)
-    w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.eos_id)
-    w.add_eot_token_id(tok.eot_id)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
-    w.add_remove_extra_whitespaces(False)
-    w.add_chat_template(chat_template(system))
+    if sp is None:
+        add_imported_tokenizer(w, model, tok, system)
+    else:
+        add_our_tokenizer(w, tok, sp, system)
     fallback = []
     for tensor_name, weight in gguf_tensors(model):
         data, qtype = gguf_encode(gguf, weight, gguf_type)
@@ -422,9 +469,49 @@ def write_gguf(path, model, tok, sp, gguf_type, name, system):
     w.close()
 
 
-def write_modelfile(path, gguf_name, system):
-    lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
-             'PARAMETER stop "<|eot|>"', 'PARAMETER stop "</s>"']
+def add_our_tokenizer(w, tok, sp, system):
+    """Our SentencePiece model as llama.cpp's 'llama' tokenizer: our pieces, scores and types."""
+    w.add_tokenizer_model('llama')
+    w.add_token_list([text for text, _, _ in sp['pieces']])
+    w.add_token_scores([score for _, score, _ in sp['pieces']])
+    w.add_token_types([kind for _, _, kind in sp['pieces']])
+    w.add_unk_token_id(tok.unk_id)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_eot_token_id(tok.eot_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_remove_extra_whitespaces(False)
+    w.add_chat_template(chat_template(system))
+
+
+def add_imported_tokenizer(w, model, tok, system):
+    """An imported byte-level BPE tokenizer as llama.cpp's 'gpt2' model: tokens, types, merges and
+    the pre-tokenizer's name (which picks llama.cpp's splitting rules). Token ids past the
+    tokenizer's, where the model's embedding is padded larger, are unused placeholders."""
+    vocab = gguf_vocab(tok)
+    pad = model.cfg.vocab_size - len(vocab['tokens'])
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre(vocab['pre'])
+    w.add_token_list(vocab['tokens'] + [f'[PAD{i}]' for i in range(pad)])
+    w.add_token_types(vocab['token_types'] + [5] * pad)  # (5: unused)
+    w.add_token_merges(vocab['merges'])
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eot_id if tok.template == 'chatml' else tok.eos_id)
+    w.add_eot_token_id(tok.eot_id)
+    w.add_add_bos_token(False)
+    if tok.template == 'chatml':
+        w.add_chat_template(chatml_template(system))
+
+
+def write_modelfile(path, gguf_name, system, template):
+    if template == 'chatml':
+        lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{CHATML_OLLAMA}"""',
+                 'PARAMETER stop "<|im_end|>"']
+    else:
+        lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
+                 'PARAMETER stop "<|eot|>"', 'PARAMETER stop "</s>"']
     if '"""' in system:  # (ollama reads a triple-quoted value up to the next """, unescaped)
         die('the system prompt holds """, which a Modelfile cannot: change it (system_file or '
             'system), or export with --gguf_type=none')
@@ -503,12 +590,16 @@ def main():
     folder = cfg.export_dir or os.path.join(cfg.out_dir, 'export', cfg.phase)
     # (before the work, not after it)
     check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')
-    tok = Tokenizer(cfg.tokenizer_path)
+    tok = load_tokenizer(cfg.tokenizer_path)
     system = system_prompt(cfg)  # chat's: the templates give it to conversations without one
     path, why = checkpoint_path(cfg)
-    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path)
-    sp = read_sentencepiece(tok.path)
-    check_exportable(cfg, model, sp, tok.path)
+    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path, tok)
+    if tok.template == 'smallchat':
+        sp = read_sentencepiece(tok.path)
+        check_exportable(cfg, model, sp, tok.path)
+    else:  # an imported tokenizer (base_model)
+        sp = None
+        check_imported_exportable(cfg, model, tok)
     tmp = prepare_destination(folder, cfg.overwrite)
     try:
         name = f"smallchat-{os.path.basename(os.path.normpath(cfg.out_dir))}-{cfg.phase}"
@@ -516,7 +607,7 @@ def main():
         if cfg.gguf_type != 'none':
             gguf_name = f'model-{cfg.gguf_type}.gguf'
             write_gguf(os.path.join(tmp, gguf_name), model, tok, sp, cfg.gguf_type, name, system)
-            write_modelfile(os.path.join(tmp, 'Modelfile'), gguf_name, system)
+            write_modelfile(os.path.join(tmp, 'Modelfile'), gguf_name, system, tok.template)
         swap_in(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

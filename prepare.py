@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 import download
+import retrieval
 import sources
 import tokenizer
 from common import Progress, atomic_file, check_writable, die, suggest
@@ -55,7 +56,7 @@ def init_worker(tokenizer_path, pool_worker=True):
     # Ctrl-C is for the main process (one message, not one per worker); never ignore it there
     if pool_worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker_tok = tokenizer.Tokenizer(tokenizer_path)
+    worker_tok = tokenizer.load_tokenizer(tokenizer_path)
 
 
 def tokenize_batch(batch, max_conversation_tokens, dtype):
@@ -179,8 +180,14 @@ def fingerprint(src, files, tok_sha, cfg):
     """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, split_seed,
     format."""
     inputs = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    notes = None  # a chat source with retrieval: its rows hold chunks of the notes, which may change
+    if src['format'] == 'chat' and cfg.retrieve_from:
+        notes_src = sources.source_settings(cfg.retrieve_from, cfg.sources[cfg.retrieve_from])
+        notes = [notes_src, cfg.retrieve_k, cfg.retrieve_chunk_chars,
+                 [(f, os.path.getsize(f), os.stat(f).st_mtime_ns)
+                  for f in sources.source_files(notes_src)]]
     key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
-                      cfg.max_conversation_tokens], sort_keys=True)
+                      cfg.max_conversation_tokens] + ([notes] if notes else []), sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -277,6 +284,8 @@ def prepare_source(cfg, name, tok):
             'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size,
             'tokenizer_sha256': tok.sha256,
             'split_seed': cfg.split_seed, 'fingerprint': fp, 'reader_counts': dict(stats)}
+    if chat:  # how its template marks turns, for cutting long conversations (data.split_at_turns)
+        meta['turns'] = tokenizer.turn_markers(tok)
     for split, w in writers.items():
         m = w.finish({**meta, 'split': split})
         extra = (f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens"
@@ -319,6 +328,11 @@ def tokenized_docs(docs, cfg, tok, dtype, stats):
     truncated, split) or None for a conversation dropped (no reply left after the cut). A bad
     document stops the run."""
     num_proc = cfg.num_proc or os.cpu_count()
+    if cfg.retrieve_from:  # SFT rows as chat shows messages: the notes that match go in front
+        index = notes_index(cfg)
+        docs = ((where, doc if isinstance(doc, str) else
+                 retrieval.with_notes_conversation(index, doc, cfg.retrieve_k), split)
+                for where, doc, split in docs)
     for result in tokenized(docs, tok.path, num_proc, cfg.max_conversation_tokens, dtype):
         if isinstance(result, str):
             die(result)
@@ -326,6 +340,15 @@ def tokenized_docs(docs, cfg, tok, dtype, stats):
             stats['conversations dropped (no reply left within '
                   'max_conversation_tokens)'] += result.count(None)
         yield result
+
+
+NOTES = {}  # the retrieval index of this run's notes, built once (retrieval.notes_index)
+
+
+def notes_index(cfg):
+    if 'index' not in NOTES:
+        NOTES['index'] = retrieval.notes_index(cfg)
+    return NOTES['index']
 
 
 def write_counted(cfg, src, tok, dtype, writers, stats):
@@ -425,7 +448,8 @@ def analyze_remote(src, bytes_per_token):
 def analyze(cfg, names):
     """Per source: files, documents, bytes, estimated tokens per split, empty and unreadable files;
     for a public corpus not downloaded yet, what would be downloaded. Writes nothing."""
-    tok = tokenizer.Tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path) else None
+    tok = (tokenizer.load_tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path)
+           else None)
     rows, notes, ratios = [], [], []
     for name in names:
         src = sources.source_settings(name, cfg.sources[name])
@@ -493,7 +517,7 @@ def main():
     download.setup(cfg)
     if cfg.analyze_only:
         return analyze(cfg, names)
-    tok = tokenizer.Tokenizer(cfg.tokenizer_path)
+    tok = tokenizer.load_tokenizer(cfg.tokenizer_path)
     for name in cfg.sources:  # every source's settings, checked before anything is read or written
         sources.source_settings(name, cfg.sources[name])
     check_own_folders(cfg, names)  # (before check_writable makes data_dir)

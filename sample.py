@@ -23,8 +23,9 @@ from checkpoint import checkpoint_path, load_model
 from common import die, runtime
 from configurator import configure
 from model import KVCache
-from tokenizer import (Tokenizer, clean, end_reply, not_in_reply, render_conversation,
-                       render_for_reply, render_user_turn, system_prompt)
+from retrieval import notes_index, with_notes
+from tokenizer import (clean, end_reply, load_tokenizer, not_in_reply, past_vocab,
+                       render_conversation, render_for_reply, render_user_turn, system_prompt)
 
 
 class OneLine:
@@ -93,7 +94,8 @@ def complete(cfg, model, tok, autocast, generator):
         prompt = [tok.bos_id] + tok.encode(end)
     # one for every sample: a compiled decode step keeps working on the same buffers
     cache = KVCache(model)
-    compile_decode(cfg, model, autocast, cache)
+    banned = past_vocab(tok, model.cfg.vocab_size)
+    compile_decode(cfg, model, autocast, cache, banned)
     for i in range(cfg.num_samples):
         if i:
             print('\n' + '-' * 40)
@@ -104,6 +106,7 @@ def complete(cfg, model, tok, autocast, generator):
             stream(tok, model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                        cfg.top_p,
                                        use_cache=cfg.use_kv_cache, stop={tok.bos_id, tok.eos_id},
+                                       banned=banned,
                                        generator=generator, cache=cache,
                                        compile=cfg.compile_decode))
         print()
@@ -176,12 +179,13 @@ def fit_history(tok, messages, budget):
     return messages, render_for_reply(tok, messages)
 
 
-def chat(cfg, model, tok, autocast, generator):
+def chat(cfg, model, tok, autocast, generator, notes=None):
     """A multi-turn REPL. The KV cache holds the conversation so far, so each turn only feeds the
     new user message; when the conversation outgrows the context, the oldest turns are dropped (the
     system prompt stays) and the rest is read again (fit_history)."""
     configured = system_prompt(cfg)  # the one export.py writes into the model's chat templates
-    banned = () if cfg.allow_special else not_in_reply(tok)
+    banned = ((() if cfg.allow_special else not_in_reply(tok))
+              + past_vocab(tok, model.cfg.vocab_size))
     block = model.cfg.block_size
     reply_room = min(cfg.max_new_tokens, block // 2)
     system = fit_system(tok, configured, block - reply_room)
@@ -201,6 +205,7 @@ def chat(cfg, model, tok, autocast, generator):
 
     messages = [{'role': 'system', 'content': system}]
     pending = render_conversation(tok, messages)[0]
+    previous = ''  # the user's last message as typed (retrieval looks at it too)
     if tty:
         print("chat: type a message; /reset, /system <text> (bare /system: the configured one), "
               "/quit (or Ctrl-D)")
@@ -225,16 +230,21 @@ def chat(cfg, model, tok, autocast, generator):
                 system = fit_system(tok, asked, block - reply_room)
             messages = [{'role': 'system', 'content': system}]
             pending = render_conversation(tok, messages)[0]
+            previous = ''
             cache.reset()
             # not on stdout, where a program reads one reply per line
             print(f"({status})", file=sys.stderr)
             continue
-        messages.append({'role': 'user', 'content': text})
-        pending = pending + render_user_turn(tok, text)
+        # with retrieval on, the model reads the message with the notes that match it (and the
+        # message before it), as its SFT rows showed it (retrieval.py)
+        content = with_notes(notes, text, cfg.retrieve_k, previous)
+        previous = text
+        messages.append({'role': 'user', 'content': content})
+        pending = pending + render_user_turn(tok, content)
         if cache.pos + len(pending) + reply_room > block:
             messages, pending = fit_history(tok, messages, block - reply_room)
             cache.reset()
-            if messages[-1]['content'] != text:
+            if messages[-1]['content'] != content:
                 print(f"(the message is longer than the context holds: the model reads its last "
                       f"{len(tok.encode(messages[-1]['content']))} tokens)", file=sys.stderr)
         with autocast:
@@ -254,14 +264,14 @@ def chat(cfg, model, tok, autocast, generator):
 def main():
     cfg = configure()
     device, _, dtype, autocast = runtime(cfg.device, cfg.dtype)
-    tok = Tokenizer(cfg.tokenizer_path)
+    tok = load_tokenizer(cfg.tokenizer_path)
     path, why = checkpoint_path(cfg)
-    model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path)
+    model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path, tok)
     # sampling draws its noise on the model's device
     generator = torch.Generator(device).manual_seed(cfg.seed)
     try:
         if cfg.interactive:
-            chat(cfg, model, tok, autocast, generator)
+            chat(cfg, model, tok, autocast, generator, notes_index(cfg))
         else:
             complete(cfg, model, tok, autocast, generator)
     except KeyboardInterrupt:  # Ctrl-C, wherever it lands: leave cleanly

@@ -244,6 +244,14 @@ def closing(tok, role):
     return [tok.eot_id] if role == 'assistant' else []
 
 
+def turn_markers(tok):
+    """How a rendered conversation marks its turns, for cutting a long one between turns
+    (data.split_at_turns; prepare.py records it with the shards): how many ids come before the
+    first turn (our <s>; none in ChatML) and the ids that open each role's turn."""
+    return {'head': 0 if chatml(tok) else 1,
+            **{role: header(tok, role) for role in ('system', 'user', 'assistant')}}
+
+
 def render_turn(tok, role, content):
     """The ids and mask one message adds: header, content, closing; for an assistant, mask 1 on
     the content and its eot."""
@@ -292,6 +300,12 @@ def not_in_reply(tok):
     """The ids a reply must never contain: every special token but the eot, which ends it."""
     chatml(tok)
     return tuple(sorted(tok.specials - {tok.eot_id}))
+
+
+def past_vocab(tok, vocab_size):
+    """The ids of a model's embedding past the tokenizer's last one (Qwen pads its embedding to a
+    round size): no text encodes to them, so the model must never write one."""
+    return tuple(range(tok.vocab_size, vocab_size))
 
 
 def special_name(tok, i):

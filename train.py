@@ -45,7 +45,7 @@ from data import bits_per_byte, build_data, loss_sums, make_batches
 from model import GPT, ModelConfig, add_lora, adapter_state
 from optim import lr_factor, make_optimizer
 import pretrained
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def main():
     accum = cfg.gradient_accumulation_steps // proc.world  # micro-batches per step of each process
 
     # --- data ---
-    tok = Tokenizer(cfg.tokenizer_path)
+    tok = load_tokenizer(cfg.tokenizer_path)
     run_data = build_data(cfg, tok)
     train_batch, val_batches, packer = make_batches(cfg, run_data, proc.rank, proc.world)
     val = run_data.val

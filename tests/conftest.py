@@ -226,3 +226,44 @@ def uneven_chat_config(path, prepared, out_dir, **extra):
             'tokenizer_path': base.tokenizer_path, 'data_dir': os.path.join(str(out_dir), 'data'), 'phase': 'sft',
             'mixture': {'uneven': 1.0}, 'val_sources': [], 'max_iters': 1, 'eval_interval': 1, 'grad_clip': 0.0, **extra}
     return write_config(path, str(out_dir), '', **keys)
+
+
+# ChatML as SmolLM2's tokenizer_config.json has it (a default system prompt of its own)
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_pretrained(folder, corpus, vocab_size=400, padded=416, seed=0):
+    """A tiny 'pretrained' model as a Hugging Face folder, shaped like SmolLM2: a byte-level BPE
+    tokenizer (digits one by one, ChatML's special tokens) of vocab_size tokens learnt from the corpus,
+    its ChatML chat template, and a random LlamaForCausalLM (GQA, its own SwiGLU width and RoPE base)
+    whose embedding is padded to `padded` rows, as Qwen's are. Returns the folder."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [open(os.path.join(corpus, name), encoding='utf-8').read() for name in ('story.txt', 'primer.txt')]
+    tk.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token='<|im_start|>',
+                                                eos_token='<|im_end|>')
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=padded, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      rope_theta=50000.0, rms_norm_eps=1e-5, max_position_embeddings=128,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            (p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0, 0.1))
+    model.save_pretrained(str(folder))
+    return str(folder)

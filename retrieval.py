@@ -1,0 +1,155 @@
+"""
+Retrieval: the notes most relevant to a message, put in front of it, the same way at every stage.
+
+    index = notes_index(cfg)                        # cfg.retrieve_from's documents, cut into chunks
+    content = with_notes(index, 'who owns the bike shop?', cfg.retrieve_k)
+
+A model of a few hundred million parameters, fine-tuned for minutes, does not learn the facts of a
+few hundred notes well enough to recall them (it recites what its training rows said, word for
+word). What it can learn is to answer from text in front of it. So the user's message is shown to
+the model with the chunks of the notes that share the most (rare) words with it, and SFT rows are
+built the same way (prepare.py), so that the model learns to answer from them, and to say so when
+they do not hold the answer. Chat (sample.py) and eval.py's questions do the same at question time.
+
+The ranking is BM25 (Robertson and Zaragoza, "The Probabilistic Relevance Framework", 2009): a word
+counts more the rarer it is among the chunks and the more often it occurs in a chunk, with
+diminishing returns, and less in long chunks. No model, no dependency: it is words and counts, so
+the index is rebuilt from the notes whenever a stage starts (a few hundred pages take well under a
+second), and is never out of date.
+
+A chunk is a run of a page's lines up to retrieve_chunk_chars characters, cut where a top-level
+bullet starts when it can be; each chunk begins with its page's title (a Roam page's first line),
+so "what happened on november 3rd" finds the daily note of that name.
+"""
+import math
+import re
+from collections import Counter
+
+import sources
+from common import die
+
+# words that say nothing about which note is meant
+STOPWORDS = set("""a an and are as at be been but by can could did do does doing for from had has
+have he her hers him his how i if in into is it its me my of on or our she so than that the their
+them then there these they this those to up us was we were what when where which who whom why will
+with would you your about any some tell know does did""".split())
+
+K1, B = 1.2, 0.75  # BM25's usual settings: how fast repeats saturate, how much length counts
+TITLE_WEIGHT = 3  # a page title's words count this many times in each of its chunks
+
+
+def words(text):
+    """Lowercase words, stopwords out, a plural's 's' off ('bikes' finds 'bike')."""
+    out = []
+    for w in re.findall(r"[^\W_]+", text.lower()):
+        if w in STOPWORDS:
+            continue
+        if len(w) > 3 and w.endswith('s') and not w.endswith('ss'):
+            w = w[:-1]
+        out.append(w)
+    return out
+
+
+def chunk_page(title, body, max_chars):
+    """A page's chunks: runs of whole lines up to max_chars (a longer line is a chunk on its own,
+    cut), starting a new chunk at a top-level bullet once the current one is half full."""
+    chunks, lines = [], []
+    for line in body.split('\n'):
+        if not line.strip():
+            continue
+        size = sum(len(x) + 1 for x in lines)
+        top = not line.startswith((' ', '\t'))
+        if lines and (size + len(line) > max_chars or top and size > max_chars // 2):
+            chunks.append('\n'.join(lines))
+            lines = []
+        while len(line) > max_chars:
+            chunks.append(line[:max_chars])
+            line = line[max_chars:]
+        lines.append(line)
+    if lines:
+        chunks.append('\n'.join(lines))
+    return [f"[{title}]\n{c}" for c in chunks]
+
+
+class Index:
+    """BM25 over chunks of text. search(query, k) -> the k best chunks (best first) that share at
+    least one word with the query."""
+
+    def __init__(self, chunks, titles):
+        self.chunks = chunks
+        self.counts = []
+        for chunk, title in zip(chunks, titles):
+            c = Counter(words(chunk))
+            for w in words(title):
+                c[w] += TITLE_WEIGHT - 1  # (once already, in the chunk's first line)
+            self.counts.append(c)
+        self.lengths = [sum(c.values()) for c in self.counts]
+        self.mean_length = sum(self.lengths) / max(len(self.lengths), 1)
+        df = Counter(w for c in self.counts for w in c)
+        n = len(chunks)
+        self.idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
+
+    def scores(self, query):
+        q = set(words(query))
+        out = []
+        for c, length in zip(self.counts, self.lengths):
+            s = 0.0
+            for w in q & c.keys():
+                tf = c[w]
+                s += self.idf[w] * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length /
+                                                                self.mean_length))
+            out.append(s)
+        return out
+
+    def search(self, query, k):
+        scores = self.scores(query)
+        best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+        return [self.chunks[i] for i in best if scores[i] > 0]
+
+
+def notes_index(cfg):
+    """The index of the source named by cfg.retrieve_from (every document: the notes are what the
+    model answers from, whichever split prepare.py gave a page), or None when retrieval is off."""
+    if not cfg.retrieve_from:
+        return None
+    if cfg.retrieve_from not in cfg.sources:
+        die(f"retrieve_from={cfg.retrieve_from!r} is not one of the sources "
+            f"({', '.join(cfg.sources)}): name the source that holds the notes")
+    src = sources.source_settings(cfg.retrieve_from, cfg.sources[cfg.retrieve_from])
+    if src['format'] == 'chat':
+        die(f"retrieve_from={cfg.retrieve_from!r} is a chat source: name a source of notes or "
+            "text, whose documents the model answers from")
+    chunks, titles = [], []
+    for _, doc, _ in sources.iter_documents(src):
+        title, _, body = doc.partition('\n') if src.get('add_title') else ('', '', doc)
+        for c in chunk_page(title, body, cfg.retrieve_chunk_chars):
+            chunks.append(c)
+            titles.append(title)
+    if not chunks:
+        die(f"retrieve_from={cfg.retrieve_from!r}: the source has no text to retrieve from")
+    return Index(chunks, titles)
+
+
+def with_notes(index, message, k, context=''):
+    """The user's message as the model reads it: the k chunks of the notes that best match it
+    (and `context`, the user's previous message, so that a follow-up such as "and how heavy is he?"
+    still finds its page), then the message. Unchanged when retrieval is off."""
+    if index is None:
+        return message
+    hits = index.search(f"{context}\n{message}", k)
+    notes = '\n\n'.join(hits) if hits else '(nothing in the notes matches)'
+    return f"notes:\n{notes}\n\nquestion: {message}"
+
+
+def with_notes_conversation(index, messages, k):
+    """Every user message of a conversation as with_notes shows it (prepare.py's SFT rows)."""
+    if index is None:
+        return messages
+    out, previous = [], ''
+    for m in messages:
+        if m['role'] == 'user':
+            out.append({**m, 'content': with_notes(index, m['content'], k, previous)})
+            previous = m['content']
+        else:
+            out.append(m)
+    return out

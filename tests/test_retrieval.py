@@ -1,0 +1,96 @@
+"""retrieval.py: chunks of the notes, ranked by BM25, in front of a message; the same at prepare
+time (SFT rows) and at chat time."""
+import os
+import types
+
+import pytest
+
+import retrieval
+from conftest import run, write_config
+
+
+def index_of(pages, chunk_chars=500):
+    chunks, titles = [], []
+    for title, body in pages.items():
+        for c in retrieval.chunk_page(title, body, chunk_chars):
+            chunks.append(c)
+            titles.append(title)
+    return retrieval.Index(chunks, titles)
+
+
+PAGES = {
+    'Bike Shop': "- Harbour Cycles, on the quay. owned by [[Dev]].\n- hours:: tue-sat, 9:00-17:30",
+    'Dev': "- owns the bike shop since 1998\n- drinks builder's tea, four sugars",
+    'Biscuit': "- ginger tom, nine years old\n- hates the hoover",
+    'November 3rd, 2026': "- fitted two tyres for the man with the folding bike",
+}
+
+
+def test_the_page_that_shares_rare_words_comes_first():
+    index = index_of(PAGES)
+    assert index.search('what does biscuit hate?', 1)[0].startswith('[Biscuit]')
+    assert index.search('who owns harbour cycles', 1)[0].startswith('[Bike Shop]')
+    # the title counts: a daily note is found by its date
+    assert index.search('what happened on november 3rd', 1)[0].startswith('[November 3rd')
+    # plurals meet singulars; stopwords and unknown words find nothing
+    assert index.search('tyres', 1)[0].startswith('[November 3rd')
+    assert index.search('what is the who', 3) == []
+    assert index.search('zeppelin', 3) == []
+
+
+def test_chunks_keep_whole_lines_and_a_title_each():
+    body = '\n'.join(f"- line {i} " + 'x' * 40 for i in range(30)) + '\n    - child\n' + 'y' * 130
+    chunks = retrieval.chunk_page('Long', body, 120)
+    assert all(c.startswith('[Long]\n') for c in chunks)
+    assert all(len(c) <= 120 + len('[Long]\n') for c in chunks)
+    # nothing lost, nothing added (but the titles)
+    assert ''.join(c[len('[Long]\n'):].replace('\n', '') for c in chunks) == body.replace('\n', '')
+
+
+def test_with_notes_puts_the_best_chunks_before_the_question():
+    index = index_of(PAGES)
+    content = retrieval.with_notes(index, 'and how old is he?', 2, context='tell me about biscuit')
+    assert content.startswith('notes:\n[Biscuit]') and content.endswith('question: and how old is he?')
+    assert retrieval.with_notes(None, 'hi', 3) == 'hi'  # retrieval off
+    assert '(nothing in the notes matches)' in retrieval.with_notes(index, 'zeppelin', 3)
+    rows = retrieval.with_notes_conversation(index, [
+        {'role': 'system', 'content': 's'}, {'role': 'user', 'content': 'who is dev'},
+        {'role': 'assistant', 'content': 'the owner.'}, {'role': 'user', 'content': 'since when?'}], 1)
+    assert rows[0]['content'] == 's' and rows[2]['content'] == 'the owner.'
+    assert rows[1]['content'].startswith('notes:\n[Dev]') and rows[3]['content'].startswith('notes:\n[Dev]')
+
+
+def test_notes_index_reads_the_named_source(corpus):
+    cfg = types.SimpleNamespace(retrieve_from='roam', retrieve_chunk_chars=300, sources={
+        'roam': {'kind': 'roam', 'path': os.path.join(corpus, 'roam')},
+        'primer': {'kind': 'primer', 'path': os.path.join(corpus, 'primer.txt')}})
+    index = retrieval.notes_index(cfg)
+    assert len(index.chunks) > 10 and all(c.startswith('[') for c in index.chunks)
+    for name, says in (('nope', 'not one of the sources'), ('primer', 'is a chat source')):
+        with pytest.raises(SystemExit) as e:
+            retrieval.notes_index(types.SimpleNamespace(**{**vars(cfg), 'retrieve_from': name}))
+        assert says in str(e.value)
+    assert retrieval.notes_index(types.SimpleNamespace(retrieve_from='')) is None
+
+
+def test_prepare_builds_rows_with_the_notes_and_again_when_they_change(tmp_path, corpus):
+    import shutil
+    from data import SplitReader
+    from tokenizer import load_tokenizer
+    notes = tmp_path / 'roam'
+    shutil.copytree(os.path.join(corpus, 'roam'), notes)
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), corpus, retrieve_from='roam',
+                       retrieve_k=2, sources={'roam': {'kind': 'roam', 'path': str(notes)},
+                                              'primer': {'kind': 'primer',
+                                                         'path': os.path.join(corpus, 'primer.txt')}})
+    run('tokenizer.py', cfg, check=True)
+    run('prepare.py', cfg, check=True)
+    tok = load_tokenizer(str(tmp_path / 'out' / 'tokenizer.model'))
+    reader = SplitReader(str(tmp_path / 'out' / 'data'), 'primer', 'train')
+    text = tok.decode(list(reader.tokens(0)[:400]))
+    assert 'notes:' in text and 'question: ' in text
+    assert 'up to date' in run('prepare.py', cfg, check=True).stdout
+    with open(notes / 'New page.md', 'w') as f:
+        f.write('- a page added later\n')
+    out = run('prepare.py', cfg, check=True).stdout
+    assert 'primer is up to date' not in out and 'roam is up to date' not in out
