@@ -505,7 +505,7 @@ def add_imported_tokenizer(w, model, tok, system):
         w.add_chat_template(chatml_template(system))
 
 
-def write_modelfile(path, gguf_name, system, template):
+def write_modelfile(path, gguf_name, system, template='smallchat'):
     if template == 'chatml':
         lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{CHATML_OLLAMA}"""',
                  'PARAMETER stop "<|im_end|>"']

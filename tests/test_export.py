@@ -172,7 +172,7 @@ def test_export_gives_chat_s_system_prompt_from_a_system_file(sft_trained, tmp_p
     assert '<|sys|>{{ .System }}' in modelfile
 
     class Recorder:  # a model that records what chat feeds it and says nothing
-        cfg = types.SimpleNamespace(block_size=1024)  # room for the long system prompt
+        cfg = types.SimpleNamespace(block_size=1024, vocab_size=tok.vocab_size)  # room for the long system prompt
         prompts = []
 
         def generate(self, ids, *args, **kwargs):

@@ -576,3 +576,22 @@ def test_smollm2_import_sft_chat_export_reload(tmp_path, corpus):
     got = logits_of(reloaded, x)
     assert (got - want).abs().max() < 0.1 * want.abs().max()  # f16's rounding
     assert int(got[0, -1].argmax()) == int(want[0, -1].argmax())
+    # llama.cpp, where installed: the exported GGUF tokenizes and answers greedily as we do
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=os.path.join(folder, 'model-f16.gguf'), n_ctx=256,
+                          verbose=False)
+    for text in ('Mara fixed 12 bikes on 3 Nov -- "ok?"\n\n  café ☕', 'x  1', ' hello\tworld'):
+        assert llm.tokenize(text.encode('utf-8'), add_bos=False, special=False) == tok.encode(text)
+    messages = [{'role': 'user', 'content': 'What is the capital of France?'}]
+    prompt = render_for_reply(tok, [{'role': 'system', 'content': 'be brief.'}] + messages)
+    with torch.no_grad():
+        expected = [int(t) for t in reloaded.generate(prompt, 8, temperature=0)]
+    got = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        got.append(t)
+        if len(got) == len(expected):
+            break
+    assert got == expected
