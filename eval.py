@@ -291,6 +291,7 @@ IDK = ("don't know", "do not know", "dont know", "not sure", "no idea")
 def ask(model, tok, system, content, autocast, max_new_tokens=64):
     """One question, alone in a fresh chat (the system prompt, the message), answered greedily.
     Retrieved notes too long for the context are dropped from the end first: the question stays."""
+    max_new_tokens = min(max_new_tokens, model.cfg.block_size // 2)
     room = model.cfg.block_size - max_new_tokens
     ids = render_for_reply(tok, [{'role': 'system', 'content': system},
                                  {'role': 'user', 'content': content}])

@@ -595,3 +595,47 @@ def test_smollm2_import_sft_chat_export_reload(tmp_path, corpus):
         if len(got) == len(expected):
             break
     assert got == expected
+
+
+def test_pretraining_lora_resume_ddp_and_eval_on_an_imported_model(tmp_path, corpus):
+    import subprocess
+    from conftest import REPO
+    base = tiny_pretrained(tmp_path / 'base', corpus)
+    out = str(tmp_path / 'out')
+    cfg = stage_config(tmp_path / 'cfg.py', out, corpus, base, phase='pretrain',
+                       mixture={'story': 0.5, 'roam': 0.5}, val_sources=['story'])
+    run('tokenizer.py', cfg, check=True)
+    run('prepare.py', cfg, check=True)
+    # continued pretraining from its weights: the same steps on two processes as on one
+    p = run('train.py', cfg, '--gradient_accumulation_steps=2', check=True)
+    assert 'initialising from base_model' in p.stdout
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                          '--nproc_per_node=2', 'train.py', cfg, '--gradient_accumulation_steps=2',
+                          '--phase=ddp', '--device=cpu'], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = torch.load(os.path.join(out, 'pretrain', 'ckpt.pt'), weights_only=True)['model']
+    for k, w in torch.load(os.path.join(out, 'ddp', 'ckpt.pt'), weights_only=True)['model'].items():
+        torch.testing.assert_close(w, one[k], atol=1e-5, rtol=1e-4)
+    # LoRA adapters on the base model itself (its weights written as base.pt), then resumed
+    lora = ['--phase=lora', '--lora_rank=4', "--mixture={'primer': 1.0}", '--val_sources=primer']
+    run('train.py', cfg, *lora, '--max_iters=2', check=True)
+    assert os.path.isfile(os.path.join(out, 'lora', 'base.pt'))
+    p = run('train.py', cfg, *lora, '--init_from=resume', '--max_iters=4', check=True)
+    assert 'resuming from' in p.stdout and 'step 4' in p.stdout
+    # eval: bits per byte of the prepared splits, BoolQ, HellaSwag, questions; and the base model
+    # as it comes
+    (tmp_path / 'boolq.jsonl').write_text(''.join(json.dumps(
+        {'question': f'is it {w}?', 'passage': 'the sea is cold.', 'answer': w == 'cold'}) + '\n'
+        for w in ('cold', 'warm')))
+    (tmp_path / 'hs.jsonl').write_text(json.dumps(
+        {'activity_label': 'Cycling', 'ctx_a': 'She pumps the tyre.', 'ctx_b': 'then she',
+         'endings': ['rides off.', 'eats it.'], 'label': '0'}) + '\n')
+    (tmp_path / 'q.jsonl').write_text(json.dumps(
+        {'question': 'what is cold?', 'keywords': [['sea']], 'kind': 'fact'}) + '\n')
+    for ckpt in (os.path.join(out, 'lora', 'ckpt.pt'), 'base_model'):
+        p = run('eval.py', cfg, f'--ckpt={ckpt}', f'--boolq={tmp_path}/boolq.jsonl',
+                f'--hellaswag={tmp_path}/hs.jsonl', f'--questions={tmp_path}/q.jsonl',
+                f'--eval_out={tmp_path}/eval', check=True)
+        for says in ('story: loss', 'bits/byte', 'boolq (n=2)', 'hellaswag (n=1)', 'questions ('):
+            assert says in p.stdout, (says, p.stdout)
