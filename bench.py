@@ -15,12 +15,16 @@ Sections:
   batches  building one batch of 32 packed SFT rows (data.py's Packer) at block 256 and 1024,
            from the prepared chat data of bench_sft_config (skipped, with the command to run, when
            it is not prepared)
+  pretrained  the model of --base_model (SmolLM2-135M ...): fine-tuning tokens/s and MFU (every
+           weight in fp32 and bf16, LoRA in bf16; AdamW step included) and decode tokens/s, eager
+           and compiled (not in `all`: it needs --base_model)
   bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb,
            2 GB) and on a quarter of it: memory must not grow with the file (not in `all`: it
            writes ~3 GB to /tmp)
 On GPU, MFU is against the datasheet peak of the card (common.PEAK_FLOPS); on CPU against the
 measured bf16 matmul peak of the same run.
 """
+import copy
 import json
 import os
 import platform
@@ -37,7 +41,7 @@ import torch
 from common import die, peak_flops, pick_device, pick_dtype
 from configurator import configure
 from data import Packer, Split, is_prepared, load_split
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, add_lora
 from optim import make_optimizer
 
 # (name, n_layer, n_head, n_embd, block_size, batch_size, vocab_size) per device type
@@ -66,17 +70,12 @@ def matmul_peak(device, dtype, n=2048, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def bench_train(device, size, dtype, compiled, steps):
-    name, n_layer, n_head, n_embd, block, batch, vocab_size = size
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=n_head,
-                            n_kv_head=n_head, n_embd=n_embd)).to(device)
+def time_steps(model, optimizer, x, y, device, dtype, compiled, steps):
+    """(seconds per training step, seconds of warm-up): forward, backward, optimizer step on the
+    batch x, y, after 3 warm-up steps (where compilation happens)."""
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    optimizer = model.optimizer(1e-4, 0.1, (0.9, 0.95), device_type)
     run = torch.compile(model) if compiled else model
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
-    x = torch.randint(0, vocab_size, (batch, block), device=device)
-    y = torch.randint(0, vocab_size, (batch, block), device=device)
 
     def step():
         with autocast:
@@ -94,12 +93,75 @@ def bench_train(device, size, dtype, compiled, steps):
     for _ in range(steps):
         step()
     sync(device)
-    dt = (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps, warmup
+
+
+def bench_train(device, size, dtype, compiled, steps):
+    name, n_layer, n_head, n_embd, block, batch, vocab_size = size
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=n_head,
+                            n_kv_head=n_head, n_embd=n_embd)).to(device)
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    optimizer = model.optimizer(1e-4, 0.1, (0.9, 0.95), device_type)
+    x = torch.randint(0, vocab_size, (batch, block), device=device)
+    y = torch.randint(0, vocab_size, (batch, block), device=device)
+    dt, warmup = time_steps(model, optimizer, x, y, device, dtype, compiled, steps)
     tok_s = batch * block / dt
     return {'model': name, 'params_M': round(model.num_params()[0] / 1e6, 2), 'dtype': dtype,
             'compile': compiled, 'batch': batch, 'block': block, 'ms_per_step': round(dt * 1000, 1),
             'tokens_per_s': round(tok_s),
             'flops_per_s': model.flops_per_token(block) * tok_s, 'warmup_s': round(warmup, 1)}
+
+
+def bench_pretrained(cfg, device, peaks, block=512, batch=4):
+    """A pretrained model's fine-tuning speed (random tokens, AdamW step included: every weight in
+    fp32 and in bf16 autocast, LoRA rank 16 in bf16) and its decode speed (a 256-token prompt, 128
+    new tokens, greedy, fp32 weights, eager and compiled): two lists of rows."""
+    import pretrained
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    base, info = pretrained.load_pretrained(cfg.base_model, 'cpu', max_block_size=block)
+    name = (info.get('name') or os.path.basename(cfg.base_model.rstrip('/')))[:24]
+    rows = []
+    for dtype, rank in (('float32', 0), ('bfloat16', 0), ('bfloat16', 16)):
+        model = copy.deepcopy(base).to(device).train()
+        if rank:
+            add_lora(model, rank, 2 * rank, 0.0, ['q_proj', 'k_proj', 'v_proj', 'o_proj'])
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        torch.manual_seed(0)
+        x = torch.randint(0, model.cfg.vocab_size, (batch, block), device=device)
+        y = torch.randint(0, model.cfg.vocab_size, (batch, block), device=device)
+        dt, warmup = time_steps(model, optimizer, x, y, device, dtype, False, cfg.bench_steps)
+        tok_s = batch * block / dt
+        flops = model.flops_per_token(block) * tok_s
+        datasheet = peak_flops(device_type, dtype)
+        rows.append({'model': name, 'params_M': round(info['params'] / 1e6, 1), 'dtype': dtype,
+                     'trains': f'LoRA r{rank}' if rank else 'every weight', 'batch': batch,
+                     'block': block, 'ms_per_step': round(dt * 1000, 1),
+                     'tokens_per_s': round(tok_s),
+                     'mfu_%': round(100 * flops / (datasheet or peaks[dtype]), 1),
+                     'warmup_s': round(warmup, 1)})
+        print(f"  {name} {dtype} {rows[-1]['trains']}: {rows[-1]['tokens_per_s']:,} tok/s",
+              flush=True)
+        del model, optimizer
+    decode = []
+    base = base.to(device).eval()
+    prompt = torch.randint(0, base.cfg.vocab_size, (256,)).tolist()
+    for way, options in (('eager', {}), ('compiled', {'compile': True})):
+        t = time.perf_counter()
+        list(base.generate(prompt, 8, temperature=0, **options))  # warm-up (and compilation)
+        warmup = time.perf_counter() - t
+        t = time.perf_counter()
+        tokens = base.generate(prompt, 128, temperature=0, **options)
+        first = [next(tokens)]
+        first_ms = (time.perf_counter() - t) * 1000
+        n = len(first + list(tokens))
+        sync(device)
+        decode.append({'model': name, 'decode': way, 'prompt': 256, 'new_tokens': n,
+                       'tokens_per_s': round(n / (time.perf_counter() - t), 1),
+                       'first_token_ms': round(first_ms, 1), 'warmup_s': round(warmup, 1)})
+        print(f"  {name} decode {way}: {decode[-1]['tokens_per_s']} tok/s", flush=True)
+    return rows, decode
 
 
 def bench_optim(device, size, steps):
@@ -334,8 +396,12 @@ def main():
     known = ['matmul', 'train', 'decode', 'optim', 'prepare', 'batches']
     sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
-        if s not in known + ['bigtext']:
-            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext or all")
+        if s not in known + ['bigtext', 'pretrained']:
+            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext, pretrained or "
+                "all")
+    if 'pretrained' in sections and not cfg.base_model:
+        die("--bench=pretrained measures a pretrained model: give it with --base_model=... (a "
+            "Hugging Face folder, a .gguf file or hf:<owner>/<name>)")
     gpu = torch.cuda.get_device_name() if device_type == 'cuda' else None
     results = {'machine': {'device': device, 'gpu': gpu,
                            'cpu': platform.processor() or platform.machine(),
@@ -344,7 +410,7 @@ def main():
     print(f"bench on {device} ({gpu or results['machine']['cpu']}, {os.cpu_count()} cores, torch "
           f"{torch.__version__})")
     peaks = {}
-    if 'matmul' in sections or 'train' in sections:
+    if {'matmul', 'train', 'pretrained'} & set(sections):
         n = 8192 if device_type == 'cuda' else 2048
         peaks = {dt: matmul_peak(device, getattr(torch, dt), n) for dt in ('float32', 'bfloat16')}
         results['matmul'] = [{'dtype': dt, 'n': n, 'flops_per_s': v} for dt, v in peaks.items()]
@@ -372,6 +438,11 @@ def main():
                     if r['model'] == size[0]}
             print(f"{size[0]}: compiled decode {rate['compiled'] / rate['eager']:.1f}x the eager "
                   f"one; KV cache {rate['eager'] / rate['no cache']:.1f}x no cache")
+    if 'pretrained' in sections:
+        train, decode = bench_pretrained(cfg, device, peaks)
+        results['pretrained'] = {'base_model': cfg.base_model, 'train': train, 'decode': decode}
+        table(train, f"{cfg.base_model}: fine-tuning (random tokens, AdamW step included)")
+        table(decode, "its decode: batch 1, greedy, fp32 (tokens_per_s includes the prefill)")
     if 'optim' in sections:
         results['optim'] = [r for size in SIZES[device_type]
                             for r in bench_optim(device, size, cfg.bench_steps)]
