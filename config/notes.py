@@ -1,7 +1,7 @@
 # notes: a chat model of your notes, started from a small pretrained model (SmolLM2-135M-Instruct)
 # and fine-tuned to answer from the notes that match each question (retrieval.py). The built-in
-# sample (data/sample: a Roam export and a primer of dialogues) end to end in ~TIME on 2 CPU cores
-# (README.md: the machine).
+# sample (data/sample: a Roam export and a primer of dialogues) end to end in ~10 minutes on 2 CPU
+# cores (9 min 46 s measured; README.md: the machine).
 #   ./run.sh notes       (or by hand:)
 #   python tokenizer.py config/notes.py        import SmolLM2's tokenizer -> out/notes/tokenizer.json
 #   python prepare.py config/notes.py          shards; the primer's rows get the notes that match
@@ -19,18 +19,22 @@ sources = {
 }
 # each user message is shown to the model after the 3 chunks of the notes that match it best, in
 # training rows and in chat alike. On 51 held-out questions, SmolLM2 as it comes answers 1 without
-# the notes and 6 with them; fine-tuned this way, 15 (BENCHMARKS.md, "Notes questions")
+# the notes and 6 with them; fine-tuned this way, 13 (BENCHMARKS.md, "Notes questions")
 retrieve_from = 'roam'
 retrieve_k = 3
 system = include_text('mara_system.txt')
+# chat decodes at ~15 tokens/s eager and ~25 compiled, but compiling takes ~95 s a process on 2 cores:
+# more than a short chat saves (BENCHMARKS.md, "A pretrained start")
+compile_decode = False
 
 phase = 'sft'
 init_from = 'base_model'
 mixture = {'primer': 1.0}
 block_size = 1024
 batch_size = 4  # 4,096 tokens a step: ~15 s on 2 CPU cores in bf16
-# 35 steps (~3 passes over the 109 train dialogues): the primer's val loss is lowest there and the
-# held-out questions come out better than after 70 steps (15/51 against 14/51; BENCHMARKS.md)
+# 35 steps (~3 passes over the 109 train dialogues): in a 70-step run the primer's val loss was
+# lowest there, and the held-out questions no worse (15/51 at step 35, 14/51 at 70). This profile:
+# 13/51, primer val 1.30 bits per byte (BENCHMARKS.md, "Notes questions")
 max_iters = 35
 learning_rate = 1e-4
 min_lr = 1e-5
