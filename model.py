@@ -309,6 +309,8 @@ class GPT(nn.Module):
         compiled (compile=True) the first time it runs in the process, with CUDA graphs on a GPU.
         Tokens stay on the device; the host waits for it once per token, to read the token it
         yields. `generator` (on the model's device) seeds the sampling."""
+        if not ids:  # (there would be nothing to predict from)
+            raise ValueError("generate needs a prompt of at least one token")
         device = self.embed.weight.device
         banned = torch.tensor(sorted(banned), dtype=torch.long, device=device)
         noise = lambda: None if temperature == 0 else torch.empty(  # for pick_token's sampling

@@ -67,6 +67,12 @@ def test_generation_continues_past_the_context_limit():
     assert len(out) == 80
 
 
+def test_an_empty_prompt_is_an_error_not_a_crash():
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match='at least one token'):
+            list(tiny().generate([], 4, use_cache=use_cache))
+
+
 def test_longer_than_block_is_an_error():
     with pytest.raises(ValueError, match='block_size'):
         tiny()(torch.zeros(1, 33, dtype=torch.long))
