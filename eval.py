@@ -295,7 +295,7 @@ def ask(model, tok, system, content, autocast, max_new_tokens=64):
     room = model.cfg.block_size - max_new_tokens
     ids = render_for_reply(tok, [{'role': 'system', 'content': system},
                                  {'role': 'user', 'content': content}])
-    if len(ids) > room:  # keep the prompt's head (system, notes) and end (the question), cut between
+    if len(ids) > room:  # the prompt's head (system, notes) and end (the question), cut between
         ids = ids[:room // 2] + ids[len(ids) - (room - room // 2):]
     stop = {tok.eot_id}
     banned = not_in_reply(tok) + past_vocab(tok, model.cfg.vocab_size)

@@ -89,7 +89,7 @@ def chatml_template(system):
     """An imported model's ChatML template (tokenizer.render_conversation for template 'chatml'):
     each message as <|im_start|>role\ncontent<|im_end|>\n, the generation prompt
     <|im_start|>assistant\n, and a conversation without a system message gets `system`, as in
-    sample.py's chat (the model's own template may bring another default: ours is what chat used)."""
+    sample.py's chat (the model's own template may bring another default: ours is chat's)."""
     return (
         "{% if not messages or messages[0]['role'] != 'system' %}"
         "<|im_start|>system\n{{ " + jinja_string(system) + " }}<|im_end|>\n"

@@ -180,7 +180,7 @@ def fingerprint(src, files, tok_sha, cfg):
     """What the shards depend on: inputs (path, size, mtime), settings, tokenizer, split_seed,
     format."""
     inputs = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-    notes = None  # a chat source with retrieval: its rows hold chunks of the notes, which may change
+    notes = None  # a chat source with retrieval: its rows hold chunks of the notes (which change)
     if src['format'] == 'chat' and cfg.retrieve_from:
         notes_src = sources.source_settings(cfg.retrieve_from, cfg.sources[cfg.retrieve_from])
         notes = [notes_src, cfg.retrieve_k, cfg.retrieve_chunk_chars,

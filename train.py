@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (base_weights, check_base_tokenizer, check_compatible, checkpoint_path,
-                        freeze_base, load_for_resume, merge_adapter, read_checkpoint, rng_state, save_checkpoint,
-                        saved_best, set_rng_state)
+                        freeze_base, load_for_resume, merge_adapter, read_checkpoint, rng_state,
+                        save_checkpoint, saved_best, set_rng_state)
 from common import (check_writable, die, duration, hold_lock, peak_flops, pick_device,
                     runtime, unused_keys)
 from configurator import configure, save_config

