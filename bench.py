@@ -18,6 +18,9 @@ Sections:
   pretrained  the model of --base_model (SmolLM2-135M ...): fine-tuning tokens/s and MFU (every
            weight in fp32 and bf16, LoRA in bf16; AdamW step included) and decode tokens/s, eager
            and compiled (not in `all`: it needs --base_model)
+  serve    time to the first token and tokens/s of the config's model, called in process as
+           sample.py calls it, and through serve.py with one client and four at once (not in
+           `all`: it needs a trained model: python bench.py config/notes.py --bench=serve)
   bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb,
            2 GB) and on a quarter of it: memory must not grow with the file (not in `all`: it
            writes ~3 GB to /tmp)
@@ -25,6 +28,7 @@ On GPU, MFU is against the datasheet peak of the card (common.PEAK_FLOPS); on CP
 measured bf16 matmul peak of the same run.
 """
 import copy
+import http.client
 import json
 import os
 import platform
@@ -226,6 +230,82 @@ def bench_decode(device, size, prompt_len=256, new_tokens=256):
     return rows
 
 
+def sse_stream(port, body):
+    """POST a streamed completion to serve.py; (seconds to the first text, seconds to the end,
+    tokens generated)."""
+    c = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
+    t = time.perf_counter()
+    c.request('POST', '/v1/completions', body=json.dumps({**body, 'stream': True,
+                                                          'stream_options': {'include_usage': True}}),
+              headers={'Content-Type': 'application/json'})
+    r, first, tokens = c.getresponse(), None, 0
+    for line in r:
+        if not line.startswith(b'data: {'):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get('usage'):
+            tokens = chunk['usage']['completion_tokens']
+        elif chunk['choices'][0]['text'] and first is None:
+            first = time.perf_counter() - t
+    c.close()
+    return first, time.perf_counter() - t, tokens
+
+
+def bench_serve(argv, new_tokens=128, clients=(1, 4)):
+    """Time to the first token and tokens/s: the model called as sample.py calls it (in this
+    process), then through serve.py (a process of its own, started after this one's model is gone:
+    two torch processes on few cores slow each other), streamed, one client and several at once.
+    Greedy completions of a fixed prompt, so every way writes new_tokens."""
+    from chat import completion_prompt
+    from checkpoint import checkpoint_path, load_model
+    from tokenizer import load_tokenizer
+    cfg = configure(argv)
+    tok = load_tokenizer(cfg.tokenizer_path)
+    path, why = checkpoint_path(cfg)
+    model, _ = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path, tok)
+    text = 'the garden in november: '
+    prompt = completion_prompt(tok, text, model.cfg.block_size, new_tokens)
+    body = {'prompt': text, 'max_tokens': new_tokens, 'temperature': 0}
+    rows = []
+    for _ in range(2):  # the first a warm-up
+        t = time.perf_counter()
+        steps = model.generate(prompt, new_tokens, temperature=0, stop=(), banned=(),
+                               compile=cfg.compile_decode)
+        next(steps)
+        first = time.perf_counter() - t
+        n = 1 + len(list(steps))
+        dt = time.perf_counter() - t
+    rows.append({'way': 'in process (sample.py)', 'clients': 1, 'first_token_ms':
+                 round(first * 1000), 'tokens_per_s_each': round(n / dt, 1),
+                 'tokens_per_s_all': round(n / dt, 1)})
+    del model
+    proc = subprocess.Popen([sys.executable, 'serve.py', *argv, '--port=0'], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(proc.stdout.readline().split('http://127.0.0.1:')[1].split('/')[0])
+        sse_stream(port, body)  # warm-up
+        for k in clients:
+            results = [None] * k
+
+            def one(i, results=results):
+                results[i] = sse_stream(port, body)
+            t = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t
+            rows.append({'way': 'serve.py, streamed', 'clients': k, 'first_token_ms':
+                         round(1000 * sum(r[0] for r in results) / k),
+                         'tokens_per_s_each': round(sum(r[2] / r[1] for r in results) / k, 1),
+                         'tokens_per_s_all': round(sum(r[2] for r in results) / wall, 1)})
+    finally:
+        proc.terminate()
+        proc.wait()
+    return rows
+
+
 def tree_rss(pid):
     """Resident memory of a process and its children, in bytes (Linux /proc)."""
     total = 0
@@ -396,9 +476,9 @@ def main():
     known = ['matmul', 'train', 'decode', 'optim', 'prepare', 'batches']
     sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
-        if s not in known + ['bigtext', 'pretrained']:
-            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext, pretrained or "
-                "all")
+        if s not in known + ['bigtext', 'pretrained', 'serve']:
+            die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext, pretrained, "
+                "serve or all")
     if 'pretrained' in sections and not cfg.base_model:
         die("--bench=pretrained measures a pretrained model: give it with --base_model=... (a "
             "Hugging Face folder, a .gguf file or hf:<owner>/<name>)")
@@ -459,6 +539,12 @@ def main():
         results['bigtext'] = bench_bigtext(cfg.bench_bigtext_mb, 512)
         table(results['bigtext'], "prepare.py on one text file with no separator (peak RSS of the "
                                   "process tree)")
+    if 'serve' in sections:
+        argv = [a for a in sys.argv[1:] if not a.startswith('--bench')]
+        results['serve'] = bench_serve(argv)
+        table(results['serve'], "chat replies: time to the first token and tokens/s, in process "
+                                "and through serve.py (greedy, 128 tokens; first_token_ms is the "
+                                "mean over the clients)")
     if cfg.bench_json:
         with open(cfg.bench_json, 'w') as f:
             json.dump(results, f, indent=2)

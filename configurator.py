@@ -192,6 +192,26 @@ KEYS = {
                           "chat and eval.py's questions; '' = off"),
     'retrieve_k': (3, '>= 1', "retrieval: how many chunks of the notes each message gets"),
     'retrieve_chunk_chars': (500, '>= 50', "retrieval: the longest chunk of a note, in characters"),
+    'unanswerable_frac': (0.0, '[0, 1]', "retrieval: the share of the primer's replies that also "
+                          "give a row where the notes shown lack the reply, answered "
+                          "unanswerable_reply (prepare.py; retrieval.unanswerable_rows)"),
+    'unanswerable_reply': ("i don't know.", "retrieval: the reply those rows teach, in your "
+                           "primer's words"),
+
+    # --- serve.py (the model sample.py loads, with its sampling keys as the defaults) ---
+    'host': ('127.0.0.1', "serve.py: the address to listen on; 127.0.0.1 = this machine only "
+                          "(0.0.0.0 = every network it is on: set api_key)"),
+    'port': (8000, '[0, 65535]', "serve.py: the port; 0 = any free one (printed)"),
+    'api_key': ('', "serve.py: if set, /v1 requests must send 'Authorization: Bearer <key>'"),
+    'serve_slots': (4, '>= 1', "serve.py: replies generated at once, a token each in turn "
+                               "(each holds a KV cache); more requests wait in line"),
+    'serve_max_waiting': (32, '>= 0', "serve.py: requests that may wait for a slot; more get a "
+                                      "429"),
+    'serve_max_body': (1_000_000, '>= 1000', "serve.py: the largest request body, in bytes"),
+    'serve_max_messages': (200, '>= 1', "serve.py: the most messages a chat request may hold"),
+    'serve_max_chars': (200_000, '>= 1', "serve.py: the most characters of text a request may "
+                                         "hold (what fits the context is fitted as chat does)"),
+    'serve_max_tokens': (2048, '>= 1', "serve.py: the largest max_tokens a request may ask for"),
 
     # --- eval.py ---
     'eval_sources': (None, list, "prepared sources whose val split eval.py measures; None = every "

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 import download
 import sources
+from chat import banned_ids, chat_prompt, reply_room
 from checkpoint import checkpoint_path, load_model
 from common import Progress, atomic_file, check_writable, die, runtime
 from configurator import configure
 from data import bits_per_byte, is_prepared, load_split, loss_sums, split_sequences, windows
 from retrieval import notes_index, with_notes
-from tokenizer import (load_tokenizer, not_in_reply, past_vocab, render_for_reply,
-                       system_prompt)
+from tokenizer import load_tokenizer, render_for_reply, system_prompt
 
 HF = download.HF_DATASETS
 BENCHMARK_URLS = {'boolq': f'{HF}/google/boolq/resolve/main/data/validation-00000-of-00001.parquet',
@@ -289,16 +289,15 @@ IDK = ("don't know", "do not know", "dont know", "not sure", "no idea")
 
 
 def ask(model, tok, system, content, autocast, max_new_tokens=64):
-    """One question, alone in a fresh chat (the system prompt, the message), answered greedily.
-    Retrieved notes too long for the context are dropped from the end first: the question stays."""
-    max_new_tokens = min(max_new_tokens, model.cfg.block_size // 2)
-    room = model.cfg.block_size - max_new_tokens
-    ids = render_for_reply(tok, [{'role': 'system', 'content': system},
-                                 {'role': 'user', 'content': content}])
-    if len(ids) > room:  # the prompt's head (system, notes) and end (the question), cut between
-        ids = ids[:room // 2] + ids[len(ids) - (room - room // 2):]
+    """One question, alone in a fresh chat (the system prompt, the message), answered greedily,
+    its prompt built and fitted as chat's (chat.chat_prompt: a message too long keeps its end,
+    where the question is)."""
+    max_new_tokens = reply_room(max_new_tokens, model.cfg.block_size)
+    _, ids = chat_prompt(tok, [{'role': 'system', 'content': system},
+                               {'role': 'user', 'content': content}], model.cfg.block_size,
+                         max_new_tokens)
     stop = {tok.eot_id}
-    banned = not_in_reply(tok) + past_vocab(tok, model.cfg.vocab_size)
+    banned = banned_ids(tok, model)
     with autocast:
         new = list(model.generate(ids, max_new_tokens, temperature=0, stop=stop, banned=banned))
     return tok.decode([t for t in new if t not in stop]).strip()
@@ -340,8 +339,7 @@ def smoke(model, tok, chat, autocast, max_new_tokens=48):
         stop = {tok.eot_id} if chat else {tok.bos_id, tok.eos_id}
         with autocast:
             new = list(model.generate(ids, max_new_tokens, temperature=0, stop=stop,
-                                      banned=(not_in_reply(tok) if chat else ())
-                                      + past_vocab(tok, model.cfg.vocab_size)))
+                                      banned=banned_ids(tok, model, allow_special=not chat)))
         text = tok.decode([t for t in new if t not in stop])
         out.append({'prompt': prompt, 'output': text})
         shown = text.strip()[:300].replace('\n', '\n    ')

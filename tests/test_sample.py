@@ -124,18 +124,6 @@ def test_chat_keeps_the_kv_cache_across_turns(sft_trained, monkeypatch, capsys):
     assert sum(fed) == first + second + len(tok.encode(a1)) + len(tok.encode(a2))  # + one step per reply token
 
 
-def test_long_history_keeps_the_system_prompt_and_drops_the_oldest_turns(trained):
-    tok = Tokenizer(load_cfg(trained[0]).tokenizer_path)
-    messages = [{'role': 'system', 'content': 'be brief.'}]
-    for i in range(10):
-        messages += [{'role': 'user', 'content': f'question number {i}'}, {'role': 'assistant', 'content': f'answer {i}'}]
-    messages.append({'role': 'user', 'content': 'last question'})
-    kept, ids = sample.fit_history(tok, messages, 60)
-    assert len(ids) <= 60 and kept[0] == messages[0] and kept[-1] == messages[-1]
-    assert 3 <= len(kept) < len(messages) and kept[1:] == messages[len(messages) - len(kept) + 1:]
-    assert ids == sample.render_conversation(tok, kept)[0] + [tok.asst_id]
-
-
 def test_chat_survives_a_conversation_longer_than_the_context(sft_trained):
     cfg, _ = sft_trained
     lines = ''.join(f'what does the cat eat? and the sea? number {i}\n' for i in range(12))
@@ -290,24 +278,6 @@ def test_completion_into_a_closed_pipe_is_quiet(trained):
 # ---- a prompt longer than the context: <s>, the system turn and <|asst|> stay, as in training ----
 
 LONG = ' '.join(f'word{i}' for i in range(300)) + ' and so, what is the question?'
-
-
-def test_a_message_longer_than_the_context_keeps_bos_the_system_turn_and_its_end(trained):
-    tok = Tokenizer(load_cfg(trained[0]).tokenizer_path)
-    system = [{'role': 'system', 'content': 'be brief.'}]
-    messages = system + [{'role': 'user', 'content': 'hi'},
-                         {'role': 'assistant', 'content': 'hello'},
-                         {'role': 'user', 'content': LONG}]
-    assert len(tok.encode(LONG)) > 200
-    kept, ids = sample.fit_history(tok, messages, 60)
-    head = sample.render_conversation(tok, system)[0]  # <s> <|sys|> be brief.
-    assert ids[:len(head)] == head and ids[0] == tok.bos_id and ids[1] == tok.sys_id
-    assert ids[len(head)] == tok.usr_id and ids[-1] == tok.asst_id
-    # the oldest exchange went first, then the start of the message: its end is what is left
-    assert kept[:-1] == system and LONG.endswith(kept[-1]['content'])
-    assert kept[-1]['content'].endswith('what is the question?')
-    assert ids == sample.render_for_reply(tok, kept)
-    assert 55 <= len(ids) <= 60  # cut no more than needed
 
 
 def test_chat_feeds_bos_the_system_turn_and_leaves_the_reply_its_room(trained, monkeypatch, capsys):
