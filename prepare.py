@@ -183,7 +183,8 @@ def fingerprint(src, files, tok_sha, cfg):
     notes = None  # a chat source with retrieval: its rows hold chunks of the notes (which change)
     if src['format'] == 'chat' and cfg.retrieve_from:
         notes_src = sources.source_settings(cfg.retrieve_from, cfg.sources[cfg.retrieve_from])
-        notes = [notes_src, cfg.retrieve_k, cfg.retrieve_chunk_chars,
+        notes = [notes_src, cfg.retrieve_k, cfg.retrieve_chunk_chars, cfg.unanswerable_frac,
+                 cfg.unanswerable_reply,
                  [(f, os.path.getsize(f), os.stat(f).st_mtime_ns)
                   for f in sources.source_files(notes_src)]]
     key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
@@ -271,6 +272,9 @@ def prepare_source(cfg, name, tok):
     # once, in order
     write = write_streamed if src['kind'] in sources.STREAMED else write_counted
     write(cfg, src, tok, dtype, writers, stats)
+    if stats['unanswerable rows added (unanswerable_frac)']:
+        print(f"  {name}: {stats['unanswerable rows added (unanswerable_frac)']} rows that answer "
+              f"{cfg.unanswerable_reply!r} added (retrieval.unanswerable_rows)")
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,11 +332,8 @@ def tokenized_docs(docs, cfg, tok, dtype, stats):
     truncated, split) or None for a conversation dropped (no reply left after the cut). A bad
     document stops the run."""
     num_proc = cfg.num_proc or os.cpu_count()
-    if cfg.retrieve_from:  # SFT rows as chat shows messages: the notes that match go in front
-        index = notes_index(cfg)
-        docs = ((where, doc if isinstance(doc, str) else
-                 retrieval.with_notes_conversation(index, doc, cfg.retrieve_k), split)
-                for where, doc, split in docs)
+    if cfg.retrieve_from:
+        docs = with_notes(docs, cfg, stats)
     for result in tokenized(docs, tok.path, num_proc, cfg.max_conversation_tokens, dtype):
         if isinstance(result, str):
             die(result)
@@ -340,6 +341,22 @@ def tokenized_docs(docs, cfg, tok, dtype, stats):
             stats['conversations dropped (no reply left within '
                   'max_conversation_tokens)'] += result.count(None)
         yield result
+
+
+def with_notes(docs, cfg, stats):
+    """SFT rows as chat shows messages: the notes that match go in front of each user message; and
+    after a conversation, its unanswerable rows (retrieval.unanswerable_rows), in its split."""
+    index = notes_index(cfg)
+    for where, doc, split in docs:
+        if isinstance(doc, str):
+            yield where, doc, split
+            continue
+        yield where, retrieval.with_notes_conversation(index, doc, cfg.retrieve_k), split
+        rows = retrieval.unanswerable_rows(index, doc, cfg.retrieve_k, cfg.unanswerable_reply,
+                                           cfg.unanswerable_frac) if cfg.unanswerable_frac else []
+        stats['unanswerable rows added (unanswerable_frac)'] += len(rows)
+        for row in rows:
+            yield f"{where} (an unanswerable row made from it)", row, split
 
 
 NOTES = {}  # the retrieval index of this run's notes, built once (retrieval.notes_index)
@@ -366,12 +383,18 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
     print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} "
           f"MB, {int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
     progress = Progress(src['name'], total, unit='MB', scale=1e6)
-    i = 0  # the document's index in reading order, as in is_val
-    for result in tokenized_docs(sources.iter_documents(src), cfg, tok, dtype, stats):
+    i = 0  # documents read so far, in reading order, as in is_val
+
+    def split_docs():  # each document with its split (rows made from it follow it there)
+        nonlocal i
+        for where, doc, _ in sources.iter_documents(src):
+            yield where, doc, 'val' if is_val[i] else 'train'
+            i += 1
+
+    for result in tokenized_docs(split_docs(), cfg, tok, dtype, stats):
         for doc in result:
             if doc is not None:
-                writers['val' if is_val[i] else 'train'].add(*doc[:4])
-            i += 1
+                writers[doc[4]].add(*doc[:4])
         # (bytes of text read against bytes of the files: a rough ETA, file bytes include markup and
         # JSON)
         progress(sum(w.bytes for w in writers.values()), extra=f", {i:,}/{len(is_val):,} docs")

@@ -21,6 +21,7 @@ A chunk is a run of a page's lines up to retrieve_chunk_chars characters, cut wh
 bullet starts when it can be; each chunk begins with its page's title (a Roam page's first line),
 so "what happened on november 3rd" finds the daily note of that name.
 """
+import hashlib
 import math
 import re
 from collections import Counter
@@ -101,10 +102,14 @@ class Index:
             out.append(s)
         return out
 
-    def search(self, query, k):
+    def ranked(self, query):
+        """Indices of the chunks that share a word with the query, best first."""
         scores = self.scores(query)
-        best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
-        return [self.chunks[i] for i in best if scores[i] > 0]
+        best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return [i for i in best if scores[i] > 0]
+
+    def search(self, query, k):
+        return [self.chunks[i] for i in self.ranked(query)[:k]]
 
 
 def notes_index(cfg):
@@ -136,8 +141,11 @@ def with_notes(index, message, k, context=''):
     still finds its page), then the message. Unchanged when retrieval is off."""
     if index is None:
         return message
-    hits = index.search(f"{context}\n{message}", k)
-    notes = '\n\n'.join(hits) if hits else '(nothing in the notes matches)'
+    return shown(index.search(f"{context}\n{message}", k), message)
+
+
+def shown(chunks, message):
+    notes = '\n\n'.join(chunks) if chunks else '(nothing in the notes matches)'
     return f"notes:\n{notes}\n\nquestion: {message}"
 
 
@@ -152,4 +160,47 @@ def with_notes_conversation(index, messages, k):
             previous = m['content']
         else:
             out.append(m)
+    return out
+
+
+def chosen(text, frac):
+    """A fixed pick of about frac of all texts, by hash: the same rows on every run."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], 'little')
+    return h < frac * 2 ** 64
+
+
+def unanswerable_rows(index, messages, k, reply, frac):
+    """Rows that teach the model to say it does not know, from a conversation of the primer.
+
+    Shown the notes that match a question, a model learns to answer from them; with a few replies
+    such as "i don't know" for questions the notes were never about, it learns little about the
+    usual case, where the notes are about the right thing and still lack the detail asked for ("the
+    name of the rescue"). So for about `frac` of the user messages whose reply is in the notes
+    shown with them (a chunk shown holds half or more of the reply's words that the notes know,
+    other than the question's own, weighted by how rare they are), one more row: that message,
+    shown with the k best chunks *but* every chunk that holds the reply, answered `reply`. The next-best chunks are often the
+    same page's other parts, so the row is a near miss, as real unanswerable questions are.
+    Returns the new conversations (the system prompt, the message, the reply), for the same split
+    as the conversation they come from."""
+    system = [m for m in messages[:1] if m['role'] == 'system']
+    out, previous = [], ''
+    for m, answer in zip(messages, messages[1:] + [None]):
+        if m['role'] != 'user':
+            continue
+        query, previous = f"{previous}\n{m['content']}", m['content']
+        if answer is None or answer['role'] != 'assistant' or not chosen(m['content'], frac):
+            continue
+        asked = set(words(query))
+        facts = {w for w in words(answer['content']) if w in index.idf and w not in asked}
+        if len(facts) < 2:  # a reply with no facts from the notes ("hi. ask your question.")
+            continue
+        ranked = index.ranked(query)
+        weight = sum(index.idf[w] for w in facts)  # rare words say more about where a reply is
+        holds = {i for i in ranked
+                 if 2 * sum(index.idf[w] for w in facts & index.counts[i].keys()) >= weight}
+        if not holds & set(ranked[:k]):
+            continue  # the reply was not in the notes shown: not a row about reading them
+        rest = [index.chunks[i] for i in ranked if i not in holds][:k]
+        out.append(system + [{'role': 'user', 'content': shown(rest, m['content'])},
+                             {'role': 'assistant', 'content': reply}])
     return out

@@ -1,6 +1,7 @@
 """retrieval.py: chunks of the notes, ranked by BM25, in front of a message; the same at prepare
 time (SFT rows) and at chat time."""
 import os
+import re
 import types
 
 import pytest
@@ -98,3 +99,60 @@ def test_prepare_builds_rows_with_the_notes_and_again_when_they_change(tmp_path,
         f.write('- a page added later\n')
     out = run('prepare.py', cfg, check=True).stdout
     assert 'primer is up to date' not in out and 'roam is up to date' not in out
+
+
+def test_unanswerable_rows_show_the_question_without_the_notes_that_answer_it():
+    index = index_of(PAGES)
+    system = {'role': 'system', 'content': 'be terse.'}
+    asked = [system, {'role': 'user', 'content': 'what does biscuit hate?'},
+             {'role': 'assistant', 'content': 'the hoover. ginger tom, nine years old, and he hates it.'},
+             {'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hi. ask away.'}]
+    rows = retrieval.unanswerable_rows(index, asked, 2, "i don't know.", 1.0)
+    # one row: the question whose reply the notes hold; "hi" has no facts from the notes in its reply
+    assert len(rows) == 1
+    s, user, reply = rows[0]
+    assert s == system and reply == {'role': 'assistant', 'content': "i don't know."}
+    assert user['content'].endswith('question: what does biscuit hate?')
+    assert '[Biscuit]' not in user['content'] and 'hoover' not in user['content']
+    assert retrieval.unanswerable_rows(index, asked, 2, "i don't know.", 0.0) == []
+    # a reply that is not in the notes shown (k=1 shows the bike shop, the answer is Dev's page) gives no row
+    elsewhere = [{'role': 'user', 'content': 'harbour cycles hours?'},
+                 {'role': 'assistant', 'content': "builder's tea, four sugars."}]
+    assert retrieval.unanswerable_rows(index, elsewhere, 1, "i don't know.", 1.0) == []
+
+
+def test_which_rows_get_an_unanswerable_twin_is_fixed_and_about_frac():
+    picked = [retrieval.chosen(f'question {i}', 0.25) for i in range(2000)]
+    assert picked == [retrieval.chosen(f'question {i}', 0.25) for i in range(2000)]
+    assert 400 < sum(picked) < 600
+    assert all(retrieval.chosen(f'q{i}', 1.0) for i in range(100))
+    assert not any(retrieval.chosen(f'q{i}', 0.0) for i in range(100))
+
+
+def test_prepare_adds_unanswerable_rows_to_the_split_of_their_conversation(tmp_path, corpus):
+    from data import SplitReader
+    from tokenizer import load_tokenizer
+    primer = os.path.join(corpus, 'primer.txt')
+    sources = {'roam': {'kind': 'roam', 'path': os.path.join(corpus, 'roam')},
+               'primer': {'kind': 'primer', 'path': primer, 'val_frac': 0.3}}
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), corpus, retrieve_from='roam', retrieve_k=2,
+                       sources=sources, unanswerable_frac=1.0, unanswerable_reply='no idea, mate.')
+    run('tokenizer.py', cfg, check=True)
+    out = run('prepare.py', cfg, check=True).stdout
+    added = int(re.search(r"primer: (\d+) rows that answer 'no idea, mate.'", out).group(1))
+    assert added > 0
+    tok = load_tokenizer(str(tmp_path / 'out' / 'tokenizer.model'))
+    seen = 0
+    for split in ('train', 'val'):
+        reader = SplitReader(str(tmp_path / 'out' / 'data'), 'primer', split)
+        ids = reader.tokens(0)
+        starts = list(reader.doc_starts(0)) + [len(ids)]
+        docs = [tok.decode(list(ids[a:b])) for a, b in zip(starts, starts[1:])]
+        rows = [d for d in docs if 'no idea, mate.' in d]
+        for row in rows:  # its question is asked in a conversation of the same split
+            question = row.split('question: ')[-1].split('no idea, mate.')[0].strip()
+            assert any(question in d for d in docs if d not in rows), question
+        seen += len(rows)
+    assert seen == added
+    # the setting is part of what the shards depend on
+    assert 'primer is up to date' not in run('prepare.py', cfg, '--unanswerable_frac=0.5', check=True).stdout
