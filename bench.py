@@ -235,8 +235,8 @@ def sse_stream(port, body):
     tokens generated)."""
     c = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
     t = time.perf_counter()
-    c.request('POST', '/v1/completions', body=json.dumps({**body, 'stream': True,
-                                                          'stream_options': {'include_usage': True}}),
+    body = {**body, 'stream': True, 'stream_options': {'include_usage': True}}
+    c.request('POST', '/v1/completions', body=json.dumps(body),
               headers={'Content-Type': 'application/json'})
     r, first, tokens = c.getresponse(), None, 0
     for line in r:

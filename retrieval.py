@@ -178,8 +178,9 @@ def unanswerable_rows(index, messages, k, reply, frac):
     name of the rescue"). So for about `frac` of the user messages whose reply is in the notes
     shown with them (a chunk shown holds half or more of the reply's words that the notes know,
     other than the question's own, weighted by how rare they are), one more row: that message,
-    shown with the k best chunks *but* every chunk that holds the reply, answered `reply`. The next-best chunks are often the
-    same page's other parts, so the row is a near miss, as real unanswerable questions are.
+    shown with the k best chunks *but* every chunk that holds the reply, answered `reply`. The
+    next-best chunks are often the same page's other parts, so the row is a near miss, as real
+    unanswerable questions are.
     Returns the new conversations (the system prompt, the message, the reply), for the same split
     as the conversation they come from."""
     system = [m for m in messages[:1] if m['role'] == 'system']

@@ -65,9 +65,10 @@ class BadRequest(Exception):
 class Job:
     """One reply: its prompt and settings in, its tokens out (None after the last)."""
 
-    def __init__(self, prompt, max_tokens, temperature, top_p, seed, stop_ids, banned):
-        self.prompt, self.max_tokens, self.stop_ids, self.banned = prompt, max_tokens, stop_ids, banned
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+    def __init__(self, prompt, max_tokens, temperature, top_p, seed, stop_ids, banned, compiled):
+        self.prompt, self.max_tokens, self.seed = prompt, max_tokens, seed
+        self.temperature, self.top_p, self.compiled = temperature, top_p, compiled
+        self.stop_ids, self.banned = stop_ids, banned
         self.tokens = queue.Queue()
         self.cancelled = threading.Event()  # set by the connection when its client went away
         self.error = None
@@ -104,7 +105,7 @@ class Worker(threading.Thread):
         job.steps = self.model.generate(job.prompt, job.max_tokens, job.temperature,
                                         self.cfg.top_k, job.top_p, banned=job.banned,
                                         stop=job.stop_ids, generator=generator, cache=cache,
-                                        compile=self.cfg.compile_decode)
+                                        compile=job.compiled)
         return job
 
     def end_job(self, job, active):
@@ -396,8 +397,14 @@ class Handler(BaseHTTPRequestHandler):
             stop_ids, banned = {tok.bos_id, tok.eos_id}, srv.banned_text
         seed = settings['seed']
         seed = int.from_bytes(os.urandom(8), 'little') >> 1 if seed is None else seed
+        # the decode step is compiled (compile_decode) for the config's sampling settings and the
+        # chat's banned tokens: a graph specializes on them, and another compile would hold up
+        # every reply for as long as the first (~100 s for SmolLM2 on 2 cores). Other settings
+        # decode eagerly (2-3x slower per token, at once)
+        compiled = (srv.cfg.compile_decode and chat and settings['top_p'] == srv.cfg.top_p
+                    and settings['temperature'] == srv.cfg.temperature)
         job = Job(prompt, settings['max_tokens'], settings['temperature'], settings['top_p'],
-                  seed, stop_ids, banned)
+                  seed, stop_ids, banned, compiled)
         srv.worker.submit(job)
         try:
             self.answer(job, settings, chat, len(prompt))
