@@ -367,16 +367,16 @@ def bench_prepare(corpus, vocab_size):
                         f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
             if not os.path.exists(os.path.join(work, 'tokenizer.model')):
                 run_measured([sys.executable, 'tokenizer.py', cfg])
-            for num_proc in sorted({1, cores}):
+            for num_proc, dedup in [(n, True) for n in sorted({1, cores})] + [(cores, False)]:
                 shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
                 dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg,
-                                           f'--num_proc={num_proc}'])
+                                           f'--num_proc={num_proc}', f'--dedup={dedup}'])
                 metas = [load_split(os.path.join(work, 'out', 'data'), 'corpus',
                                     s) for s in ('train', 'val')]
                 mb = os.path.getsize(path) / 1e6
                 tokens = sum(m['tokens'] for m in metas)
                 rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc,
-                             'seconds': round(dt, 1),
+                             'dedup': dedup, 'seconds': round(dt, 1),
                              'MB_per_s': round(mb / dt, 2), 'tokens_per_s': round(tokens / dt),
                              'peak_rss_MB': round(rss / 1e6)})
     finally:

@@ -89,6 +89,13 @@ KEYS = {
                                     "source"),
     'max_conversation_tokens': (4096, '>= 2', "SFT conversations longer than this are truncated "
                                               "when prepared"),
+    'dedup': (True, "prepare.py: exact and near-duplicate documents out before the split, within "
+                    "and across the (local) sources, the first copy kept (dedup.py)"),
+    'dedup_threshold': (0.8, '(0, 1]', "prepare.py: documents whose 5-word shingles are this alike "
+                                       "(Jaccard, MinHash estimate) are near duplicates"),
+    'dedup_min_words': (100, '>= 1', "prepare.py: shorter documents (a conversation: its replies) "
+                                     "are removed only as exact copies: a short page is mostly its "
+                                     "template"),
     'cache_dir': ('out/cache', "downloaded corpora and benchmark files, kept across runs (a rerun "
                                "downloads nothing)"),
     'download_retries': (5, '>= 0', "retries of a failed download (5xx, dropped connection, "

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+import dedup
 import download
 import retrieval
 import sources
@@ -187,8 +188,16 @@ def fingerprint(src, files, tok_sha, cfg):
                  cfg.unanswerable_reply,
                  [(f, os.path.getsize(f), os.stat(f).st_mtime_ns)
                   for f in sources.source_files(notes_src)]]
+    # with dedup, which documents go depends on the sources before this one too
+    deduped = []
+    if cfg.dedup and src['kind'] not in sources.STREAMED:
+        before = [f for other in deduped_before(cfg, src['name'])
+                  for f in sources.source_files(other)]
+        deduped = [cfg.dedup_threshold, cfg.dedup_min_words,
+                   [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in before]]
     key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
-                      cfg.max_conversation_tokens] + ([notes] if notes else []), sort_keys=True)
+                      cfg.max_conversation_tokens] + ([notes] if notes else []) + deduped,
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -208,6 +217,8 @@ def not_ours(folder):
     found = []
     for entry in sorted(os.listdir(folder)):
         sub = os.path.join(folder, entry)
+        if entry == 'removed.jsonl' and os.path.isfile(sub) and not os.path.islink(sub):
+            continue  # (the duplicates dedup removed, for the user to look at)
         if entry not in ('train', 'val') or os.path.islink(sub) or not os.path.isdir(sub):
             found.append(entry)
             continue
@@ -359,6 +370,56 @@ def with_notes(docs, cfg, stats):
             yield f"{where} (an unanswerable row made from it)", row, split
 
 
+def deduped_before(cfg, name):
+    """The settings of the sources dedup reads before `name`'s documents: the local ones before it
+    in the config (a copy is removed from the later source)."""
+    out = []
+    for other, settings in cfg.sources.items():
+        if other == name:
+            return out
+        src = sources.source_settings(other, settings)
+        if src['kind'] not in sources.STREAMED and src.get('path') is not None:
+            out.append(src)
+    return out
+
+
+def duplicates(cfg, name, writers):
+    """{index in reading order: why} of the documents of source `name` that dedup removes: copies
+    of a document read before them, in this source or one before it in the config. Writes
+    removed.jsonl beside the splits (each removed document, why, and where its kept copy is), and
+    says how many went."""
+    index, kept = dedup.Index(cfg.dedup_threshold, cfg.dedup_min_words), []
+    for other in deduped_before(cfg, name):  # what the sources before it hold
+        for i, (where, doc, _) in enumerate(sources.iter_documents(other)):
+            if index.check(dedup.doc_text(doc), dedup.near_text(doc)) is None:
+                kept.append((other['name'], i + 1, where))
+    src = sources.source_settings(name, cfg.sources[name])
+    removed, counts, lines = {}, collections.Counter(), []
+    for i, (where, doc, _) in enumerate(sources.iter_documents(src)):
+        counts['read'] += 1
+        found = index.check(dedup.doc_text(doc), dedup.near_text(doc))
+        if found is None:
+            kept.append((name, i + 1, where))
+            continue
+        why = 'exact duplicate' if found[0] == 'exact' else (
+            f"near duplicate (Jaccard ~{found[2]:.2f} >= dedup_threshold={cfg.dedup_threshold})")
+        removed[i] = why
+        counts[found[0]] += 1
+        # (documents numbered in reading order: a text file with a separator holds many)
+        source, number, place = kept[found[1]]
+        lines.append(json.dumps({'removed': where, 'document': i + 1, 'why': why,
+                                 'kept': place, 'kept_source': source, 'kept_document': number},
+                                ensure_ascii=False))
+    folder = os.path.dirname(writers['train'].folder)
+    with atomic_file(os.path.join(folder, 'removed.jsonl'), 'w') as f:
+        f.write(''.join(line + '\n' for line in lines))
+    print(f"  {name}: {counts['read']:,} documents read, {counts['exact']:,} exact and "
+          f"{counts['near']:,} near duplicates removed (dedup; {name}/removed.jsonl)")
+    for line in lines[:3]:
+        print(f"    {line[:160]}")
+    return removed
+
+
 NOTES = {}  # the retrieval index of this run's notes, built once (retrieval.notes_index)
 
 
@@ -383,12 +444,14 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
     print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} "
           f"MB, {int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
     progress = Progress(src['name'], total, unit='MB', scale=1e6)
+    removed = duplicates(cfg, src['name'], writers) if cfg.dedup else {}
     i = 0  # documents read so far, in reading order, as in is_val
 
     def split_docs():  # each document with its split (rows made from it follow it there)
         nonlocal i
         for where, doc, _ in sources.iter_documents(src):
-            yield where, doc, 'val' if is_val[i] else 'train'
+            if i not in removed:
+                yield where, doc, 'val' if is_val[i] else 'train'
             i += 1
 
     for result in tokenized_docs(split_docs(), cfg, tok, dtype, stats):
@@ -474,6 +537,8 @@ def analyze(cfg, names):
     tok = (tokenizer.load_tokenizer(cfg.tokenizer_path) if os.path.exists(cfg.tokenizer_path)
            else None)
     rows, notes, ratios = [], [], []
+    # duplicates, across the sources in order
+    index = dedup.Index(cfg.dedup_threshold, cfg.dedup_min_words) if cfg.dedup else None
     for name in names:
         src = sources.source_settings(name, cfg.sources[name])
         not_fetched = (src.get('path', '') is None
@@ -487,6 +552,10 @@ def analyze(cfg, names):
         n_docs = text_bytes = 0
         sample_bytes = sample_tokens = 0  # the tokenized sample, for this source's bytes per token
         for _, doc, _ in sources.iter_documents(src, stats, problems):
+            found = index and index.check(dedup.doc_text(doc), dedup.near_text(doc))
+            if found:
+                stats['dup'] += 1
+                continue
             n_docs += 1
             text = doc if isinstance(doc, str) else '\n'.join(m['content'] for m in doc)
             text_bytes += len(text.encode('utf-8'))
@@ -499,14 +568,14 @@ def analyze(cfg, names):
                                  problems)))
     default_ratio = sum(ratios) / len(ratios) if ratios else 4.0
     print(f"{'source':<16} {'kind':<15} {'files':>6} {'docs':>9} {'MB':>9} {'est. train tok':>15} "
-          f"{'est. val tok':>13} {'empty':>6} {'bad':>4}")
+          f"{'est. val tok':>13} {'empty':>6} {'bad':>4} {'dup':>6}")
     for name, src, local in rows:
         if local is None:
             need, est = analyze_remote(src, default_ratio)
             known = [size for _, size in need if size is not None]
             cached = sum(os.path.exists(download.cache_path(url)) for url, _ in need)
             print(f"{name:<16} {src['kind']:<15} {len(need):>6} {'?':>9} {sum(known) / 1e6:>9.1f} "
-                  f"{est['train']:>15,} {est['val']:>13,} {'-':>6} {'-':>4}")
+                  f"{est['train']:>15,} {est['val']:>13,} {'-':>6} {'-':>4} {'-':>6}")
             unknown = len(need) - len(known)
             notes.append(f"{name}: would download {len(need)} file(s), {sum(known) / 1e6:,.1f} MB"
                          + (f" (+{unknown} of unknown size: no answer to HEAD)" if unknown else '')
@@ -520,7 +589,7 @@ def analyze(cfg, names):
         print(f"{name:<16} {src['kind']:<15} {len(files):>6,} {n_docs:>9,} "
               f"{sum(os.path.getsize(f) for f in files) / 1e6:>9.2f} {tokens - val:>15,} "
               f"{val:>13,} "
-              f"{stats['empty']:>6} {len(problems):>4}")
+              f"{stats['empty']:>6} {len(problems):>4} {stats['dup']:>6}")
         notes += [f"{name}: unreadable: {p}" for p in problems]
     for note in notes:
         print('  ' + note)
