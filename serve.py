@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -352,6 +353,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(e)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away while we answered it
+        except Exception as e:  # noqa: BLE001 (a bug of ours: said to the client, logged, and on)
+            traceback.print_exc()
+            self.send_error_json(BadRequest(500, f"internal error: {type(e).__name__}: {e}",
+                                            kind='server_error'))
 
     def read_body(self):
         length = self.headers.get('Content-Length')
