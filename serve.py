@@ -1,5 +1,5 @@
 """
-Stage 5: talk to a model from anywhere: an OpenAI-compatible HTTP API and a web chat page.
+Serving: talk to a model from anywhere, through an OpenAI-compatible HTTP API and a web chat page.
 
     python serve.py config/notes.py                 # http://127.0.0.1:8000/ : the chat page
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
