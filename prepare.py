@@ -395,12 +395,14 @@ def duplicates(cfg, name, writers):
                 kept.append((other['name'], i + 1, where))
     src = sources.source_settings(name, cfg.sources[name])
     removed, counts, lines = {}, collections.Counter(), []
-    for i, (where, doc, _) in enumerate(sources.iter_documents(src)):
+    for i, (where, doc, split) in enumerate(sources.iter_documents(src)):
         counts['read'] += 1
         found = index.check(dedup.doc_text(doc), dedup.near_text(doc))
         if found is None:
             kept.append((name, i + 1, where))
             continue
+        if split:  # a corpus with a split of its own (Tiny Shakespeare's last 10%) keeps it whole,
+            continue  # so that its figures compare with everyone else's on it
         why = 'exact duplicate' if found[0] == 'exact' else (
             f"near duplicate (Jaccard ~{found[2]:.2f} >= dedup_threshold={cfg.dedup_threshold})")
         removed[i] = why
@@ -551,9 +553,9 @@ def analyze(cfg, names):
         stats, problems = collections.Counter(), []
         n_docs = text_bytes = 0
         sample_bytes = sample_tokens = 0  # the tokenized sample, for this source's bytes per token
-        for _, doc, _ in sources.iter_documents(src, stats, problems):
+        for _, doc, split in sources.iter_documents(src, stats, problems):
             found = index and index.check(dedup.doc_text(doc), dedup.near_text(doc))
-            if found:
+            if found and not split:  # (a corpus's own split is kept whole: duplicates())
                 stats['dup'] += 1
                 continue
             n_docs += 1

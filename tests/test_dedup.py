@@ -135,3 +135,22 @@ def test_two_near_copies_never_end_on_both_sides_and_processes_do_not_matter(tmp
         assert filecmp.cmp(tmp_path / 'data1' / source / 'removed.jsonl', tmp_path / 'data2' / source / 'removed.jsonl',
                            shallow=False)
     shutil.rmtree(tmp_path / 'data2')
+
+
+def test_a_corpus_with_its_own_split_is_kept_whole(tmp_path):
+    """Tiny Shakespeare's val is its last 10%, as everyone measures it: dedup removes nothing of it (a repeated
+    speech stays), but a later source's copy of one of its speeches goes."""
+    speech = text_of(50)
+    play = '\n\n'.join([text_of(51), speech, text_of(52), speech, text_of(53)]) + '\n'
+    (tmp_path / 'play.txt').write_text(play)
+    (tmp_path / 'more.txt').write_text(speech + '\n\n' + text_of(54) + '\n')
+    sources = {'play': {'kind': 'tinyshakespeare', 'path': str(tmp_path / 'play.txt')},
+               'more': {'kind': 'text', 'path': str(tmp_path / 'more.txt'), 'separator': '\n\n'}}
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', sources=sources, vocab_size=300)
+    run('tokenizer.py', cfg, check=True)
+    out = run('prepare.py', cfg, check=True).stdout
+    assert re.search(r'play: [56] documents read, 0 exact and 0 near', out), out  # (6: a speech cut where val begins)
+    assert re.search(r'more: 2 documents read, 1 exact and 0 near', out), out
+    data = tmp_path / 'out' / 'data'
+    docs = sum(json.load(open(data / 'play' / s / 'meta.json'))['documents'] for s in ('train', 'val'))
+    assert docs >= 5 and (data / 'play' / 'removed.jsonl').read_text() == ''
