@@ -257,12 +257,11 @@ def bench_serve(argv, new_tokens=128, clients=(1, 4)):
     two torch processes on few cores slow each other), streamed, one client and several at once.
     Greedy completions of a fixed prompt, so every way writes new_tokens."""
     from chat import completion_prompt
-    from checkpoint import checkpoint_path, load_model
+    from checkpoint import load_configured
     from tokenizer import load_tokenizer
     cfg = configure(argv)
     tok = load_tokenizer(cfg.tokenizer_path)
-    path, why = checkpoint_path(cfg)
-    model, _ = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path, tok)
+    model, _, _ = load_configured(cfg, tok, 'cpu')
     text = 'the garden in november: '
     prompt = completion_prompt(tok, text, model.cfg.block_size, new_tokens)
     body = {'prompt': text, 'max_tokens': new_tokens, 'temperature': 0}

@@ -116,6 +116,14 @@ def checkpoint_path(cfg):
             "best.pt), as ckpt is ''")
 
 
+def load_configured(cfg, tok, device):
+    """The model a stage talks to or exports: cfg's checkpoint (checkpoint_path), checked against
+    the tokenizer `tok`, on `device` -> (model, ckpt, path)."""
+    path, why = checkpoint_path(cfg)
+    model, ckpt = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path, tok)
+    return model, ckpt, path
+
+
 def check_tokenizer(ckpt, path, why, tokenizer_path, tokenizer_sha256):
     """A checkpoint works only with the tokenizer it was trained with. When they differ, the likely
     cause is the wrong checkpoint or the wrong out_dir, so say which checkpoint was picked and

@@ -85,6 +85,30 @@ class Index:
         self.buckets = [{} for _ in range(self.bands)]  # band bytes -> kept documents' numbers
         self.signatures = []
         self.n = 0
+        self.kept = []  # (source, number in its reading order, where) of each kept document
+        self.sources = []  # the sources scanned, in order
+
+    def scan(self, name, docs):
+        """The documents (where, doc, split) of source `name`, in reading order, checked and the new
+        ones remembered. Returns the copies to remove: [(number, record)], a record saying why and
+        which copy stays. A corpus with a split of its own (Tiny Shakespeare's last 10%) keeps it
+        whole, so its figures compare with everyone else's: its copies are not removed (nor
+        remembered). Also returns how many documents were read."""
+        removed, n = [], 0
+        for n, (where, doc, split) in enumerate(docs, 1):
+            found = self.check(doc_text(doc), near_text(doc))
+            if found is None:
+                self.kept.append((name, n, where))
+                continue
+            if split:
+                continue
+            why = 'exact duplicate' if found[0] == 'exact' else (
+                f"near duplicate (Jaccard ~{found[2]:.2f} >= dedup_threshold={self.threshold})")
+            source, number, place = self.kept[found[1]]
+            removed.append((n - 1, {'removed': where, 'document': n, 'why': why, 'kept': place,
+                                    'kept_source': source, 'kept_document': number}))
+        self.sources.append(name)
+        return removed, n
 
     def check(self, text, near_text=None):
         """None if the text is new (it is kept: remembered under number self.n - 1), else

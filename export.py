@@ -43,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import checkpoint_path, load_model
+from checkpoint import load_configured
 from common import check_writable, die, unused_keys
 from configurator import configure
 from tokenizer import SPECIALS, gguf_vocab, load_tokenizer, system_prompt
@@ -592,8 +592,7 @@ def main():
     check_writable(os.path.dirname(os.path.abspath(folder)), 'export_dir')
     tok = load_tokenizer(cfg.tokenizer_path)
     system = system_prompt(cfg)  # chat's: the templates give it to conversations without one
-    path, why = checkpoint_path(cfg)
-    model, ckpt = load_model(path, 'cpu', tok.sha256, cfg.lora_base, why, tok.path, tok)
+    model, ckpt, path = load_configured(cfg, tok, 'cpu')
     if tok.template == 'smallchat':
         sp = read_sentencepiece(tok.path)
         check_exportable(cfg, model, sp, tok.path)

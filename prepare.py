@@ -383,43 +383,31 @@ def deduped_before(cfg, name):
     return out
 
 
-def duplicates(cfg, name, writers):
-    """{index in reading order: why} of the documents of source `name` that dedup removes: copies
-    of a document read before them, in this source or one before it in the config. Writes
-    removed.jsonl beside the splits (each removed document, why, and where its kept copy is), and
-    says how many went."""
-    index, kept = dedup.Index(cfg.dedup_threshold, cfg.dedup_min_words), []
-    for other in deduped_before(cfg, name):  # what the sources before it hold
-        for i, (where, doc, _) in enumerate(sources.iter_documents(other)):
-            if index.check(dedup.doc_text(doc), dedup.near_text(doc)) is None:
-                kept.append((other['name'], i + 1, where))
-    src = sources.source_settings(name, cfg.sources[name])
-    removed, counts, lines = {}, collections.Counter(), []
-    for i, (where, doc, split) in enumerate(sources.iter_documents(src)):
-        counts['read'] += 1
-        found = index.check(dedup.doc_text(doc), dedup.near_text(doc))
-        if found is None:
-            kept.append((name, i + 1, where))
-            continue
-        if split:  # a corpus with a split of its own (Tiny Shakespeare's last 10%) keeps it whole,
-            continue  # so that its figures compare with everyone else's on it
-        why = 'exact duplicate' if found[0] == 'exact' else (
-            f"near duplicate (Jaccard ~{found[2]:.2f} >= dedup_threshold={cfg.dedup_threshold})")
-        removed[i] = why
-        counts[found[0]] += 1
-        # (documents numbered in reading order: a text file with a separator holds many)
-        source, number, place = kept[found[1]]
-        lines.append(json.dumps({'removed': where, 'document': i + 1, 'why': why,
-                                 'kept': place, 'kept_source': source, 'kept_document': number},
-                                ensure_ascii=False))
+DEDUP = {}  # this run's dedup.Index, grown over the sources in config order (each read once)
+
+
+def duplicates(cfg, src, writers):
+    """{number in reading order: why} of the documents of `src` that dedup removes: copies of a
+    document read before them, in this source or one before it in the config. Writes removed.jsonl
+    beside the splits (each removed document, why, and where its kept copy is), and says how many
+    went."""
+    before = deduped_before(cfg, src['name'])
+    index = DEDUP.get('index')
+    if index is None or index.sources != [o['name'] for o in before][:len(index.sources)]:
+        index = DEDUP['index'] = dedup.Index(cfg.dedup_threshold, cfg.dedup_min_words)
+    for other in before[len(index.sources):]:  # (those not read yet in this run)
+        index.scan(other['name'], sources.iter_documents(other))
+    removed, read = index.scan(src['name'], sources.iter_documents(src))
     folder = os.path.dirname(writers['train'].folder)
+    lines = [json.dumps(record, ensure_ascii=False) for _, record in removed]
     with atomic_file(os.path.join(folder, 'removed.jsonl'), 'w') as f:
         f.write(''.join(line + '\n' for line in lines))
-    print(f"  {name}: {counts['read']:,} documents read, {counts['exact']:,} exact and "
-          f"{counts['near']:,} near duplicates removed (dedup; {name}/removed.jsonl)")
+    near = sum(record['why'].startswith('near') for _, record in removed)
+    print(f"  {src['name']}: {read:,} documents read, {len(removed) - near:,} exact and {near:,} "
+          f"near duplicates removed (dedup; {src['name']}/removed.jsonl)")
     for line in lines[:3]:
         print(f"    {line[:160]}")
-    return removed
+    return {i: record['why'] for i, record in removed}
 
 
 NOTES = {}  # the retrieval index of this run's notes, built once (retrieval.notes_index)
@@ -446,7 +434,7 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
     print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} "
           f"MB, {int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
     progress = Progress(src['name'], total, unit='MB', scale=1e6)
-    removed = duplicates(cfg, src['name'], writers) if cfg.dedup else {}
+    removed = duplicates(cfg, src, writers) if cfg.dedup else {}
     i = 0  # documents read so far, in reading order, as in is_val
 
     def split_docs():  # each document with its split (rows made from it follow it there)

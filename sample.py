@@ -20,7 +20,7 @@ import torch
 
 from chat import (banned_ids, compile_decode, completion_prompt, fit_history, fit_system,
                   reply_room)
-from checkpoint import checkpoint_path, load_model
+from checkpoint import load_configured
 from common import die, runtime
 from configurator import configure
 from model import KVCache
@@ -171,8 +171,7 @@ def main():
     cfg = configure()
     device, _, _, autocast = runtime(cfg.device, cfg.dtype)
     tok = load_tokenizer(cfg.tokenizer_path)
-    path, why = checkpoint_path(cfg)
-    model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path, tok)
+    model, _, _ = load_configured(cfg, tok, device)
     # sampling draws its noise on the model's device
     generator = torch.Generator(device).manual_seed(cfg.seed)
     try:

@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from chat import banned_ids, chat_prompt, compile_decode, completion_prompt, reply_room
-from checkpoint import checkpoint_path, load_model
+from checkpoint import load_configured
 from common import die, runtime
 from configurator import configure
 from model import KVCache
@@ -527,8 +527,7 @@ def main():
     cfg = configure()
     device, _, _, autocast = runtime(cfg.device, cfg.dtype)
     tok = load_tokenizer(cfg.tokenizer_path)
-    path, why = checkpoint_path(cfg)
-    model, _ = load_model(path, device, tok.sha256, cfg.lora_base, why, tok.path, tok)
+    model, _, path = load_configured(cfg, tok, device)
     notes = notes_index(cfg)
     system = system_prompt(cfg)
     banned = banned_ids(tok, model, cfg.allow_special)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import load_cfg, run
 import sample
+from checkpoint import load_model
 from model import ModelConfig
 from tokenizer import Tokenizer, render_turn
 
@@ -108,7 +109,7 @@ def test_chat_keeps_the_kv_cache_across_turns(sft_trained, monkeypatch, capsys):
     cfg_path, out = sft_trained
     cfg = load_cfg(cfg_path, '--temperature=0')
     tok = Tokenizer(cfg.tokenizer_path)
-    model, _ = sample.load_model(os.path.join(out, 'sft', 'ckpt.pt'), 'cpu', tok.sha256)
+    model, _ = load_model(os.path.join(out, 'sft', 'ckpt.pt'), 'cpu', tok.sha256)
     fed = []
     forward = model.forward
     monkeypatch.setattr(model, 'forward', lambda idx, *a, **k: fed.append(idx.shape[1]) or forward(idx, *a, **k))
