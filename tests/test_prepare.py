@@ -213,7 +213,8 @@ def test_analyze_only_writes_nothing(tmp_path, corpus):
     p = run('prepare.py', cfg, '--analyze_only=True', check=True)
     assert not (tmp_path / 'out').exists()
     lines = {line.split()[0]: line.split() for line in p.stdout.splitlines()[1:4]}
-    assert lines['roam'][2:5] == ['31', '30', lines['roam'][4]] and lines['roam'][-3:] == ['1', '0', '0']  # files, docs, empty, bad, dup
+    assert lines['roam'][2:5] == ['31', '30', lines['roam'][4]]  # files, docs
+    assert lines['roam'][-3:] == ['1', '0', '0']  # empty, bad, dup
     assert 'est' in p.stdout and '4 bytes per token' in p.stdout
 
 

@@ -105,17 +105,20 @@ def test_unanswerable_rows_show_the_question_without_the_notes_that_answer_it():
     index = index_of(PAGES)
     system = {'role': 'system', 'content': 'be terse.'}
     asked = [system, {'role': 'user', 'content': 'what does biscuit hate?'},
-             {'role': 'assistant', 'content': 'the hoover. ginger tom, nine years old, and he hates it.'},
+             {'role': 'assistant',
+              'content': 'the hoover. ginger tom, nine years old, and he hates it.'},
              {'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hi. ask away.'}]
     rows = retrieval.unanswerable_rows(index, asked, 2, "i don't know.", 1.0)
-    # one row: the question whose reply the notes hold; "hi" has no facts from the notes in its reply
+    # one row: the question whose reply the notes hold; "hi" has no facts from the notes in its
+    # reply
     assert len(rows) == 1
     s, user, reply = rows[0]
     assert s == system and reply == {'role': 'assistant', 'content': "i don't know."}
     assert user['content'].endswith('question: what does biscuit hate?')
     assert '[Biscuit]' not in user['content'] and 'hoover' not in user['content']
     assert retrieval.unanswerable_rows(index, asked, 2, "i don't know.", 0.0) == []
-    # a reply that is not in the notes shown (k=1 shows the bike shop, the answer is Dev's page) gives no row
+    # a reply that is not in the notes shown (k=1 shows the bike shop, the answer is Dev's page)
+    # gives no row
     elsewhere = [{'role': 'user', 'content': 'harbour cycles hours?'},
                  {'role': 'assistant', 'content': "builder's tea, four sugars."}]
     assert retrieval.unanswerable_rows(index, elsewhere, 1, "i don't know.", 1.0) == []
@@ -135,8 +138,9 @@ def test_prepare_adds_unanswerable_rows_to_the_split_of_their_conversation(tmp_p
     primer = os.path.join(corpus, 'primer.txt')
     sources = {'roam': {'kind': 'roam', 'path': os.path.join(corpus, 'roam')},
                'primer': {'kind': 'primer', 'path': primer, 'val_frac': 0.3}}
-    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), corpus, retrieve_from='roam', retrieve_k=2,
-                       sources=sources, unanswerable_frac=1.0, unanswerable_reply='no idea, mate.')
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), corpus, retrieve_from='roam',
+                       retrieve_k=2, sources=sources, unanswerable_frac=1.0,
+                       unanswerable_reply='no idea, mate.')
     run('tokenizer.py', cfg, check=True)
     out = run('prepare.py', cfg, check=True).stdout
     added = int(re.search(r"primer: (\d+) rows that answer 'no idea, mate.'", out).group(1))
@@ -155,4 +159,5 @@ def test_prepare_adds_unanswerable_rows_to_the_split_of_their_conversation(tmp_p
         seen += len(rows)
     assert seen == added
     # the setting is part of what the shards depend on
-    assert 'primer is up to date' not in run('prepare.py', cfg, '--unanswerable_frac=0.5', check=True).stdout
+    again = run('prepare.py', cfg, '--unanswerable_frac=0.5', check=True).stdout
+    assert 'primer is up to date' not in again
