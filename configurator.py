@@ -171,6 +171,8 @@ KEYS = {
                      "projections that get adapters (all of them: closer to full fine-tuning than "
                      "q/v alone)"),
     'lora_base': ('', "base checkpoint of a LoRA adapter; '' = the path the adapter recorded"),
+    'dpo_beta': (0.1, '> 0', "DPO (a mixture of preference pairs): how far the model may move from "
+                             "its reference; smaller = further (Rafailov et al. use 0.1)"),
     'merge_lora': ('', "train.py: fold this LoRA adapter checkpoint into its base, write "
                        "<name>_merged.pt, and stop"),
 

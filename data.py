@@ -70,7 +70,7 @@ def load_split(data_dir, name, split, tokenizer_sha256=None):
         number = shard['file'][len('shard'):]
         shard['docs_path'] = os.path.join(folder, 'docs' + number)
         shard['mask_path'] = os.path.join(folder, 'mask' + number)
-        check_shard(shard, meta['dtype'], meta.get('format') == 'chat')
+        check_shard(shard, meta['dtype'], meta.get('format') in ('chat', 'pairs'))
     return meta
 
 
@@ -96,7 +96,8 @@ def check_shard(shard, dtype, chat):
 
 
 class SplitReader:
-    """Reads what SplitWriter wrote: a split's checked meta.json (`meta`, `shards`, `dtype`, `chat`)
+    """Reads what SplitWriter wrote: a split's checked meta.json (`meta`, `shards`, `dtype`; `chat`:
+    conversations, `pairs`: preference pairs, each two documents in a row, chosen then rejected)
     and, per shard i, its tokens, loss mask and document index. train.py and eval.py read shards
     only through this class, so the file layout is known here alone. Each call maps the file afresh:
     a long-lived memmap keeps every page it has touched mapped, and a long run's memory would
@@ -107,6 +108,7 @@ class SplitReader:
         self.shards = self.meta['shards']
         self.dtype = np.dtype(self.meta['dtype'])
         self.chat = self.meta['format'] == 'chat'
+        self.pairs = self.meta['format'] == 'pairs'
 
     def tokens(self, i):
         """Shard i's tokens, (tokens,) uint16/uint32, a read-only memmap."""
@@ -130,7 +132,7 @@ class Split:
     def __init__(self, data_dir, name, split, tokenizer_sha256):
         self.data = SplitReader(data_dir, name, split, tokenizer_sha256)
         self.meta, self.shards = self.data.meta, self.data.shards
-        self.dtype, self.chat = self.data.dtype, self.data.chat
+        self.dtype, self.chat, self.pairs = self.data.dtype, self.data.chat, self.data.pairs
         self.name = name
         self.tokens = sum(s['tokens'] for s in self.shards)
         if self.tokens == 0:
@@ -155,6 +157,8 @@ class Split:
         truncated). A piece is up to three [begin, end) token ranges of one shard, kept as arrays:
         ranges (P, 3, 2), shard (P,), length (P,), trained (P,: its loss-mask tokens, never 0), and
         first (conversations + 1,): conversation c's pieces are first[c]:first[c + 1]."""
+        if self.pairs:
+            return self.cut_pairs(R)
         ranges, shard_of, trained, first = [], [], [], [0]
         # conversations longer than R, and those of them with a turn cut to fit
         self.truncated = self.long = 0
@@ -192,6 +196,63 @@ class Split:
         if len(self.usable) == 0:
             die(f"source '{self.name}': no conversation keeps a reply to train on in rows of "
                 f"{R - 1} tokens: raise block_size")
+
+    def cut_pairs(self, R):
+        """DPO: every preference pair as one piece, its chosen sequence then its rejected one (a
+        pair stays in one row; each sequence attends only to itself: Packer gives them doc ids 2j
+        and 2j + 1). A pair longer than R tokens gives each side R // 2 tokens at least (more for
+        one when the other is shorter), and a side cut to fit keeps what starts every row (our <s>),
+        the end of its conversation and the head of its reply (trim_side); `long` counts them, and
+        a pair left without a reply token on a side is not used. The arrays are cut_pieces', with
+        four ranges a piece: two per side."""
+        head = self.meta.get('turns', OUR_TURNS)['head']
+        ranges, shard_of, trained, first = [], [], [], [0]
+        self.truncated = self.long = 0
+        for i, s in enumerate(self.shards):
+            starts = self.data.doc_starts(i)
+            ends = np.append(starts[1:], s['tokens'])
+            mask = np.array(self.data.mask(i), dtype=np.int64)
+            for a, m, b in zip(starts[0::2].tolist(), starts[1::2].tolist(), ends[1::2].tolist()):
+                keep_c, keep_r = m - a, b - m
+                if keep_c + keep_r > R:
+                    self.long += 1
+                    keep_c = min(keep_c, max(R // 2, R - keep_r))
+                    keep_r = min(keep_r, R - keep_c)
+                sides = [trim_side(a, m, mask, keep_c, head), trim_side(m, b, mask, keep_r, head)]
+                # (a side's first token is never a target: it is predicted from another's)
+                k = [sum(mask[p + (p == start):q].sum() for p, q in side)
+                     for side, start in zip(sides, (a, m))]
+                if k[0] > 0 and k[1] > 0:
+                    ranges.append(sides[0] + sides[1])
+                    shard_of.append(i)
+                    trained.append(int(k[0] + k[1]))
+                first.append(len(trained))
+        self.conversations, self.cut_for = len(first) - 1, R
+        ranges = np.array(ranges, dtype=np.int64).reshape(-1, 4, 2)
+        self.pieces = {'ranges': ranges, 'shard': np.array(shard_of, dtype=np.int64),
+                       'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1),
+                       'trained': np.array(trained, dtype=np.int64),
+                       'first': np.array(first, dtype=np.int64)}
+        self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)
+        if len(self.usable) == 0:
+            die(f"source '{self.name}': no pair keeps a reply on both sides in rows of {R - 1} "
+                "tokens: raise block_size")
+
+
+def trim_side(a, b, mask, keep, head):
+    """One side of a pair, tokens [a, b) of a shard, cut to `keep` tokens as two [begin, end)
+    ranges (the second may be empty): whole if it fits; else its first `head` tokens (our <s>),
+    then as much of the end of the conversation before the reply as leaves the reply at least half
+    of `keep`, then the reply's head. The reply starts where the mask's first 1 is."""
+    if b - a <= keep:
+        return [(a, b), (b, b)]
+    reply = a + int(np.argmax(mask[a:b] > 0))  # the reply's first token
+    keep_reply = min(b - reply, max(keep // 2, keep - (reply - a)))
+    keep_prompt = keep - keep_reply  # of which `head` from the start, the rest from the end
+    if keep_prompt >= reply - a:
+        return [(a, reply + keep_reply), (b, b)]
+    return [(a, a + min(head, keep_prompt)),
+            (reply - max(keep_prompt - head, 0), reply + keep_reply)]
 
 
 def turn_starts(ids, turns):
@@ -368,9 +429,11 @@ class Packer:
                 if shard not in maps:
                     maps[shard] = split.data.tokens(shard[1]), split.data.mask(shard[1])
                 ids, m = maps[shard]
-                for b, e in split.pieces['ranges'][p].tolist():
+                for q, (b, e) in enumerate(split.pieces['ranges'][p].tolist()):
                     toks[r, at:at + e - b], mask[r, at:at + e - b] = ids[b:e], m[b:e]
-                    doc[r, at:at + e - b] = j
+                    # a pair's chosen and rejected sequences (two ranges each) are two documents:
+                    # 2j and 2j + 1
+                    doc[r, at:at + e - b] = 2 * j + q // 2 if split.pairs else j
                     at += e - b
         del maps
         y = np.where(mask[:, 1:] == 1, toks[:, 1:], -1)
@@ -389,6 +452,10 @@ class Packer:
 
 def sft_mode(splits):
     return all(s.chat for s in splits.values())
+
+
+def dpo_mode(splits):
+    return all(s.pairs for s in splits.values())
 
 
 def check_mixture(cfg):
@@ -413,6 +480,7 @@ class RunData:
     train: dict  # {source: Split}
     val: dict  # {source: Split}: the validated sources
     sft: bool  # every mixture source is a chat source: masked loss, packed conversations
+    dpo: bool  # every mixture source holds preference pairs: DPO on packed pairs
     best_on: list  # the val sources whose loss chooses best.pt
 
 
@@ -426,7 +494,14 @@ def build_data(cfg, tok):
         if n not in cfg.sources:
             die(f"val_sources names '{n}', which is not in sources")
     val = {n: Split(cfg.data_dir, n, 'val', tok.sha256) for n in val_names}
-    sft = sft_mode(train)
+    sft, dpo = sft_mode(train), dpo_mode(train)
+    if any(s.pairs for s in train.values()) and not dpo:
+        die(f"the mixture mixes preference pairs ({[n for n, s in train.items() if s.pairs]}) with "
+            "other sources: DPO trains on pairs alone (a run of its own, after SFT)")
+    if dpo and not dpo_mode(val):
+        die("this is a DPO run (every mixture source holds preference pairs) but val_sources "
+            f"includes other sources ({[n for n, s in val.items() if not s.pairs]}): validate on "
+            "pairs")
     if sft and not sft_mode(val):
         die("this is an SFT run (every mixture source is a chat source) but val_sources includes "
             f"text sources ({[n for n, s in val.items() if not s.chat]}): validate on chat sources")
@@ -442,7 +517,7 @@ def build_data(cfg, tok):
         if n not in val:
             die(f"best_on names '{n}', which is not among the validated sources "
                 f"({', '.join(val) or 'none'}): name sources of val_sources (or of the mixture)")
-    return RunData(mixture, train, val, sft, best_on)
+    return RunData(mixture, train, val, sft, dpo, best_on)
 
 
 def make_batches(cfg, run_data, rank, world):
@@ -452,7 +527,8 @@ def make_batches(cfg, run_data, rank, world):
     this process's share of a val source's batches, the same ones at every evaluation. Also returns
     the SFT packer (None for pretraining)."""
     B, T = cfg.batch_size, cfg.block_size
-    train, val, mixture, sft = run_data.train, run_data.val, run_data.mixture, run_data.sft
+    train, val, mixture = run_data.train, run_data.val, run_data.mixture
+    sft = run_data.sft or run_data.dpo  # rows packed with conversations (SFT) or pairs (DPO)
     # SFT: one packed stream of conversations
     packer = Packer(train, mixture, [cfg.seed], T) if sft else None
     val_packers = {n: Packer({n: s}, {n: 1.0}, [cfg.seed, 1_000_003], T) for n,

@@ -146,6 +146,9 @@ def doc_text(doc):
     line."""
     if isinstance(doc, str):
         return doc
+    if isinstance(doc, dict):  # a preference pair
+        return '\n'.join([doc_text(doc['messages']), f"chosen: {doc['chosen']}",
+                          f"rejected: {doc['rejected']}"])
     return '\n'.join(f"{m['role']}: {m['content']}" for m in doc)
 
 
@@ -155,4 +158,6 @@ def near_text(doc):
     replies are alike are one)."""
     if isinstance(doc, str):
         return doc
+    if isinstance(doc, dict):  # a pair: its question and its two replies
+        return '\n'.join([doc['messages'][-1]['content'], doc['chosen'], doc['rejected']])
     return '\n'.join(m['content'] for m in doc if m['role'] == 'assistant')

@@ -17,6 +17,7 @@ once.
 This file imports only torch and the standard library: copy it anywhere. Reading and writing
 checkpoints, and picking the device, live in checkpoint.py.
 """
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -436,8 +437,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base alone (adapters_off)
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
     def merged(self):
@@ -463,6 +467,20 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Inside: the model computes as its frozen base, every LoRA adapter skipped (DPO's reference
+    model, with no second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def merge_lora(model):

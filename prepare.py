@@ -61,14 +61,33 @@ def init_worker(tokenizer_path, pool_worker=True):
 
 
 def tokenize_batch(batch, max_conversation_tokens, dtype):
-    """[(where, doc, split)] -> [(ids, mask or None, n_bytes, truncated, split) or None if dropped];
-    an error is returned as a message naming the document."""
+    """[(where, doc, split)] -> [(ids, mask or None, n_bytes, truncated, split, parts) or None if
+    dropped]; parts: where each sequence starts in ids (a pair is two: chosen, then rejected). An
+    error is returned as a message naming the document."""
     out = []
     for where, doc, split in batch:
+        parts = (0,)
         if isinstance(doc, str):
             ids = [worker_tok.bos_id] + worker_tok.encode(doc)  # every document starts with <s>
             mask = None  # text: every token is trained
             n_bytes = len(doc.encode('utf-8'))
+        elif isinstance(doc, dict):  # a preference pair: each of its two sequences is cut alone
+            try:
+                ids, mask, start = tokenizer.render_pair(worker_tok, doc)
+            except ValueError as e:
+                return f"{where}: {e}"
+            n = max_conversation_tokens
+            chosen, rejected = (ids[:start], mask[:start]), (ids[start:], mask[start:])
+            truncated = len(chosen[0]) > n or len(rejected[0]) > n
+            if sum(chosen[1][:n]) == 0 or sum(rejected[1][:n]) == 0:
+                out.append(None)  # a cut left a side without its reply
+                continue
+            ids, mask = chosen[0][:n] + rejected[0][:n], chosen[1][:n] + rejected[1][:n]
+            parts = (0, min(start, n))
+            n_bytes = sum(len(t.encode('utf-8')) for t in sources.doc_texts(doc))
+            out.append((np.array(ids, dtype=dtype), np.array(mask, dtype=np.uint8), n_bytes,
+                        truncated, split, parts))
+            continue
         else:
             try:
                 ids, mask = tokenizer.render_conversation(worker_tok, doc)
@@ -84,7 +103,7 @@ def tokenize_batch(batch, max_conversation_tokens, dtype):
                 out.append(None)
                 continue
         mask = None if mask is None else np.array(mask, dtype=np.uint8)
-        out.append((np.array(ids, dtype=dtype), mask, n_bytes, truncated, split))
+        out.append((np.array(ids, dtype=dtype), mask, n_bytes, truncated, split, parts))
     return out
 
 
@@ -93,7 +112,7 @@ def batches(docs, target_bytes=1 << 18):
     for item in docs:
         batch.append(item)
         doc = item[1]
-        size += len(doc) if isinstance(doc, str) else sum(len(m['content']) for m in doc)
+        size += sum(len(t) for t in sources.doc_texts(doc))
         if size >= target_bytes:
             yield batch
             batch, size = [], 0
@@ -144,7 +163,9 @@ class SplitWriter:
             os.replace(os.path.join(self.folder, name + '.tmp'), os.path.join(self.folder, name))
         self.files = None
 
-    def add(self, ids, mask, n_bytes, truncated):
+    def add(self, ids, mask, n_bytes, truncated, parts=(0,)):
+        """One document, or several that must stay in one shard (a pair: parts are where each of
+        its sequences starts in ids; each is a document of the index)."""
         shard = self.shards[-1] if self.shards else None
         # a new shard when none is open, or when this document would pass shard_tokens (unless it
         # is the shard's first)
@@ -155,13 +176,14 @@ class SplitWriter:
             self.open_shard()
             shard = self.shards[-1]
         self.files[0][1].write(ids.tobytes())
-        self.files[1][1].write(np.array([shard['tokens']], dtype=np.int64).tobytes())
+        self.files[1][1].write(np.array([shard['tokens'] + p for p in parts],
+                                        dtype=np.int64).tobytes())
         if self.chat:
             self.files[2][1].write(mask.tobytes())
         shard['tokens'] += len(ids)
-        shard['documents'] += 1
+        shard['documents'] += len(parts)
         self.tokens += len(ids)
-        self.documents += 1
+        self.documents += len(parts)
         self.bytes += n_bytes
         self.truncated += truncated
 
@@ -182,7 +204,7 @@ def fingerprint(src, files, tok_sha, cfg):
     format."""
     inputs = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     notes = None  # a chat source with retrieval: its rows hold chunks of the notes (which change)
-    if src['format'] == 'chat' and cfg.retrieve_from:
+    if src['format'] != 'text' and cfg.retrieve_from:
         notes_src = sources.source_settings(cfg.retrieve_from, cfg.sources[cfg.retrieve_from])
         notes = [notes_src, cfg.retrieve_k, cfg.retrieve_chunk_chars, cfg.unanswerable_frac,
                  cfg.unanswerable_reply,
@@ -275,7 +297,7 @@ def prepare_source(cfg, name, tok):
     stats = collections.Counter()
     # half the disk and page cache when it fits
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    chat = src['format'] == 'chat'
+    chat = src['format'] != 'text'  # conversations or pairs: a loss mask, turns
     writers = {s: SplitWriter(os.path.join(tmp, s), dtype, cfg.shard_tokens, chat)
                for s in ('train', 'val')}
     t0 = time.time()
@@ -356,11 +378,16 @@ def tokenized_docs(docs, cfg, tok, dtype, stats):
 
 def with_notes(docs, cfg, stats):
     """SFT rows as chat shows messages: the notes that match go in front of each user message; and
-    after a conversation, its unanswerable rows (retrieval.unanswerable_rows), in its split."""
+    after a conversation, its unanswerable rows (retrieval.unanswerable_rows), in its split. A
+    pair's conversation gets the notes too (its replies were written, or sampled, after them)."""
     index = notes_index(cfg)
     for where, doc, split in docs:
         if isinstance(doc, str):
             yield where, doc, split
+            continue
+        if isinstance(doc, dict):
+            messages = retrieval.with_notes_conversation(index, doc['messages'], cfg.retrieve_k)
+            yield where, {**doc, 'messages': messages}, split
             continue
         yield where, retrieval.with_notes_conversation(index, doc, cfg.retrieve_k), split
         rows = retrieval.unanswerable_rows(index, doc, cfg.retrieve_k, cfg.unanswerable_reply,
@@ -447,7 +474,8 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
     for result in tokenized_docs(split_docs(), cfg, tok, dtype, stats):
         for doc in result:
             if doc is not None:
-                writers[doc[4]].add(*doc[:4])
+                ids, mask, n_bytes, truncated, split, parts = doc
+                writers[split].add(ids, mask, n_bytes, truncated, parts)
         # (bytes of text read against bytes of the files: a rough ETA, file bytes include markup and
         # JSON)
         progress(sum(w.bytes for w in writers.values()), extra=f", {i:,}/{len(is_val):,} docs")
@@ -481,9 +509,10 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
             for doc in result:
                 if doc is None:
                     continue
-                split = doc[4] or ('val' if not full('val') else 'train')  # val fills first
+                ids, mask, n_bytes, truncated, split, parts = doc
+                split = split or ('val' if not full('val') else 'train')  # val fills first
                 if not full(split):
-                    writers[split].add(*doc[:4])
+                    writers[split].add(ids, mask, n_bytes, truncated, parts)
             i += len(result)
             if done(file_split):
                 break  # budget met: stop reading this file
@@ -547,7 +576,7 @@ def analyze(cfg, names):
                 stats['dup'] += 1
                 continue
             n_docs += 1
-            text = doc if isinstance(doc, str) else '\n'.join(m['content'] for m in doc)
+            text = '\n'.join(sources.doc_texts(doc))
             text_bytes += len(text.encode('utf-8'))
             if tok and sample_bytes < 2_000_000:  # tokenize the first ~2 MB to estimate the rest
                 sample_bytes += len(text.encode('utf-8'))

@@ -7,7 +7,9 @@ prepare.py turns them into shards; tokenizer.py trains on their text.
                'fineweb_edu': {'kind': 'fineweb_edu', 'train_tokens': 200_000_000}}
 
 A reader yields (where, document[, split]): `where` names the file (and line) for error messages; a
-document is a str (text sources) or a list of {'role', 'content'} messages (chat sources); split is
+document is a str (text sources), a list of {'role', 'content'} messages (chat sources) or, for
+preference pairs, {'messages': [...], 'chosen': str, 'rejected': str} (two replies to the messages:
+the better one, the worse one); split is
 'train'/'val' where a corpus has its own. Empty documents are skipped and counted in stats. With
 problems=None a bad file stops the run; with a list (analyze_only) the problem is recorded and
 reading goes on. To add a kind: a reader and its line in KINDS (at the end of this file).
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -247,7 +250,7 @@ def source_files(src):
             files += found
         elif os.path.isdir(p):
             kind = src['kind']
-            ext = '.jsonl' if src['format'] == 'chat' and kind != 'primer' else '.txt'
+            ext = '.jsonl' if src['format'] != 'text' and kind != 'primer' else '.txt'
             other = " (or use kind 'roam' for a folder of .md notes)" if kind == 'text' else ''
             die(f"sources['{src['name']}']: {p} is a folder, and a '{kind}' source reads files: "
                 f"set "
@@ -523,6 +526,134 @@ def read_chat(src, stats=None, problems=None):
             yield f"{path} line {n}", messages
 
 
+def doc_texts(doc):
+    """The texts of a document, as a tokenizer or a size count reads them: the text, each message of
+    a conversation, or a pair's messages and both replies."""
+    if isinstance(doc, str):
+        return [doc]
+    if isinstance(doc, dict):
+        return [m['content'] for m in doc['messages']] + [doc['chosen'], doc['rejected']]
+    return [m['content'] for m in doc]
+
+
+def pair_problem(messages, chosen, rejected):
+    """What stops a preference pair from teaching anything, or None: the conversation must end
+    with a user message (the replies answer it), and the two replies must be non-empty and
+    differ (DPO pushes one up and the other down: identical ones cancel, an empty one is not a
+    reply)."""
+    if not messages or messages[-1]['role'] != 'user':
+        return "the conversation must end with a user message, which the two replies answer"
+    for name, reply in (('chosen', chosen), ('rejected', rejected)):
+        if not reply.strip():
+            return f"the {name} reply is empty"
+    if chosen.strip() == rejected.strip():
+        return "the chosen and rejected replies are the same text: nothing to prefer"
+    return None
+
+
+def reply_text(value, field):
+    """A pair's reply as a string: a string, or one assistant message {"role": "assistant",
+    "content": ...} (alone or in a list, as TRL's conversational format writes it). Raises
+    ValueError saying what it got."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict) and value.get('role') == 'assistant':
+        value = value.get('content')
+    if not isinstance(value, str):
+        raise ValueError(f"'{field}' must be a string (or one assistant message), got "
+                         f"{json_text(value)}")
+    return value
+
+
+def read_pairs(src, stats=None, problems=None):
+    """Preference pairs, one per line: {"messages": [...], "chosen": "...", "rejected": "..."},
+    two replies to a conversation that ends with a user message. TRL's layout is read too:
+    "prompt" for "messages" (a list of messages, or a string: one user message), replies as one
+    assistant message. A row that cannot be a pair stops the run, naming its line: a pairs file is
+    yours to fix."""
+    for path in source_files(src):
+        for n, row in read_jsonl(path, problems):
+            where = f"{path} line {n}"
+            if not isinstance(row, dict) or 'chosen' not in row or 'rejected' not in row:
+                problem(f'{where}: expected {{"messages": [{MESSAGE}, ...], "chosen": "...", '
+                        f'"rejected": "..."}}, got {json_text(row)}', problems)
+                continue
+            messages = row.get('messages', row.get('prompt'))
+            if isinstance(messages, str):
+                messages = [{'role': 'user', 'content': messages}]
+            try:
+                bad = messages_problem(messages)
+                if bad:
+                    raise ValueError(bad)
+                chosen = reply_text(row['chosen'], 'chosen')
+                rejected = reply_text(row['rejected'], 'rejected')
+            except ValueError as e:
+                problem(f"{where}: {e}", problems)
+                continue
+            bad = pair_problem(messages, chosen, rejected)
+            if bad:
+                problem(f"{where}: {bad}: fix the row or remove it", problems)
+                continue
+            yield where, {'messages': messages, 'chosen': chosen, 'rejected': rejected}
+
+
+HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
+
+
+def hh_turns(transcript):
+    """An HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...") -> messages, or ValueError."""
+    parts = HH_TURN.split(transcript)
+    if parts[0].strip():
+        raise ValueError(f"text before the first 'Human:' turn: {json_text(parts[0])}")
+    roles = {'Human': 'user', 'Assistant': 'assistant'}
+    messages = [{'role': roles[r], 'content': c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    for i, m in enumerate(messages):
+        if m['role'] != ('user' if i % 2 == 0 else 'assistant'):
+            raise ValueError(f"turn {i + 1} is the {m['role']}'s where the turns should take "
+                             "turns (Human first)")
+    if not messages or messages[-1]['role'] != 'assistant':
+        raise ValueError("the transcript must end with an 'Assistant:' reply")
+    return messages
+
+
+def read_hh_rlhf(src, stats=None, problems=None):
+    """Anthropic's HH-RLHF rows: {"chosen": transcript, "rejected": transcript}, two versions of one
+    conversation that differ only in the last reply. The public files hold a few rows that are not
+    such a pair (a reply that differs earlier, an extra turn, an empty or identical last reply):
+    each is refused, counted and named by its line (the first few on stderr; prepare.py counts them
+    all), and the rest is read. A row that is not JSON of this shape at all stops the run."""
+    refused = 0
+    for path in source_files(src):
+        for n, row in read_jsonl(path, problems):
+            where = f"{path} line {n}"
+            if not (isinstance(row, dict) and isinstance(row.get('chosen'), str)
+                    and isinstance(row.get('rejected'), str)):
+                problem(f'{where}: expected an HH-RLHF row {{"chosen": "\\n\\nHuman: ...", '
+                        f'"rejected": "..."}}, got {json_text(row)}', problems)
+                continue
+            try:
+                chosen, rejected = hh_turns(row['chosen']), hh_turns(row['rejected'])
+                if len(chosen) != len(rejected):
+                    raise ValueError(f"the chosen transcript has {len(chosen)} turns, the rejected "
+                                     f"{len(rejected)}: a pair differs only in its last reply")
+                if chosen[:-1] != rejected[:-1]:
+                    turn = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+                    raise ValueError(f"the transcripts differ at turn {turn + 1}, before the last "
+                                     "reply")
+                bad = pair_problem(chosen[:-1], chosen[-1]['content'], rejected[-1]['content'])
+                if bad:
+                    raise ValueError(bad)
+            except ValueError as e:
+                refused += 1
+                if stats is not None:  # (the pass that counts: once per prepare)
+                    stats['pairs refused (not one conversation with two last replies)'] += 1
+                    if refused <= 5:
+                        print(f"warning: {where}: refused: {e}", file=sys.stderr)
+                continue
+            yield where, {'messages': chosen[:-1], 'chosen': chosen[-1]['content'],
+                          'rejected': rejected[-1]['content']}
+
+
 def read_dolly(src, stats=None, problems=None):
     """databricks-dolly-15k rows: instruction (+ context) -> user, response -> assistant."""
     for path in source_files(src):
@@ -686,6 +817,11 @@ KINDS = {
     'text': ('text', read_text, {'path': None, 'separator': None, 'val_frac': 0.1}),
     'primer': ('chat', read_primer, {'path': None, 'val_frac': 0.1}),
     'chat': ('chat', read_chat, {'path': None, 'val_frac': 0.1}),
+    # preference pairs (DPO): a jsonl file of your own, or Anthropic's HH-RLHF (harmless-base train)
+    'pairs': ('pairs', read_pairs, {'path': None, 'val_frac': 0.1}),
+    'hh_rlhf': ('pairs', read_hh_rlhf, {
+        'path': None, 'url': f'{HF}/Anthropic/hh-rlhf/resolve/main/harmless-base/train.jsonl.gz',
+        'sha256': None, 'size': None, 'val_frac': 0.1}),
     'dolly': ('chat', read_dolly, {
         'path': None, 'url': f'{HF}/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl',
         'sha256': None, 'size': None, 'val_frac': 0.1, 'categories': None}),
@@ -728,10 +864,14 @@ def iter_documents(src, stats=None, problems=None):
 
 def split_key(src, where, doc):
     """What a document's split is decided on: a Roam page's title (its path in the export), so that
-    editing a page keeps it where it was; otherwise its content (text, or the conversation's
-    messages)."""
+    editing a page keeps it where it was; a pair's, its conversation up to the first user message;
+    otherwise its content (text, or the conversation's messages)."""
     if src['kind'] == 'roam':
         return 'page:' + os.path.relpath(where, os.path.expanduser(src['path']))
+    if isinstance(doc, dict):  # a pair: by its conversation's opening, so that the pairs made from
+        # one dialogue (one per reply, pairs.py) land together and held-out pairs are new dialogues
+        first = next(i for i, m in enumerate(doc['messages']) if m['role'] == 'user')
+        doc = doc['messages'][:first + 1]
     return doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True, ensure_ascii=False)
 
 
@@ -784,4 +924,4 @@ def train_texts(src, split_seed):
     is_val = val_flags(src, split_seed)
     for (_, doc, _), val in zip(iter_documents(src), is_val):
         if not val:
-            yield from [doc] if isinstance(doc, str) else (m['content'] for m in doc)
+            yield from doc_texts(doc)

@@ -273,6 +273,21 @@ def render_conversation(tok, messages):
     return ids, mask
 
 
+def render_pair(tok, pair):
+    """A preference pair {'messages', 'chosen', 'rejected'} -> (ids, mask, start): the conversation
+    with the chosen reply, then the conversation with the rejected one, one after the other (the
+    second starts at `start`); the mask is 1 on the two last replies only (and their eot): DPO
+    compares the likelihood of those, the conversation before them is the same in both."""
+    out = []
+    for reply in (pair['chosen'], pair['rejected']):
+        messages = pair['messages'] + [{'role': 'assistant', 'content': reply}]
+        ids, mask = render_conversation(tok, messages)
+        prompt = len(render_for_reply(tok, pair['messages']))  # (turns render one at a time)
+        out.append((ids, [0] * prompt + mask[prompt:]))
+    (chosen, chosen_mask), (rejected, rejected_mask) = out
+    return chosen + rejected, chosen_mask + rejected_mask, len(chosen)
+
+
 def render_for_reply(tok, messages):
     """Prompt ids for generating the next assistant turn: the conversation, then the assistant's
     header."""

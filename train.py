@@ -12,7 +12,12 @@ weight's share of the rows' tokens.
   - SFT (only chat sources): rows packed best-fit with conversations (data.Packer), long ones cut at
     turn boundaries (data.Split.cut_pieces); loss only where the chat template's mask is 1
     (assistant replies and their <|eot|>), targets are -1 (ignored) elsewhere.
-A step's loss is its summed target nats over all micro-batches and processes / their target count.
+  - DPO (only preference pairs, from an SFT checkpoint): rows packed with whole pairs, a chosen and
+    a rejected reply to one conversation; dpo.py's loss against the starting weights, frozen (the
+    reference: a copy, or for LoRA the same model with its adapters off). The log and metrics.jsonl
+    add reward accuracy and margin, on train and val pairs; best.pt is chosen on the val DPO loss.
+A step's loss is its summed target nats over all micro-batches and processes / their target count
+(DPO: its summed pair losses / its pairs).
 
 Batches are a pure function of (seed, step, micro-step, rank): resuming needs no sampler state, and
 each DDP rank draws the rows one process would draw at its place. Checkpoints go to
@@ -35,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import dpo
 from checkpoint import (base_weights, check_base_tokenizer, check_compatible, checkpoint_path,
                         freeze_base, load_for_resume, merge_adapter, read_checkpoint, rng_state,
                         save_checkpoint, saved_best, set_rng_state)
@@ -42,7 +48,7 @@ from common import (check_writable, die, duration, hold_lock, peak_flops, pick_d
                     runtime, unused_keys)
 from configurator import configure, save_config
 from data import bits_per_byte, build_data, loss_sums, make_batches
-from model import GPT, ModelConfig, add_lora, adapter_state
+from model import GPT, ModelConfig, adapters_off, add_lora, adapter_state
 from optim import lr_factor, make_optimizer
 import pretrained
 from tokenizer import load_tokenizer
@@ -68,7 +74,8 @@ def weights_state(learner):
     reference to the base."""
     if learner.lora:
         return {'adapter': adapter_state(learner.raw), 'lora': learner.lora, 'base': learner.base}
-    return {'model': learner.raw.state_dict()}
+    # DPO: also the reference it is measured against (the frozen start, base.pt), for resume
+    return {'model': learner.raw.state_dict(), **({'base': learner.base} if learner.base else {})}
 
 
 def gather_rng(proc):
@@ -168,7 +175,10 @@ class Learner:
     scaler: torch.amp.GradScaler  # float16 only (a no-op otherwise)
     args: dict  # ModelConfig's fields
     lora: dict = None  # LoRA's settings, or None: every weight trains
-    base: dict = None  # LoRA: the frozen base checkpoint's path and sha256
+    base: dict = None  # LoRA and DPO: the frozen base (or reference) checkpoint's path and sha256
+    # DPO: the reference model (frozen, eval mode; compiled where the policy is), or None: for LoRA
+    # the reference is `raw` with its adapters off
+    reference: torch.nn.Module = None
 
 
 @dataclass
@@ -214,11 +224,11 @@ def setup_processes(cfg):
     return Processes(ddp, rank, local_rank, world, device, device_type, dtype, autocast)
 
 
-def starting_point(cfg, tok, args, lora, proc):
-    """Where the weights come from: (checkpoint dict or None, its weights or None, the LoRA base's
-    reference, the Position to go on from). init_from='resume' takes this phase's newest readable
-    checkpoint (weights, optimizer, scaler, RNG, step); a checkpoint path gives weights only (a
-    fresh optimizer); 'scratch' nothing."""
+def starting_point(cfg, tok, args, lora, keep_base, proc):
+    """Where the weights come from: (checkpoint dict or None, its weights or None, the frozen
+    base's reference (LoRA, DPO: keep_base), the Position to go on from). init_from='resume' takes
+    this phase's newest readable checkpoint (weights, optimizer, scaler, RNG, step); a checkpoint
+    path gives weights only (a fresh optimizer); 'scratch' nothing."""
     if cfg.init_from == 'resume':
         path, ckpt = load_for_resume(cfg.ckpt_dir, cfg.keep_checkpoints)
         check_compatible(ckpt, path, "init_from='resume': the newest readable checkpoint of phase "
@@ -250,10 +260,11 @@ def starting_point(cfg, tok, args, lora, proc):
         proc.log(f"initialising from base_model {cfg.base_model} ({info['format']}, "
                  f"{info['params'] / 1e6:.1f}M parameters, {'/'.join(info['tensor_types'])}), "
                  "fresh optimizer")
-        # LoRA: the base is written as a checkpoint beside the adapters' (base.pt), as a trained
-        # checkpoint of ours would be copied there, so resume and merge read it the same way
+        # LoRA (and DPO's reference): the base is written as a checkpoint beside the adapters'
+        # (base.pt), as a trained checkpoint of ours would be copied there, so resume and merge read
+        # it the same way
         base = None
-        if lora and proc.master:
+        if keep_base and proc.master:
             save_checkpoint({'model': weights, 'model_args': args, 'iter': 0, 'best_val': None,
                              'config': vars(cfg), 'tokenizer_sha256': tok.sha256},
                             cfg.ckpt_dir, 'base.pt')
@@ -273,21 +284,24 @@ def starting_point(cfg, tok, args, lora, proc):
     if 'adapter' in ckpt:
         die(f"init_from={cfg.init_from} is a LoRA adapter: fold it into its base first "
             f"(--merge_lora={cfg.init_from})")
-    # LoRA: the base is copied beside the adapters' checkpoints (and recorded by path and sha256)
-    base = freeze_base(cfg.init_from, cfg.ckpt_dir) if lora and proc.master else None
+    # LoRA and DPO: the base is copied beside the run's checkpoints (recorded by path and sha256)
+    base = freeze_base(cfg.init_from, cfg.ckpt_dir) if keep_base and proc.master else None
     proc.log(f"initialising from {cfg.init_from} (step {ckpt['iter']} of its run), fresh optimizer")
     return ckpt, ckpt['model'], base, Position()
 
 
-def build_model(cfg, tok, proc):
+def build_model(cfg, tok, proc, dpo_run=False):
     """The model to train, one of four ways: from scratch; resumed (see starting_point); initialised
-    from another checkpoint; or, with lora_rank > 0, LoRA adapters on a frozen base. Returns
-    (Learner, Position)."""
+    from another checkpoint; or, with lora_rank > 0, LoRA adapters on a frozen base. A DPO run also
+    gets its reference: the weights it starts from, frozen. Returns (Learner, Position)."""
     args = model_args_from(cfg, tok)
     # LoRA: the base stays frozen; checkpoints hold the adapters and the base's path and sha256
     lora = {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': list(cfg.lora_targets)} if cfg.lora_rank > 0 else None
-    ckpt, weights, base, position = starting_point(cfg, tok, args, lora, proc)
+    if dpo_run and cfg.init_from == 'scratch':
+        die("DPO fine-tunes a chat model: set init_from to its SFT checkpoint (or 'base_model' for "
+            "an instruct model), whose replies the pairs push toward the chosen ones")
+    ckpt, weights, base, position = starting_point(cfg, tok, args, lora, dpo_run or lora, proc)
     resume = cfg.init_from == 'resume'
     model = GPT(ModelConfig(**args))
     # same init everywhere (DDP also broadcasts rank 0's), own dropout
@@ -314,12 +328,19 @@ def build_model(cfg, tok, proc):
             scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'][proc.rank] if proc.rank < len(ckpt['rng']) else ckpt['rng'][0])
     raw = model
+    reference = None
+    if dpo_run and not lora:  # DPO's reference: the starting weights (base.pt on resume), frozen
+        reference = GPT(ModelConfig(**args))
+        reference.load_state_dict(base_weights(ckpt, ckpt['base']['path']) if resume else weights)
+        reference.requires_grad_(False)
+        reference = reference.to(proc.device).eval()
     if cfg.compile:
         proc.log("compiling the model (the first steps take a while)...")
         model = torch.compile(model)
+        reference = torch.compile(reference) if reference is not None else None
     if proc.ddp:
         model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == 'cuda' else None)
-    return Learner(model, raw, optimizer, scaler, args, lora, base), position
+    return Learner(model, raw, optimizer, scaler, args, lora, base, reference), position
 
 
 def check_disk(cfg, raw_model, proc):
@@ -338,10 +359,13 @@ def describe_run(cfg, proc, learner, run_data, packer):
     the epochs each source will see (a warning past max_epochs). Returns (tokens_per_step,
     flops_per_step) for the log's speed figures."""
     B, T = cfg.batch_size, cfg.block_size
-    raw, log, mixture, sft = learner.raw, proc.log, run_data.mixture, run_data.sft
+    raw, log, mixture = learner.raw, proc.log, run_data.mixture
+    sft = run_data.sft or run_data.dpo  # packed rows: conversations, or pairs
     total, non_embedding = raw.num_params()
     tokens_per_step = B * T * cfg.gradient_accumulation_steps
     flops_per_step = raw.flops_per_token(T) * tokens_per_step
+    if run_data.dpo:  # and the reference's forward pass: 2 of the 6 FLOPs per parameter and token
+        flops_per_step = flops_per_step * 8 // 6
     log(f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
         f"{raw.flops_per_token(T) / 1e6:.1f} MFLOP per token")
     if learner.lora:
@@ -360,11 +384,23 @@ def describe_run(cfg, proc, learner, run_data, packer):
             f"{cfg.lr_schedule} schedule")
     else:
         log(f"optimizer: AdamW (lr {cfg.learning_rate:g}); {cfg.lr_schedule} schedule")
-    log(f"{'SFT (masked loss, packed conversations)' if sft else 'pretraining'} on {mixture}; "
-        f"{proc.device} {proc.dtype}, {proc.world} process(es), {tokens_per_step:,} tokens per "
-        f"step")
+    what = 'SFT (masked loss, packed conversations)' if sft else 'pretraining'
+    if run_data.dpo:
+        reference = ('the base, adapters off' if learner.lora else 'the starting weights, '
+                     'frozen')
+        what = f"DPO (beta {cfg.dpo_beta:g}; reference: {reference}; packed pairs)"
+    log(f"{what} on {mixture}; {proc.device} {proc.dtype}, {proc.world} process(es), "
+        f"{tokens_per_step:,} tokens per step")
     rows_per_step = B * cfg.gradient_accumulation_steps
-    if sft:
+    if run_data.dpo:
+        rows = rows_per_step * max(1, min(cfg.max_iters, 20))  # the first steps
+        fill, _ = packer.stats(rows)
+        pairs = sum(len(row) for row in packer.rows(0, rows, forget=False)) / rows
+        cuts = ', '.join(f"{n} {s.long} of {s.conversations} ({s.conversations - len(s.usable)} "
+                         "with no reply left)" for n, s in run_data.train.items())
+        log(f"DPO rows: {100 * fill:.1f}% full, {pairs * rows_per_step:.1f} pairs per step; "
+            f"pairs longer than a row, each side's head kept: {cuts}")
+    elif sft:
         # the first steps
         fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))
         cuts = ', '.join(f"{n} {s.long} of {s.conversations} ({s.truncated} with a turn cut to "
@@ -425,6 +461,43 @@ def evaluate(learner, proc, val, val_batches, token_bytes):
         bpb[name] = bits_per_byte(text_nats, max(n_bytes, 1))
     learner.model.train()
     return losses, bpb
+
+
+@torch.no_grad()
+def evaluate_pairs(cfg, learner, proc, val, val_batches):
+    """DPO's evaluation of each val source of pairs: {source: {'loss', 'accuracy', 'margin',
+    'pairs'}} (dpo.pair_sums, means over its pairs), over every process's batches."""
+    learner.model.eval()
+    out = {}
+    for i, name in enumerate(val):
+        sums = torch.zeros(4, dtype=torch.float64, device=proc.device)
+        for batch in val_batches(i, name):
+            x, y, doc = to_device(batch, proc.device)
+            reference = reference_logps(learner, proc, x, y, doc)
+            with proc.autocast:
+                logits, _ = learner.raw(x, doc_ids=doc)
+            sums += torch.stack(dpo.pair_sums(dpo.sequence_logps(logits, y, doc), reference, doc,
+                                              cfg.dpo_beta)).double()
+        if proc.ddp:
+            dist.all_reduce(sums)
+        loss, right, margin, pairs = sums.tolist()
+        out[name] = {'loss': loss / max(pairs, 1), 'accuracy': right / max(pairs, 1),
+                     'margin': margin / max(pairs, 1), 'pairs': int(pairs)}
+    learner.model.train()
+    return out
+
+
+def log_pairs_evaluation(log, metrics, iter_num, per_source, mixture, best_on, elapsed):
+    """The log line and metrics row of a DPO evaluation; returns the val loss best.pt is chosen
+    on."""
+    mean = lambda key: best_on_mean({n: v[key] for n, v in per_source.items()}, mixture, best_on)
+    val_loss, accuracy, margin = mean('loss'), mean('accuracy'), mean('margin')
+    shown = ', '.join(f"{n} {v['loss']:.4f} ({v['pairs']} pairs)" for n, v in per_source.items())
+    log(f"step {iter_num}: val DPO loss {val_loss:.4f} ({shown}), reward accuracy "
+        f"{100 * accuracy:.1f}%, margin {margin:.4f}, {elapsed:.0f} s of training")
+    record(metrics, iter=iter_num, val_loss=val_loss, val_accuracy=accuracy, val_margin=margin,
+           val=per_source, elapsed=elapsed)
+    return val_loss
 
 
 def best_on_mean(values, mixture, best_on):
@@ -515,41 +588,68 @@ def set_lr(optimizer, cfg, it):
     return cfg.learning_rate * factor
 
 
-def forward_backward(learner, proc, batches):
+@torch.no_grad()
+def reference_logps(learner, proc, x, y, doc):
+    """DPO's reference, the starting weights frozen: (B, T) summed log-probabilities of each
+    document of each row (dpo.sequence_logps). With LoRA it is the model itself, adapters off."""
+    if learner.reference is not None:
+        with proc.autocast:
+            logits, _ = learner.reference(x, doc_ids=doc)
+        return dpo.sequence_logps(logits, y, doc)
+    was_training = learner.raw.training
+    learner.raw.eval()  # (no dropout: the reference is one fixed model)
+    with proc.autocast, adapters_off(learner.raw):
+        logits, _ = learner.raw(x, doc_ids=doc)
+    learner.raw.train(was_training)
+    return dpo.sequence_logps(logits, y, doc)
+
+
+def forward_backward(cfg, learner, proc, batches, dpo_run):
     """Accumulate one step's gradients over this process's micro-batches; returns (the step's loss,
-    its target count over every process). The step's loss is its summed target nats over every
-    micro-batch and process divided by their total target count, so a micro-batch weighs by its
-    targets (an SFT one may have few or many), not by 1/accum. That total is needed before the first
-    backward, which is why the batches come read up front."""
-    counts = [int((y != -1).sum()) for _, y, _ in batches]
+    its target count over every process, DPO's [reward accuracy, margin] or None). The step's loss
+    is its summed target nats over every micro-batch and process divided by their total target
+    count, so a micro-batch weighs by its targets (an SFT one may have few or many), not by
+    1/accum. DPO counts pairs instead of targets, and sums its pairs' losses (dpo.pair_sums). That
+    total is needed before the first backward, which is why the batches come read up front."""
+    counts = [dpo.pairs_in(doc) if dpo_run else int((y != -1).sum()) for _, y, doc in batches]
     n_total = sum(counts)
     if proc.ddp:
         n_all = torch.tensor(float(n_total), dtype=torch.float64, device=proc.device)
         dist.all_reduce(n_all)
         n_total = int(n_all.item())
-    nats = torch.zeros((), device=proc.device)
+    sums = torch.zeros(3, device=proc.device)  # summed loss; DPO: pairs preferred right, margin
     for micro, (batch, n) in enumerate(zip(batches, counts)):
         x, y, doc = to_device(batch, proc.device)
         if proc.ddp:  # all-reduce gradients only on the last micro-step
             learner.model.require_backward_grad_sync = micro == len(batches) - 1
-        with proc.autocast:
-            _, loss = learner.model(x, y, doc)  # mean over this micro-batch's n targets
-        # x n / n_total: its share of the step; x world: DDP averages the processes' gradients, we
-        # want their sum
-        learner.scaler.scale(loss * (n * proc.world / max(n_total, 1))).backward()
-        nats += loss.detach() * n
+        if dpo_run:
+            reference = reference_logps(learner, proc, x, y, doc)
+            with proc.autocast:
+                logits, _ = learner.model(x, doc_ids=doc)
+            summed, right, margin, _ = dpo.pair_sums(dpo.sequence_logps(logits, y, doc),
+                                                     reference, doc, cfg.dpo_beta)
+            sums[1:] += torch.stack([right, margin.detach()])
+        else:
+            with proc.autocast:
+                _, loss = learner.model(x, y, doc)  # mean over this micro-batch's n targets
+            summed = loss * n
+        # / n_total: its share of the step; x world: DDP averages the processes' gradients, we want
+        # their sum
+        learner.scaler.scale(summed * (proc.world / max(n_total, 1))).backward()
+        sums[0] += summed.detach()
     if proc.ddp:
-        dist.all_reduce(nats)
-    return nats / max(n_total, 1), n_total
+        dist.all_reduce(sums)
+    sums /= max(n_total, 1)
+    return sums[0], n_total, sums[1:] if dpo_run else None
 
 
-def take_step(cfg, proc, learner, position, batches):
+def take_step(cfg, proc, learner, position, batches, dpo_run):
     """One optimizer step on this step's batches, or none if its loss or gradients are not finite: a
     bad step (an overflow, bad data) is skipped rather than allowed to poison the weights, and too
-    many in a row stop the run. Returns (the step's loss, gradient norm, target count) as the device
-    has them (no wait)."""
+    many in a row stop the run. Returns (the step's loss, gradient norm, target count, DPO's
+    figures or None) as the device has them (no wait)."""
     raw, optimizer, scaler = learner.raw, learner.optimizer, learner.scaler
-    step_loss, n_total = forward_backward(learner, proc, batches)
+    step_loss, n_total, pair_figures = forward_backward(cfg, learner, proc, batches, dpo_run)
     scaler.unscale_(optimizer)  # (nothing to do unless float16)
     grads = [p.grad for p in raw.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads)
@@ -569,14 +669,14 @@ def take_step(cfg, proc, learner, position, batches):
                  f"({position.nonfinite_in_a_row} in a row)")
         if position.nonfinite_in_a_row >= cfg.max_nonfinite:
             too_many_nonfinite(cfg, position.nonfinite_in_a_row, position.iter)
-        return step_loss, grad_norm, n_total
+        return step_loss, grad_norm, n_total, pair_figures
     position.nonfinite_in_a_row = 0
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(raw.parameters(), cfg.grad_clip, grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, n_total
+    return step_loss, grad_norm, n_total, pair_figures
 
 
 def too_many_nonfinite(cfg, count, iter_num):
@@ -635,7 +735,7 @@ def main():
     check_output_folder(cfg, proc)  # fail now, not after an hour of training
 
     # --- model: from scratch, resumed, or initialised from another checkpoint ---
-    learner, position = build_model(cfg, tok, proc)
+    learner, position = build_model(cfg, tok, proc, run_data.dpo)
     check_disk(cfg, learner.raw, proc)
     tokens_per_step, flops_per_step = describe_run(cfg, proc, learner, run_data, packer)
     peak = peak_flops(proc.device_type, proc.dtype)
@@ -665,9 +765,15 @@ def main():
         if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not resumed_here:
             position.elapsed += time.time() - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
-                per_source, bpb = evaluate(learner, proc, val, val_batches, token_bytes)
-                val_loss = log_evaluation(log, metrics, it, per_source, bpb, run_data.mixture,
-                                          run_data.best_on, position.elapsed)
+                if run_data.dpo:
+                    per_source = evaluate_pairs(cfg, learner, proc, val, val_batches)
+                    val_loss = log_pairs_evaluation(log, metrics, it, per_source,
+                                                    run_data.mixture, run_data.best_on,
+                                                    position.elapsed)
+                else:
+                    per_source, bpb = evaluate(learner, proc, val, val_batches, token_bytes)
+                    val_loss = log_evaluation(log, metrics, it, per_source, bpb, run_data.mixture,
+                                              run_data.best_on, position.elapsed)
                 last_val, last_iter = val_loss, it
                 if val_loss < position.best_val:
                     position.best_val, position.best_iter = val_loss, it
@@ -690,7 +796,8 @@ def main():
         lr = set_lr(learner.optimizer, cfg, it)
         # read while the last step ran (the next step's are being read now)
         batches = next(step_batches)
-        step_loss, grad_norm, n_total = take_step(cfg, proc, learner, position, batches)
+        step_loss, grad_norm, n_total, pair_figures = take_step(cfg, proc, learner, position,
+                                                                batches, run_data.dpo)
         position.iter += 1
         step_time += time.time() - t_step
         steps_timed += 1
@@ -704,10 +811,16 @@ def main():
                                                   tokens_per_step,
                                                   flops_per_step, peak, proc.world, so_far,
                                                   cfg.max_iters - position.iter)
+            dpo_row = {}
+            if pair_figures is not None:  # DPO: this step's pairs
+                accuracy, margin = pair_figures.tolist()
+                line += f" | reward accuracy {100 * accuracy:.0f}%, margin {margin:.3f}"
+                dpo_row = {'accuracy': accuracy, 'margin': margin, 'pairs': n_total}
             log(line)
             record(metrics, iter=position.iter, loss=loss_value, lr=lr, grad_norm=norm_value,
                    ms=dt * 1000,
-                   tokens_per_sec=tok_s, flops_per_sec=flops_s, mfu=mfu, trained_tokens=n_total,
+                   tokens_per_sec=tok_s, flops_per_sec=flops_s, mfu=mfu,
+                   **({} if dpo_row else {'trained_tokens': n_total}), **dpo_row,
                    nonfinite=position.nonfinite_total, elapsed=so_far)
 
     step_batches.close()
