@@ -171,6 +171,11 @@ KEYS = {
                      "projections that get adapters (all of them: closer to full fine-tuning than "
                      "q/v alone)"),
     'lora_base': ('', "base checkpoint of a LoRA adapter; '' = the path the adapter recorded"),
+    'dpo_sft_weight': (0.0, '>= 0', "DPO: add this times SFT's loss on the chosen replies (mean "
+                                    "nats per token; RPO): keeps replies' length and ending"),
+    'pairs_from': ('', "pairs.py: the chat source whose dialogues give the pairs; '' = the first "
+                       "chat source of the mixture"),
+    'pairs_out': ('{out_dir}/pairs.jsonl', "pairs.py: where the pairs file is written"),
     'dpo_beta': (0.1, '> 0', "DPO (a mixture of preference pairs): how far the model may move from "
                              "its reference; smaller = further (Rafailov et al. use 0.1)"),
     'merge_lora': ('', "train.py: fold this LoRA adapter checkpoint into its base, write "
@@ -496,6 +501,11 @@ def configure(argv=None):
         if isinstance(value, str) and name not in ('out_dir', 'phase'):
             setattr(cfg, name, value.replace('{out_dir}', cfg.out_dir).replace('{phase}',
                                                                                cfg.phase))
+    # and in a source's path (pairs.py writes its pairs file under out_dir)
+    if isinstance(cfg.sources, dict):
+        cfg.sources = {name: {**src, 'path': src['path'].replace('{out_dir}', cfg.out_dir)}
+                       if isinstance(src, dict) and isinstance(src.get('path'), str) else src
+                       for name, src in cfg.sources.items()}
     for name in KEYS:
         check_value(name, getattr(cfg, name), cfg.set_by.get(name, 'the default'))
     if not cfg.out_dir.strip():  # '' would put data/ and checkpoints loose in the current folder

@@ -584,6 +584,30 @@ def split_sequences(cfg, tok, name, T):
     return seqs
 
 
+def pair_sequences(cfg, tok, name, T):
+    """The held-out pairs of a prepared val split of pairs (its first eval_tokens tokens): a list of
+    (chosen, rejected), each an (ids, targets) sequence of at most T tokens scored on its reply
+    (targets -1 elsewhere), a long side cut as training cuts it (trim_side)."""
+    val = SplitReader(cfg.data_dir, name, 'val', tok.sha256)
+    head = val.meta.get('turns', OUR_TURNS)['head']
+    out, used = [], 0
+    for i, shard in enumerate(val.shards):
+        ids, mask = val.tokens(i), np.array(val.mask(i), dtype=np.int64)
+        starts = val.doc_starts(i).tolist()
+        ends = starts[1:] + [shard['tokens']]
+        for a, m, b in zip(starts[0::2], starts[1::2], ends[1::2]):
+            if used >= cfg.eval_tokens:
+                return out
+            used += b - a
+            pair = []
+            for p, q in ((a, m), (m, b)):
+                seq = [(int(t), int(k)) for r0, r1 in trim_side(p, q, mask, T + 1, head)
+                       for t, k in zip(ids[r0:r1], mask[r0:r1])]
+                pair.append(([t for t, _ in seq[:-1]], [t if k else -1 for t, k in seq[1:]]))
+            out.append(tuple(pair))
+    return out
+
+
 def loss_sums(nats, y, token_bytes):
     """One batch's share of the loss and bits per byte of an evaluation, which train.py (its val
     loss) and eval.py both add up: nats (B, T) the loss at each position (0 where there is no

@@ -11,6 +11,12 @@ reply and lowers the rejected one relative to where it started, and beta sets ho
 (small beta: far). Reward accuracy is the share of pairs with r_chosen > r_rejected (0 at the start,
 where every reward is 0); the margin is the mean of r_chosen - r_rejected.
 
+Measured on the notes profile (BENCHMARKS.md, "Preference tuning"), DPO alone learns that the chosen
+replies are the longer ones and stops ending replies: it lowers the rejected reply's every token,
+its end of turn included. `sft_weight` adds SFT's loss on the chosen reply (its mean nats per token,
+the end of turn included), as RPO does (Pang et al. 2024, "Iterative Reasoning Preference
+Optimization"), which keeps the model writing what it was taught to write.
+
 Rows come packed (data.Packer): pair j of a row is documents 2j (chosen) and 2j + 1 (rejected),
 targets only on the two replies (the mask prepare.py wrote), so one forward pass scores every
 sequence of a batch.
@@ -31,10 +37,18 @@ def sequence_logps(logits, y, doc):
     return torch.zeros_like(logp).scatter_add_(1, doc.clamp(min=0), logp)
 
 
-def pair_sums(policy, reference, doc, beta):
+def sequence_counts(y, doc):
+    """(B, T): [r, d] is how many targets document d of row r has (sequence_logps' layout)."""
+    return torch.zeros(y.shape, device=y.device).scatter_add_(1, doc.clamp(min=0),
+                                                              (y != -1).float())
+
+
+def pair_sums(policy, reference, doc, beta, sft_weight=0.0, counts=None):
     """Packed pairs' DPO figures, each a 0-d tensor summed over the batch's pairs: (loss, pairs the
     policy prefers as the data does, reward margin, pairs). policy, reference: (B, T) from
-    sequence_logps; doc (B, T) the doc ids (pair j of a row: 2j chosen, 2j + 1 rejected)."""
+    sequence_logps; doc (B, T) the doc ids (pair j of a row: 2j chosen, 2j + 1 rejected). With
+    sft_weight > 0 the loss adds that times the chosen reply's mean nats per token (counts: from
+    sequence_counts)."""
     n = policy.size(1) // 2
     # pair j is in a row when its rejected sequence (doc 2j + 1) is: (B, n)
     present = torch.zeros_like(policy).scatter_add_(1, doc.clamp(min=0),
@@ -44,6 +58,8 @@ def pair_sums(policy, reference, doc, beta):
     rejected = beta * (policy[:, 1:2 * n:2] - reference[:, 1:2 * n:2])
     margin = chosen - rejected
     losses = -F.logsigmoid(margin)  # (B, n)
+    if sft_weight:
+        losses = losses - sft_weight * policy[:, 0:2 * n:2] / counts[:, 0:2 * n:2].clamp(min=1)
     return ((losses * present).sum(), ((margin > 0).float() * present).sum(),
             (margin * present).sum(), present.sum())
 

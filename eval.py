@@ -11,6 +11,10 @@ Stage 5: how good is a checkpoint?
   nats of the text targets / (ln 2 x their UTF-8 bytes): control tokens (<s>, <|eot|>) have no bytes
   and count in neither. Bits per byte compares models with different tokenizers. The set is fixed
   (the first eval_tokens tokens of each split, in order), so numbers compare across checkpoints.
+- Preference pairs (a val split of pairs, DPO's data): how often the model finds the chosen reply
+  more likely than the rejected one (summed log-probability of the reply, as DPO compares them),
+  by how many nats on average, and how often per token (the sum favours short replies): held-out
+  pair accuracy without a reference, before and after DPO alike.
 - BoolQ (passage, question, yes/no answer): zero-shot, the answer whose continuation (" yes" or
   " no") has the higher log-likelihood, beside the majority-class and always-no baselines on the
   same examples (each with its standard error).
@@ -39,7 +43,8 @@ from chat import banned_ids, chat_prompt, reply_room
 from checkpoint import checkpoint_path, load_model
 from common import Progress, atomic_file, check_writable, die, runtime
 from configurator import configure
-from data import bits_per_byte, is_prepared, load_split, loss_sums, split_sequences, windows
+from data import (bits_per_byte, is_prepared, load_split, loss_sums, pair_sequences,
+                  split_sequences, windows)
 from retrieval import notes_index, with_notes
 from tokenizer import load_tokenizer, render_for_reply, system_prompt
 
@@ -101,6 +106,22 @@ def split_metrics(model, tok, sequences, autocast, device, batch_size, label):
     return {'tokens': int(n), 'bytes': int(n_bytes), 'loss': nats / n,
             'perplexity': math.exp(nats / n),
             'bits_per_byte': bits_per_byte(text_nats, n_bytes) if n_bytes else None}
+
+
+def pair_metrics(model, pairs, autocast, device, batch_size, label):
+    """Held-out preference pairs [(chosen, rejected)] of (ids, targets) sequences: the share where
+    the chosen reply is the more likely (fewer summed nats), and the mean margin in nats."""
+    if not pairs:
+        die(f"{label}: no pairs to evaluate")
+    flat = [seq for pair in pairs for seq in pair]
+    scores = score_sequences(model, flat, autocast, device, batch_size,
+                             Progress(label, len(flat), every=5))
+    margins = [r[0] - c[0] for c, r in zip(scores[0::2], scores[1::2])]  # rejected - chosen nats
+    # per token: a long reply has more nats however good it is (the sum favours the shorter one)
+    per_token = [r[0] / r[1] - c[0] / c[1] for c, r in zip(scores[0::2], scores[1::2])]
+    return {'pairs': len(pairs), 'accuracy': sum(m > 0 for m in margins) / len(pairs),
+            'margin_nats': sum(margins) / len(pairs),
+            'accuracy_per_token': sum(m > 0 for m in per_token) / len(pairs)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +387,10 @@ def markdown(results):
         lines.append(f"| {name} | {m['tokens']:,} | {m['loss']:.4f} | {m['perplexity']:.2f} | "
                      f"{bpb} "
                      "|")
+    for name, r in results.get('pairs', {}).items():
+        lines += ['', f"**{name}** (held-out pairs, n={r['pairs']}): the chosen reply is the more "
+                      f"likely in {100 * r['accuracy']:.1f}%, by {r['margin_nats']:.2f} nats on "
+                      f"average; per token in {100 * r['accuracy_per_token']:.1f}%"]
     for name in ('boolq', 'hellaswag'):
         if name in results:
             r = results[name]
@@ -412,6 +437,14 @@ def main():
         names = cfg.eval_sources if cfg.eval_sources is not None else [
             n for n in cfg.sources if is_prepared(cfg.data_dir, n, 'val')]
         for name in names:
+            if load_split(cfg.data_dir, name, 'val')['format'] == 'pairs':
+                pairs = pair_sequences(cfg, tok, name, T)
+                results.setdefault('pairs', {})[name] = r = pair_metrics(
+                    model, pairs, autocast, device, B, f"{name}/val")
+                print(f"{name}: the chosen reply is the more likely in {100 * r['accuracy']:.1f}% "
+                      f"of {r['pairs']} held-out pairs (by {r['margin_nats']:.2f} nats on "
+                      f"average), per token in {100 * r['accuracy_per_token']:.1f}%")
+                continue
             seqs = split_sequences(cfg, tok, name, T)
             if seqs:
                 results['splits'][name] = split_metrics(model, tok, seqs, autocast, device, B,

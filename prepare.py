@@ -308,6 +308,9 @@ def prepare_source(cfg, name, tok):
     if stats['unanswerable rows added (unanswerable_frac)']:
         print(f"  {name}: {stats['unanswerable rows added (unanswerable_frac)']} rows that answer "
               f"{cfg.unanswerable_reply!r} added (retrieval.unanswerable_rows)")
+    for what, n in stats.items():  # rows a reader refused and went past (HH-RLHF's odd ones)
+        if 'refused' in what:
+            print(f"  {name}: {n:,} {what} (the first ones named above)")
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -327,7 +330,9 @@ def prepare_source(cfg, name, tok):
         m = w.finish({**meta, 'split': split})
         extra = (f", {m['truncated']} truncated to {cfg.max_conversation_tokens} tokens"
                  if chat else '')
-        print(f"  {name}/{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
+        count = (f"{m['documents'] // 2:,} pairs" if src['format'] == 'pairs'
+                 else f"{m['documents']:,} documents")  # (a pair is two: chosen, rejected)
+        print(f"  {name}/{split}: {count}, {m['tokens']:,} tokens, "
               f"{len(m['shards'])} shards{extra}")
     if write is write_counted:
         check_val_share(name, src, writers)

