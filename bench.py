@@ -366,16 +366,18 @@ def bench_prepare(corpus, vocab_size):
                         f"tokenizer_path = {os.path.join(work, 'tokenizer.model')!r}\n")
             if not os.path.exists(os.path.join(work, 'tokenizer.model')):
                 run_measured([sys.executable, 'tokenizer.py', cfg])
-            for num_proc, dedup in [(n, True) for n in sorted({1, cores})] + [(cores, False)]:
+            # cleaning: dedup and the quality filters (both run in the main process)
+            for num_proc, clean in [(n, True) for n in sorted({1, cores})] + [(cores, False)]:
                 shutil.rmtree(os.path.join(work, 'out'), ignore_errors=True)
                 dt, rss, _ = run_measured([sys.executable, 'prepare.py', cfg,
-                                           f'--num_proc={num_proc}', f'--dedup={dedup}'])
+                                           f'--num_proc={num_proc}', f'--dedup={clean}',
+                                           f'--quality_filter={clean}'])
                 metas = [load_split(os.path.join(work, 'out', 'data'), 'corpus',
                                     s) for s in ('train', 'val')]
                 mb = os.path.getsize(path) / 1e6
                 tokens = sum(m['tokens'] for m in metas)
                 rows.append({'corpus': label, 'MB': round(mb, 1), 'processes': num_proc,
-                             'dedup': dedup, 'seconds': round(dt, 1),
+                             'cleaning': clean, 'seconds': round(dt, 1),
                              'MB_per_s': round(mb / dt, 2), 'tokens_per_s': round(tokens / dt),
                              'peak_rss_MB': round(rss / 1e6)})
     finally:

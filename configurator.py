@@ -96,6 +96,20 @@ KEYS = {
     'dedup_min_words': (100, '>= 1', "prepare.py: shorter documents (a conversation: its replies) "
                                      "are removed only as exact copies: a short page is mostly its "
                                      "template"),
+    'quality_filter': (True, "prepare.py: junk out before the split (quality.py): the filter_* "
+                             "rules on text, empty or repeated replies in chat"),
+    'filter_min_words': (1, '>= 0', "prepare.py: text documents with fewer words are removed"),
+    'filter_max_words': (0, '>= 0', "prepare.py: text documents with more words are removed (0: no "
+                                    "limit; Gopher: 100000, for web pages: a book is one document)"),
+    'filter_max_non_text': (0.3, '[0, 1]', "prepare.py: text whose share of symbols, control "
+                                           "characters and U+FFFD is higher is removed (0: off)"),
+    'filter_max_dup_lines': (0.5, '[0, 1]', "prepare.py: text of 50+ words whose share of repeated "
+                                            "lines is higher (2/3 of it in characters) goes; 0: "
+                                            "off; Gopher's, for web text: 0.3"),
+    'filter_max_top_ngram': (0.3, '[0, 1]', "prepare.py: text of 50+ words whose most frequent "
+                                            "2-gram holds more of its characters goes; Gopher: 0.2"),
+    'filter_max_dup_ngrams': (0.6, '[0, 1]', "prepare.py: text of 50+ words with more of its "
+                                             "characters in repeated 5-grams goes; Gopher: 0.15"),
     'cache_dir': ('out/cache', "downloaded corpora and benchmark files, kept across runs (a rerun "
                                "downloads nothing)"),
     'download_retries': (5, '>= 0', "retries of a failed download (5xx, dropped connection, "

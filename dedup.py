@@ -88,14 +88,19 @@ class Index:
         self.kept = []  # (source, number in its reading order, where) of each kept document
         self.sources = []  # the sources scanned, in order
 
-    def scan(self, name, docs):
+    def scan(self, name, docs, reject=None):
         """The documents (where, doc, split) of source `name`, in reading order, checked and the new
         ones remembered. Returns the copies to remove: [(number, record)], a record saying why and
         which copy stays. A corpus with a split of its own (Tiny Shakespeare's last 10%) keeps it
         whole, so its figures compare with everyone else's: its copies are not removed (nor
-        remembered). Also returns how many documents were read."""
+        remembered). reject(doc): why a document goes before it is compared (quality.problem), or
+        None. Also returns how many documents were read."""
         removed, n = [], 0
         for n, (where, doc, split) in enumerate(docs, 1):
+            why = reject(doc) if reject and not split else None
+            if why:  # junk: removed, and never the copy another document is compared with
+                removed.append((n - 1, {'removed': where, 'document': n, 'why': why}))
+                continue
             found = self.check(doc_text(doc), near_text(doc))
             if found is None:
                 self.kept.append((name, n, where))

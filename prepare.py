@@ -38,6 +38,7 @@ import numpy as np
 
 import dedup
 import download
+import quality
 import retrieval
 import sources
 import tokenizer
@@ -217,9 +218,13 @@ def fingerprint(src, files, tok_sha, cfg):
                   for f in sources.source_files(other)]
         deduped = [cfg.dedup_threshold, cfg.dedup_min_words,
                    [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in before]]
+    filters = [cfg.quality_filter] + ([cfg.filter_min_words, cfg.filter_max_words,
+                                        cfg.filter_max_non_text, cfg.filter_max_dup_lines,
+                                        cfg.filter_max_top_ngram, cfg.filter_max_dup_ngrams]
+                                       if cfg.quality_filter else [])
     key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
-                      cfg.max_conversation_tokens] + ([notes] if notes else []) + deduped,
-                     sort_keys=True)
+                      cfg.max_conversation_tokens] + ([notes] if notes else []) + deduped
+                     + [filters], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -308,8 +313,9 @@ def prepare_source(cfg, name, tok):
     if stats['unanswerable rows added (unanswerable_frac)']:
         print(f"  {name}: {stats['unanswerable rows added (unanswerable_frac)']} rows that answer "
               f"{cfg.unanswerable_reply!r} added (retrieval.unanswerable_rows)")
-    for what, n in stats.items():  # rows a reader refused and went past (HH-RLHF's odd ones)
-        if 'refused' in what:
+    # rows a reader refused and went past (HH-RLHF's odd ones), a streamed corpus's filtered ones
+    for what, n in stats.items():
+        if 'refused' in what or what.startswith('removed by'):
             print(f"  {name}: {n:,} {what} (the first ones named above)")
 
     if sum(w.documents for w in writers.values()) == 0:
@@ -318,7 +324,8 @@ def prepare_source(cfg, name, tok):
             why = (f"max_conversation_tokens={cfg.max_conversation_tokens} cuts every conversation "
                    "before its first reply. Raise max_conversation_tokens.")
         else:
-            why = "every document was empty or over budget."
+            why = ("every document was empty, over budget, or removed as junk or a copy (see "
+                   f"{name}/removed.jsonl; quality_filter=False and dedup=False keep them).")
         die(f"sources['{name}']: no documents left: {why}")
     meta = {'format_version': FORMAT_VERSION, 'source': src, 'format': src['format'],
             'dtype': np.dtype(dtype).name, 'vocab_size': tok.vocab_size,
@@ -418,25 +425,36 @@ def deduped_before(cfg, name):
 DEDUP = {}  # this run's dedup.Index, grown over the sources in config order (each read once)
 
 
-def duplicates(cfg, src, writers):
-    """{number in reading order: why} of the documents of `src` that dedup removes: copies of a
-    document read before them, in this source or one before it in the config. Writes removed.jsonl
-    beside the splits (each removed document, why, and where its kept copy is), and says how many
-    went."""
-    before = deduped_before(cfg, src['name'])
-    index = DEDUP.get('index')
-    if index is None or index.sources != [o['name'] for o in before][:len(index.sources)]:
-        index = DEDUP['index'] = dedup.Index(cfg.dedup_threshold, cfg.dedup_min_words)
-    for other in before[len(index.sources):]:  # (those not read yet in this run)
-        index.scan(other['name'], sources.iter_documents(other))
-    removed, read = index.scan(src['name'], sources.iter_documents(src))
+def removals(cfg, src, writers):
+    """{number in reading order: why} of the documents of `src` that go before the split: junk
+    (quality.py's filters) and, with dedup, copies of a document read before them, in this source
+    or one before it in the config. Writes removed.jsonl beside the splits (each removed document,
+    why, and where its kept copy is), and says how many went and why."""
+    reject = (lambda doc: quality.problem(doc, cfg)) if cfg.quality_filter else None
+    if cfg.dedup:
+        before = deduped_before(cfg, src['name'])
+        index = DEDUP.get('index')
+        if index is None or index.sources != [o['name'] for o in before][:len(index.sources)]:
+            index = DEDUP['index'] = dedup.Index(cfg.dedup_threshold, cfg.dedup_min_words)
+        for other in before[len(index.sources):]:  # (those not read yet in this run)
+            index.scan(other['name'], sources.iter_documents(other), reject)
+        removed, read = index.scan(src['name'], sources.iter_documents(src), reject)
+    else:
+        removed, read = [], 0
+        for read, (where, doc, split) in enumerate(sources.iter_documents(src), 1):
+            why = reject(doc) if not split else None
+            if why:
+                removed.append((read - 1, {'removed': where, 'document': read, 'why': why}))
     folder = os.path.dirname(writers['train'].folder)
     lines = [json.dumps(record, ensure_ascii=False) for _, record in removed]
     with atomic_file(os.path.join(folder, 'removed.jsonl'), 'w') as f:
         f.write(''.join(line + '\n' for line in lines))
-    near = sum(record['why'].startswith('near') for _, record in removed)
-    print(f"  {src['name']}: {read:,} documents read, {len(removed) - near:,} exact and {near:,} "
-          f"near duplicates removed (dedup; {src['name']}/removed.jsonl)")
+    # why, by rule: 'exact duplicate', 'near duplicate', each filter's key
+    counts = collections.Counter(record['why'].split(':')[0].split(' (')[0]
+                                 for _, record in removed)
+    shown = ', '.join(f"{n:,} {why}" for why, n in sorted(counts.items())) or 'none'
+    print(f"  {src['name']}: {read:,} documents read, {len(removed):,} removed ({shown}), "
+          f"{read - len(removed):,} kept ({src['name']}/removed.jsonl)")
     for line in lines[:3]:
         print(f"    {line[:160]}")
     return {i: record['why'] for i, record in removed}
@@ -466,7 +484,7 @@ def write_counted(cfg, src, tok, dtype, writers, stats):
     print(f"prepare: {src['name']} ({src['kind']}): {len(is_val):,} documents, {total / 1e6:.1f} "
           f"MB, {int(is_val.sum())} for val, {cfg.num_proc or os.cpu_count()} processes")
     progress = Progress(src['name'], total, unit='MB', scale=1e6)
-    removed = duplicates(cfg, src, writers) if cfg.dedup else {}
+    removed = removals(cfg, src, writers) if cfg.dedup or cfg.quality_filter else {}
     i = 0  # documents read so far, in reading order, as in is_val
 
     def split_docs():  # each document with its split (rows made from it follow it there)
@@ -509,8 +527,8 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
     for url, file_split in sources.streamed_files(src):
         if done(file_split):
             continue  # its budget is met: this file is never downloaded
-        for result in tokenized_docs(sources.read_streamed_file(src, url, file_split), cfg, tok,
-                                     dtype, stats):
+        docs = filtered(sources.read_streamed_file(src, url, file_split), cfg, stats)
+        for result in tokenized_docs(docs, cfg, tok, dtype, stats):
             for doc in result:
                 if doc is None:
                     continue
@@ -522,6 +540,18 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
             if done(file_split):
                 break  # budget met: stop reading this file
             progress(sum(w.tokens for w in writers.values()), extra=f", {i:,} docs")
+
+
+def filtered(docs, cfg, stats):
+    """A streamed corpus's documents that pass quality.py's filters (those of a split of its own are
+    kept whole); the others are counted in stats, by rule (nothing is kept of them: bounded
+    memory)."""
+    for where, doc, split in docs:
+        why = quality.problem(doc, cfg) if cfg.quality_filter and not split else None
+        if why:
+            stats[f"removed by {why.split(':')[0]}"] += 1
+            continue
+        yield where, doc, split
 
 
 # bytes of text per byte of downloaded file, to estimate tokens before downloading (rough: parquet
@@ -576,6 +606,9 @@ def analyze(cfg, names):
         n_docs = text_bytes = 0
         sample_bytes = sample_tokens = 0  # the tokenized sample, for this source's bytes per token
         for _, doc, split in sources.iter_documents(src, stats, problems):
+            if cfg.quality_filter and not split and quality.problem(doc, cfg):
+                stats['junk'] += 1  # (quality.py: removed before dedup sees it)
+                continue
             found = index and index.check(dedup.doc_text(doc), dedup.near_text(doc))
             if found and not split:  # (a corpus's own split is kept whole: duplicates())
                 stats['dup'] += 1
@@ -592,14 +625,14 @@ def analyze(cfg, names):
                                  problems)))
     default_ratio = sum(ratios) / len(ratios) if ratios else 4.0
     print(f"{'source':<16} {'kind':<15} {'files':>6} {'docs':>9} {'MB':>9} {'est. train tok':>15} "
-          f"{'est. val tok':>13} {'empty':>6} {'bad':>4} {'dup':>6}")
+          f"{'est. val tok':>13} {'empty':>6} {'bad':>4} {'dup':>6} {'junk':>6}")
     for name, src, local in rows:
         if local is None:
             need, est = analyze_remote(src, default_ratio)
             known = [size for _, size in need if size is not None]
             cached = sum(os.path.exists(download.cache_path(url)) for url, _ in need)
             print(f"{name:<16} {src['kind']:<15} {len(need):>6} {'?':>9} {sum(known) / 1e6:>9.1f} "
-                  f"{est['train']:>15,} {est['val']:>13,} {'-':>6} {'-':>4} {'-':>6}")
+                  f"{est['train']:>15,} {est['val']:>13,} {'-':>6} {'-':>4} {'-':>6} {'-':>6}")
             unknown = len(need) - len(known)
             notes.append(f"{name}: would download {len(need)} file(s), {sum(known) / 1e6:,.1f} MB"
                          + (f" (+{unknown} of unknown size: no answer to HEAD)" if unknown else '')
@@ -613,7 +646,7 @@ def analyze(cfg, names):
         print(f"{name:<16} {src['kind']:<15} {len(files):>6,} {n_docs:>9,} "
               f"{sum(os.path.getsize(f) for f in files) / 1e6:>9.2f} {tokens - val:>15,} "
               f"{val:>13,} "
-              f"{stats['empty']:>6} {len(problems):>4} {stats['dup']:>6}")
+              f"{stats['empty']:>6} {len(problems):>4} {stats['dup']:>6} {stats['junk']:>6}")
         notes += [f"{name}: unreadable: {p}" for p in problems]
     for note in notes:
         print('  ' + note)

@@ -96,8 +96,9 @@ def test_prepare_removes_counts_and_lists_duplicates_in_and_across_sources(tmp_p
     run('tokenizer.py', cfg, check=True)
     out = run('prepare.py', cfg, check=True).stdout
     # (a page pasted under another title is a near copy: a Roam page's text starts with its title)
-    assert re.search(r'roam: 14 documents read, 0 exact and 2 near duplicates removed', out), out
-    assert re.search(r'more: 4 documents read, 1 exact and 1 near duplicates removed', out), out
+    assert re.search(r'roam: 14 documents read, 2 removed \(2 near duplicate\), 12 kept', out), out
+    assert re.search(r'more: 4 documents read, 2 removed \(1 exact duplicate, 1 near duplicate\), 2 kept',
+                     out), out
     data = tmp_path / 'out' / 'data'
     removed = [json.loads(line) for line in open(data / 'roam' / 'removed.jsonl')]
     assert all(r['kept_source'] == 'roam' for r in removed)
@@ -115,7 +116,7 @@ def test_prepare_removes_counts_and_lists_duplicates_in_and_across_sources(tmp_p
     assert 'roam is up to date' in run('prepare.py', cfg, check=True).stdout
     again = run('prepare.py', cfg, '--dedup_threshold=0.9', check=True).stdout
     assert 'roam is up to date' not in again
-    run('prepare.py', cfg, '--dedup=False', check=True)
+    run('prepare.py', cfg, '--dedup=False', '--quality_filter=False', check=True)
     meta = {s: json.load(open(data / 'roam' / s / 'meta.json')) for s in ('train', 'val')}
     assert meta['train']['documents'] + meta['val']['documents'] == 14
     assert not (data / 'roam' / 'removed.jsonl').exists()
@@ -163,8 +164,8 @@ def test_a_corpus_with_its_own_split_is_kept_whole(tmp_path):
     run('tokenizer.py', cfg, check=True)
     out = run('prepare.py', cfg, check=True).stdout
     # (6: a speech cut where val begins)
-    assert re.search(r'play: [56] documents read, 0 exact and 0 near', out), out
-    assert re.search(r'more: 2 documents read, 1 exact and 0 near', out), out
+    assert re.search(r'play: [56] documents read, 0 removed', out), out
+    assert re.search(r'more: 2 documents read, 1 removed \(1 exact duplicate\)', out), out
     data = tmp_path / 'out' / 'data'
     docs = sum(json.load(open(data / 'play' / s / 'meta.json'))['documents']
                for s in ('train', 'val'))

@@ -338,12 +338,14 @@ def test_real_sample_data_prepares_with_the_expected_counts(server, tmp_path, pr
     # files; 7,222 blank-line-separated speeches in the 40,000 lines of Tiny Shakespeare
     # 7,222 speeches, one cut where val begins; less the duplicates prepare removes before the
     # split: 2 dolly rows ("Who is LBJ?" twice, a near copy of a reply about MLK) and 1 Roam page (a
-    # near copy of another), none of Tiny Shakespeare, whose split is its own (kept whole)
-    assert docs == {'oasst1': 100, 'dolly': 385, 'roam': 485, 'shakespeare': 7223}
+    # near copy of another), none of Tiny Shakespeare, whose split is its own (kept whole); and the
+    # junk (quality.py): 2 Roam pages (a CSS snippet whose lines repeat, a book-club page of one
+    # repeated 3-gram)
+    assert docs == {'oasst1': 100, 'dolly': 385, 'roam': 483, 'shakespeare': 7223}
     removed = {n: open(os.path.join(data_dir, n, 'removed.jsonl')).read().splitlines()
                for n in sources}
     counts = {n: len(r) for n, r in removed.items()}
-    assert counts == {'oasst1': 0, 'dolly': 2, 'roam': 1, 'shakespeare': 0}
+    assert counts == {'oasst1': 0, 'dolly': 2, 'roam': 3, 'shakespeare': 0}
     assert shakespeare.decode().count('\n\n') + 1 == 7222
     # (the export's one file in a dot-folder, .concept/difference.md, is skipped as hidden, not
     # read)

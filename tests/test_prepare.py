@@ -179,8 +179,8 @@ def test_a_full_disk_stops_prepare_with_a_message_and_frees_what_it_wrote(tmp_pa
     corpus = write_corpus(str(tmp_path / 'corpus'), pages=3, dialogues=3)
     with open(os.path.join(corpus, 'story.txt'), 'a') as f:
         f.write('Lots of words for a shard. ' * 20000)
-    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus,
-                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus, quality_filter=False,  # (one phrase
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))  # 20,000 times: junk)
     p = run('prepare.py', cfg, '--prepare_sources=story', preexec_fn=small_disk)
     assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
     assert "File too large while preparing source 'story'" in p.stderr and 'free some space' in p.stderr
@@ -214,7 +214,7 @@ def test_analyze_only_writes_nothing(tmp_path, corpus):
     assert not (tmp_path / 'out').exists()
     lines = {line.split()[0]: line.split() for line in p.stdout.splitlines()[1:4]}
     assert lines['roam'][2:5] == ['31', '30', lines['roam'][4]]  # files, docs
-    assert lines['roam'][-3:] == ['1', '0', '0']  # empty, bad, dup
+    assert lines['roam'][-4:] == ['1', '0', '0', '0']  # empty, bad, dup, junk
     assert 'est' in p.stdout and '4 bytes per token' in p.stdout
 
 
@@ -347,7 +347,8 @@ def test_a_large_file_without_separator_is_tokenized_in_pieces_across_workers(tm
     (tmp_path / 'big.txt').write_text(text)
     tokenizer = os.path.join(prepared[1], 'tokenizer.model')
     cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', tokenizer_path=tokenizer, num_proc=2,
-                       sources={'big': {'kind': 'text', 'path': str(tmp_path / 'big.txt')}})
+                       sources={'big': {'kind': 'text', 'path': str(tmp_path / 'big.txt')}},
+                       quality_filter=False)  # (10 words drawn at random: repeated 5-grams, junk to quality.py)
     run('prepare.py', cfg, check=True)
     docs = split_documents(str(tmp_path / 'out' / 'data'), 'big', Tokenizer(tokenizer))
     expected = list(sources.split_stream(str(tmp_path / 'big.txt'), None, None))
@@ -573,7 +574,7 @@ def test_bad_chat_rows_are_named_and_analyze_only_reads_on(tmp_path):
 
 
 def test_every_source_setting_is_type_checked_and_defaults_pass():
-    needs_path = lambda kind: {'path': 'x'} if kind in ('roam', 'text', 'primer', 'chat') else {}
+    needs_path = lambda kind: {'path': 'x'} if kind in ('roam', 'text', 'primer', 'chat', 'pairs') else {}
     for kind in sources.KINDS:  # every default is fine
         sources.source_settings('s', {'kind': kind, **needs_path(kind)})
     bad = {'roam': {'glob': None, 'add_title': 1, 'hidden': 'yes', 'path': ['x', None]},
@@ -665,7 +666,7 @@ def lopsided_text(tmp_path, long_in_val):
 
 @pytest.mark.parametrize('long_in_val', [True, False], ids=['val too big', 'val too small'])
 def test_a_val_share_of_tokens_far_from_val_frac_is_warned_about(tmp_path, prepared, long_in_val):
-    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '',
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', quality_filter=False,  # (3 words, repeated)
                        tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), sources={
                            'notes': {'kind': 'text', 'path': lopsided_text(tmp_path, long_in_val),
                                      'separator': '\n\n'}})
