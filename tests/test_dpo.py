@@ -312,9 +312,8 @@ def test_dpo_needs_a_start_and_pairs_alone(dpo_run, prepared, trained, tmp_path)
     cfg = dpo_config(tmp_path / 'a.py', prepared, trained, tmp_path / 'a', pairs, init_from='scratch', data_dir=data)
     p = run('train.py', cfg)
     assert p.returncode != 0 and 'DPO fine-tunes a chat model' in p.stderr
-    cfg = dpo_config(tmp_path / 'b.py', prepared, trained, tmp_path / 'b', pairs, mixture={'prefs': 1.0, 'primer': 1.0},
-                     data_dir=prepared[1] + '/data')
-    run('prepare.py', cfg, '--prepare_sources=["prefs"]', check=True)
+    cfg = dpo_config(tmp_path / 'b.py', prepared, trained, tmp_path / 'b', pairs, mixture={'prefs': 1.0, 'primer': 1.0})
+    run('prepare.py', cfg, '--prepare_sources=["prefs", "primer"]', check=True)
     p = run('train.py', cfg)
     assert p.returncode != 0 and 'mixes preference pairs' in p.stderr
 
