@@ -96,6 +96,8 @@ KEYS = {
     'dedup_min_words': (100, '>= 1', "prepare.py: shorter documents (a conversation: its replies) "
                                      "are removed only as exact copies: a short page is mostly its "
                                      "template"),
+    'dedup_stream_bits': (1 << 27, '>= 8', "prepare.py: a streamed corpus's exact copies are found "
+                                           "in a Bloom filter of this many bits (16 MB; fixed)"),
     'quality_filter': (True, "prepare.py: junk out before the split (quality.py): the filter_* "
                              "rules on text, empty or repeated replies in chat"),
     'filter_min_words': (1, '>= 0', "prepare.py: text documents with fewer words are removed"),

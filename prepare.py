@@ -212,7 +212,7 @@ def fingerprint(src, files, tok_sha, cfg):
                  [(f, os.path.getsize(f), os.stat(f).st_mtime_ns)
                   for f in sources.source_files(notes_src)]]
     # with dedup, which documents go depends on the sources before this one too
-    deduped = []
+    deduped = [cfg.dedup_stream_bits] if cfg.dedup and src['kind'] in sources.STREAMED else []
     if cfg.dedup and src['kind'] not in sources.STREAMED:
         before = [f for other in deduped_before(cfg, src['name'])
                   for f in sources.source_files(other)]
@@ -315,8 +315,10 @@ def prepare_source(cfg, name, tok):
               f"{cfg.unanswerable_reply!r} added (retrieval.unanswerable_rows)")
     # rows a reader refused and went past (HH-RLHF's odd ones), a streamed corpus's filtered ones
     for what, n in stats.items():
-        if 'refused' in what or what.startswith('removed by'):
+        if 'refused' in what:
             print(f"  {name}: {n:,} {what} (the first ones named above)")
+        elif what.startswith('removed by'):
+            print(f"  {name}: {n:,} {what}")
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -523,11 +525,13 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
 
     total = sum(v for v in budget.values() if v) or None
     progress = Progress(src['name'], total, unit='M tokens', scale=1e6)
+    # exact copies, in fixed memory (near copies: only in local sources, whose index may grow)
+    seen = dedup.Seen(cfg.dedup_stream_bits) if cfg.dedup else None
     i = 0
     for url, file_split in sources.streamed_files(src):
         if done(file_split):
             continue  # its budget is met: this file is never downloaded
-        docs = filtered(sources.read_streamed_file(src, url, file_split), cfg, stats)
+        docs = filtered(sources.read_streamed_file(src, url, file_split), cfg, stats, seen)
         for result in tokenized_docs(docs, cfg, tok, dtype, stats):
             for doc in result:
                 if doc is None:
@@ -542,12 +546,14 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
             progress(sum(w.tokens for w in writers.values()), extra=f", {i:,} docs")
 
 
-def filtered(docs, cfg, stats):
-    """A streamed corpus's documents that pass quality.py's filters (those of a split of its own are
-    kept whole); the others are counted in stats, by rule (nothing is kept of them: bounded
-    memory)."""
+def filtered(docs, cfg, stats, seen=None):
+    """A streamed corpus's documents that pass quality.py's filters and are not exact copies of one
+    read before (seen: a dedup.Seen); those of a split of its own are kept whole. The others are
+    counted in stats, by rule (nothing is kept of them: bounded memory)."""
     for where, doc, split in docs:
         why = quality.problem(doc, cfg) if cfg.quality_filter and not split else None
+        if why is None and seen is not None and not split and seen.add(dedup.doc_text(doc)):
+            why = 'dedup (an exact duplicate)'
         if why:
             stats[f"removed by {why.split(':')[0]}"] += 1
             continue

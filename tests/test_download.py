@@ -224,6 +224,23 @@ def corpus_config(tmp_path, prepared, sources, **extra):
                         download_backoff=0.01, **extra)
 
 
+def test_a_streamed_corpus_loses_its_exact_copies_in_fixed_memory(server, tmp_path, prepared):
+    texts = [f"document {j}: the garden radio learns the sea, slowly." for j in range(120)]
+    texts += [t.replace(' ', '  ') for t in texts[:40]]  # 40 copies, whitespace aside, after their originals
+    server.files['/fw/000_00000.parquet'] = parquet_bytes(texts, tmp_path)
+    src = {'fw': {'kind': 'fineweb_edu', 'base_url': server.url + '/fw', 'files': ['000_00000.parquet'],
+                  'train_tokens': 10 ** 6, 'val_tokens': 200}}
+    cfg = corpus_config(tmp_path, prepared, src, dedup_stream_bits=1 << 16)
+    p = run('prepare.py', cfg, check=True)
+    assert 'fw: 40 removed by dedup' in p.stdout, p.stdout
+    metas = {s: data.load_split(str(tmp_path / 'out' / 'data'), 'fw', s) for s in ('train', 'val')}
+    assert metas['train']['documents'] + metas['val']['documents'] == 120
+    assert metas['train']['reader_counts']['removed by dedup (an exact duplicate)'] == 40
+    run('prepare.py', cfg, '--dedup=False', check=True)  # (the rerun key: prepared again, every row)
+    metas = {s: data.load_split(str(tmp_path / 'out' / 'data'), 'fw', s) for s in ('train', 'val')}
+    assert metas['train']['documents'] + metas['val']['documents'] == 160
+
+
 def test_fineweb_budgets_stop_downloading_early_and_a_rerun_downloads_nothing(server, tmp_path, prepared):
     words = 'the garden bread radio sea model cat token'.split()
     for i in range(3):
