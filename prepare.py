@@ -313,12 +313,9 @@ def prepare_source(cfg, name, tok):
     if stats['unanswerable rows added (unanswerable_frac)']:
         print(f"  {name}: {stats['unanswerable rows added (unanswerable_frac)']} rows that answer "
               f"{cfg.unanswerable_reply!r} added (retrieval.unanswerable_rows)")
-    # rows a reader refused and went past (HH-RLHF's odd ones), a streamed corpus's filtered ones
-    for what, n in stats.items():
+    for what, n in stats.items():  # rows a reader refused and went past (HH-RLHF's odd ones)
         if 'refused' in what:
             print(f"  {name}: {n:,} {what} (the first ones named above)")
-        elif what.startswith('removed by'):
-            print(f"  {name}: {n:,} {what}")
 
     if sum(w.documents for w in writers.values()) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -527,11 +524,14 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
     progress = Progress(src['name'], total, unit='M tokens', scale=1e6)
     # exact copies, in fixed memory (near copies: only in local sources, whose index may grow)
     seen = dedup.Seen(cfg.dedup_stream_bits) if cfg.dedup else None
+    # what goes, line by line on disk as it streams (in <name>.tmp/, swapped in with the shards)
+    removed = open(os.path.join(os.path.dirname(writers['train'].folder), 'removed.jsonl'), 'w')
     i = 0
     for url, file_split in sources.streamed_files(src):
         if done(file_split):
             continue  # its budget is met: this file is never downloaded
-        docs = filtered(sources.read_streamed_file(src, url, file_split), cfg, stats, seen)
+        docs = filtered(sources.read_streamed_file(src, url, file_split), cfg, stats, seen,
+                        removed)
         for result in tokenized_docs(docs, cfg, tok, dtype, stats):
             for doc in result:
                 if doc is None:
@@ -544,18 +544,27 @@ def write_streamed(cfg, src, tok, dtype, writers, stats):
             if done(file_split):
                 break  # budget met: stop reading this file
             progress(sum(w.tokens for w in writers.values()), extra=f", {i:,} docs")
+    removed.close()
+    gone = {what[len('removed by '):]: n for what, n in stats.items()
+            if what.startswith('removed by ')}
+    shown = ', '.join(f"{n:,} {why}" for why, n in sorted(gone.items())) or 'none'
+    print(f"  {src['name']}: {stats['streamed documents read']:,} documents read, "
+          f"{sum(gone.values()):,} removed ({shown}; {src['name']}/removed.jsonl)")
 
 
-def filtered(docs, cfg, stats, seen=None):
+def filtered(docs, cfg, stats, seen=None, removed=None):
     """A streamed corpus's documents that pass quality.py's filters and are not exact copies of one
     read before (seen: a dedup.Seen); those of a split of its own are kept whole. The others are
-    counted in stats, by rule (nothing is kept of them: bounded memory)."""
+    counted in stats, by rule, and written to `removed` (a file: nothing is kept in memory)."""
     for where, doc, split in docs:
+        stats['streamed documents read'] += 1
         why = quality.problem(doc, cfg) if cfg.quality_filter and not split else None
         if why is None and seen is not None and not split and seen.add(dedup.doc_text(doc)):
             why = 'dedup (an exact duplicate)'
         if why:
             stats[f"removed by {why.split(':')[0]}"] += 1
+            if removed:
+                removed.write(json.dumps({'removed': where, 'why': why}, ensure_ascii=False) + '\n')
             continue
         yield where, doc, split
 

@@ -232,7 +232,10 @@ def test_a_streamed_corpus_loses_its_exact_copies_in_fixed_memory(server, tmp_pa
                   'train_tokens': 10 ** 6, 'val_tokens': 200}}
     cfg = corpus_config(tmp_path, prepared, src, dedup_stream_bits=1 << 16)
     p = run('prepare.py', cfg, check=True)
-    assert 'fw: 40 removed by dedup' in p.stdout, p.stdout
+    assert 'fw: 160 documents read, 40 removed (40 dedup (an exact duplicate); fw/removed.jsonl)' in p.stdout, p.stdout
+    removed = [json.loads(line) for line in open(tmp_path / 'out' / 'data' / 'fw' / 'removed.jsonl')]
+    assert len(removed) == 40 and all(r['why'] == 'dedup (an exact duplicate)' for r in removed)
+    assert [r['removed'].rsplit(' row ', 1)[1] for r in removed] == [str(j) for j in range(120, 160)]
     metas = {s: data.load_split(str(tmp_path / 'out' / 'data'), 'fw', s) for s in ('train', 'val')}
     assert metas['train']['documents'] + metas['val']['documents'] == 120
     assert metas['train']['reader_counts']['removed by dedup (an exact duplicate)'] == 40
