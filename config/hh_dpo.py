@@ -1,4 +1,4 @@
-# hh_dpo: DPO on Anthropic's HH-RLHF harmless-base pairs (the 42.5k-pair train split, downloaded: ~15 MB), on
+# hh_dpo: DPO on Anthropic's HH-RLHF harmless-base pairs (its train split, downloaded: ~14 MB), on
 # SmolLM2-135M-Instruct with LoRA adapters: the reference is the same model with its adapters off (no copy).
 #   python tokenizer.py config/hh_dpo.py && python prepare.py config/hh_dpo.py && python train.py config/hh_dpo.py
 #   python eval.py config/hh_dpo.py          held-out pairs: is the chosen reply the more likely?
