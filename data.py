@@ -185,17 +185,21 @@ class Split:
                         trained.append(k)
                 first.append(len(trained))
             del tokens
+        self.keep_pieces(ranges, shard_of, trained, first, R, 3,
+                         "no conversation keeps a reply to train on")
+
+    def keep_pieces(self, ranges, shard_of, trained, first, R, per_piece, none_left):
+        """Store what cut_pieces or cut_pairs found as arrays (see cut_pieces), and which
+        conversations (or pairs) have a piece to train on; stop with `none_left` if none has."""
         self.conversations, self.cut_for = len(first) - 1, R
-        ranges = np.array(ranges, dtype=np.int64).reshape(-1, 3, 2)
+        ranges = np.array(ranges, dtype=np.int64).reshape(-1, per_piece, 2)
         self.pieces = {'ranges': ranges, 'shard': np.array(shard_of, dtype=np.int64),
                        'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1),
                        'trained': np.array(trained, dtype=np.int64),
                        'first': np.array(first, dtype=np.int64)}
-        # conversations with a piece to train on
         self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)
         if len(self.usable) == 0:
-            die(f"source '{self.name}': no conversation keeps a reply to train on in rows of "
-                f"{R - 1} tokens: raise block_size")
+            die(f"source '{self.name}': {none_left} in rows of {R - 1} tokens: raise block_size")
 
     def cut_pairs(self, R):
         """DPO: every preference pair as one piece, its chosen sequence then its rejected one (a
@@ -227,16 +231,8 @@ class Split:
                     shard_of.append(i)
                     trained.append(int(k[0] + k[1]))
                 first.append(len(trained))
-        self.conversations, self.cut_for = len(first) - 1, R
-        ranges = np.array(ranges, dtype=np.int64).reshape(-1, 4, 2)
-        self.pieces = {'ranges': ranges, 'shard': np.array(shard_of, dtype=np.int64),
-                       'length': (ranges[:, :, 1] - ranges[:, :, 0]).sum(1),
-                       'trained': np.array(trained, dtype=np.int64),
-                       'first': np.array(first, dtype=np.int64)}
-        self.usable = np.flatnonzero(np.diff(self.pieces['first']) > 0)
-        if len(self.usable) == 0:
-            die(f"source '{self.name}': no pair keeps a reply on both sides in rows of {R - 1} "
-                "tokens: raise block_size")
+        self.keep_pieces(ranges, shard_of, trained, first, R, 4,
+                         "no pair keeps a reply on both sides")
 
 
 def trim_side(a, b, mask, keep, head):
