@@ -179,7 +179,8 @@ def bench_optim(device, size, steps):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    ns_dtype = getattr(torch, pick_dtype('auto', device_type).replace('float16', 'bfloat16'))
+    # as train.py: fp32 where training runs in fp32, else bf16 (also under fp16 autocast)
+    ns_dtype = torch.float32 if pick_dtype('auto', device_type) == 'float32' else torch.bfloat16
     rows = []
     for kind in ('adamw', 'muon'):
         opt = make_optimizer(model, kind, 1e-4, 0.02, 0.1, (0.9, 0.95), 0.95, device_type, ns_dtype)

@@ -26,18 +26,21 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
-    """~U V^T for G = U S V^T (G: a 2-D matrix), by Newton-Schulz iterations X <- p(X) on the
-    singular values."""
+    """~U V^T for G = U S V^T, by Newton-Schulz iterations X <- p(X) on the singular values.
+    G: a matrix (m, n) or a stack of them (k, m, n), each orthogonalized on its own: one batched
+    matmul per product over the stack runs ~2x faster on a CPU than a loop over small matrices."""
     a, b, c = NS_COEFFS
-    X = G.to(dtype)
-    tall = X.size(0) > X.size(1)
-    if tall:  # work on the wide orientation: X @ X.T is then the smaller Gram matrix
-        X = X.T
-    X = X / (X.norm() + 1e-7)  # singular values <= 1 (the Frobenius norm bounds the largest)
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n): one matrix is a stack of one
+    tall = X.size(1) > X.size(2)
+    if tall:  # work on the wide orientation: X @ X^T is then the smaller Gram matrix
+        X = X.mT
+    # singular values <= 1 (the Frobenius norm bounds the largest)
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = X @ X.T                      # (m, m), m = the smaller dimension
-        X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if tall else X).to(G.dtype)
+        A = X @ X.mT                                   # (k, m, m), m = the smaller dimension
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)    # b A + c A A
+        X = torch.baddbmm(X, B, X, beta=a)             # a X + B X
+    return (X.mT if tall else X).reshape(G.shape).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -61,21 +64,32 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                step = self.muon_step if group['muon'] else self.adamw_step
-                step(p, p.grad, self.state[p], group)
+            params = [p for p in group['params'] if p.grad is not None]
+            if not group['muon']:
+                for p in params:
+                    self.adamw_step(p, p.grad, self.state[p], group)
+                continue
+            by_shape = {}  # matrices of one shape are orthogonalized together, as one stack
+            for p in params:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            for same in by_shape.values():
+                self.muon_step(same, group)
 
-    def muon_step(self, p, g, state, group):
+    def muon_step(self, params, group):
+        """One Muon step for params, matrices of one shape."""
         beta, lr = group['momentum'], group['lr']
-        if not state:
-            state['momentum'] = torch.zeros_like(p)
-        m = state['momentum']
-        m.lerp_(g, 1 - beta)
-        update = orthogonalize(g.lerp(m, beta), group['ns_steps'], self.ns_dtype)
-        p.mul_(1 - lr * group['weight_decay'])
-        p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        looks = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state['momentum'] = torch.zeros_like(p)
+            m = state['momentum']
+            m.lerp_(p.grad, 1 - beta)
+            looks.append(p.grad.lerp(m, beta))
+        updates = orthogonalize(torch.stack(looks), group['ns_steps'], self.ns_dtype)
+        for p, update in zip(params, updates):
+            p.mul_(1 - lr * group['weight_decay'])
+            p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
     def adamw_step(self, p, g, state, group):
         (beta1, beta2), lr = group['betas'], group['lr']
@@ -110,6 +124,8 @@ def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, devi
               {'params': [p for p in others if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in others if p.dim() < 2], 'weight_decay': 0.0}]
     return Muon(groups, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)
+
+
 def lr_factor(it, cfg):
     """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate,
     muon_lr). Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at

@@ -80,6 +80,28 @@ def test_two_muon_steps_on_one_matrix_match_a_hand_computation(shape):
     torch.testing.assert_close(opt.state[p]['momentum'].double(), m, atol=1e-6, rtol=1e-5)
 
 
+def test_matrices_stepped_together_by_shape_move_as_each_would_alone():
+    """Muon orthogonalizes the matrices of one shape as one stack: the result must be each
+    matrix's own step (no mixing across the stack, tall and wide ones each the right way)."""
+    torch.manual_seed(2)
+    shapes = [(24, 40), (40, 24), (24, 40), (16, 16), (40, 24), (24, 40)]
+    together = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    start = [p.detach().clone() for p in together]
+    opt = muon_of(together, lr=0.05, momentum=0.9)
+    singles = [muon_of([p], lr=0.05, momentum=0.9) for p in alone]
+    for _ in range(2):
+        for p, q in zip(together, alone):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for p, q, p0 in zip(together, alone, start):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+        assert (p.detach() - p0).abs().max() > 0.01
+
+
 def test_orthogonalize_keeps_shape_dtype_and_is_scale_free():
     G = torch.randn(8, 20)
     O = orthogonalize(G, dtype=torch.float32)
