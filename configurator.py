@@ -147,6 +147,10 @@ KEYS = {
     'gradient_accumulation_steps': (1, '>= 1', "micro-batches per optimizer step, in total over "
                                                "all processes"),
     'max_iters': (1000, '>= 0', "optimizer steps"),
+    'max_minutes': (0.0, '>= 0', "a time budget: train until this many minutes of the training "
+                                 "loop (steps, evaluations, checkpoints) have passed, the "
+                                 "schedule laid over the time, the final evaluation and "
+                                 "checkpoint inside it; 0 = off (max_iters steps)"),
     'optimizer': ('adamw', ('adamw', 'muon'), "'adamw', or 'muon': Muon on the blocks' matrices, "
                                               "AdamW on the embedding/head and norms"),
     'learning_rate': (1e-3, '> 0', "peak learning rate (of AdamW: every parameter, or with Muon "
@@ -271,7 +275,7 @@ KEYS = {
 
     # --- bench.py ---
     'bench': ('all', "sections to run: all, or a comma list of matmul, train, decode, optim, "
-                     "prepare, batches, bigtext"),
+                     "prepare, batches, bigtext, pretrained, serve, sweep"),
     'bench_json': ('', "also write the figures to this JSON file"),
     'bench_corpus': ('../shared/data/gutenberg/corpus_clean.txt',
                      "text file for the prepare benchmark"),
@@ -280,6 +284,11 @@ KEYS = {
                                               "benchmark reads"),
     'bench_bigtext_mb': (2048, '>= 1', "size of the generated text file (no separator) of the "
                                        "bigtext benchmark"),
+    'bench_profiles': (['config/smoke.py', 'config/demo.py', 'config/shakespeare.py',
+                        'config/dev.py', 'config/prod_pretrain.py'], list,
+                       "the sweep section's profiles (configs that train a model of their own)"),
+    'bench_step_cap': (10.0, '> 0', "the sweep: stop doubling the micro-batch once a step takes "
+                                    "this many seconds"),
 }
 
 

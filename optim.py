@@ -126,17 +126,28 @@ def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, devi
     return Muon(groups, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)
 
 
-def lr_factor(it, cfg):
+def lr_factor(it, cfg, progress=None):
     """The learning rate at step `it` as a fraction of the peak (every group's: learning_rate,
     muon_lr). Both schedules warm up linearly over warmup_iters and end at min_lr / learning_rate at
     lr_decay_iters (default max_iters), flat after it. In between, cosine decays all the way; wsd
     (warmup-stable-decay) holds the peak, then decays linearly over the last decay_frac of the
     steps. A wsd run can be extended (resume its stable phase with more max_iters) or decayed from
-    any checkpoint."""
-    end = cfg.lr_decay_iters or cfg.max_iters
+    any checkpoint.
+    With a time budget (max_minutes), `progress` is the fraction of the training time spent (0 to
+    1) and the schedule is laid over time instead of steps: wsd decays over the last decay_frac of
+    the time, cosine over all of it. The warm-up stays in steps: it is there for the optimizer's
+    first updates, however long they take."""
     floor = cfg.min_lr / cfg.learning_rate
     if it < cfg.warmup_iters:
         return (it + 1) / (cfg.warmup_iters + 1)
+    if progress is not None:
+        if progress >= 1:
+            return floor
+        if cfg.lr_schedule == 'wsd':
+            left = 1 - progress  # the fraction of the time still to go
+            return 1.0 if left > cfg.decay_frac else floor + (1 - floor) * left / cfg.decay_frac
+        return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - floor)
+    end = cfg.lr_decay_iters or cfg.max_iters
     if it >= end:
         return floor
     if cfg.lr_schedule == 'wsd':

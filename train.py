@@ -122,6 +122,9 @@ def check_optimizer(cfg):
                     "settings need optimizer='muon')")
     if cfg.lr_schedule != 'wsd':
         unused_keys(cfg, ['decay_frac'], f"lr_schedule={cfg.lr_schedule!r} (it is wsd's)")
+    if cfg.max_minutes:
+        unused_keys(cfg, ['max_iters', 'lr_decay_iters'], f"max_minutes={cfg.max_minutes:g}: the "
+                    "time budget sets the run's length and the schedule")
     if cfg.lora_rank == 0:
         unused_keys(cfg, ['lora_alpha', 'lora_dropout', 'lora_targets'] +
                     ([] if cfg.merge_lora or cfg.init_from == 'resume' else ['lora_base']),
@@ -189,6 +192,12 @@ class Position:
     best_val: float = float('inf')  # best validation loss so far (best.pt's)
     best_iter: int = None  # the step of best.pt
     elapsed: float = 0.0  # seconds of training (evaluations and checkpoints not counted)
+    # seconds of the whole training loop (steps, evaluations, checkpoints): max_minutes' clock
+    clock: float = 0.0
+    # what a time budget keeps back: the longest evaluation + checkpoint (the final one must fit)
+    # and the last step's seconds (a step begun must end in time)
+    eval_cost: float = 0.0
+    step_cost: float = 0.0
     # skipped steps (non-finite loss or gradients): too many in a row stops the run
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
@@ -247,7 +256,8 @@ def starting_point(cfg, tok, args, lora, keep_base, proc):
         # saved there
         best_val, best_iter = saved_best(cfg.ckpt_dir)
         position = Position(iter=ckpt['iter'], best_val=min(ckpt['best_val'], best_val),
-                            best_iter=best_iter, elapsed=ckpt.get('elapsed', 0.0))
+                            best_iter=best_iter, elapsed=ckpt.get('elapsed', 0.0),
+                            **{k: ckpt.get(k, 0.0) for k in ('clock', 'eval_cost', 'step_cost')})
         proc.log(f"resuming from {path} at step {position.iter}")
         return ckpt, weights, ckpt.get('base'), position
     if cfg.init_from == 'base_model':
@@ -413,6 +423,10 @@ def describe_run(cfg, proc, learner, run_data, packer):
             f"tokens per step ({100 * trained_per_row / (T + 1):.1f}% of row tokens); "
             f"conversations "
             f"longer than a row, cut at turn boundaries: {cuts}")
+    if cfg.max_minutes:
+        log(f"time budget: {duration(cfg.max_minutes * 60)} of training loop (steps, evaluations, "
+            f"checkpoints), as many steps as fit; the {cfg.lr_schedule} schedule follows the clock")
+        return tokens_per_step, flops_per_step
     # how often the run repeats each source: worth it up to a few passes, wasted compute far beyond
     # (max_epochs)
     drawn = cfg.max_iters * rows_per_step * (fill * (T + 1) if sft else T)  # tokens the run reads
@@ -520,7 +534,7 @@ def record(metrics, **row):
 
 
 def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, world, so_far,
-              steps_left):
+              eta):
     """The log line of a step, and its speed figures: (line, tokens/s, FLOP/s, MFU or None without a
     peak)."""
     tok_s = tokens_per_step / dt
@@ -529,7 +543,7 @@ def step_line(iter_num, loss, lr, dt, tokens_per_step, flops_per_step, peak, wor
     mfu = flops_s / (peak * world) if peak else None
     speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
     line = (f"step {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tok_s:,.0f} "
-            f"tok/s | {speed} | {duration(so_far)} in, eta {duration(steps_left * dt)}")
+            f"tok/s | {speed} | {duration(so_far)} in, eta {duration(eta)}")
     return line, tok_s, flops_s, mfu
 
 
@@ -582,10 +596,19 @@ def stop_requested(stop, proc, log_step):
     return agreed.item() > 0
 
 
-def set_lr(optimizer, cfg, it):
-    """Every group's learning rate at step `it` (Muon's matrices have their own peak); returns
-    AdamW's."""
-    factor = lr_factor(it, cfg)
+def slowest(proc, figures):
+    """The largest of each figure over the processes (the figures themselves with one process)."""
+    if not proc.ddp:
+        return figures
+    t = torch.tensor(figures, dtype=torch.float64, device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def set_lr(optimizer, cfg, it, progress):
+    """Every group's learning rate at step `it`, or `progress` through a time budget (Muon's
+    matrices have their own peak); returns AdamW's."""
+    factor = lr_factor(it, cfg, progress)
     for group in optimizer.param_groups:
         group['lr'] = (cfg.muon_lr if group.get('muon') else cfg.learning_rate) * factor
     return cfg.learning_rate * factor
@@ -711,7 +734,9 @@ def save_latest(reason, cfg, proc, learner, position, tok):
              'scaler': learner.scaler.state_dict(), 'iter': position.iter,
              'best_val': position.best_val,
              'model_args': learner.args, 'config': vars(cfg), 'tokenizer_sha256': tok.sha256,
-             'elapsed': position.elapsed, 'rng': gather_rng(proc)}
+             'elapsed': position.elapsed, 'clock': position.clock,
+             'eval_cost': position.eval_cost, 'step_cost': position.step_cost,
+             'rng': gather_rng(proc)}
     if proc.master:
         save_checkpoint(state, cfg.ckpt_dir, 'ckpt.pt', cfg.keep_checkpoints)
         proc.log(f"saved {os.path.join(cfg.ckpt_dir, 'ckpt.pt')} at step {position.iter} "
@@ -764,14 +789,27 @@ def main():
     step_batches = read_ahead(read_step, position.iter)
     # elapsed: seconds of training (compiling included; evaluations and checkpoints not)
     t_train = time.time()
+    # max_minutes' clock counts everything in the loop, resumed from where the checkpoint left it
+    t_start, clock_start = time.time(), position.clock
+    budget = cfg.max_minutes * 60  # seconds; 0: max_iters steps
+    progress = None  # the fraction of the budget's training time spent
     while True:
         it = position.iter
+        position.clock = clock_start + time.time() - t_start
+        if budget:
+            # the slowest process's figures: every process must pick the same rate and stop together
+            clock, eval_cost, step_cost = slowest(proc, [position.clock, position.eval_cost,
+                                                         position.step_cost])
+            progress = clock / max(1e-9, budget - eval_cost - step_cost)
+        last = progress >= 1 if budget else it >= cfg.max_iters
         # Evaluate and save before the step: step 0's val loss is the untrained baseline, and the
-        # last pass through here (it == max_iters) evaluates the finished model. A resumed run skips
-        # the evaluation its checkpoint was saved after (it would only repeat it)
+        # last pass through here (step max_iters, or the budget spent) evaluates the finished
+        # model. A resumed run skips the evaluation its checkpoint was saved after (it would only
+        # repeat it)
         resumed_here = cfg.init_from == 'resume' and it == start_iter
-        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not resumed_here:
-            position.elapsed += time.time() - t_train
+        if (it % cfg.eval_interval == 0 or last) and not resumed_here:
+            t_eval = time.time()
+            position.elapsed += t_eval - t_train
             if val:  # val_sources=[] trains without evaluating (best.pt then is not written)
                 if run_data.dpo:
                     per_source = evaluate_pairs(cfg, learner, proc, val, val_batches)
@@ -788,12 +826,18 @@ def main():
                     if proc.master:
                         save_best(cfg, learner, position, tok)
             if it > 0:
+                position.clock = clock_start + time.time() - t_start
                 save_latest('periodic', cfg, proc, learner, position, tok)
             t_train = time.time()
-        if it >= cfg.max_iters:
+            position.eval_cost = max(position.eval_cost, t_train - t_eval)
+        if last:
+            if budget:
+                log(f"time budget of {duration(budget)} spent: {it} steps, the loop took "
+                    f"{duration(clock_start + time.time() - t_start)}")
             break
         if stop_requested(stop, proc, it % cfg.log_interval == 0):
             position.elapsed += time.time() - t_train
+            position.clock = clock_start + time.time() - t_start
             save_latest('interrupted', cfg, proc, learner, position, tok)
             # saved: a late second Ctrl-C has nothing left to cut
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -801,7 +845,7 @@ def main():
 
         # ms/step counts the step only: evaluations and checkpoints are not in it
         t_step = time.time()
-        lr = set_lr(learner.optimizer, cfg, it)
+        lr = set_lr(learner.optimizer, cfg, it, progress)
         # read while the last step ran (the next step's are being read now)
         batches = next(step_batches)
         step_loss, grad_norm, n_total, pair_figures = take_step(cfg, proc, learner, position,
@@ -809,16 +853,19 @@ def main():
         position.iter += 1
         step_time += time.time() - t_step
         steps_timed += 1
+        if position.iter > start_iter + 1:  # (the first step compiles: not a step's time)
+            position.step_cost = time.time() - t_step
 
         if position.iter % cfg.log_interval == 0 or position.iter == cfg.max_iters:
             # waits for the device: log steps only
             loss_value, norm_value = step_loss.item(), grad_norm.item()
             dt, so_far = step_time / steps_timed, position.elapsed + time.time() - t_train
             step_time, steps_timed = 0.0, 0
+            eta = (budget - clock_start - time.time() + t_start if budget
+                   else (cfg.max_iters - position.iter) * dt)
             line, tok_s, flops_s, mfu = step_line(position.iter, loss_value, lr, dt,
-                                                  tokens_per_step,
-                                                  flops_per_step, peak, proc.world, so_far,
-                                                  cfg.max_iters - position.iter)
+                                                  tokens_per_step, flops_per_step, peak,
+                                                  proc.world, so_far, eta)
             dpo_row = {}
             if pair_figures is not None:  # DPO: this step's pairs
                 accuracy, margin = pair_figures.tolist()

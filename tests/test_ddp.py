@@ -63,3 +63,19 @@ def test_two_processes_weigh_micro_batches_by_their_targets_counted_over_both(tm
                                                               ['optimizer']['state'].items())]
     for a, b in zip(moments(tmp_path / 'one'), moments(tmp_path / 'two')):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_two_processes_with_a_time_budget_stop_together(tmp_path, prepared):
+    """max_minutes under DDP: every process takes the slowest one's clock, so they pick the same
+    learning rate and stop at the same step (a process that stopped alone would leave the other
+    waiting in an all-reduce: the run would hang)."""
+    cfg = tiny_train_config(tmp_path / 'b.py', prepared, tmp_path / 'b', device='cpu', max_minutes=0.07,
+                            eval_interval=1000, gradient_accumulation_steps=2, log_interval=1)
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', cfg], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count('time budget of 4s spent:') == 1
+    steps = [r for r in metrics(str(tmp_path / 'b')) if 'loss' in r]
+    ckpt = torch.load(tmp_path / 'b' / 'pretrain' / 'ckpt.pt', weights_only=True)
+    assert len(steps) == ckpt['iter'] > 3 and steps[-1]['lr'] < steps[2]['lr']

@@ -199,6 +199,20 @@ def test_cosine_schedule_at_its_corners():
     assert f(100) == pytest.approx(0.1) and f(120) == pytest.approx(0.1)
 
 
+def test_a_time_budget_lays_the_schedule_over_the_time():
+    """max_minutes: `progress` (the fraction of the training time spent) replaces the steps; the
+    warm-up stays in steps."""
+    for cfg in (schedule(), schedule(lr_decay_iters=60)):  # (the step keys are not used)
+        f = lambda it, p: optim.lr_factor(it, cfg, progress=p)
+        assert f(3, 0.9) == pytest.approx(4 / 11)          # still warming up, whatever the time
+        assert f(10, 0.0) == 1.0 and f(500, 0.79) == 1.0   # stable: most of the time
+        assert f(11, 0.9) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the last 20%
+        assert f(12, 1.0) == pytest.approx(0.1) and f(12, 1.3) == pytest.approx(0.1)
+    cosine = schedule(lr_schedule='cosine')
+    assert optim.lr_factor(40, cosine, progress=0.5) == pytest.approx(0.55)
+    assert optim.lr_factor(40, cosine, progress=0.0) == pytest.approx(1.0)
+
+
 # ---- through train.py ----
 
 def muon_config(tmp_path, prepared, name='m', **extra):
@@ -306,3 +320,30 @@ def test_a_warm_up_longer_than_the_decay_is_refused(tmp_path, prepared):
     assert 'Traceback' not in p.stderr
     assert run('train.py', cfg, '--warmup_iters=2', '--lr_decay_iters=4',
                '--max_iters=4').returncode == 0
+
+
+def test_a_time_budget_ends_the_run_in_time_with_the_schedule_decayed_and_resumes(tmp_path, prepared):
+    """max_minutes: as many steps as fit, a final evaluation and checkpoint inside the budget, the
+    learning rate down to min_lr at the end; the clock is in the checkpoint, so a resume goes on
+    from where the budget stood."""
+    budget_s = 6
+    cfg = muon_config(tmp_path, prepared, max_minutes=budget_s / 60, max_iters=5, eval_interval=10,
+                      warmup_iters=2, min_lr=1e-5, learning_rate=1e-3, log_interval=1)
+    p = run('train.py', cfg, check=True)
+    assert 'time budget: 6s of training loop' in p.stdout and 'time budget of 6s spent:' in p.stdout
+    rows = metrics(str(tmp_path / 'm'))
+    steps = [r for r in rows if 'loss' in r]
+    assert len(steps) > 5  # max_iters is not what ended it
+    lrs = [r['lr'] for r in steps]
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] < 2e-4  # stable, then decayed (toward 1e-5)
+    assert 'val_bpb' in rows[-1]  # the finished model was evaluated
+    ckpt = torch.load(tmp_path / 'm' / 'pretrain' / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter'] == len(steps)
+    # inside the budget (the final evaluation and save included; 2 s for a slow, busy machine)
+    assert budget_s * 0.5 < ckpt['clock'] <= budget_s + 2
+    # a resume with the same budget has nothing left to spend; with more it goes on, decaying again
+    p = run('train.py', cfg, '--init_from=resume', check=True)
+    assert 'time budget of 6s spent: %d steps' % len(steps) in p.stdout
+    p = run('train.py', cfg, '--init_from=resume', '--max_minutes=0.15', check=True)
+    again = torch.load(tmp_path / 'm' / 'pretrain' / 'ckpt.pt', weights_only=True)
+    assert again['iter'] > len(steps) and 6 + 3 * 0.5 < again['clock'] <= 9 + 2
