@@ -21,6 +21,10 @@ Sections:
   serve    time to the first token and tokens/s of the config's model, called in process as
            sample.py calls it, and through serve.py with one client and four at once (not in
            `all`: it needs a trained model: python bench.py config/notes.py --bench=serve)
+  sweep    per profile (bench_profiles): its model at its micro-batch, dtype and compile setting
+           (tokens/s, MFU), the largest micro-batch that fits on this device (doubling until out of
+           memory or a step takes bench_step_cap seconds), tokens and epochs of its prepared data
+           that 1 and 8 hours of training buy (not in `all`: minutes; on a GPU too)
   bigtext  prepare.py's peak RSS on a generated text file with no separator (bench_bigtext_mb,
            2 GB) and on a quarter of it: memory must not grow with the file (not in `all`: it
            writes ~3 GB to /tmp)
@@ -458,6 +462,125 @@ def bench_batches(config_path, rows=32, reps=40):
     return out
 
 
+def reset_peak_memory(device):
+    """Start counting peak memory again: the GPU allocator's, or on Linux the process's peak
+    resident set (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_memory(device):
+    """Bytes at the peak since reset_peak_memory, or None where the OS does not say."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
+    except (OSError, StopIteration):
+        return None
+
+
+def free_memory(device):
+    """Bytes the device has free for a larger batch: the GPU's free memory, or the RAM Linux says
+    is available (None elsewhere)."""
+    if device.startswith('cuda'):
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith('MemAvailable'))
+    except (OSError, StopIteration):
+        return None
+
+
+def largest_batch(model, optimizer, make_batch, device, dtype, step_cap):
+    """The largest micro-batch (a power of two) a training step of this model runs with on this
+    device: doubled from 1 until the GPU runs out of memory, the next doubling would not fit in
+    the memory left (a CPU's RAM: a step that does not fit is killed, not refused), or a step takes
+    step_cap seconds. Eager steps (compiling each size would take minutes). Returns (rows, the
+    reason it stopped, peak bytes of that size's step)."""
+    rows, found, peak, why = 1, None, None, None
+    while True:
+        x, y = make_batch(rows)
+        reset_peak_memory(device)
+        try:
+            dt, _ = time_steps(model, optimizer, x, y, device, dtype, False, 1)
+        except torch.OutOfMemoryError:
+            why = 'memory'
+            break
+        grew = peak_memory(device) if peak is None else peak_memory(device) - peak
+        found, peak = rows, peak_memory(device)
+        free = free_memory(device)
+        if dt > step_cap:
+            why = f'step over {step_cap:g} s'
+            break
+        # the next size's extra activations ~ this size's growth again, doubled
+        if free is not None and grew is not None and 2 * grew > 0.8 * free:
+            why = 'memory'
+            break
+        rows *= 2
+    if device.startswith('cuda'):
+        torch.cuda.empty_cache()
+    return found, why, peak
+
+
+def bench_sweep(profiles, device, peaks, steps, step_cap):
+    """Per profile: its model on this device at the profile's micro-batch (or the largest that
+    fits, if smaller), dtype and compile setting (tokens/s, MFU), the largest micro-batch that
+    fits, and what 1 and 8 hours of training buy (tokens, and epochs of the profile's prepared
+    train data when it is prepared)."""
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    rows = []
+    for path in profiles:
+        c = configure([path])
+        if c.base_model:  # the shape is the base model's: bench.py --bench=pretrained measures it
+            print(f"sweep: {path} skipped (a base_model profile: use --bench=pretrained)")
+            continue
+        dtype = pick_dtype(c.dtype, device_type)
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=c.vocab_size, block_size=c.block_size,
+                                n_layer=c.n_layer, n_head=c.n_head,
+                                n_kv_head=c.n_kv_head or c.n_head, n_embd=c.n_embd,
+                                tie_embeddings=c.tie_embeddings)).to(device)
+        optimizer = make_optimizer(model, c.optimizer, 1e-4, 0.02, 0.1, (0.9, 0.95), 0.95,
+                                   device_type, torch.float32 if dtype == 'float32'
+                                   else torch.bfloat16)
+        T = c.block_size
+        make_batch = lambda b: (torch.randint(0, c.vocab_size, (b, T), device=device),
+                                torch.randint(0, c.vocab_size, (b, T), device=device))
+        most, why, peak = largest_batch(model, optimizer, make_batch, device, dtype, step_cap)
+        # the profile's micro-batch, or the largest found if it is smaller (a CPU running prod's)
+        batch = min(c.batch_size, most)
+        dt, _ = time_steps(model, optimizer, *make_batch(batch), device, dtype, c.compile, steps)
+        tok_s = batch * T / dt
+        flops = model.flops_per_token(T) * tok_s
+        mfu = flops / (peak_flops(device_type, dtype) or peaks[dtype])
+        mixture = [n for n, w in c.mixture.items() if w > 0]
+        prepared = mixture and all(is_prepared(c.data_dir, n, 'train') for n in mixture)
+        data_tokens = (sum(Split(c.data_dir, n, 'train', None).tokens for n in mixture)
+                       if prepared else None)
+        row = {'profile': os.path.basename(path), 'params_M': round(model.num_params()[0] / 1e6, 2),
+               'dtype': dtype, 'compile': c.compile, 'block': T, 'batch': batch,
+               'tokens_per_s': round(tok_s), 'mfu_%': round(100 * mfu, 1),
+               'max_batch': most, 'stopped_by': why,
+               'peak_GB': round(peak / 1e9, 2) if peak else None}
+        for hours in (1, 8):
+            row[f'tokens_{hours}h_M'] = round(tok_s * 3600 * hours / 1e6, 1)
+            row[f'epochs_{hours}h'] = (round(tok_s * 3600 * hours / data_tokens, 1)
+                                       if data_tokens else None)
+        rows.append(row)
+        print(f"  {row['profile']}: {row['tokens_per_s']:,} tok/s, MFU {row['mfu_%']}%, largest "
+              f"micro-batch {most} ({why})", flush=True)
+        del model, optimizer
+    return rows
+
+
 def table(rows, title):
     if not rows:
         return
@@ -478,9 +601,9 @@ def main():
     known = ['matmul', 'train', 'decode', 'optim', 'prepare', 'batches']
     sections = cfg.bench.split(',') if cfg.bench != 'all' else known
     for s in sections:
-        if s not in known + ['bigtext', 'pretrained', 'serve']:
+        if s not in known + ['bigtext', 'pretrained', 'serve', 'sweep']:
             die(f"--bench: unknown section {s!r}; use {', '.join(known)}, bigtext, pretrained, "
-                "serve or all")
+                "serve, sweep or all")
     if 'pretrained' in sections and not cfg.base_model:
         die("--bench=pretrained measures a pretrained model: give it with --base_model=... (a "
             "Hugging Face folder, a .gguf file or hf:<owner>/<name>)")
@@ -492,7 +615,7 @@ def main():
     print(f"bench on {device} ({gpu or results['machine']['cpu']}, {os.cpu_count()} cores, torch "
           f"{torch.__version__})")
     peaks = {}
-    if {'matmul', 'train', 'pretrained'} & set(sections):
+    if {'matmul', 'train', 'pretrained', 'sweep'} & set(sections):
         n = 8192 if device_type == 'cuda' else 2048
         peaks = {dt: matmul_peak(device, getattr(torch, dt), n) for dt in ('float32', 'bfloat16')}
         results['matmul'] = [{'dtype': dt, 'n': n, 'flops_per_s': v} for dt, v in peaks.items()]
@@ -547,6 +670,11 @@ def main():
         table(results['serve'], "chat replies: time to the first token and tokens/s, in process "
                                 "and through serve.py (greedy, 128 tokens; first_token_ms is the "
                                 "mean over the clients)")
+    if 'sweep' in sections:
+        results['sweep'] = bench_sweep(cfg.bench_profiles, device, peaks, cfg.bench_steps,
+                                       cfg.bench_step_cap)
+        table(results['sweep'], f"each profile's model on {device}: its micro-batch (tokens/s, "
+                                "MFU), the largest that fits, and what 1 and 8 hours buy")
     if cfg.bench_json:
         with open(cfg.bench_json, 'w') as f:
             json.dump(results, f, indent=2)
