@@ -157,6 +157,8 @@ KEYS = {
                                    "the embedding/head and norms)"),
     'muon_lr': (0.02, '> 0', "peak learning rate of Muon's matrices (optimizer='muon')"),
     'muon_momentum': (0.95, '[0, 1)', "Muon's momentum (Nesterov)"),
+    'muon_weight_decay': (0.0, '>= 0', "decoupled weight decay of Muon's matrices (each step "
+                                       "shrinks them by muon_lr * this)"),
     'lr_schedule': ('cosine', ('cosine', 'wsd'), "'cosine' (warmup, cosine decay to min_lr) or "
                                                  "'wsd' (warmup, constant, linear decay to min_lr "
                                                  "over the last decay_frac of the steps)"),

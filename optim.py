@@ -108,9 +108,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, device_type,
-                   ns_dtype=torch.bfloat16):
+                   ns_dtype=torch.bfloat16, muon_weight_decay=0.0):
     """The optimizer for `kind` ('adamw' or 'muon') over the model's trainable parameters.
-    muon: Muon (muon_lr, no weight decay) on the blocks' 2-D weights; AdamW (lr) on the
+    muon: Muon (muon_lr, muon_weight_decay) on the blocks' 2-D weights; AdamW (lr) on the
     embedding/head (with weight decay), on the norms (without) and on LoRA adapters."""
     if kind == 'adamw':
         return model.optimizer(lr, weight_decay, betas, device_type)
@@ -120,7 +120,7 @@ def make_optimizer(model, kind, lr, muon_lr, weight_decay, betas, momentum, devi
               if n.startswith('blocks.') and p.dim() == 2 and '.lora_' not in n]
     taken = {id(p) for p in hidden}
     others = [p for _, p in trainable if id(p) not in taken]
-    groups = [{'params': hidden, 'muon': True, 'lr': muon_lr, 'weight_decay': 0.0},
+    groups = [{'params': hidden, 'muon': True, 'lr': muon_lr, 'weight_decay': muon_weight_decay},
               {'params': [p for p in others if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in others if p.dim() < 2], 'weight_decay': 0.0}]
     return Muon(groups, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)

@@ -118,8 +118,8 @@ def check_optimizer(cfg):
             f"lr_decay_iters=0 to decay until max_iters)")
     # keys that only matter with another key set
     if cfg.optimizer != 'muon':
-        unused_keys(cfg, ['muon_lr', 'muon_momentum'], f"optimizer={cfg.optimizer!r} (Muon's "
-                    "settings need optimizer='muon')")
+        unused_keys(cfg, ['muon_lr', 'muon_momentum', 'muon_weight_decay'],
+                    f"optimizer={cfg.optimizer!r} (Muon's settings need optimizer='muon')")
     if cfg.lr_schedule != 'wsd':
         unused_keys(cfg, ['decay_frac'], f"lr_schedule={cfg.lr_schedule!r} (it is wsd's)")
     if cfg.max_minutes:
@@ -330,7 +330,7 @@ def build_model(cfg, tok, proc, dpo_run=False):
                                cfg.weight_decay,
                                (cfg.beta1, cfg.beta2), cfg.muon_momentum, proc.device_type,
                                ns_dtype=torch.float32 if proc.dtype == 'float32'
-                               else torch.bfloat16)
+                               else torch.bfloat16, muon_weight_decay=cfg.muon_weight_decay)
     scaler = torch.amp.GradScaler(proc.device_type, enabled=(proc.dtype == 'float16'))
     if resume:
         optimizer.load_state_dict(ckpt['optimizer'])

@@ -102,6 +102,25 @@ def test_matrices_stepped_together_by_shape_move_as_each_would_alone():
         assert (p.detach() - p0).abs().max() > 0.01
 
 
+def test_muon_weight_decay_shrinks_the_matrices_by_lr_times_it():
+    """muon_weight_decay (decoupled): the same step as without it, on weights first scaled by
+    1 - muon_lr * decay; the embedding/head keep AdamW's own weight_decay."""
+    steps = {}
+    for decay in (0.0, 0.5):
+        model = tiny_model()
+        opt = make_optimizer(model, 'muon', 1e-3, 0.05, 0.1, (0.9, 0.95), 0.95, 'cpu', torch.float32,
+                             muon_weight_decay=decay)
+        assert opt.param_groups[0]['muon'] and opt.param_groups[0]['weight_decay'] == decay
+        assert opt.param_groups[1]['weight_decay'] == 0.1
+        w0 = model.blocks[0].attn.q_proj.weight.detach().clone()
+        torch.manual_seed(3)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        steps[decay] = model.blocks[0].attn.q_proj.weight.detach()
+    torch.testing.assert_close(steps[0.5] - steps[0.0], -0.05 * 0.5 * w0, atol=1e-6, rtol=1e-5)
+
+
 def test_orthogonalize_keeps_shape_dtype_and_is_scale_free():
     G = torch.randn(8, 20)
     O = orthogonalize(G, dtype=torch.float32)
