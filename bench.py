@@ -78,9 +78,9 @@ def matmul_peak(device, dtype, n=2048, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def time_steps(model, optimizer, x, y, device, dtype, compiled, steps):
+def time_steps(model, optimizer, x, y, device, dtype, compiled, steps, warmup=3):
     """(seconds per training step, seconds of warm-up): forward, backward, optimizer step on the
-    batch x, y, after 3 warm-up steps (where compilation happens)."""
+    batch x, y, after `warmup` warm-up steps (where compilation happens)."""
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     run = torch.compile(model) if compiled else model
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
@@ -93,7 +93,7 @@ def time_steps(model, optimizer, x, y, device, dtype, compiled, steps):
         optimizer.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(warmup):  # (and compilation)
         step()
     sync(device)
     warmup = time.perf_counter() - t0
@@ -510,7 +510,7 @@ def largest_batch(model, optimizer, make_batch, device, dtype, step_cap):
         x, y = make_batch(rows)
         reset_peak_memory(device)
         try:
-            dt, _ = time_steps(model, optimizer, x, y, device, dtype, False, 1)
+            dt, _ = time_steps(model, optimizer, x, y, device, dtype, False, 1, warmup=1)
         except torch.OutOfMemoryError:
             why = 'memory'
             break
