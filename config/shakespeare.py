@@ -26,7 +26,7 @@ n_embd = 192     # narrower and more steps beat 256 wide in the same 150 s (BENC
 block_size = 128
 batch_size = 24
 # ~5 passes over the text in 150 s: it overfits, but dropout costs more steps than it saves (0.1:
-# +0.01-0.03 bits per byte); weight decay on Muon's matrices regularises for free (muon_weight_decay)
+# +0.01-0.03 bits per byte); weight decay on Muon's matrices regularises for free (below)
 dropout = 0.0
 # with fast bf16: ~25 s to compile, then ~1.5x the steps of eager in the rest. In float32 (a CPU
 # without fast bf16) compiling wins ~7% a step, less than it costs: --compile=False there
