@@ -791,11 +791,12 @@ def main():
     t_train = time.time()
     # max_minutes' clock counts everything in the loop, resumed from where the checkpoint left it
     t_start, clock_start = time.time(), position.clock
+    clock_now = lambda: clock_start + time.time() - t_start
     budget = cfg.max_minutes * 60  # seconds; 0: max_iters steps
     progress = None  # the fraction of the budget's training time spent
     while True:
         it = position.iter
-        position.clock = clock_start + time.time() - t_start
+        position.clock = clock_now()
         if budget:
             # the slowest process's figures: every process must pick the same rate and stop together
             clock, eval_cost, step_cost = slowest(proc, [position.clock, position.eval_cost,
@@ -826,18 +827,18 @@ def main():
                     if proc.master:
                         save_best(cfg, learner, position, tok)
             if it > 0:
-                position.clock = clock_start + time.time() - t_start
+                position.clock = clock_now()
                 save_latest('periodic', cfg, proc, learner, position, tok)
             t_train = time.time()
             position.eval_cost = max(position.eval_cost, t_train - t_eval)
         if last:
             if budget:
                 log(f"time budget of {duration(budget)} spent: {it} steps, the loop took "
-                    f"{duration(clock_start + time.time() - t_start)}")
+                    f"{duration(clock_now())}")
             break
         if stop_requested(stop, proc, it % cfg.log_interval == 0):
             position.elapsed += time.time() - t_train
-            position.clock = clock_start + time.time() - t_start
+            position.clock = clock_now()
             save_latest('interrupted', cfg, proc, learner, position, tok)
             # saved: a late second Ctrl-C has nothing left to cut
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -861,8 +862,7 @@ def main():
             loss_value, norm_value = step_loss.item(), grad_norm.item()
             dt, so_far = step_time / steps_timed, position.elapsed + time.time() - t_train
             step_time, steps_timed = 0.0, 0
-            eta = (budget - clock_start - time.time() + t_start if budget
-                   else (cfg.max_iters - position.iter) * dt)
+            eta = budget - clock_now() if budget else (cfg.max_iters - position.iter) * dt
             line, tok_s, flops_s, mfu = step_line(position.iter, loss_value, lr, dt,
                                                   tokens_per_step, flops_per_step, peak,
                                                   proc.world, so_far, eta)

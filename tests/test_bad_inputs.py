@@ -286,7 +286,8 @@ CASES = [
     ('tokenizer folder that cannot be made', 'tokenizer.py', lambda w: [f"--tokenizer_path={write(w / 'plain', 'x')}/t.model"],
      ['plain', 'cannot write', 'tokenizer_path']),
     ('disk full while preparing', 'prepare.py',
-     lambda w: [f"--data_dir={w / 'data2'}", '--quality_filter=False',  # (one sentence 30,000 times: junk)
+     # (quality_filter off: one sentence 30,000 times is junk)
+     lambda w: [f"--data_dir={w / 'data2'}", '--quality_filter=False',
                 src(w, 'text', path=write(w / 'big.txt', 'Plenty of words here. ' * 30000))],
      ['data2', 'File too large', "source 's'", 'free some space'], 70_000),
     ('disk full while writing the tokenizer', 'tokenizer.py', lambda w: [f"--tokenizer_path={w / 'new.model'}"],

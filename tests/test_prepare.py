@@ -179,8 +179,9 @@ def test_a_full_disk_stops_prepare_with_a_message_and_frees_what_it_wrote(tmp_pa
     corpus = write_corpus(str(tmp_path / 'corpus'), pages=3, dialogues=3)
     with open(os.path.join(corpus, 'story.txt'), 'a') as f:
         f.write('Lots of words for a shard. ' * 20000)
-    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus, quality_filter=False,  # (one phrase
-                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))  # 20,000 times: junk)
+    # (quality_filter off: one phrase 20,000 times is junk to quality.py)
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), corpus, quality_filter=False,
+                       tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'))
     p = run('prepare.py', cfg, '--prepare_sources=story', preexec_fn=small_disk)
     assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
     assert "File too large while preparing source 'story'" in p.stderr and 'free some space' in p.stderr
@@ -346,9 +347,10 @@ def test_a_large_file_without_separator_is_tokenized_in_pieces_across_workers(tm
     text = '\n'.join(lines) + '\n'
     (tmp_path / 'big.txt').write_text(text)
     tokenizer = os.path.join(prepared[1], 'tokenizer.model')
+    # (quality_filter off: 10 words drawn at random repeat 5-grams, junk to quality.py)
     cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', tokenizer_path=tokenizer, num_proc=2,
                        sources={'big': {'kind': 'text', 'path': str(tmp_path / 'big.txt')}},
-                       quality_filter=False)  # (10 words drawn at random: repeated 5-grams, junk to quality.py)
+                       quality_filter=False)
     run('prepare.py', cfg, check=True)
     docs = split_documents(str(tmp_path / 'out' / 'data'), 'big', Tokenizer(tokenizer))
     expected = list(sources.split_stream(str(tmp_path / 'big.txt'), None, None))
@@ -666,7 +668,8 @@ def lopsided_text(tmp_path, long_in_val):
 
 @pytest.mark.parametrize('long_in_val', [True, False], ids=['val too big', 'val too small'])
 def test_a_val_share_of_tokens_far_from_val_frac_is_warned_about(tmp_path, prepared, long_in_val):
-    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', quality_filter=False,  # (3 words, repeated)
+    # (quality_filter off: 3 words, repeated)
+    cfg = write_config(tmp_path / 'c.py', str(tmp_path / 'out'), '', quality_filter=False,
                        tokenizer_path=os.path.join(prepared[1], 'tokenizer.model'), sources={
                            'notes': {'kind': 'text', 'path': lopsided_text(tmp_path, long_in_val),
                                      'separator': '\n\n'}})
