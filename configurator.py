@@ -168,7 +168,7 @@ KEYS = {
     'lr_decay_iters': (0, '>= 0', "step where the decay reaches min_lr; 0 = max_iters"),
     'decay_frac': (0.2, '(0, 1]', "wsd: the fraction of the steps (up to lr_decay_iters) spent "
                                   "decaying"),
-    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only; Muon's matrices have none)"),
+    'weight_decay': (0.1, '>= 0', "AdamW weight decay (matrices only; Muon's: muon_weight_decay)"),
     'beta1': (0.9, '[0, 1)', "AdamW beta1"),
     'beta2': (0.95, '[0, 1)', "AdamW beta2"),
     'grad_clip': (1.0, '>= 0', "clip the gradient norm to this; 0 = off"),
