@@ -136,6 +136,9 @@ KEYS = {
                           "pretrain, sft)"),
     'mixture': ({'roam': 0.5, 'primer': 0.5}, "{source name: weight}: each batch row comes from a "
                                               "source drawn by weight"),
+    'data_order': ('random', ('random', 'epochs'), "pretraining windows: 'random' (nanoGPT's: "
+                   "anywhere, with repeats) or 'epochs' (every window of a source once an epoch, "
+                   "shuffled: data.epoch_window)"),
     'val_sources': (None, list, "sources to report validation loss on; None = the mixture's"),
     'best_on': (None, list, "sources whose val loss chooses best.pt (weighted as in the mixture); "
                             "None = the largest"),

@@ -304,20 +304,54 @@ def split_at_turns(ids, offset, R, markers=OUR_TURNS):
     return pieces, truncated
 
 
-def window_batch(splits, weights, rng, B, T):
-    """Pretraining: B rows, each a random window of T + 1 tokens of a source drawn by weight
-    (shorter only if a shard is; the rest has no target). Returns x, y (B, T) int64 numpy arrays."""
+def window_batch(splits, weights, rng, B, T, first=None, seed=0):
+    """Pretraining: B rows, each a window of T + 1 tokens of a source drawn by weight (shorter
+    only if a shard is; the rest has no target). Random windows (nanoGPT's), or with `first` (the
+    index of the batch's first row in the run) the windows of `epoch_window`: each window of a
+    source once an epoch. Returns x, y (B, T) int64 numpy arrays."""
     names = list(weights)
     p = np.array([weights[n] for n in names], dtype=np.float64)
     p /= p.sum()
     x, y = np.zeros((B, T), dtype=np.int64), np.full((B, T), -1, dtype=np.int64)
     for r in range(B):
         split = splits[names[rng.choice(len(names), p=p)]]
-        shard = rng.choice(len(split.shards), p=split.shard_p)
-        n = min(T + 1, split.shards[shard]['tokens'])
-        toks = split.read(shard, rng.integers(0, split.shards[shard]['tokens'] - n + 1), n)
+        if first is None:
+            shard = rng.choice(len(split.shards), p=split.shard_p)
+            start = rng.integers(0, split.shards[shard]['tokens'] - min(T + 1, split.shards[shard][
+                'tokens']) + 1)
+        else:
+            shard, start = epoch_window(split, first + r, T, seed)
+        n = min(T + 1, split.shards[shard]['tokens'] - start)
+        toks = split.read(shard, start, n)
         x[r, :n - 1], y[r, :n - 1] = toks[:-1], toks[1:]
     return x, y
+
+
+def epoch_window(split, i, T, seed):
+    """(shard, start) of row i of a run that reads the split in epochs (data_order='epochs').
+
+    Random windows see a source's text unevenly: after 5 passes' worth of them a token has been
+    read anywhere from 0 to 10+ times, and a small corpus learnt that often is overfit where it was
+    read most. Here an epoch cuts every shard into windows T tokens apart, starting at a random
+    phase (so that epochs see different cuts), and reads them all once in a shuffled order: each
+    token the same number of times. The order is an affine permutation of the window numbers,
+    (a * slot + b) mod W with a coprime to W, drawn per epoch from the seed: a pure function of
+    the row index (resume needs no state) and O(1) however large the corpus. In a mixture each
+    source reads its own sequence at the rows that draw it: no window twice before all of that
+    sequence has gone by, but which ones an epoch reads is then up to the draws."""
+    tokens = np.array([s['tokens'] for s in split.shards])
+    counts = np.maximum((tokens - 1) // T - 1, 1)  # one window spare, so any phase fits
+    W = int(counts.sum())
+    epoch, slot = divmod(i, W)
+    rng = np.random.default_rng([seed, 7_777, epoch])
+    a = int(rng.integers(1, W + 1))
+    while math.gcd(a, W) != 1:
+        a += 1
+    window = (a * slot + int(rng.integers(0, W))) % W
+    shard = int(np.searchsorted(np.cumsum(counts), window, side='right'))
+    k = window - int(counts[:shard].sum())
+    phase = int(rng.integers(0, T)) if tokens[shard] > 2 * T + 1 else 0
+    return shard, phase + k * T
 
 
 class Packer:
@@ -533,8 +567,11 @@ def make_batches(cfg, run_data, rank, world):
     def train_batch(step, micro):
         if sft:
             return packer.batch((step * cfg.gradient_accumulation_steps + micro) * B, B)
-        return (*window_batch(train, mixture, np.random.default_rng([cfg.seed, step, micro]), B, T),
-                None)
+        rng = np.random.default_rng([cfg.seed, step, micro])
+        if cfg.data_order == 'epochs':  # this micro-batch's rows in the run's sequence of rows
+            first = (step * cfg.gradient_accumulation_steps + micro) * B
+            return *window_batch(train, mixture, rng, B, T, first, cfg.seed), None
+        return *window_batch(train, mixture, rng, B, T), None
 
     def val_batches(i, name):
         for k in range(rank, cfg.eval_iters, world):  # the processes share the batches out

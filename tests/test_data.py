@@ -45,6 +45,33 @@ def test_mixture_frequencies_match_the_weights(tmp_path):
         assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5, (name, freq)
 
 
+def test_epochs_read_every_window_once_in_a_new_order_each_epoch(tmp_path):
+    """data_order='epochs': over one epoch's rows each window T apart is read exactly once (so each
+    token as often as any other), as a pure function of the row index; the next epoch cuts and
+    orders them anew."""
+    N, T, B = 4001, 16, 10
+    write_split(tmp_path, 'a', [np.arange(N)])  # a token's value is its position
+    splits = {'a': data.Split(str(tmp_path), 'a', 'train', None)}
+    W = (N - 1) // T - 1
+    starts = []
+    for first in range(0, 3 * W, B):
+        x, y = data.window_batch(splits, {'a': 1.0}, np.random.default_rng(first), B, T, first, 5)
+        assert (y[:, :-1] == x[:, 1:]).all() and (x[:, 1:] == x[:, :-1] + 1).all()  # whole windows
+        starts += list(x[:, 0])
+    epochs = [starts[e * W:(e + 1) * W] for e in range(2)]
+    for e in epochs:
+        phase = e[0] % T
+        assert sorted(e) == list(range(phase, phase + W * T, T))  # every window once
+        assert e != sorted(e)  # shuffled
+    assert epochs[0] != epochs[1]
+    # the same rows again (resume), from another rng: the same windows
+    again = data.window_batch(splits, {'a': 1.0}, np.random.default_rng(99), B, T, W - 3, 5)[0]
+    assert list(again[:, 0]) == starts[W - 3:W - 3 + B]
+    # random windows as before: rows anywhere, repeats allowed
+    x, _ = data.window_batch(splits, {'a': 1.0}, np.random.default_rng(0), 400, T)
+    assert len(set(x[:, 0] % T)) > 1
+
+
 def test_reading_windows_does_not_grow_memory(tmp_path):
     """Random reads all over a 200 MB shard: a long-lived memmap would keep what it touched
     resident."""
