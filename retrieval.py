@@ -19,7 +19,9 @@ second), and is never out of date.
 
 A chunk is a run of a page's lines up to retrieve_chunk_chars characters, cut where a top-level
 bullet starts when it can be; each chunk begins with its page's title (a Roam page's first line),
-so "what happened on november 3rd" finds the daily note of that name.
+so "what happened on november 3rd" finds the daily note of that name. Chunks are small (a few
+bullets) and the best is shown last, next to the question: a 135M model answers more from a few
+lines beside the question than from pages before it (BENCHMARKS.md, "Smaller chunks").
 """
 import hashlib
 import math
@@ -52,9 +54,13 @@ def words(text):
 
 
 def chunk_page(title, body, max_chars):
-    """A page's chunks: runs of whole lines up to max_chars (a longer line is a chunk on its own,
-    cut), starting a new chunk at a top-level bullet once the current one is half full."""
-    chunks, lines = [], []
+    """A page's chunks: runs of whole lines up to max_chars, starting a new chunk at a top-level
+    bullet once the current one is half full. A chunk that starts inside a block of nested bullets
+    begins with the block's first line (cut to half of max_chars), so that "- shop" still tells
+    what "- a road bike in for a full service" was about; a line longer than max_chars is cut into
+    pieces at spaces. Small chunks keep what a question finds short: a small model reads a few
+    lines better than a long page (BENCHMARKS.md, "Smaller chunks")."""
+    chunks, lines, head = [], [], ''
     for line in body.split('\n'):
         if not line.strip():
             continue
@@ -62,14 +68,26 @@ def chunk_page(title, body, max_chars):
         top = not line.startswith((' ', '\t'))
         if lines and (size + len(line) > max_chars or top and size > max_chars // 2):
             chunks.append('\n'.join(lines))
-            lines = []
+            lines = [] if top or not head else [cut(head, max_chars // 2)[0]]
+        if top:
+            head = line
         while len(line) > max_chars:
-            chunks.append(line[:max_chars])
-            line = line[max_chars:]
+            piece, line = cut(line, max_chars)
+            chunks.append('\n'.join(lines + [piece]))
+            lines = []
         lines.append(line)
     if lines:
         chunks.append('\n'.join(lines))
     return [f"[{title}]\n{c}" for c in chunks]
+
+
+def cut(line, n):
+    """(the first at most n characters of line, ended at a space where there is one; the rest)."""
+    if len(line) <= n:
+        return line, ''
+    at = line.rfind(' ', 1, n + 1)
+    at = at if at > 0 else n
+    return line[:at], line[at:].lstrip(' ')
 
 
 class Index:
@@ -137,15 +155,18 @@ def notes_index(cfg):
 
 def with_notes(index, message, k, context=''):
     """The user's message as the model reads it: the k chunks of the notes that best match it
-    (and `context`, the user's previous message, so that a follow-up such as "and how heavy is he?"
-    still finds its page), then the message. Unchanged when retrieval is off."""
+    (and `context`, the user's previous message, so that a follow-up such as "and how heavy is
+    he?" still finds its page), the best last, then the message. Unchanged when retrieval is
+    off."""
     if index is None:
         return message
     return shown(index.search(f"{context}\n{message}", k), message)
 
 
 def shown(chunks, message):
-    notes = '\n\n'.join(chunks) if chunks else '(nothing in the notes matches)'
+    """The message after its chunks (best first): the best chunk is shown last, next to the
+    question, where a small model looks hardest (BENCHMARKS.md, "Smaller chunks")."""
+    notes = '\n\n'.join(reversed(chunks)) if chunks else '(nothing in the notes matches)'
     return f"notes:\n{notes}\n\nquestion: {message}"
 
 

@@ -48,11 +48,28 @@ def test_chunks_keep_whole_lines_and_a_title_each():
     assert ''.join(c[len('[Long]\n'):].replace('\n', '') for c in chunks) == body.replace('\n', '')
 
 
-def test_with_notes_puts_the_best_chunks_before_the_question():
+def test_a_chunk_inside_a_block_carries_its_first_line_and_long_lines_are_cut_at_spaces():
+    body = ('- shop\n' + ''.join(f"    - repair {i}: new chain and cables, {i} pounds\n" for i in range(6))
+            + '- ' + ' '.join(f"word{i}" for i in range(40)))
+    chunks = retrieval.chunk_page('Day', body, 100)
+    nested = [c for c in chunks if '- repair 5' in c][0]
+    assert nested.startswith('[Day]\n- shop\n    - repair')  # "shop" tells what the repair was
+    assert all(len(c) <= 100 + 100 // 2 + len('[Day]\n') for c in chunks)
+    long = [c.split('\n')[-1] for c in chunks if 'word' in c]
+    assert len(long) > 1 and all(w.startswith(('word', '- word')) for w in long)  # cut between words
+    assert ' '.join(long) == '- ' + ' '.join(f"word{i}" for i in range(40))
+
+
+def test_with_notes_puts_the_best_chunks_before_the_question_the_best_last():
     index = index_of(PAGES)
     content = retrieval.with_notes(index, 'and how old is he?', 2, context='tell me about biscuit')
     assert content.startswith('notes:\n[Biscuit]')
     assert content.endswith('question: and how old is he?')
+    # several chunks: the best one last, next to the question
+    content = retrieval.with_notes(index, 'the bike shop since 1998', 2)
+    assert content.startswith('notes:\n[Bike Shop]')
+    assert content.endswith('[Dev]\n- owns the bike shop since 1998\n- drinks builder\'s tea, four '
+                            'sugars\n\nquestion: the bike shop since 1998')
     assert retrieval.with_notes(None, 'hi', 3) == 'hi'  # retrieval off
     assert '(nothing in the notes matches)' in retrieval.with_notes(index, 'zeppelin', 3)
     rows = retrieval.with_notes_conversation(index, [
