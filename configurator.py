@@ -229,8 +229,8 @@ KEYS = {
     'retrieve_from': ('', "retrieval (retrieval.py): the source of notes whose best-matching "
                           "chunks go in front of each user message, in SFT rows (prepare.py), "
                           "chat and eval.py's questions; '' = off"),
-    'retrieve_k': (3, '>= 1', "retrieval: how many chunks of the notes each message gets"),
-    'retrieve_chunk_chars': (500, '>= 50', "retrieval: the longest chunk of a note, in characters"),
+    'retrieve_k': (5, '>= 1', "retrieval: how many chunks of the notes each message gets"),
+    'retrieve_chunk_chars': (120, '>= 50', "retrieval: the longest chunk of a note, in characters"),
     'unanswerable_frac': (0.0, '[0, 1]', "retrieval: the share of the primer's replies that also "
                           "give a row where the notes shown lack the reply, answered "
                           "unanswerable_reply (prepare.py; retrieval.unanswerable_rows)"),

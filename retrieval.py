@@ -19,9 +19,9 @@ second), and is never out of date.
 
 A chunk is a run of a page's lines up to retrieve_chunk_chars characters, cut where a top-level
 bullet starts when it can be; each chunk begins with its page's title (a Roam page's first line),
-so "what happened on november 3rd" finds the daily note of that name. Chunks are small (a few
-bullets) and the best is shown last, next to the question: a 135M model answers more from a few
-lines beside the question than from pages before it (BENCHMARKS.md, "Smaller chunks").
+so "what happened on november 3rd" finds the daily note of that name. Keep chunks small (a few
+bullets: config/notes.py's are 120 characters): a 135M model answers more from a few short chunks
+than from a few pages (BENCHMARKS.md, "Smaller chunks").
 """
 import hashlib
 import math
@@ -156,17 +156,14 @@ def notes_index(cfg):
 def with_notes(index, message, k, context=''):
     """The user's message as the model reads it: the k chunks of the notes that best match it
     (and `context`, the user's previous message, so that a follow-up such as "and how heavy is
-    he?" still finds its page), the best last, then the message. Unchanged when retrieval is
-    off."""
+    he?" still finds its page), best first, then the message. Unchanged when retrieval is off."""
     if index is None:
         return message
     return shown(index.search(f"{context}\n{message}", k), message)
 
 
 def shown(chunks, message):
-    """The message after its chunks (best first): the best chunk is shown last, next to the
-    question, where a small model looks hardest (BENCHMARKS.md, "Smaller chunks")."""
-    notes = '\n\n'.join(reversed(chunks)) if chunks else '(nothing in the notes matches)'
+    notes = '\n\n'.join(chunks) if chunks else '(nothing in the notes matches)'
     return f"notes:\n{notes}\n\nquestion: {message}"
 
 

@@ -16,11 +16,14 @@ sources = {
     'roam': {'kind': 'roam', 'path': 'data/sample/roam'},
     'primer': {'kind': 'primer', 'path': 'data/sample/primer.txt'},
 }
-# each user message is shown to the model after the 3 chunks of the notes that match it best, in
-# training rows and in chat alike. On 51 held-out questions, SmolLM2 as it comes answers 1 without
-# the notes and 6 with them; fine-tuned this way, 13 (BENCHMARKS.md, "Notes questions"), ...
+# each user message is shown to the model after the 5 chunks of the notes that match it best, in
+# training rows and in chat alike; a chunk is a few bullets (at most 120 characters, a nested one
+# with its block's first line). On 51 held-out questions, SmolLM2 as it comes answers 1 without
+# the notes and 6 with them; fine-tuned this way, 24 (with 3 chunks of 500 characters, 16:
+# BENCHMARKS.md, "Smaller chunks"), ...
 retrieve_from = 'roam'
-retrieve_k = 3
+retrieve_k = 5
+retrieve_chunk_chars = 120
 # and a quarter of the primer's questions are shown once more without the notes that answer them,
 # answered "i don't know." (retrieval.unanswerable_rows): 0 -> 5 of 10 "i don't know"s where the
 # notes are silent, 13 -> 16 of 51 in all, at the price of "i don't know" to 11 answerable ones
