@@ -13,6 +13,10 @@ out_dir = 'out/shakespeare'
 # like-for-like comparison. Add 'path': '.../input.txt' for a local copy.
 sources = {'tinyshakespeare': {'kind': 'tinyshakespeare', 'separator': None}}
 mixture = {'tinyshakespeare': 1.0}
+# ~4-5 passes over the text in 150 s: read in epochs (each window once a pass, shuffled), every token
+# is learnt as often as any other; random windows read some 10 times and others once or never, and
+# overfit where they read most (2.06-2.08 bits per byte against 2.12-2.13 in 150 s, BENCHMARKS.md)
+data_order = 'epochs'
 # The tokenizer learns from the first ~89% of the file only (sources are read in file order, train
 # part first): val text must not shape the vocabulary the val figure is measured with.
 tokenizer_sources = {'tinyshakespeare': 990_000}
