@@ -1,7 +1,7 @@
 # notes: a chat model of your notes, started from a small pretrained model (SmolLM2-135M-Instruct)
 # and fine-tuned to answer from the notes that match each question (retrieval.py). The built-in
-# sample (data/sample: a Roam export and a primer of dialogues) end to end in 8-10 minutes on 2 CPU
-# cores (7 min 44 s and 9 min 46 s measured; README.md: the machine).
+# sample (data/sample: a Roam export and a primer of dialogues) end to end in ~9 minutes on 2 CPU
+# cores (8 min 40 s measured; README.md: the machine).
 #   ./run.sh notes       (or by hand:)
 #   python tokenizer.py config/notes.py        SmolLM2's tokenizer -> out/notes/tokenizer.json
 #   python prepare.py config/notes.py          shards; the primer's rows get the notes that match
@@ -27,7 +27,8 @@ retrieve_chunk_chars = 120
 # and a quarter of the primer's questions are shown once more without the notes that answer them,
 # answered "i don't know." (retrieval.unanswerable_rows): 0 -> 5 of 10 "i don't know"s where the
 # notes are silent, 13 -> 16 of 51 in all, at the price of "i don't know" to 11 answerable ones
-# (at 0.5: 6 of 10, 15 of 51, 16; BENCHMARKS.md, "Rows that teach")
+# (at 0.5: 6 of 10, 15 of 51, 16; BENCHMARKS.md, "Rows that teach"; measured with 3 chunks of 500
+# characters; with today's chunks: 5 of 10, 24 of 51, 8)
 unanswerable_frac = 0.25
 system = include_text('mara_system.txt')
 # chat decodes at ~15 tokens/s eager and ~25 compiled, but compiling takes ~95 s a process on 2
@@ -39,9 +40,10 @@ init_from = 'base_model'
 mixture = {'primer': 1.0}
 block_size = 1024
 batch_size = 4  # 4,096 tokens a step: ~15 s on 2 CPU cores in bf16
-# 35 steps (~2.5 passes over the 123 train rows: 109 dialogues, 14 "i don't know" rows): in a
-# 70-step run the primer's val loss was lowest there, and the held-out questions no worse (15/51 at
-# step 35, 14/51 at 70). This profile: 16/51, primer val 1.30 bits per byte (BENCHMARKS.md)
+# 35 steps (~3.9 passes over the 119 train rows: 109 dialogues, 10 "i don't know" rows): in a
+# 70-step run (with longer chunks) the primer's val loss was lowest there, and the held-out
+# questions no worse (15/51 at step 35, 14/51 at 70). This profile: 24/51, primer val 1.32 bits
+# per byte (BENCHMARKS.md, "Smaller chunks")
 max_iters = 35
 learning_rate = 1e-4
 min_lr = 1e-5
