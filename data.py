@@ -317,8 +317,8 @@ def window_batch(splits, weights, rng, B, T, first=None, seed=0):
         split = splits[names[rng.choice(len(names), p=p)]]
         if first is None:
             shard = rng.choice(len(split.shards), p=split.shard_p)
-            start = rng.integers(0, split.shards[shard]['tokens'] - min(T + 1, split.shards[shard][
-                'tokens']) + 1)
+            tokens = split.shards[shard]['tokens']
+            start = rng.integers(0, tokens - min(T + 1, tokens) + 1)
         else:
             shard, start = epoch_window(split, first + r, T, seed)
         n = min(T + 1, split.shards[shard]['tokens'] - start)

@@ -55,8 +55,9 @@ def test_checkpoint_round_trips_exactly(tmp_path):
     assert [torch.load(tmp_path / f, weights_only=True)['iter'] for f in kept] == [12, 11, 13]
 
 
-def test_resume_continues_at_the_saved_step_with_the_same_result(tmp_path, prepared):
-    common = dict(max_iters=8, lr_decay_iters=8, eval_interval=4)
+@pytest.mark.parametrize('order', ['random', 'epochs'])
+def test_resume_continues_at_the_saved_step_with_the_same_result(tmp_path, prepared, order):
+    common = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, data_order=order)
     whole = tiny_config(tmp_path, prepared, 'whole', **common)
     run('train.py', whole, check=True)
     parts = tiny_config(tmp_path, prepared, 'parts', **common)
