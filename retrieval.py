@@ -86,7 +86,8 @@ def cut(line, n):
     if len(line) <= n:
         return line, ''
     at = line.rfind(' ', 1, n + 1)
-    at = at if at > 0 else n
+    if at <= 0 or not line[:at].strip():  # no space after the text starts: cut inside the word
+        at = n
     return line[:at], line[at:].lstrip(' ')
 
 

@@ -58,6 +58,9 @@ def test_a_chunk_inside_a_block_carries_its_first_line_and_long_lines_are_cut_at
     long = [c.split('\n')[-1] for c in chunks if 'word' in c]
     assert len(long) > 1 and all(w.startswith(('word', '- word')) for w in long)  # cut between words
     assert ' '.join(long) == '- ' + ' '.join(f"word{i}" for i in range(40))
+    # a nested line with no space in its text is cut inside it, never into a piece of indentation
+    chunks = retrieval.chunk_page('Day', '- a\n    -' + 'z' * 250, 100)
+    assert all(c.split('\n')[-1].strip() for c in chunks) and sum(c.count('z') for c in chunks) == 250
 
 
 def test_with_notes_puts_the_best_chunks_before_the_question():
