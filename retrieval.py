@@ -21,8 +21,7 @@ A chunk is a run of a page's lines up to retrieve_chunk_chars characters, cut wh
 bullet starts when it can be; each chunk begins with its page's title (a Roam page's first line),
 so "what happened on november 3rd" finds the daily note of that name. Keep chunks small (a few
 bullets: config/notes.py's are 120 characters): a 135M model answers more from a few short chunks
-than from a few pages (BENCHMARKS.md, "Smaller chunks"). A Roam page is shown without its markup
-(plain: "[[Dev]]" reads "Dev"), which the model never saw in its pretraining text.
+than from a few pages (BENCHMARKS.md, "Smaller chunks").
 """
 import hashlib
 import math
@@ -132,19 +131,6 @@ class Index:
         return [self.chunks[i] for i in self.ranked(query)[:k]]
 
 
-def plain(text):
-    """Roam's markup out of a page, so that the model reads words, not brackets: [[links]] and
-    #[[tags]] keep their words, {{[[TODO]]}} reads "todo:", "key:: value" reads "key: value", bold
-    and highlight marks go, and other {{widgets}} (a word count, a query) go whole."""
-    text = re.sub(r"\{\{\[\[(TODO|DONE)\]\]\}\}", lambda m: m.group(1).lower() + ':', text)
-    text = re.sub(r"\{\{[^{}\n]*\}\}", '', text)
-    old = None
-    while old != text:  # (a link inside a link: [[a [[b]]]])
-        old, text = text, re.sub(r"\[\[([^\[\]\n]*)\]\]", r"\1", text)
-    text = re.sub(r"^(\s*-\s*[^:\n]+)::", r"\1:", text, flags=re.M)
-    return text.replace('**', '').replace('^^', '')
-
-
 def notes_index(cfg):
     """The index of the source named by cfg.retrieve_from (every document: the notes are what the
     model answers from, whichever split prepare.py gave a page), or None when retrieval is off."""
@@ -160,8 +146,6 @@ def notes_index(cfg):
     chunks, titles = [], []
     for _, doc, _ in sources.iter_documents(src):
         title, _, body = doc.partition('\n') if src.get('add_title') else ('', '', doc)
-        if src['kind'] == 'roam':
-            body = plain(body)
         for c in chunk_page(title, body, cfg.retrieve_chunk_chars):
             chunks.append(c)
             titles.append(title)

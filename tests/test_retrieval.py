@@ -93,23 +93,6 @@ def test_notes_index_reads_the_named_source(corpus):
     assert retrieval.notes_index(types.SimpleNamespace(retrieve_from='')) is None
 
 
-def test_the_model_reads_a_roam_page_without_its_markup(tmp_path):
-    page = ("- {{[[TODO]]}} fix the sign [[Dev]] #[[books i'd lend]] #scifi {{word-count}}\n"
-            "    - author:: [[Ted Chiang]], **very** ^^good^^ [[a [[b]]]]\n- {{[[DONE]]}} tea")
-    assert retrieval.plain(page) == ("- todo: fix the sign Dev #books i'd lend #scifi \n"
-                                     "    - author: Ted Chiang, very good a b\n- done: tea")
-    for kind in ('roam', 'text'):
-        folder = tmp_path / kind
-        folder.mkdir()
-        (folder / 'Shop.md').write_text(page)
-        cfg = types.SimpleNamespace(retrieve_from='notes', retrieve_chunk_chars=300, sources={
-            'notes': {'kind': kind, 'path': str(folder / ('*.md' if kind == 'text' else ''))}})
-        chunks = retrieval.notes_index(cfg).chunks
-        # a Roam export is read as words; another source's brackets may mean something: kept
-        assert ('[[' in ''.join(chunks)) == (kind == 'text')
-        assert any('todo: fix the sign Dev' in c for c in chunks) == (kind == 'roam')
-
-
 def test_prepare_builds_rows_with_the_notes_and_again_when_they_change(tmp_path, corpus):
     import shutil
     from data import SplitReader
