@@ -327,8 +327,11 @@ class GPT(nn.Module):
         # recompute the whole sequence for every token: slow, the reference the cache must match
         if not use_cache:
             for _ in range(max_new_tokens):
+                # past the context: the first token (<s>) and the latest ones
+                window = seq if len(seq) <= self.cfg.block_size else (
+                    seq[:1] + seq[len(seq) - self.cfg.block_size + 1:])
                 with cpu_float32():
-                    logits, _ = self(torch.tensor([seq[-self.cfg.block_size:]], device=device))
+                    logits, _ = self(torch.tensor([window], device=device))
                 seq.append(int(pick_token(logits[:, -1], temperature, top_k, top_p, banned,
                                           noise())))
                 yield seq[-1]
@@ -343,10 +346,11 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if pending:
                 if cache.pos + len(pending) > self.cfg.block_size:
-                    # out of context: start over from the last half block (amortised: once per half
-                    # block)
+                    # out of context: start over from the first token (<s>: the model has always
+                    # read one there, and leans on it) and the last half block (amortised: once
+                    # per half block)
                     cache.reset()
-                    pending = seq[-(self.cfg.block_size // 2):]
+                    pending = seq[:1] + seq[len(seq) - self.cfg.block_size // 2 + 1:]
                 with cpu_float32():  # prefill: one forward
                     logits, _ = self(torch.tensor([pending], device=device), cache=cache)
                 # (1, 1)

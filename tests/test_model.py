@@ -67,6 +67,20 @@ def test_generation_continues_past_the_context_limit():
     assert len(out) == 80
 
 
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_past_the_context_the_first_token_stays(use_cache):
+    """The window that slides past the context still starts with the prompt's first token (<s>)."""
+    model, firsts = tiny(), []
+    forward = model.forward
+    def recorded(x, *a, **kw):  # the first token of each window read whole (not a decode step)
+        if 'pos' not in kw:
+            firsts.append(x[0, 0].item())
+        return forward(x, *a, **kw)
+    model.forward = recorded
+    out = list(model.generate([7, 2, 3], 70, temperature=0, use_cache=use_cache))
+    assert len(out) == 70 and len(firsts) > 1 and set(firsts) == {7}
+
+
 def test_an_empty_prompt_is_an_error_not_a_crash():
     for use_cache in (True, False):
         with pytest.raises(ValueError, match='at least one token'):
