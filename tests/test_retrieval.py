@@ -176,3 +176,65 @@ def test_prepare_adds_unanswerable_rows_to_the_split_of_their_conversation(tmp_p
     # the setting is part of what the shards depend on
     again = run('prepare.py', cfg, '--unanswerable_frac=0.5', check=True).stdout
     assert 'primer is up to date' not in again
+
+
+def test_a_reply_says_a_line_of_a_note_without_its_markup():
+    assert retrieval.said("    - knocked [[Gloop]]'s jar off the counter in #july") == \
+        "knocked gloop's jar off the counter in july."
+    assert retrieval.said("- {{[[TODO]]}} buy the **cheaper** dry food") == \
+        'todo: buy the cheaper dry food.'
+    assert retrieval.said('- weight:: 5.8 kg (a bit solid)') == 'weight: 5.8 kg (a bit solid)'
+    assert retrieval.said('- #[[book club]] on C# and F&#35;!') == 'book club on c# and f&#35;!'
+
+
+def test_reading_rows_ask_about_a_line_shown_and_answer_with_it():
+    pages = {**PAGES, 'Gloop': "- sourdough starter, rye and strong white flour\n"
+                               "- knocked off the counter by [[Biscuit]] in july. the lid held.",
+             'Garden': "- tomatoes in the greenhouse, basil by the door\n- first frost late november"}
+    index = index_of(pages, chunk_chars=60)
+    system = {'role': 'system', 'content': 'be terse.'}
+    conversation = [system, {'role': 'user', 'content': 'hi'},
+                    {'role': 'assistant', 'content': 'hi. ask away.'}]
+    rows = retrieval.reading_rows(index, conversation, 2, 40)
+    assert len(rows) > 10  # (some lines are too short to ask about: "- hates the hoover" is not)
+    lines = {retrieval.said(line): line for _, line in index.lines}
+    for s, user, reply in rows:
+        assert s == system and reply['role'] == 'assistant'
+        line = lines[reply['content']]  # the reply is a line of the notes, as said
+        notes, question = user['content'].rsplit('\n\nquestion: ', 1)
+        assert line in notes.split('\n')  # ... shown in front of the question
+        assert notes == retrieval.shown(index.search(question, 2), question).rsplit('\n\n', 1)[0]
+        # named by its words (one or two) and its page's title
+        asking = set(retrieval.words(re.sub(r'\{\w+\}', ' ', ' '.join(retrieval.ASKED))))
+        named = set(retrieval.words(question)) - asking
+        title = next(t for t, x in index.lines if x == line)
+        assert named & set(retrieval.words(reply['content']))
+        assert named <= set(retrieval.words(reply['content'])) | set(retrieval.words(title))
+    # the same conversation gives the same rows; another gives others; n=0 none
+    assert retrieval.reading_rows(index, conversation, 2, 40) == rows
+    other = retrieval.reading_rows(index, conversation[:2], 2, 40)
+    assert other != rows
+    assert retrieval.reading_rows(index, conversation, 2, 0) == []
+
+
+def test_prepare_adds_reading_rows_to_train_only(tmp_path, corpus):
+    from data import SplitReader
+
+    def documents(split):
+        reader = SplitReader(str(tmp_path / 'out' / 'data'), 'primer', split)
+        return sum(shard['documents'] for shard in reader.shards)
+    sources = {'roam': {'kind': 'roam', 'path': os.path.join(corpus, 'roam')},
+               'primer': {'kind': 'primer', 'path': os.path.join(corpus, 'primer.txt'),
+                          'val_frac': 0.3}}
+    cfg = write_config(tmp_path / 'cfg.py', str(tmp_path / 'out'), corpus, retrieve_from='roam',
+                       retrieve_k=2, sources=sources, reading_rows=3)
+    run('tokenizer.py', cfg, check=True)
+    out = run('prepare.py', cfg, check=True).stdout
+    added = int(re.search(r"primer: (\d+) rows that answer with a line of the notes", out)[1])
+    assert added > 0
+    conversations = {split: documents(split) for split in ('train', 'val')}
+    # the val conversations are the primer's own (its loss measures the voice); train has the rows
+    base = run('prepare.py', cfg, '--reading_rows=0', check=True).stdout
+    assert 'primer is up to date' not in base and 'line of the notes' not in base
+    assert conversations['train'] - documents('train') == added
+    assert conversations['val'] == documents('val')
