@@ -236,10 +236,6 @@ KEYS = {
                           "unanswerable_reply (prepare.py; retrieval.unanswerable_rows)"),
     'unanswerable_reply': ("i don't know.", "retrieval: the reply those rows teach, in your "
                            "primer's words"),
-    'reading_rows': (0, '>= 0', "retrieval: rows made from the notes themselves for each "
-                     "training conversation of the primer: a question about one line of a note, "
-                     "shown with the chunks that match it, answered with that line "
-                     "(prepare.py; retrieval.reading_rows)"),
 
     # --- serve.py (the model sample.py loads, with its sampling keys as the defaults) ---
     'host': ('127.0.0.1', "serve.py: the address to listen on; 127.0.0.1 = this machine only "

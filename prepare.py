@@ -211,7 +211,6 @@ def fingerprint(src, files, tok_sha, cfg):
                  cfg.unanswerable_reply,
                  [(f, os.path.getsize(f), os.stat(f).st_mtime_ns)
                   for f in sources.source_files(notes_src)]]
-        notes += [cfg.reading_rows] if cfg.reading_rows else []  # (0: the shards of before)
     # with dedup, which documents go depends on the sources before this one too
     deduped = [cfg.dedup_stream_bits] if cfg.dedup and src['kind'] in sources.STREAMED else []
     if cfg.dedup and src['kind'] not in sources.STREAMED:
@@ -314,9 +313,6 @@ def prepare_source(cfg, name, tok):
     if stats['unanswerable rows added (unanswerable_frac)']:
         print(f"  {name}: {stats['unanswerable rows added (unanswerable_frac)']} rows that answer "
               f"{cfg.unanswerable_reply!r} added (retrieval.unanswerable_rows)")
-    if stats['reading rows added (reading_rows)']:
-        print(f"  {name}: {stats['reading rows added (reading_rows)']} rows that answer with a "
-              f"line of the notes added to train (retrieval.reading_rows)")
     for what, n in stats.items():  # rows a reader refused and went past (HH-RLHF's odd ones)
         if 'refused' in what:
             print(f"  {name}: {n:,} {what} (the first ones named above)")
@@ -410,11 +406,6 @@ def with_notes(docs, cfg, stats):
         stats['unanswerable rows added (unanswerable_frac)'] += len(rows)
         for row in rows:
             yield f"{where} (an unanswerable row made from it)", row, split
-        if split == 'train':  # (val stays the primer's own replies: its loss measures the voice)
-            rows = retrieval.reading_rows(index, doc, cfg.retrieve_k, cfg.reading_rows)
-            stats['reading rows added (reading_rows)'] += len(rows)
-            for row in rows:
-                yield f"{where} (a reading row made from the notes after it)", row, split
 
 
 def deduped_before(cfg, name):

@@ -23,10 +23,8 @@ so "what happened on november 3rd" finds the daily note of that name. Keep chunk
 bullets: config/notes.py's are 120 characters): a 135M model answers more from a few short chunks
 than from a few pages (BENCHMARKS.md, "Smaller chunks").
 """
-import functools
 import hashlib
 import math
-import random
 import re
 from collections import Counter
 
@@ -99,7 +97,6 @@ class Index:
 
     def __init__(self, chunks, titles):
         self.chunks = chunks
-        self.titles = titles
         self.counts = []
         for chunk, title in zip(chunks, titles):
             c = Counter(words(chunk))
@@ -132,17 +129,6 @@ class Index:
 
     def search(self, query, k):
         return [self.chunks[i] for i in self.ranked(query)[:k]]
-
-    @functools.cached_property
-    def lines(self):
-        """Every line of the notes once, with its page's title: [(title, line)] (reading_rows)."""
-        seen, out = set(), []
-        for chunk, title in zip(self.chunks, self.titles):
-            for line in chunk.split('\n')[1:]:  # (the first is the title, in brackets)
-                if line not in seen:
-                    seen.add(line)
-                    out.append((title, line))
-        return out
 
 
 def notes_index(cfg):
@@ -236,66 +222,5 @@ def unanswerable_rows(index, messages, k, reply, frac):
             continue  # the reply was not in the notes shown: not a row about reading them
         rest = [index.chunks[i] for i in ranked if i not in holds][:k]
         out.append(system + [{'role': 'user', 'content': shown(rest, m['content'])},
-                             {'role': 'assistant', 'content': reply}])
-    return out
-
-
-# Roam's markup as a reply would say it: a TODO box, [[links]] and #tags as their words, bold and
-# highlight marks off, "key:: value" as "key: value"
-MARKUP = [(re.compile(r'\{\{\[\[(TODO|DONE)\]\]\}\}'), lambda m: m[1].lower() + ':'),
-          (re.compile(r'#?\[\[([^\]]*)\]\]'), lambda m: m[1]),
-          (re.compile(r'(?<![\w&])#(?=\w)'), lambda m: ''),
-          (re.compile(r'\*\*|\^\^|__'), lambda m: ''),
-          (re.compile(r'::'), lambda m: ':')]
-
-
-def said(line):
-    """A line of a note as a reply says it: bullet, markup and capitals off, a full stop on."""
-    line = re.sub(r'^\s*[-*]\s+', '', line)
-    for pattern, to in MARKUP:
-        line = pattern.sub(to, line)
-    line = ' '.join(line.split()).lower()
-    return line if line[-1:] in '.!?)"\'' else line + '.'
-
-
-# how reading rows ask about a line: its page's title and one or two of its words
-ASKED = ["what do my notes say about {a} and {b}?", "{title}: anything about {a}?",
-         "tell me about {a} {b}", "what about the {a}? ({title})", "{a} {b}?",
-         "what's in the notes on {title} and {a}?", "anything on {title}, {a}, {b}?"]
-
-
-def reading_rows(index, messages, k, n):
-    """Rows that teach the model to read the notes in front of it, made from the notes themselves.
-
-    A 135M model shown the chunk that holds an answer gives it about half the time (BENCHMARKS.md,
-    "Reading rows"); the primer has a hundred-odd replies to learn reading from, and writing more
-    takes a person. The notes have thousands of lines. So for a conversation of the primer, n more
-    rows: a line of the notes (picked by a hash of the conversation: the same rows on every run),
-    a question made of its page's title and one or two of its words, shown with the k chunks that
-    match that question as chat would show them, answered with the line as a reply says it (said).
-    A row whose line is not in a chunk shown is left out: it would teach making things up.
-    Returns the new conversations (the conversation's system prompt, the message, the reply)."""
-    system = [m for m in messages[:1] if m['role'] == 'system']
-    seed = hashlib.sha256(repr(messages).encode()).digest()
-    rng = random.Random(int.from_bytes(seed[:8], 'little'))
-    out = []
-    for _ in range(n):
-        title, line = index.lines[rng.randrange(len(index.lines))]
-        reply = said(line)
-        named = set(words(title))
-        picks = [w for w in dict.fromkeys(re.findall(r"[^\W_]+", reply))
-                 if len(w) > 2 and not w.isdigit() and words(w)
-                 and words(w)[0] in index.idf and words(w)[0] not in named]
-        if len(picks) < 2 or len(reply.split()) < 4:
-            continue  # a line too short to ask about ("- likes")
-        # two of its four rarest words: what a question about this line would name
-        a, b = rng.sample(sorted(picks, key=lambda w: -index.idf[words(w)[0]])[:4], 2)
-        asked = [q for q in ASKED if title or '{title}' not in q]
-        page = title.rsplit('/', 1)[-1].lower()  # ("projects/radio restoration": a folder's page)
-        question = rng.choice(asked).format(title=page, a=a, b=b)
-        chunks = index.search(question, k)
-        if not any(line in chunk.split('\n') for chunk in chunks):
-            continue
-        out.append(system + [{'role': 'user', 'content': shown(chunks, question)},
                              {'role': 'assistant', 'content': reply}])
     return out
