@@ -43,7 +43,7 @@ batch_size = 4  # 4,096 tokens a step: ~15 s on 2 CPU cores in bf16
 # 35 steps (~3.9 passes over the 119 train rows: 109 dialogues, 10 "i don't know" rows): in a
 # 70-step run (with longer chunks) the primer's val loss was lowest there, and the held-out
 # questions no worse (15/51 at step 35, 14/51 at 70). This profile: 24/51, primer val 1.32 bits
-# per byte (BENCHMARKS.md, "Smaller chunks")
+# per byte (BENCHMARKS.md, "Smaller chunks"); 22/51 with seed 1 or 2: two questions are noise
 max_iters = 35
 learning_rate = 1e-4
 min_lr = 1e-5
