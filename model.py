@@ -347,12 +347,14 @@ class GPT(nn.Module):
             if pending:
                 if cache.pos + len(pending) > self.cfg.block_size:
                     # out of context: start over from the first token (<s>: the model has always
-                    # read one there, and leans on it) and the last half block (amortised: once
-                    # per half block)
+                    # read one there, and leans on it; with a cache from an earlier call, that
+                    # call's first token) and the last half block (amortised: once per half block)
+                    held = (cache.ids if len(cache.ids) == cache.pos else []) + pending
                     cache.reset()
-                    pending = seq[:1] + seq[len(seq) - self.cfg.block_size // 2 + 1:]
+                    pending = held[:1] + held[len(held) - self.cfg.block_size // 2 + 1:]
                 with cpu_float32():  # prefill: one forward
                     logits, _ = self(torch.tensor([pending], device=device), cache=cache)
+                cache.ids += pending
                 # (1, 1)
                 token = pick_token(logits[:, -1:], temperature, top_k, top_p, banned, noise())
                 # where the next token goes
@@ -361,6 +363,7 @@ class GPT(nn.Module):
                 if compile and device.type == 'cuda':
                     # the last replay's outputs may now be overwritten
                     torch.compiler.cudagraph_mark_step_begin()
+                cache.ids.append(seq[-1])  # the token this step feeds
                 token = step(self, token, pos, cache, banned, noise(), temperature, top_k, top_p)
                 cache.pos += 1
                 pos += 1
@@ -522,6 +525,7 @@ class KVCache:
         self.k = [None] * cfg.n_layer
         self.v = [None] * cfg.n_layer
         self.pos = 0  # positions filled, counted on the host: knowing it never waits for the device
+        self.ids = []  # the tokens generate() has fed it (to start over past the context)
 
     def update(self, layer, k, v, pos):
         """Write k, v (B, kv heads, T, head dim) at positions pos (T,); return the whole buffers."""
@@ -538,3 +542,4 @@ class KVCache:
 
     def reset(self):
         self.pos = 0
+        self.ids = []

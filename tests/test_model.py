@@ -81,6 +81,24 @@ def test_past_the_context_the_first_token_stays(use_cache):
     assert len(out) == 70 and len(firsts) > 1 and set(firsts) == {7}
 
 
+def test_past_the_context_a_cache_from_an_earlier_call_keeps_its_first_token():
+    """A chat feeds each turn to the cache of the turns before it: when a turn runs past the context,
+    the window starts again from the conversation's first token (<s>), not from this turn's."""
+    model, firsts = tiny(), []
+    forward = model.forward
+    def recorded(x, *a, cache=None, **kw):  # the first token of each window read from position 0
+        if cache is not None and cache.pos == 0:
+            firsts.append(x[0, 0].item())
+        return forward(x, *a, cache=cache, **kw)
+    model.forward = recorded
+    cache = KVCache(model)
+    first = list(model.generate([7, 2, 3], 5, temperature=0, cache=cache))
+    assert len(first) == 5 and cache.pos == 7  # (the last token generated is not fed yet)
+    out = list(model.generate([first[-1], 4, 5], 70, temperature=0, cache=cache))
+    assert len(out) == 70 and len(firsts) > 1 and set(firsts) == {7}
+    assert len(cache.ids) == cache.pos
+
+
 def test_an_empty_prompt_is_an_error_not_a_crash():
     for use_cache in (True, False):
         with pytest.raises(ValueError, match='at least one token'):
