@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, WORDS, load_cfg, metrics, run, tiny_train_config
 
 import dpo
-from model import GPT, ModelConfig, adapters_off, add_lora
+from model import GPT, ModelConfig, adapters_off
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -233,18 +233,19 @@ def test_dpo_trains_logs_its_figures_and_keeps_its_reference(dpo_run, trained):
 @pytest.mark.parametrize('lora_rank', [0, 4])
 def test_a_step_moves_the_policy_and_leaves_the_reference_bit_identical(dpo_run, prepared, trained, tmp_path,
                                                                         lora_rank):
+    import learner as learner_module
     import train
     from data import build_data, make_batches
     from tokenizer import load_tokenizer
     cfg_path = dpo_config(tmp_path / 'c.py', prepared, trained, tmp_path / 'out', dpo_run[2], lora_rank=lora_rank,
                           data_dir=str(dpo_run[1] / 'out' / 'data'))
     cfg = load_cfg(cfg_path)
-    proc = train.setup_processes(cfg)
+    proc = learner_module.setup_processes(cfg)
     tok = load_tokenizer(cfg.tokenizer_path)
     run_data = build_data(cfg, tok)
     train_batch, _, _ = make_batches(cfg, run_data, 0, 1)
     os.makedirs(cfg.ckpt_dir, exist_ok=True)
-    learner, position = train.build_model(cfg, tok, proc, True)
+    learner, position = learner_module.build_model(cfg, tok, proc, True)
     if lora_rank:
         assert learner.reference is None  # the base with its adapters off: no copy
         frozen = {k: v.clone() for k, v in learner.raw.state_dict().items() if '.lora_' not in k}

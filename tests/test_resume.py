@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, run, tiny_train_config
+import learner
 import train
 
 
@@ -164,7 +165,7 @@ def test_unwritable_output_folder_fails_at_start(tmp_path, prepared):
 def test_too_little_disk_fails_at_start(tmp_path, prepared, monkeypatch):
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c')
     Usage = collections.namedtuple('Usage', 'total used free')
-    monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: Usage(10 ** 6, 10 ** 6 - 100, 100))
+    monkeypatch.setattr(learner.shutil, 'disk_usage', lambda path: Usage(10 ** 6, 10 ** 6 - 100, 100))
     monkeypatch.setattr(sys, 'argv', ['train.py', cfg])
     with pytest.raises(SystemExit) as e:
         train.main()

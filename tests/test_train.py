@@ -11,6 +11,7 @@ from conftest import load_cfg, metrics, run, tiny_train_config
 
 import checkpoint
 import data
+import learner
 import train
 from checkpoint import load_model, save_checkpoint
 from common import peak_flops
@@ -192,7 +193,7 @@ def test_a_non_finite_gradient_skips_its_step(tmp_path, prepared, monkeypatch, c
     """A finite loss whose gradient is inf/nan (here forced on the third step) must not reach the weights."""
     cfg = tiny_config(tmp_path, prepared, max_iters=6, eval_interval=3, grad_clip=1.0)
 
-    class Poisoned(train.GPT):
+    class Poisoned(learner.GPT):
         steps = 0
 
         def forward(self, idx, targets=None, doc_ids=None, cache=None):
@@ -203,7 +204,7 @@ def test_a_non_finite_gradient_skips_its_step(tmp_path, prepared, monkeypatch, c
                     logits.register_hook(lambda g: g * float('inf'))
             return logits, loss
 
-    monkeypatch.setattr(train, 'GPT', Poisoned)
+    monkeypatch.setattr(learner, 'GPT', Poisoned)  # (the model build_model makes)
     monkeypatch.setattr(sys, 'argv', ['train.py', cfg])
     train.main()
     out = capsys.readouterr().out
