@@ -170,6 +170,9 @@ def questions_problem(row):
                 f"(an answer is right when it holds one of every group), {got(groups)}")
     if not isinstance(row.get('kind', ''), str):
         return f"field 'kind' must be a string such as 'fact' or 'unknown', {got(row['kind'])}"
+    if 'system' in row and not (isinstance(row['system'], str) and row['system'].strip()):
+        return ("field 'system' (the system prompt to ask this question under, instead of the "
+                f"config's) must be a non-empty string, {got(row['system'])}")
 
 
 BENCHMARKS = {'boolq': (('question', 'passage', 'answer'), boolq_problem),
@@ -325,11 +328,14 @@ def ask(model, tok, system, content, autocast, max_new_tokens=64):
 
 
 def questions(model, tok, rows, system, notes, k, autocast):
-    """Each row asked (retrieval.with_notes when notes is an index); per kind: right / asked."""
+    """Each row asked (retrieval.with_notes when notes is an index) under the config's system
+    prompt, or the row's own ('system': does the model follow one it was not tuned on?); per
+    kind: right / asked."""
     answers, by_kind = [], {}
     progress = Progress('questions', len(rows), every=5)
     for i, row in enumerate(rows):
-        answer = ask(model, tok, system, with_notes(notes, row['question'], k), autocast)
+        answer = ask(model, tok, row.get('system', system),
+                     with_notes(notes, row['question'], k), autocast)
         text = answer.lower()
         right = all(any(w.lower() in text for w in group) for group in row['keywords'])
         answers.append({'id': row.get('id', i + 1), 'kind': row.get('kind', ''),
