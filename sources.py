@@ -18,6 +18,7 @@ import codecs
 import fnmatch
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -274,10 +275,13 @@ BOM = '\ufeff'
 
 
 def read_utf8(path, problems):
+    """A file's text, or None (problem) if it cannot be read as UTF-8. Windows line ends (CR LF) and
+    old Mac ones (CR) read as LF, as Python's text files do: a note's lines, a separator of two line
+    ends and what the model is shown must not depend on the editor that saved the file."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
-        text = data.decode('utf-8')
+        text = data.decode('utf-8').replace('\r\n', '\n').replace('\r', '\n')
         return text[1:] if text.startswith(BOM) else text
     except UnicodeDecodeError as e:
         msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t "
@@ -325,7 +329,10 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
     document longer than max_chars is cut after its last newline within the limit (else at a space,
     else at the limit). Memory is bounded by max_chars and block, not by the file's size."""
     max_chars = max_chars or MAX_DOC_CHARS
-    decoder = codecs.getincrementaldecoder('utf-8-sig')()  # (-sig: drops a BOM)
+    # (-sig: drops a BOM; CR LF and CR read as LF, as read_utf8 reads them, even where a block ends
+    # between the CR and the LF)
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder('utf-8-sig')(),
+                                           translate=True)
     rest = ''  # decoded text not yet yielded
     offset = 0  # bytes read so far, for the position of a bad byte
     try:

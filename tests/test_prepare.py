@@ -338,6 +338,22 @@ def test_a_file_without_separator_is_read_in_bounded_pieces(tmp_path):
     assert ''.join(with_sep) == text.replace('line 1', '') and all(len(p) <= 3000 for p in with_sep)
 
 
+def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
+    """A file saved on Windows (CR LF) or an old Mac (CR) reads as one saved with LF: a text source still splits
+    on its separator (also where a block of the stream ends between CR and LF), and a Roam page's lines carry
+    no CR into the chunks the model is shown."""
+    docs = [f"story {i}: line one.\nline two." for i in range(40)]
+    (tmp_path / 'win.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r\n').encode())
+    for block in (7, 64, 1 << 20):  # (7 and 64 end blocks inside a CR LF)
+        assert list(sources.split_stream(str(tmp_path / 'win.txt'), '\n\n', None, block=block)) == docs
+    (tmp_path / 'mac.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r').encode())
+    assert list(sources.split_stream(str(tmp_path / 'mac.txt'), '\n\n', None, block=5)) == docs
+    (tmp_path / 'roam').mkdir()
+    (tmp_path / 'roam' / 'Dev.md').write_bytes(b'- owns the shop\r\n    - since 1998\r\n')
+    src = sources.source_settings('roam', {'kind': 'roam', 'path': str(tmp_path / 'roam')})
+    assert [doc for _, doc, _ in sources.iter_documents(src)] == ['Dev\n- owns the shop\n    - since 1998\n']
+
+
 def test_a_large_file_without_separator_is_tokenized_in_pieces_across_workers(tmp_path, prepared):
     """A 2.5 MB file with no separator: documents of at most MAX_DOC_CHARS cut at line ends (not one document
     held whole in memory by one worker), each tokenized as the text it holds, split between train and val."""
