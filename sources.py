@@ -237,8 +237,13 @@ def source_files(src):
             # a page titled '.x' is a page, but a folder '.obsidian' or '.trash' holds no notes
             found = find_files(p, src['glob'], src['name'], hidden=True, dot_folders=src['hidden'])
             if not found:
+                # Roam's other exports (JSON, EDN) hold the same pages in one file each
+                other = sorted({os.path.splitext(f)[1] for f in find_files(p, '**/*', src['name'])
+                                if f.endswith(('.json', '.edn'))})
+                hint = (f" (it holds {' and '.join(other)}: this reads Roam's Markdown export, "
+                        "'Export All' as Markdown)" if other else '')
                 die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the "
-                    "right folder?")
+                    f"right folder?{hint}")
             files += found
         elif os.path.isfile(p):
             files.append(p)
