@@ -170,7 +170,8 @@ def questions_problem(row):
                 f"(an answer is right when it holds one of every group), {got(groups)}")
     if not isinstance(row.get('kind', ''), str):
         return f"field 'kind' must be a string such as 'fact' or 'unknown', {got(row['kind'])}"
-    if 'system' in row and not (isinstance(row['system'], str) and row['system'].strip()):
+    if row.get('system') is not None and not (isinstance(row['system'], str)
+                                              and row['system'].strip()):
         return ("field 'system' (the system prompt to ask this question under, instead of the "
                 f"config's) must be a non-empty string, {got(row['system'])}")
 
@@ -334,7 +335,7 @@ def questions(model, tok, rows, system, notes, k, autocast):
     answers, by_kind = [], {}
     progress = Progress('questions', len(rows), every=5)
     for i, row in enumerate(rows):
-        answer = ask(model, tok, row.get('system', system),
+        answer = ask(model, tok, row.get('system') or system,  # (null in a parquet row: none)
                      with_notes(notes, row['question'], k), autocast)
         text = answer.lower()
         right = all(any(w.lower() in text for w in group) for group in row['keywords'])

@@ -348,8 +348,9 @@ class GPT(nn.Module):
                 if cache.pos + len(pending) > self.cfg.block_size:
                     # out of context: start over from the first token (<s>: the model has always
                     # read one there, and leans on it; with a cache from an earlier call, that
-                    # call's first token) and the last half block (amortised: once per half block)
-                    held = (cache.ids if len(cache.ids) == cache.pos else []) + pending
+                    # call's first token) and the last half block (amortised: once per half block).
+                    # A cache filled other than by generate: this call's tokens
+                    held = cache.ids + pending if len(cache.ids) == cache.pos else seq
                     cache.reset()
                     pending = held[:1] + held[len(held) - self.cfg.block_size // 2 + 1:]
                 with cpu_float32():  # prefill: one forward

@@ -223,9 +223,11 @@ def fingerprint(src, files, tok_sha, cfg):
                                         cfg.filter_max_non_text, cfg.filter_max_dup_lines,
                                         cfg.filter_max_top_ngram, cfg.filter_max_dup_ngrams]
                                        if cfg.quality_filter else [])
+    # local files: how sources.py reads them (a downloaded corpus's bytes are checked instead)
+    reader = [sources.READ_VERSION] if src.get('path') else []
     key = json.dumps([FORMAT_VERSION, src, inputs, tok_sha, cfg.split_seed, cfg.shard_tokens,
                       cfg.max_conversation_tokens] + ([notes] if notes else []) + deduped
-                     + [filters], sort_keys=True)
+                     + [filters] + reader, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 

@@ -30,6 +30,9 @@ import download
 from common import die, suggest
 
 DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
+# How local files are read into documents: raised when that changes what a file gives (2: CR LF and
+# CR line ends read as LF), so that prepare.py rebuilds shards made from such files the old way
+READ_VERSION = 2
 
 
 
@@ -238,8 +241,9 @@ def source_files(src):
             found = find_files(p, src['glob'], src['name'], hidden=True, dot_folders=src['hidden'])
             if not found:
                 # Roam's other exports (JSON, EDN) hold the same pages in one file each
-                other = sorted({os.path.splitext(f)[1] for f in find_files(p, '**/*', src['name'])
-                                if f.endswith(('.json', '.edn'))})
+                other = sorted({os.path.splitext(f)[1].lower()
+                                for f in find_files(p, '**/*', src['name'])
+                                if f.lower().endswith(('.json', '.edn'))})
                 hint = (f" (it holds {' and '.join(other)}: this reads Roam's Markdown export, "
                         "'Export All' as Markdown)" if other else '')
                 die(f"sources['{src['name']}']: no files match {src['glob']} under {p}: is it the "
@@ -334,6 +338,7 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
     document longer than max_chars is cut after its last newline within the limit (else at a space,
     else at the limit). Memory is bounded by max_chars and block, not by the file's size."""
     max_chars = max_chars or MAX_DOC_CHARS
+    sep = sep and sep.replace('\r\n', '\n').replace('\r', '\n')  # (the text's line ends are LF)
     # (-sig: drops a BOM; CR LF and CR read as LF, as read_utf8 reads them, even where a block ends
     # between the CR and the LF)
     decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder('utf-8-sig')(),

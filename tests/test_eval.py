@@ -193,7 +193,7 @@ def test_questions_are_asked_under_their_own_system_prompt_where_they_have_one(m
     monkeypatch.setattr(evaluate, 'ask', ask)
     rows = [{'question': 'what is your name?', 'keywords': [['quill']], 'kind': 'system',
              'system': 'your name is quill.'},
-            {'question': 'who owns the shop?', 'keywords': [['dev']], 'kind': 'fact'}]
+            {'question': 'who owns the shop?', 'keywords': [['dev']], 'kind': 'fact', 'system': None}]
     r = evaluate.questions(None, None, rows, 'the configured prompt', None, 5, nullcontext())
     assert heard == [('your name is quill.', 'what is your name?'),
                      ('the configured prompt', 'who owns the shop?')]

@@ -348,10 +348,26 @@ def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
         assert list(sources.split_stream(str(tmp_path / 'win.txt'), '\n\n', None, block=block)) == docs
     (tmp_path / 'mac.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r').encode())
     assert list(sources.split_stream(str(tmp_path / 'mac.txt'), '\n\n', None, block=5)) == docs
+    # a separator written with Windows line ends means the same documents
+    assert list(sources.split_stream(str(tmp_path / 'win.txt'), '\r\n\r\n', None, block=7)) == docs
     (tmp_path / 'roam').mkdir()
     (tmp_path / 'roam' / 'Dev.md').write_bytes(b'- owns the shop\r\n    - since 1998\r\n')
     src = sources.source_settings('roam', {'kind': 'roam', 'path': str(tmp_path / 'roam')})
     assert [doc for _, doc, _ in sources.iter_documents(src)] == ['Dev\n- owns the shop\n    - since 1998\n']
+
+
+def test_shards_of_local_files_are_rebuilt_when_the_way_files_are_read_changes(prepared, monkeypatch):
+    """Shards made from local files before sources.py read them differently (CR LF as LF) are not up to date,
+    although the files did not change; a downloaded corpus's bytes are checked by their hash instead."""
+    cfg = load_cfg(prepared[0])
+    local = sources.source_settings('story', cfg.sources['story'])
+    online = sources.source_settings('d', {'kind': 'dolly', 'url': 'http://127.0.0.1:9/d.jsonl'})
+    before = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in ((local, sources.source_files(local)),
+                                                                        (online, []))]
+    monkeypatch.setattr(sources, 'READ_VERSION', sources.READ_VERSION + 1)
+    after = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in ((local, sources.source_files(local)),
+                                                                       (online, []))]
+    assert before[0] != after[0] and before[1] == after[1]
 
 
 def test_a_large_file_without_separator_is_tokenized_in_pieces_across_workers(tmp_path, prepared):
