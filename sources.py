@@ -356,7 +356,10 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
             try:
                 rest += decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                problem(f"{path} is not valid UTF-8 (byte {offset + e.start}): convert it, e.g. "
+                # e.object: the bytes the decoder held from the last block (a character cut in two),
+                # then this block's, less a BOM it dropped: where e.start is counted from
+                at = offset + len(data) - len(e.object) + e.start
+                problem(f"{path} is not valid UTF-8 (byte {at}): convert it, e.g. "
                         "`iconv -f latin1 -t utf-8`, or remove it from the source", problems)
                 return
             offset += len(data)

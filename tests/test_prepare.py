@@ -356,6 +356,17 @@ def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
     assert [doc for _, doc, _ in sources.iter_documents(src)] == ['Dev\n- owns the shop\n    - since 1998\n']
 
 
+def test_a_bad_byte_is_named_by_its_place_in_the_file_whatever_the_blocks_and_a_bom(tmp_path):
+    path = tmp_path / 'bad.txt'
+    for head in (b'', b'\xef\xbb\xbf'):  # (a BOM the decoder drops)
+        for block in (4, 5, 6, 1 << 20):  # (4 and 5 end a block inside the two-byte \xc3\xa9)
+            path.write_bytes(head + b'caf\xc3\xa9 \xff end')
+            problems = []
+            assert list(sources.split_stream(str(path), None, problems, block=block)) == []
+            at = len(head) + 6
+            assert len(problems) == 1 and f'(byte {at})' in problems[0], (head, block, problems)
+
+
 def test_shards_of_local_files_are_rebuilt_when_the_way_files_are_read_changes(prepared, monkeypatch):
     """Shards made from local files before sources.py read them differently (CR LF as LF) are not up to date,
     although the files did not change; a downloaded corpus's bytes are checked by their hash instead."""
