@@ -47,7 +47,7 @@ batch_size = 4  # 4,096 tokens a step: ~15 s on 2 CPU cores in bf16
 max_iters = 35
 # no dropout (the default): SmolLM2 was trained without it, and with dropout 0.1 the train loss went
 # from ~3.3 to ~7.7 at step 5, attention dropout took the CPU's slow, memory-hungry attention path
-# (2x the step time; killed at 24 GB of RAM; BENCHMARKS.md, "Three chunks ..., and dropout")
+# (4x the step time; killed at 24 GB of RAM; BENCHMARKS.md, "Three chunks ..., and dropout")
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
