@@ -283,14 +283,19 @@ def problem(msg, problems):
 BOM = '\ufeff'
 
 
+def lf(text):
+    """Windows line ends (CR LF) and old Mac ones (CR) as LF, as Python's text files read them: a
+    note's lines, a separator of two line ends and what the model is shown must not depend on the
+    editor that saved the file."""
+    return text.replace('\r\n', '\n').replace('\r', '\n')
+
+
 def read_utf8(path, problems):
-    """A file's text, or None (problem) if it cannot be read as UTF-8. Windows line ends (CR LF) and
-    old Mac ones (CR) read as LF, as Python's text files do: a note's lines, a separator of two line
-    ends and what the model is shown must not depend on the editor that saved the file."""
+    """A file's text, line ends as LF (lf), or None (problem) if it cannot be read as UTF-8."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
-        text = data.decode('utf-8').replace('\r\n', '\n').replace('\r', '\n')
+        text = lf(data.decode('utf-8'))
         return text[1:] if text.startswith(BOM) else text
     except UnicodeDecodeError as e:
         msg = (f"{path} is not valid UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t "
@@ -338,7 +343,7 @@ def split_stream(path, sep, problems, block=1 << 20, max_chars=None):
     document longer than max_chars is cut after its last newline within the limit (else at a space,
     else at the limit). Memory is bounded by max_chars and block, not by the file's size."""
     max_chars = max_chars or MAX_DOC_CHARS
-    sep = sep and sep.replace('\r\n', '\n').replace('\r', '\n')  # (the text's line ends are LF)
+    sep = sep and lf(sep)  # (the text's line ends are LF)
     # (-sig: drops a BOM; CR LF and CR read as LF, as read_utf8 reads them, even where a block ends
     # between the CR and the LF)
     decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder('utf-8-sig')(),
@@ -420,8 +425,8 @@ ROLE_LINE = re.compile(r'^(system|user|assistant):\s?(.*)$', re.IGNORECASE)
 
 def parse_primer(text, path):
     """Primer format: dialogues separated by "\\n\\n<dialogue>\\n\\n"; in each, lines starting with
-    `system: `, `user: ` or `assistant: ` begin a turn, other lines continue the turn above."""
-    text = text.replace('\r\n', '\n')
+    `system: `, `user: ` or `assistant: ` begin a turn, other lines continue the turn above. text
+    as read_utf8 reads it (line ends as LF)."""
     if DIALOGUE_DELIM not in text:
         die(f"{path}: no dialogue delimiter found. Separate dialogues with a line <dialogue> "
             "between blank lines, i.e. the text \"\\n\\n<dialogue>\\n\\n\"")
