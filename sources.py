@@ -13,6 +13,10 @@ the better one, the worse one); split is
 'train'/'val' where a corpus has its own. Empty documents are skipped and counted in stats. With
 problems=None a bad file stops the run; with a list (analyze_only) the problem is recorded and
 reading goes on. To add a kind: a reader and its line in KINDS (at the end of this file).
+
+Top to bottom: the settings a source may have; finding its files; reading a file (UTF-8, line ends,
+JSON lines, bad input named by file and line); the readers of your own sources, then of public
+corpora; KINDS, the table of kinds; which documents go to val.
 """
 import codecs
 import fnmatch
@@ -35,6 +39,8 @@ DIALOGUE_DELIM = '\n\n<dialogue>\n\n'
 READ_VERSION = 2
 
 
+# ----------------------------------------------------------------------------------------------
+# Settings: what a source may say, checked before anything is read
 
 def shown(value):
     """A setting's value in a message: its type and repr (5 and '5', a Path and a str, differ)."""
@@ -58,6 +64,8 @@ def is_count(v):
 
 
 FILE_NAMES = 'a list of strings (file names under base_url)'
+
+
 # What each source setting may hold: setting -> (test, what to write). Every setting of every kind
 # is checked before anything is read, as config keys are: a wrong type would otherwise fail deep in
 # a reader (a separator of 5), or quietly do something else (a categories string matches its parts).
@@ -160,7 +168,7 @@ def source_settings(name, src):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading sources: finding their files, then a reader per kind (see the module docstring)
+# Finding a source's files
 
 def glob_match(parts, pattern, hidden):
     """Does a relative path (a list of names) match a glob pattern (a list of names)? As in glob:
@@ -271,6 +279,9 @@ def source_files(src):
     return sorted(set(files))
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading a file: UTF-8, line ends, bounded pieces, JSON lines; a bad one named by file and line
+
 def problem(msg, problems):
     """A bad file: stop the run with `msg`, or (analyze_only: `problems` is a list) record it and
     read on."""
@@ -304,32 +315,6 @@ def read_utf8(path, problems):
         msg = f"cannot read {path}: {e.strerror}"
     problem(msg, problems)
     return None
-
-
-def read_roam(src, stats=None, problems=None):
-    root = os.path.expanduser(src['path'])
-    for path in source_files(src):
-        text = read_utf8(path, problems)
-        if text is None:
-            continue
-        if not text.strip():
-            if stats is not None:
-                stats.update(['empty'])
-            continue
-        # pages with '/' in the title are nested
-        title = os.path.splitext(os.path.relpath(path, root))[0]
-        # a tab or newline in a file name must not break the title line
-        title = ' '.join(title.split())
-        yield path, (f"{title}\n{text}" if src['add_title'] else text)
-
-
-def read_text(src, stats=None, problems=None):
-    for path in source_files(src):
-        for doc in split_stream(path, src['separator'], problems):
-            if doc.strip():
-                yield path, doc
-            elif stats is not None:
-                stats.update(['empty'])
 
 
 # A document longer than this is cut into pieces at line ends (each its own document, starting with
@@ -401,67 +386,6 @@ def cut_long(doc, max_chars):
     yield doc
 
 
-def read_tinyshakespeare(src, stats=None, problems=None):
-    """Tiny Shakespeare split the way its users compare numbers (nanoGPT, char-rnn): the last
-    val_frac of the file's characters is val, the rest train; each part is cut into speeches (the
-    parts between blank lines), or with separator=None kept as one stream, as nanoGPT reads it (a
-    window then spans several speeches)."""
-    for path in source_files(src):
-        text = read_utf8(path, problems)
-        if text is None:
-            continue
-        cut = int(len(text) * (1 - src['val_frac']))
-        for split, part in (('train', text[:cut]), ('val', text[cut:])):
-            # None: each part one stream
-            for doc in part.split(src['separator']) if src['separator'] else [part]:
-                if doc.strip():
-                    yield path, doc, split
-                elif stats is not None:
-                    stats.update(['empty'])
-
-
-ROLE_LINE = re.compile(r'^(system|user|assistant):\s?(.*)$', re.IGNORECASE)
-
-
-def parse_primer(text, path):
-    """Primer format: dialogues separated by "\\n\\n<dialogue>\\n\\n"; in each, lines starting with
-    `system: `, `user: ` or `assistant: ` begin a turn, other lines continue the turn above. text
-    as read_utf8 reads it (line ends as LF)."""
-    if DIALOGUE_DELIM not in text:
-        die(f"{path}: no dialogue delimiter found. Separate dialogues with a line <dialogue> "
-            "between blank lines, i.e. the text \"\\n\\n<dialogue>\\n\\n\"")
-    line_no = 1
-    for block in text.split(DIALOGUE_DELIM):
-        start = line_no + (len(block) - len(block.lstrip('\n')))
-        line_no += block.count('\n') + DIALOGUE_DELIM.count('\n')
-        if not block.strip():
-            continue
-        messages, lines = [], []
-        for i, line in enumerate(block.strip('\n').split('\n')):
-            m = ROLE_LINE.match(line)
-            if m:
-                messages.append({'role': m.group(1).lower(), 'content': m.group(2)})
-                lines.append(start + i)
-            elif messages:
-                messages[-1]['content'] += '\n' + line
-            elif line.strip():
-                die(f"{path} line {start + i}: a dialogue must start with 'system: ', 'user: ' or "
-                    f"'assistant: ', found {line[:60]!r}")
-        for m, line in zip(messages, lines):
-            m['content'] = m['content'].strip()
-            if not m['content']:  # an empty reply would teach the model to answer with nothing
-                die(f"{path} line {line}: the {m['role']} turn of the dialogue starting at line "
-                    f"{start} is empty: write its text after '{m['role']}:' or remove the line")
-        yield f"{path} line {start}", messages
-
-
-def read_primer(src, stats=None, problems=None):
-    for path in source_files(src):
-        text = read_utf8(path, problems)
-        if text is not None:
-            yield from parse_primer(text, path)
-
-
 def lone_surrogate(value):
     """The first half of a UTF-16 surrogate pair standing alone in the strings of a JSON value (a
     "\\ud83d" escape without its partner: a cut emoji), or None. No UTF-8 text holds one, so it
@@ -506,6 +430,77 @@ def json_text(value, limit=60):
     """A value as JSON spells it (null, 5, "hi"), cut short: what a message about a field shows."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[:limit] + '...'
+
+
+# ----------------------------------------------------------------------------------------------
+# Your own sources: Roam notes, text, a primer of dialogues, chat jsonl, preference pairs
+
+def read_roam(src, stats=None, problems=None):
+    root = os.path.expanduser(src['path'])
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is None:
+            continue
+        if not text.strip():
+            if stats is not None:
+                stats.update(['empty'])
+            continue
+        # pages with '/' in the title are nested
+        title = os.path.splitext(os.path.relpath(path, root))[0]
+        # a tab or newline in a file name must not break the title line
+        title = ' '.join(title.split())
+        yield path, (f"{title}\n{text}" if src['add_title'] else text)
+
+
+def read_text(src, stats=None, problems=None):
+    for path in source_files(src):
+        for doc in split_stream(path, src['separator'], problems):
+            if doc.strip():
+                yield path, doc
+            elif stats is not None:
+                stats.update(['empty'])
+
+
+ROLE_LINE = re.compile(r'^(system|user|assistant):\s?(.*)$', re.IGNORECASE)
+
+
+def parse_primer(text, path):
+    """Primer format: dialogues separated by "\\n\\n<dialogue>\\n\\n"; in each, lines starting with
+    `system: `, `user: ` or `assistant: ` begin a turn, other lines continue the turn above. text
+    as read_utf8 reads it (line ends as LF)."""
+    if DIALOGUE_DELIM not in text:
+        die(f"{path}: no dialogue delimiter found. Separate dialogues with a line <dialogue> "
+            "between blank lines, i.e. the text \"\\n\\n<dialogue>\\n\\n\"")
+    line_no = 1
+    for block in text.split(DIALOGUE_DELIM):
+        start = line_no + (len(block) - len(block.lstrip('\n')))
+        line_no += block.count('\n') + DIALOGUE_DELIM.count('\n')
+        if not block.strip():
+            continue
+        messages, lines = [], []
+        for i, line in enumerate(block.strip('\n').split('\n')):
+            m = ROLE_LINE.match(line)
+            if m:
+                messages.append({'role': m.group(1).lower(), 'content': m.group(2)})
+                lines.append(start + i)
+            elif messages:
+                messages[-1]['content'] += '\n' + line
+            elif line.strip():
+                die(f"{path} line {start + i}: a dialogue must start with 'system: ', 'user: ' or "
+                    f"'assistant: ', found {line[:60]!r}")
+        for m, line in zip(messages, lines):
+            m['content'] = m['content'].strip()
+            if not m['content']:  # an empty reply would teach the model to answer with nothing
+                die(f"{path} line {line}: the {m['role']} turn of the dialogue starting at line "
+                    f"{start} is empty: write its text after '{m['role']}:' or remove the line")
+        yield f"{path} line {start}", messages
+
+
+def read_primer(src, stats=None, problems=None):
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is not None:
+            yield from parse_primer(text, path)
 
 
 MESSAGE = '{"role": ..., "content": ...}'
@@ -625,6 +620,29 @@ def read_pairs(src, stats=None, problems=None):
                 continue
             yield where, {'messages': messages, 'chosen': chosen, 'rejected': rejected}, \
                 row.get('split')
+
+
+# ----------------------------------------------------------------------------------------------
+# Public corpora: Tiny Shakespeare, HH-RLHF, dolly-15k, oasst1; fineweb-edu and WikiText,
+# streamed a parquet file at a time
+
+def read_tinyshakespeare(src, stats=None, problems=None):
+    """Tiny Shakespeare split the way its users compare numbers (nanoGPT, char-rnn): the last
+    val_frac of the file's characters is val, the rest train; each part is cut into speeches (the
+    parts between blank lines), or with separator=None kept as one stream, as nanoGPT reads it (a
+    window then spans several speeches)."""
+    for path in source_files(src):
+        text = read_utf8(path, problems)
+        if text is None:
+            continue
+        cut = int(len(text) * (1 - src['val_frac']))
+        for split, part in (('train', text[:cut]), ('val', text[cut:])):
+            # None: each part one stream
+            for doc in part.split(src['separator']) if src['separator'] else [part]:
+                if doc.strip():
+                    yield path, doc, split
+                elif stats is not None:
+                    stats.update(['empty'])
 
 
 HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
