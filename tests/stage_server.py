@@ -4,9 +4,9 @@ A fresh Python process spends ~1.5 s importing torch before a stage does anythin
 stages hundreds of times. This process imports torch, numpy and sentencepiece once, then for each request
 (one JSON line on stdin) forks a copy of itself; the copy points its stdin/stdout/stderr at the request's
 files, takes its environment and arguments, and runs the script as __main__. The parent waits for it
-(killing it past the timeout) and answers with one line: the exit status, as subprocess reports it. The
-child leaves as the interpreter would (exit functions run, streams flushed, sys.exit's status) but with
-os._exit, skipping the teardown of every module, which takes ~0.45 s with torch loaded.
+(killing it past the timeout) and answers with one line: the exit status, as subprocess reports it.
+The child leaves as the interpreter would (exit functions run, streams flushed, sys.exit's status)
+but with os._exit, skipping the teardown of every module, which takes ~0.45 s with torch loaded.
 Nothing has run a torch operation here before the fork, so no thread pool is copied half-alive.
 """
 import atexit
@@ -75,9 +75,9 @@ except SystemExit as e:  # as the interpreter reads sys.exit's argument
 except BaseException:  # an uncaught exception: its traceback, status 1
     sys.excepthook(*sys.exc_info())
     code = 1
-# then leave as the interpreter would, but without tearing down every module: with torch loaded that
-# teardown takes ~0.45 s a run (of ~0.55), hundreds of times a suite. Exit functions (multiprocessing's
-# among them) still run, and the streams are flushed.
+# then leave as the interpreter would, but without tearing down every module: with torch loaded
+# that teardown takes ~0.45 s a run (of ~0.55), hundreds of times a suite. Exit functions
+# (multiprocessing's among them) still run, and the streams are flushed.
 atexit._run_exitfuncs()
 sys.stdout.flush()
 sys.stderr.flush()

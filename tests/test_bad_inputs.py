@@ -100,7 +100,7 @@ CASES = [
     ('empty folder', 'prepare.py', lambda w: [os.makedirs(w / 'export') or src(w, 'roam', path=str(w / 'export'))],
      ['export', 'no files match']),
     ('roam JSON export, not Markdown', 'prepare.py',
-     lambda w: [os.makedirs(w / 'rj') or write(w / 'rj' / 'graph.json', '[]') and src(w, 'roam', path=str(w / 'rj'))],
+     lambda w: [write(w / 'rj' / 'graph.json', '[]') and src(w, 'roam', path=str(w / 'rj'))],
      ['rj', 'no files match', '.json', "Roam's Markdown export"]),
     ('empty source', 'prepare.py', lambda w: [src(w, 'text', path=write(w / 'blank.txt', '\n \n'))], ['no documents', 'blank.txt']),
     ('file that is not UTF-8', 'prepare.py', lambda w: [src(w, 'text', path=write(w / 'l1.txt', 'caf\xe9'.encode('latin-1'), 'wb'))],

@@ -269,7 +269,8 @@ def test_fineweb_budgets_stop_downloading_early_and_a_rerun_downloads_nothing(se
     assert len(server.gets()) == 2
 
 
-def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path, prepared, monkeypatch):
+def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path, prepared,
+                                                               monkeypatch):
     def article(title, n):
         return [f' = {title} = \n', '\n', ' = = Part = = \n'] + [f' Line {i} of {title} .\n' for i in range(n)] + ['\n']
     server.files['/wiki/train-0.parquet'] = parquet_bytes(article('Alpha', 5) + article('Beta', 3), tmp_path)
@@ -281,7 +282,7 @@ def test_wikitext_uses_its_own_splits_one_article_per_document(server, tmp_path,
     data_dir = str(tmp_path / 'out' / 'data')
     assert data.load_split(data_dir, 'wiki', 'train')['documents'] == 2
     assert data.load_split(data_dir, 'wiki', 'val')['documents'] == 1
-    # (read here, in this process: its downloads go to the test's folder, not the project's out/cache)
+    # (read here, in this process: downloads go to the test's folder, not the project's out/cache)
     monkeypatch.setitem(download.SETTINGS, 'cache_dir', str(tmp_path / 'cache'))
     docs = list(sources.iter_documents(sources.source_settings('wiki', src['wiki'])))
     assert [d[2] for d in docs] == ['val', 'train', 'train'] and docs[1][1].startswith(' = Alpha = \n')

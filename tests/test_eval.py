@@ -177,14 +177,15 @@ def test_benchmark_rows_are_checked_and_the_parquet_label_string_is_read_as_a_nu
     assert "got bool True" in problem('hellaswag', hs('b', list('abcd'), True))
     assert "field 'endings' must be a list of at least 2 strings" in problem('hellaswag', hs('b', 'abcd', 0))
     assert "has no field 'activity_label'" in problem('hellaswag', {'ctx': 'x', 'endings': ['a', 'b'], 'label': 0})
-    assert "field 'system'" in problem('questions', {'question': 'q', 'keywords': [['a']], 'system': ''})
+    no_system = {'question': 'q', 'keywords': [['a']], 'system': ''}
+    assert "field 'system'" in problem('questions', no_system)
     (tmp_path / 'ok.jsonl').write_text(json.dumps(hs('b', list('abcd'), '2')) + '\n')
     assert evaluate.read_rows(str(tmp_path / 'ok.jsonl'), 'hellaswag')[0]['label'] == 2
 
 
 def test_questions_are_asked_under_their_own_system_prompt_where_they_have_one(monkeypatch):
-    """A row's 'system' replaces the config's for that question (does the model follow a system prompt
-    it was not tuned on?); scored by keywords, one alternative of every group, any case."""
+    """A row's 'system' replaces the config's for that question (does the model follow a system
+    prompt it was not tuned on?); scored by keywords, one alternative of every group, any case."""
     heard = []
 
     def ask(model, tok, system, content, autocast):
@@ -193,7 +194,8 @@ def test_questions_are_asked_under_their_own_system_prompt_where_they_have_one(m
     monkeypatch.setattr(evaluate, 'ask', ask)
     rows = [{'question': 'what is your name?', 'keywords': [['quill']], 'kind': 'system',
              'system': 'your name is quill.'},
-            {'question': 'who owns the shop?', 'keywords': [['dev']], 'kind': 'fact', 'system': None}]
+            {'question': 'who owns the shop?', 'keywords': [['dev']], 'kind': 'fact',
+             'system': None}]
     r = evaluate.questions(None, None, rows, 'the configured prompt', None, 5, nullcontext())
     assert heard == [('your name is quill.', 'what is your name?'),
                      ('the configured prompt', 'who owns the shop?')]

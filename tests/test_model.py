@@ -82,29 +82,26 @@ def test_past_the_context_the_first_token_stays(use_cache):
 
 
 def test_past_the_context_a_cache_from_an_earlier_call_keeps_its_first_token():
-    """A caller that feeds each turn to the cache of the turns before it (sample.py's chat leaves each reply
-    room enough; another caller may not): when a turn runs past the context, the window starts again from
-    the conversation's first token (<s>), not from this turn's. A cache filled by hand, not by generate,
-    starts again from this call's tokens, a half block of them."""
-    model, firsts = tiny(), []
+    """A caller that feeds each turn to the cache of the turns before it (sample.py's chat leaves
+    each reply room enough; another caller may not): when a turn runs past the context, the window
+    starts again from the conversation's first token (<s>), not from this turn's. A cache filled by
+    hand, not by generate, starts again from this call's tokens, a half block of them."""
+    model, windows = tiny(), []
     forward = model.forward
-    def recorded(x, *a, cache=None, **kw):  # the first token of each window read from position 0
+    def recorded(x, *a, cache=None, **kw):  # each window read whole from position 0
         if cache is not None and cache.pos == 0:
-            firsts.append(x[0, 0].item())
+            windows.append(x[0].tolist())
         return forward(x, *a, cache=cache, **kw)
     model.forward = recorded
     cache = KVCache(model)
     first = list(model.generate([7, 2, 3], 5, temperature=0, cache=cache))
     assert len(first) == 5 and cache.pos == 7  # (the last token generated is not fed yet)
     out = list(model.generate([first[-1], 4, 5], 70, temperature=0, cache=cache))
-    assert len(out) == 70 and len(firsts) > 1 and set(firsts) == {7}
+    assert len(out) == 70 and len(windows) > 1 and {w[0] for w in windows} == {7}
     assert len(cache.ids) == cache.pos
-    windows = []
-    model.forward = lambda x, *a, cache=None, **kw: (windows.append(x[0].tolist()) if cache.pos == 0 else None,
-                                                     forward(x, *a, cache=cache, **kw))[1]
     cache.reset()
-    forward(torch.tensor([[7, 2, 3, 1]]), cache=cache)
-    cache.pos = 4  # (filled without generate: it has no ids)
+    windows.clear()
+    forward(torch.tensor([[7, 2, 3, 1]]), cache=cache)  # (filled without generate: it has no ids)
     out = list(model.generate([4, 5, 6, 8, 9, 10], 40, temperature=0, cache=cache))
     assert len(windows) >= 1 and windows[0][0] == 4 and len(windows[0]) == 32 // 2
 

@@ -339,24 +339,26 @@ def test_a_file_without_separator_is_read_in_bounded_pieces(tmp_path):
 
 
 def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
-    """A file saved on Windows (CR LF) or an old Mac (CR) reads as one saved with LF: a text source still splits
-    on its separator (also where a block of the stream ends between CR and LF), and a Roam page's lines carry
-    no CR into the chunks the model is shown."""
+    """A file saved on Windows (CR LF) or an old Mac (CR) reads as one saved with LF: a text source
+    still splits on its separator (also where a block of the stream ends between CR and LF), and a
+    Roam page's lines carry no CR into the chunks the model is shown."""
     docs = [f"story {i}: line one.\nline two." for i in range(40)]
+    win, mac = str(tmp_path / 'win.txt'), str(tmp_path / 'mac.txt')
     (tmp_path / 'win.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r\n').encode())
     for block in (7, 64, 1 << 20):  # (7 and 64 end blocks inside a CR LF)
-        assert list(sources.split_stream(str(tmp_path / 'win.txt'), '\n\n', None, block=block)) == docs
+        assert list(sources.split_stream(win, '\n\n', None, block=block)) == docs
     (tmp_path / 'mac.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r').encode())
-    assert list(sources.split_stream(str(tmp_path / 'mac.txt'), '\n\n', None, block=5)) == docs
+    assert list(sources.split_stream(mac, '\n\n', None, block=5)) == docs
     # a separator written with Windows line ends means the same documents
-    assert list(sources.split_stream(str(tmp_path / 'win.txt'), '\r\n\r\n', None, block=7)) == docs
+    assert list(sources.split_stream(win, '\r\n\r\n', None, block=7)) == docs
     (tmp_path / 'roam').mkdir()
     (tmp_path / 'roam' / 'Dev.md').write_bytes(b'- owns the shop\r\n    - since 1998\r\n')
     src = sources.source_settings('roam', {'kind': 'roam', 'path': str(tmp_path / 'roam')})
-    assert [doc for _, doc, _ in sources.iter_documents(src)] == ['Dev\n- owns the shop\n    - since 1998\n']
+    pages = [doc for _, doc, _ in sources.iter_documents(src)]
+    assert pages == ['Dev\n- owns the shop\n    - since 1998\n']
 
 
-def test_a_bad_byte_is_named_by_its_place_in_the_file_whatever_the_blocks_and_a_bom(tmp_path):
+def test_a_bad_byte_is_named_by_its_place_whatever_the_blocks_and_a_bom(tmp_path):
     path = tmp_path / 'bad.txt'
     for head in (b'', b'\xef\xbb\xbf'):  # (a BOM the decoder drops)
         for block in (4, 5, 6, 1 << 20):  # (4 and 5 end a block inside the two-byte \xc3\xa9)
@@ -367,17 +369,17 @@ def test_a_bad_byte_is_named_by_its_place_in_the_file_whatever_the_blocks_and_a_
             assert len(problems) == 1 and f'(byte {at})' in problems[0], (head, block, problems)
 
 
-def test_shards_of_local_files_are_rebuilt_when_the_way_files_are_read_changes(prepared, monkeypatch):
-    """Shards made from local files before sources.py read them differently (CR LF as LF) are not up to date,
-    although the files did not change; a downloaded corpus's bytes are checked by their hash instead."""
+def test_local_shards_are_rebuilt_when_the_way_files_are_read_changes(prepared, monkeypatch):
+    """Shards made from local files before sources.py read them differently (CR LF as LF) are not up
+    to date, although the files did not change; a downloaded corpus's bytes are checked by their
+    hash instead."""
     cfg = load_cfg(prepared[0])
     local = sources.source_settings('story', cfg.sources['story'])
     online = sources.source_settings('d', {'kind': 'dolly', 'url': 'http://127.0.0.1:9/d.jsonl'})
-    before = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in ((local, sources.source_files(local)),
-                                                                        (online, []))]
+    both = [(local, sources.source_files(local)), (online, [])]
+    before = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in both]
     monkeypatch.setattr(sources, 'READ_VERSION', sources.READ_VERSION + 1)
-    after = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in ((local, sources.source_files(local)),
-                                                                       (online, []))]
+    after = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in both]
     assert before[0] != after[0] and before[1] == after[1]
 
 

@@ -165,7 +165,8 @@ def test_unwritable_output_folder_fails_at_start(tmp_path, prepared):
 def test_too_little_disk_fails_at_start(tmp_path, prepared, monkeypatch):
     cfg = tiny_train_config(tmp_path / 'c.py', prepared, tmp_path / 'c')
     Usage = collections.namedtuple('Usage', 'total used free')
-    monkeypatch.setattr(learner.shutil, 'disk_usage', lambda path: Usage(10 ** 6, 10 ** 6 - 100, 100))
+    full = Usage(10 ** 6, 10 ** 6 - 100, 100)
+    monkeypatch.setattr(learner.shutil, 'disk_usage', lambda path: full)
     monkeypatch.setattr(sys, 'argv', ['train.py', cfg])
     with pytest.raises(SystemExit) as e:
         train.main()
