@@ -1,7 +1,7 @@
 # notes: a chat model of your notes, started from a small pretrained model (SmolLM2-135M-Instruct)
 # and fine-tuned to answer from the notes that match each question (retrieval.py). The built-in
-# sample (data/sample: a Roam export and a primer of dialogues) end to end in ~9 minutes on 2 CPU
-# cores (8 min 40 s and 9 min 20 s measured; README.md: the machine).
+# sample (data/sample: a Roam export and a primer of dialogues) end to end in 9-15 minutes on 2 CPU
+# cores (8 min 40 s and 9 min 20 s on an Intel Xeon, 14 min 53 s on an AMD EPYC; README.md).
 #   ./run.sh notes       (or by hand:)
 #   python tokenizer.py config/notes.py        SmolLM2's tokenizer -> out/notes/tokenizer.json
 #   python prepare.py config/notes.py          shards; the primer's rows get the notes that match
