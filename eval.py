@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import download
+import files
 import sources
 from chat import banned_ids, chat_prompt, reply_room
 from checkpoint import checkpoint_path, load_model
@@ -191,7 +192,7 @@ def read_rows(path, what):
         table = sources.parquet(path).read().to_pylist()
         rows = [(f"row {n}", row) for n, row in enumerate(table, 1)]
     else:
-        rows = [(f"line {n}", row) for n, row in sources.read_jsonl(path, None)]
+        rows = [(f"line {n}", row) for n, row in files.read_jsonl(path, None)]
     if not rows:
         die(f"{what}: {path} has no rows: is it the right file? (it should be the {what} "
             f"validation "

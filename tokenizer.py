@@ -28,6 +28,7 @@ import re
 import sentencepiece as spm
 
 import download
+import files
 import sources
 from common import atomic_file, check_writable, die, file_sha256
 from configurator import configure
@@ -344,7 +345,7 @@ def load_conversation_file(path):
     """The first conversation in a .json, .jsonl or primer .txt file (for --show_chat)."""
     if not os.path.isfile(path):
         die(f"--show_chat: no file {path}")
-    text = sources.read_utf8(path, None)
+    text = files.read_utf8(path, None)
     if path.endswith('.txt'):
         return next(sources.parse_primer(text, path))[1]
     try:
@@ -353,8 +354,8 @@ def load_conversation_file(path):
         die(f"{path}: not a JSON conversation ({e}); expected [{{'role': ..., 'content': ...}}, "
             f"...] "
             "or {'messages': [...]}")
-    if sources.lone_surrogate(obj):
-        die(f"{path}: {sources.lone_surrogate(obj)!r} is half of a UTF-16 surrogate pair standing "
+    if files.lone_surrogate(obj):
+        die(f"{path}: {files.lone_surrogate(obj)!r} is half of a UTF-16 surrogate pair standing "
             "alone, which is not text: fix the file")
     return obj['messages'] if isinstance(obj, dict) and 'messages' in obj else obj
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, load_cfg, run, write_config, write_corpus
 import data
+import files
 import prepare
 import sources
 from tokenizer import Tokenizer
@@ -20,8 +21,8 @@ from tokenizer import Tokenizer
 def tree_bytes(root):
     """{relative path: bytes} of every file under root."""
     out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
+    for dirpath, _, names in os.walk(root):
+        for f in names:
             p = os.path.join(dirpath, f)
             out[os.path.relpath(p, root)] = open(p, 'rb').read()
     return out
@@ -97,20 +98,20 @@ def test_a_symlink_loop_or_a_second_link_to_a_folder_reads_each_page_once(tmp_pa
     signal.alarm(20)
     try:
         titles = sorted(doc.split('\n')[0] for _, doc, _ in sources.iter_documents(src))
-        files = sorted(os.path.basename(f) for f in sources.source_files(text))
+        listed = sorted(os.path.basename(f) for f in sources.source_files(text))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert titles == ['a', 'linked/c', 'sub/b']
     assert "skipped 4 symlinked folder(s)" in capsys.readouterr().out
-    assert files == ['a.md', 'b.md', 'c.md']
+    assert listed == ['a.md', 'b.md', 'c.md']
 
 
 def test_globs_match_as_glob_does_hidden_names_only_for_roam(tmp_path):
     for rel in ('x.md', 'd/y.md', 'd/e/z.md', '.trash/old.md', 'd/.hidden.md', 'note.txt'):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text('- x\n')
-    found = lambda pattern, hidden: sorted(os.path.relpath(f, tmp_path) for f in sources.find_files(str(tmp_path), pattern, 'x', hidden))
+    found = lambda pattern, hidden: sorted(os.path.relpath(f, tmp_path) for f in files.find_files(str(tmp_path), pattern, 'x', hidden))
     assert found('**/*.md', False) == ['d/e/z.md', 'd/y.md', 'x.md']  # as glob.glob(..., recursive=True)
     assert found('**/*.md', True) == ['.trash/old.md', 'd/.hidden.md', 'd/e/z.md', 'd/y.md', 'x.md']
     assert found('*.md', False) == ['x.md'] and found('d/*/[z]*', False) == ['d/e/z.md']
@@ -331,10 +332,10 @@ def test_a_file_without_separator_is_read_in_bounded_pieces(tmp_path):
     text = ''.join(f"line {i} {'word ' * (i % 17)}\n" for i in range(3000)) + 'x' * 900 + ' end'
     path = tmp_path / 'big.txt'
     path.write_text(text)
-    pieces = list(sources.split_stream(str(path), None, None, block=1000, max_chars=4000))
+    pieces = list(files.split_stream(str(path), None, None, block=1000, max_chars=4000))
     assert ''.join(pieces) == text and len(pieces) > 20
     assert all(len(p) <= 4000 for p in pieces) and all(p.endswith('\n') for p in pieces[:-2])
-    with_sep = list(sources.split_stream(str(path), 'line 1', None, block=777, max_chars=3000))
+    with_sep = list(files.split_stream(str(path), 'line 1', None, block=777, max_chars=3000))
     assert ''.join(with_sep) == text.replace('line 1', '') and all(len(p) <= 3000 for p in with_sep)
 
 
@@ -346,11 +347,11 @@ def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
     win, mac = str(tmp_path / 'win.txt'), str(tmp_path / 'mac.txt')
     (tmp_path / 'win.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r\n').encode())
     for block in (7, 64, 1 << 20):  # (7 and 64 end blocks inside a CR LF)
-        assert list(sources.split_stream(win, '\n\n', None, block=block)) == docs
+        assert list(files.split_stream(win, '\n\n', None, block=block)) == docs
     (tmp_path / 'mac.txt').write_bytes('\n\n'.join(docs).replace('\n', '\r').encode())
-    assert list(sources.split_stream(mac, '\n\n', None, block=5)) == docs
+    assert list(files.split_stream(mac, '\n\n', None, block=5)) == docs
     # a separator written with Windows line ends means the same documents
-    assert list(sources.split_stream(win, '\r\n\r\n', None, block=7)) == docs
+    assert list(files.split_stream(win, '\r\n\r\n', None, block=7)) == docs
     (tmp_path / 'roam').mkdir()
     (tmp_path / 'roam' / 'Dev.md').write_bytes(b'- owns the shop\r\n    - since 1998\r\n')
     src = sources.source_settings('roam', {'kind': 'roam', 'path': str(tmp_path / 'roam')})
@@ -364,7 +365,7 @@ def test_a_bad_byte_is_named_by_its_place_whatever_the_blocks_and_a_bom(tmp_path
         for block in (4, 5, 6, 1 << 20):  # (4 and 5 end a block inside the two-byte \xc3\xa9)
             path.write_bytes(head + b'caf\xc3\xa9 \xff end')
             problems = []
-            assert list(sources.split_stream(str(path), None, problems, block=block)) == []
+            assert list(files.split_stream(str(path), None, problems, block=block)) == []
             at = len(head) + 6
             assert len(problems) == 1 and f'(byte {at})' in problems[0], (head, block, problems)
 
@@ -377,9 +378,9 @@ def test_local_shards_are_rebuilt_when_the_way_files_are_read_changes(prepared, 
     local = sources.source_settings('story', cfg.sources['story'])
     online = sources.source_settings('d', {'kind': 'dolly', 'url': 'http://127.0.0.1:9/d.jsonl'})
     both = [(local, sources.source_files(local)), (online, [])]
-    before = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in both]
+    before = [prepare.fingerprint(s, paths, 'tok', cfg) for s, paths in both]
     monkeypatch.setattr(sources, 'READ_VERSION', sources.READ_VERSION + 1)
-    after = [prepare.fingerprint(s, files, 'tok', cfg) for s, files in both]
+    after = [prepare.fingerprint(s, paths, 'tok', cfg) for s, paths in both]
     assert before[0] != after[0] and before[1] == after[1]
 
 
@@ -398,8 +399,8 @@ def test_a_large_file_without_separator_is_tokenized_in_pieces_across_workers(tm
                        quality_filter=False)
     run('prepare.py', cfg, check=True)
     docs = split_documents(str(tmp_path / 'out' / 'data'), 'big', Tokenizer(tokenizer))
-    expected = list(sources.split_stream(str(tmp_path / 'big.txt'), None, None))
-    assert len(expected) >= 3 and all(len(d) <= sources.MAX_DOC_CHARS for d in expected)
+    expected = list(files.split_stream(str(tmp_path / 'big.txt'), None, None))
+    assert len(expected) >= 3 and all(len(d) <= files.MAX_DOC_CHARS for d in expected)
     assert sorted(docs['train'] + docs['val']) == sorted(expected) and docs['val']
 
 
