@@ -107,15 +107,6 @@ def test_a_symlink_loop_or_a_second_link_to_a_folder_reads_each_page_once(tmp_pa
     assert listed == ['a.md', 'b.md', 'c.md']
 
 
-def test_globs_match_as_glob_does_hidden_names_only_for_roam(tmp_path):
-    for rel in ('x.md', 'd/y.md', 'd/e/z.md', '.trash/old.md', 'd/.hidden.md', 'note.txt'):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text('- x\n')
-    found = lambda pattern, hidden: sorted(os.path.relpath(f, tmp_path) for f in files.find_files(str(tmp_path), pattern, 'x', hidden))
-    assert found('**/*.md', False) == ['d/e/z.md', 'd/y.md', 'x.md']  # as glob.glob(..., recursive=True)
-    assert found('**/*.md', True) == ['.trash/old.md', 'd/.hidden.md', 'd/e/z.md', 'd/y.md', 'x.md']
-    assert found('*.md', False) == ['x.md'] and found('d/*/[z]*', False) == ['d/e/z.md']
-
 
 def test_page_titles_from_file_names_with_tabs_and_newlines_stay_one_line(tmp_path):
     (tmp_path / 'notes').mkdir()
@@ -328,16 +319,6 @@ def test_tiny_shakespeare_val_is_the_last_tenth_of_the_file(tmp_path, prepared):
     assert docs['val'] == [text[cut:]] and docs['train'] == [text[:cut]]
 
 
-def test_a_file_without_separator_is_read_in_bounded_pieces(tmp_path):
-    text = ''.join(f"line {i} {'word ' * (i % 17)}\n" for i in range(3000)) + 'x' * 900 + ' end'
-    path = tmp_path / 'big.txt'
-    path.write_text(text)
-    pieces = list(files.split_stream(str(path), None, None, block=1000, max_chars=4000))
-    assert ''.join(pieces) == text and len(pieces) > 20
-    assert all(len(p) <= 4000 for p in pieces) and all(p.endswith('\n') for p in pieces[:-2])
-    with_sep = list(files.split_stream(str(path), 'line 1', None, block=777, max_chars=3000))
-    assert ''.join(with_sep) == text.replace('line 1', '') and all(len(p) <= 3000 for p in with_sep)
-
 
 def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
     """A file saved on Windows (CR LF) or an old Mac (CR) reads as one saved with LF: a text source
@@ -358,16 +339,6 @@ def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
     pages = [doc for _, doc, _ in sources.iter_documents(src)]
     assert pages == ['Dev\n- owns the shop\n    - since 1998\n']
 
-
-def test_a_bad_byte_is_named_by_its_place_whatever_the_blocks_and_a_bom(tmp_path):
-    path = tmp_path / 'bad.txt'
-    for head in (b'', b'\xef\xbb\xbf'):  # (a BOM the decoder drops)
-        for block in (4, 5, 6, 1 << 20):  # (4 and 5 end a block inside the two-byte \xc3\xa9)
-            path.write_bytes(head + b'caf\xc3\xa9 \xff end')
-            problems = []
-            assert list(files.split_stream(str(path), None, problems, block=block)) == []
-            at = len(head) + 6
-            assert len(problems) == 1 and f'(byte {at})' in problems[0], (head, block, problems)
 
 
 def test_local_shards_are_rebuilt_when_the_way_files_are_read_changes(prepared, monkeypatch):
