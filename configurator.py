@@ -269,6 +269,8 @@ KEYS = {
     'eval_out': ('', "eval.py: folder for eval_results.json/.md; '' = beside the checkpoint"),
     'questions': ('', "eval.py: a .jsonl of questions scored by keywords (data/sample/"
                       "questions.jsonl): asked through chat, greedy, one at a time; '' = skip"),
+    'compare_with': ('', "eval.py: an earlier run's eval_results.json: the questions gained "
+                         "and lost against it, and a sign test; '' = none"),
 
     # --- export.py ---
     'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = "
@@ -301,8 +303,8 @@ KEYS = {
 # sources' paths. (boolq and hellaswag may also be 'download' or a URL: expanduser leaves those be.)
 PATH_KEYS = ('out_dir', 'data_dir', 'tokenizer_path', 'base_model', 'show_chat', 'cache_dir',
              'init_from', 'lora_base', 'merge_lora', 'ckpt', 'system_file', 'text_file', 'boolq',
-             'hellaswag', 'questions', 'eval_out', 'export_dir', 'bench_json', 'bench_corpus',
-             'bench_sft_config')
+             'hellaswag', 'questions', 'compare_with', 'eval_out', 'export_dir', 'bench_json',
+             'bench_corpus', 'bench_sft_config')
 
 
 def key_spec(name):

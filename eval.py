@@ -25,6 +25,9 @@ Stage 5: how good is a checkpoint?
 - Benchmark rows are all checked (the fields: 'What a row ... must hold', below) before the model is
   loaded.
 - --eval_chat=True asks the same questions through the chat template (for SFT checkpoints).
+- --questions: a file of questions about your notes, each scored right when the answer holds its
+  keywords; --compare_with=<an earlier eval_results.json>: the questions gained and lost against
+  that run, and a sign test of whether the difference is more than chance.
 - A fixed list of prompts answered greedily, printed and saved.
 Results go to eval_results.json and eval_results.md beside the checkpoint (or in eval_out).
 """
@@ -358,6 +361,49 @@ def questions_line(r):
             f"\"i don't know\" to {r['idk_on_answerable']} answerable")
 
 
+def earlier_answers(path):
+    """The answers of an earlier eval_results.json (--compare_with), read before any model work."""
+    if not os.path.isfile(path):
+        die(f"--compare_with: cannot read {path}: no such file (give the eval_results.json of an "
+            "earlier `eval.py --questions=...` run)")
+    try:
+        with open(path, encoding='utf-8') as f:
+            earlier = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        die(f"--compare_with: {path} is not a JSON file ({e}): give an eval_results.json")
+    answers = earlier.get('questions', {}).get('answers') if isinstance(earlier, dict) else None
+    if not isinstance(answers, list) or not all(
+            isinstance(a, dict) and isinstance(a.get('question'), str)
+            and isinstance(a.get('right'), bool) for a in answers):
+        die(f"--compare_with: {path} holds no scored questions: give the eval_results.json of a "
+            "run with --questions")
+    return {a['question']: a['right'] for a in answers}
+
+
+def compared(r, earlier, path):
+    """Questions gained and lost against an earlier run, and whether that is more than chance.
+
+    Two fine-tunes that differ in one setting (or only in their seed) get different questions
+    right, several each way, so a difference of a question or two in the totals says little. The
+    sign test (McNemar's exact test) asks: if the change did nothing, each question that one run
+    gets right and the other wrong would be a coin toss; how likely is a split at least this
+    lopsided? p is that chance (two-sided); below ~0.05, the change is more than noise."""
+    both = [a for a in r['answers'] if a['question'] in earlier]
+    gained = [a for a in both if a['right'] and not earlier[a['question']]]
+    lost = [a for a in both if not a['right'] and earlier[a['question']]]
+    n, least = len(gained) + len(lost), min(len(gained), len(lost))
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(least + 1)) / 2 ** n) if n else 1.0
+    return {'with': path, 'asked_in_both': len(both),
+            'earlier_right': sum(earlier[a['question']] for a in both),
+            'gained': [a['id'] for a in gained], 'lost': [a['id'] for a in lost], 'p': p}
+
+
+def compared_line(c):
+    return (f"against {c['with']} ({c['earlier_right']}/{c['asked_in_both']} on the same "
+            f"questions): {len(c['gained'])} gained, {len(c['lost'])} lost; sign test p = "
+            f"{c['p']:.2f} ({'more than' if c['p'] < 0.05 else 'within'} what chance moves)")
+
+
 # ----------------------------------------------------------------------------------------------
 
 def smoke(model, tok, chat, autocast, max_new_tokens=48):
@@ -405,6 +451,8 @@ def markdown(results):
             lines += ['', f"**{name}** (n={r['n']}): {benchmark_line(name, r)}"]
     if 'questions' in results:
         lines += ['', f"**questions**: {questions_line(results['questions'])}"]
+        if 'compared' in results['questions']:
+            lines += ['', compared_line(results['questions']['compared'])]
     return '\n'.join(lines) + '\n'
 
 
@@ -417,6 +465,9 @@ def main():
     benchmarks = {name: limit(read_rows(benchmark_file(spec, name), name))
                   for name, spec in (('boolq', cfg.boolq), ('hellaswag', cfg.hellaswag)) if spec}
     asked = limit(read_rows(cfg.questions, 'questions')) if cfg.questions else None
+    if cfg.compare_with and not asked:
+        die("--compare_with compares the answers to --questions: give --questions too")
+    earlier = earlier_answers(cfg.compare_with) if cfg.compare_with else None
     notes = notes_index(cfg) if asked else None  # (retrieval, when the config has it)
     text = None
     if cfg.text_file:
@@ -478,6 +529,13 @@ def main():
         for a in r['answers']:
             print(f"  {'+' if a['right'] else '-'} [{a['kind']}] {a['question']}\n"
                   f"      {a['answer'][:200]!r}")
+        if earlier is not None:
+            r['compared'] = c = compared(r, earlier, cfg.compare_with)
+            print(compared_line(c))
+            for word, ids in (('gained', c['gained']), ('lost', c['lost'])):
+                for a in r['answers']:
+                    if a['id'] in ids:
+                        print(f"  {word}: [{a['kind']}] {a['question']}")
     print("smoke prompts (greedy):")
     results['smoke'] = smoke(model, tok, cfg.eval_chat, autocast)
 

@@ -203,6 +203,38 @@ def test_questions_are_asked_under_their_own_system_prompt_where_they_have_one(m
     assert r['idk_on_answerable'] == 1
 
 
+def test_answers_are_compared_with_an_earlier_run_by_a_sign_test(tmp_path):
+    """--compare_with: the questions one run gets right and the other wrong, each way, and the
+    chance (two-sided) of a split at least that lopsided if the change did nothing."""
+    def run_of(rights):
+        return {'answers': [{'id': f'q{i}', 'kind': 'fact', 'question': f'question {i}?',
+                             'answer': '', 'right': right} for i, right in enumerate(rights)]}
+    before = [True] * 10 + [False] * 10
+    path = tmp_path / 'eval_results.json'
+    path.write_text(json.dumps({'questions': run_of(before)}))
+    earlier = evaluate.earlier_answers(str(path))
+    # 2 gained, 7 lost: p = 2 x (C(9,0) + C(9,1) + C(9,2)) / 2^9 = 92 / 512
+    now = run_of([False] * 7 + [True] * 3 + [True] * 2 + [False] * 8)
+    c = evaluate.compared(now, earlier, str(path))
+    assert c['gained'] == ['q10', 'q11'] and c['lost'] == [f'q{i}' for i in range(7)]
+    assert c['p'] == pytest.approx(92 / 512) and c['earlier_right'] == 10
+    assert 'within what chance moves' in evaluate.compared_line(c)
+    c = evaluate.compared(run_of([False] * 8 + before[8:]), earlier, str(path))  # 0 gained, 8 lost
+    assert c['p'] == pytest.approx(2 / 2 ** 8) and 'more than' in evaluate.compared_line(c)
+    # the same answers: nothing to test; a question the earlier run did not ask is left out
+    same = run_of(before)
+    same['answers'].append({**same['answers'][0], 'question': 'new?', 'right': False})
+    c = evaluate.compared(same, earlier, str(path))
+    assert (c['gained'], c['lost'], c['p'], c['asked_in_both']) == ([], [], 1.0, 20)
+    for text, says in (('{oops', 'not a JSON file'), ('{"splits": {}}', 'no scored questions')):
+        path.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            evaluate.earlier_answers(str(path))
+        assert str(path) in str(e.value) and says in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        evaluate.earlier_answers(str(tmp_path / 'none.json'))
+    assert 'none.json' in str(e.value) and 'no such file' in str(e.value)
+
 def test_eval_cli_writes_results_and_a_table(trained, tmp_path):
     cfg, out = trained
     (tmp_path / 'boolq.jsonl').write_text(''.join(json.dumps({'question': f'is {i} even', 'passage': f'{i} is a number.',
@@ -222,6 +254,8 @@ def test_eval_cli_writes_results_and_a_table(trained, tmp_path):
     assert list(json.loads((tmp_path / 'res2' / 'eval_results.json').read_text())['splits']) == ['doc.txt']
     p = run('eval.py', cfg, f'--boolq={tmp_path}/none.jsonl', f'--eval_out={tmp_path}/res3')
     assert p.returncode != 0 and 'none.jsonl' in p.stderr and not (tmp_path / 'res3').exists()
+    p = run('eval.py', cfg, f'--compare_with={tmp_path}/res/eval_results.json')
+    assert p.returncode != 0 and 'give --questions too' in p.stderr
 
 
 def test_benchmark_files_download_with_the_project_download_code(trained, tmp_path):

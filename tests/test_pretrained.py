@@ -645,9 +645,12 @@ def test_pretraining_lora_resume_ddp_and_eval_on_an_imported_model(tmp_path, cor
          'endings': ['rides off.', 'eats it.'], 'label': '0'}) + '\n')
     (tmp_path / 'q.jsonl').write_text(json.dumps(
         {'question': 'what is cold?', 'keywords': [['sea']], 'kind': 'fact'}) + '\n')
-    for ckpt in (os.path.join(out, 'lora', 'ckpt.pt'), 'base_model'):
+    for ckpt, earlier in ((os.path.join(out, 'lora', 'ckpt.pt'), []),
+                          ('base_model', [f'--compare_with={tmp_path}/eval/eval_results.json'])):
         p = run('eval.py', cfg, f'--ckpt={ckpt}', f'--boolq={tmp_path}/boolq.jsonl',
                 f'--hellaswag={tmp_path}/hs.jsonl', f'--questions={tmp_path}/q.jsonl',
-                f'--eval_out={tmp_path}/eval', check=True)
+                f'--eval_out={tmp_path}/eval', *earlier, check=True)
         for says in ('story: loss', 'bits/byte', 'boolq (n=2)', 'hellaswag (n=1)', 'questions ('):
             assert says in p.stdout, (says, p.stdout)
+    # (the base model's answer against the LoRA run's: one question, the same or one each way)
+    assert '/1 on the same questions): ' in p.stdout and 'sign test p = ' in p.stdout
