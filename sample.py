@@ -10,7 +10,8 @@ that a character split over several byte tokens is printed only once it is whole
 Chat on a terminal edits lines with readline (arrow keys, and up/down for earlier messages of the
 session). With piped stdin it is a line protocol for programs: one message per input line, one reply
 per output line (a newline inside a reply is written as the two characters \\n, a backslash as
-\\\\), and status lines such as "(conversation reset)" go to stderr.
+\\\\), and status lines such as "(conversation reset)" go to stderr. With retrieval on
+(config/notes.py), /notes shows the notes the model was given with your last message.
 """
 import codecs
 import os
@@ -112,9 +113,10 @@ def chat(cfg, model, tok, autocast, generator, notes=None):
     messages = [{'role': 'system', 'content': system}]
     pending = render_conversation(tok, messages)[0]
     previous = ''  # the user's last message as typed (retrieval looks at it too)
+    shown = None  # that message as the model read it, the notes in front of it
     if tty:
         print("chat: type a message; /reset, /system <text> (bare /system: the configured one), "
-              "/quit (or Ctrl-D)")
+              "/notes (what the model was shown with your last message), /quit (or Ctrl-D)")
     while True:
         try:
             line = input('> ' if tty else '')
@@ -127,6 +129,17 @@ def chat(cfg, model, tok, autocast, generator, notes=None):
             continue
         if text == '/quit':
             return
+        if text == '/notes':
+            # why did it answer that? the notes it read ("i don't know" often means the answer
+            # was not among them); on stderr, beside the other status lines
+            if notes is None:
+                status = "retrieval is off: the model reads your messages as typed"
+            elif shown is None:
+                status = "no message yet"
+            else:
+                status = f"your last message as the model read it:)\n{shown}\n(end"
+            print(f"({status})", file=sys.stderr)
+            continue
         if text in ('/reset', '/system') or text.startswith('/system '):
             status = "conversation reset"
             if text.startswith('/system'):
@@ -136,7 +149,7 @@ def chat(cfg, model, tok, autocast, generator, notes=None):
                 system = fit_system(tok, asked, block - room)
             messages = [{'role': 'system', 'content': system}]
             pending = render_conversation(tok, messages)[0]
-            previous = ''
+            previous, shown = '', None
             cache.reset()
             # not on stdout, where a program reads one reply per line
             print(f"({status})", file=sys.stderr)
@@ -144,7 +157,7 @@ def chat(cfg, model, tok, autocast, generator, notes=None):
         # with retrieval on, the model reads the message with the notes that match it (and the
         # message before it), as its SFT rows showed it (retrieval.py)
         content = with_notes(notes, text, cfg.retrieve_k, previous)
-        previous = text
+        previous, shown = text, content
         messages.append({'role': 'user', 'content': content})
         pending = pending + render_user_turn(tok, content)
         if cache.pos + len(pending) + room > block:

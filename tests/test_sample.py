@@ -195,6 +195,31 @@ def test_piped_chat_writes_each_reply_on_one_line(trained, monkeypatch, capsys):
     assert unescaped == reply and err == '(conversation reset)\n'
 
 
+def test_slash_notes_shows_the_last_message_as_the_model_read_it(trained, monkeypatch, capsys):
+    """/notes: the notes put in front of the last message (why the reply said what it said), on
+    stderr; nothing before a message, after /reset, or with retrieval off."""
+    from contextlib import nullcontext
+    import retrieval
+    cfg = load_cfg(trained[0], '--system=be brief.', '--retrieve_k=1')
+    tok = Tokenizer(cfg.tokenizer_path)
+    index = retrieval.Index(['[Dev]\n- owns the bike shop', '[Biscuit]\n- a ginger cat'],
+                            ['Dev', 'Biscuit'])
+    monkeypatch.setattr(sample, 'KVCache',
+                        lambda model: types.SimpleNamespace(pos=0, reset=lambda: None))
+    asked = '/notes\nwho owns the shop?\n/notes\n/reset\n/notes\n'
+    monkeypatch.setattr('sys.stdin', io.StringIO(asked))
+    parrot = Parrot(tok, 'dev.')
+    sample.chat(cfg, parrot, tok, nullcontext(), None, index)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ['dev.']
+    assert err == ('(no message yet)\n(your last message as the model read it:)\nnotes:\n[Dev]\n'
+                   '- owns the bike shop\n\nquestion: who owns the shop?\n(end)\n'
+                   '(conversation reset)\n(no message yet)\n')
+    monkeypatch.setattr('sys.stdin', io.StringIO('hi\n/notes\n'))
+    sample.chat(cfg, parrot, tok, nullcontext(), None)
+    assert capsys.readouterr().err == '(retrieval is off: the model reads your messages as typed)\n'
+
+
 def test_chat_replaces_bytes_that_are_not_utf8_and_lone_surrogates(sft_trained):
     cfg, _ = sft_trained
     p = run('sample.py', cfg, '--interactive', '--temperature=0', '--max_new_tokens=5',
