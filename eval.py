@@ -371,7 +371,8 @@ def earlier_answers(path):
             earlier = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         die(f"--compare_with: {path} is not a JSON file ({e}): give an eval_results.json")
-    answers = earlier.get('questions', {}).get('answers') if isinstance(earlier, dict) else None
+    asked = earlier.get('questions') if isinstance(earlier, dict) else None
+    answers = asked.get('answers') if isinstance(asked, dict) else None
     if not isinstance(answers, list) or not all(
             isinstance(a, dict) and isinstance(a.get('question'), str)
             and isinstance(a.get('right'), bool) for a in answers):

@@ -133,12 +133,11 @@ def chat(cfg, model, tok, autocast, generator, notes=None):
             # why did it answer that? the notes it read ("i don't know" often means the answer
             # was not among them); on stderr, beside the other status lines
             if notes is None:
-                status = "retrieval is off: the model reads your messages as typed"
+                print("(retrieval is off: the model reads your messages as typed)", file=sys.stderr)
             elif shown is None:
-                status = "no message yet"
+                print("(no message yet)", file=sys.stderr)
             else:
-                status = f"your last message as the model read it:)\n{shown}\n(end"
-            print(f"({status})", file=sys.stderr)
+                print(f"(your last message as the model read it:)\n{shown}\n(end)", file=sys.stderr)
             continue
         if text in ('/reset', '/system') or text.startswith('/system '):
             status = "conversation reset"

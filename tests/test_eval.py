@@ -226,7 +226,8 @@ def test_answers_are_compared_with_an_earlier_run_by_a_sign_test(tmp_path):
     same['answers'].append({**same['answers'][0], 'question': 'new?', 'right': False})
     c = evaluate.compared(same, earlier, str(path))
     assert (c['gained'], c['lost'], c['p'], c['asked_in_both']) == ([], [], 1.0, 20)
-    for text, says in (('{oops', 'not a JSON file'), ('{"splits": {}}', 'no scored questions')):
+    for text, says in (('{oops', 'not a JSON file'), ('{"splits": {}}', 'no scored questions'),
+                       ('{"questions": [1]}', 'no scored questions')):
         path.write_text(text)
         with pytest.raises(SystemExit) as e:
             evaluate.earlier_answers(str(path))
