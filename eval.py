@@ -332,22 +332,34 @@ def ask(model, tok, system, content, autocast, max_new_tokens=64):
     return tok.decode([t for t in new if t not in stop]).strip()
 
 
+def holds(text, groups):
+    """Does text hold one of every group of keywords (any case)?"""
+    text = text.lower()
+    return all(any(w.lower() in text for w in group) for group in groups)
+
+
 def questions(model, tok, rows, system, notes, k, autocast):
     """Each row asked (retrieval.with_notes when notes is an index) under the config's system
     prompt, or the row's own ('system': does the model follow one it was not tuned on?); per
-    kind: right / asked."""
+    kind: right / asked. With retrieval, also whether the notes shown held the answer's keywords
+    (`in_notes`, for the questions the notes answer): a wrong answer with the answer in front of
+    the model is a reading failure, one without it a finding failure (chunking, retrieve_k)."""
     answers, by_kind = [], {}
     progress = Progress('questions', len(rows), every=5)
     for i, row in enumerate(rows):
+        content = with_notes(notes, row['question'], k)
         answer = ask(model, tok, row.get('system') or system,  # (null in a parquet row: none)
-                     with_notes(notes, row['question'], k), autocast)
+                     content, autocast)
         text = answer.lower()
-        right = all(any(w.lower() in text for w in group) for group in row['keywords'])
-        answers.append({'id': row.get('id', i + 1), 'kind': row.get('kind', ''),
-                        'question': row['question'], 'answer': answer, 'right': right,
-                        'said_idk': any(w in text for w in IDK)})
+        a = {'id': row.get('id', i + 1), 'kind': row.get('kind', ''), 'question': row['question'],
+             'answer': answer, 'right': holds(answer, row['keywords']),
+             'said_idk': any(w in text for w in IDK)}
+        if notes is not None and a['kind'] != 'unknown':
+            shown = content[:content.rfind(row['question'])]  # the notes, not the question
+            a['in_notes'] = holds(shown, row['keywords'])
+        answers.append(a)
         kind = by_kind.setdefault(row.get('kind', '') or 'all', [0, 0])
-        kind[0] += right
+        kind[0] += a['right']
         kind[1] += 1
         progress(i + 1)
     return {'n': len(rows), 'right': sum(a['right'] for a in answers), 'by_kind': by_kind,
@@ -357,8 +369,14 @@ def questions(model, tok, rows, system, notes, k, autocast):
 
 def questions_line(r):
     kinds = ', '.join(f"{kind} {right}/{n}" for kind, (right, n) in r['by_kind'].items())
-    return (f"{r['right']}/{r['n']} right ({100 * r['right'] / r['n']:.0f}%: {kinds}); "
+    line = (f"{r['right']}/{r['n']} right ({100 * r['right'] / r['n']:.0f}%: {kinds}); "
             f"\"i don't know\" to {r['idk_on_answerable']} answerable")
+    found = [a for a in r['answers'] if 'in_notes' in a]
+    if found:
+        shown = [a for a in found if a['in_notes']]
+        line += (f"; the answer was in the notes shown for {len(shown)} of {len(found)} "
+                 f"answerable, and right for {sum(a['right'] for a in shown)} of those")
+    return line
 
 
 def earlier_answers(path):

@@ -203,6 +203,30 @@ def test_questions_are_asked_under_their_own_system_prompt_where_they_have_one(m
     assert r['idk_on_answerable'] == 1
 
 
+def test_questions_say_whether_the_notes_shown_held_the_answer(monkeypatch):
+    """With retrieval: for each answerable question, were its keywords in the notes put in front of
+    it (found, then read or misread), or not (not found)? Not for 'unknown' questions, and not
+    counted from the question's own words."""
+    import retrieval
+    index = retrieval.Index(['[Dev]\n- owns Harbour Cycles', '[Biscuit]\n- a ginger cat'],
+                            ['Dev', 'Biscuit'])
+    replies = {'what colour is biscuit?': 'ginger.', 'how old is biscuit?': "i don't know.",
+               'is harbour cycles a shop?': 'no idea.', "what is dev's phone number?": 'no idea.'}
+    monkeypatch.setattr(evaluate, 'ask', lambda model, tok, system, content, autocast:
+                        replies[content.split('question: ')[-1]])
+    rows = [{'question': 'what colour is biscuit?', 'keywords': [['ginger']], 'kind': 'fact'},
+            {'question': 'how old is biscuit?', 'keywords': [['nine']], 'kind': 'fact'},
+            {'question': 'is harbour cycles a shop?', 'keywords': [['shop']], 'kind': 'fact'},
+            {'question': "what is dev's phone number?", 'keywords': [["don't know", 'no idea']],
+             'kind': 'unknown'}]
+    r = evaluate.questions(None, None, rows, 'sys', index, 1, nullcontext())
+    assert [a.get('in_notes') for a in r['answers']] == [True, False, False, None]
+    assert r['right'] == 2 and r['answers'][2]['right'] is False  # ("no idea." holds no "shop")
+    assert evaluate.questions_line(r).endswith(
+        'the answer was in the notes shown for 1 of 3 answerable, and right for 1 of those')
+    r = evaluate.questions(None, None, rows[:1], 'sys', None, 1, nullcontext())  # retrieval off
+    assert 'in_notes' not in r['answers'][0] and 'notes shown' not in evaluate.questions_line(r)
+
 def test_answers_are_compared_with_an_earlier_run_by_a_sign_test(tmp_path):
     """--compare_with: the questions one run gets right and the other wrong, each way, and the
     chance (two-sided) of a split at least that lopsided if the change did nothing."""
