@@ -546,7 +546,8 @@ def main():
         print(f"questions ({cfg.questions}{', with retrieval' if notes else ''}): "
               f"{questions_line(r)}")
         for a in r['answers']:
-            print(f"  {'+' if a['right'] else '-'} [{a['kind']}] {a['question']}\n"
+            missing = ' (its answer not in the notes shown)' if a.get('in_notes') is False else ''
+            print(f"  {'+' if a['right'] else '-'} [{a['kind']}] {a['question']}{missing}\n"
                   f"      {a['answer'][:200]!r}")
         if earlier is not None:
             r['compared'] = c = compared(r, earlier, cfg.compare_with)
