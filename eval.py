@@ -26,8 +26,9 @@ Stage 5: how good is a checkpoint?
   loaded.
 - --eval_chat=True asks the same questions through the chat template (for SFT checkpoints).
 - --questions: a file of questions about your notes, each scored right when the answer holds its
-  keywords (with retrieval, also whether the notes shown held them); --compare_with=<an earlier eval_results.json>: the questions gained and lost against
-  that run, and a sign test of whether the difference is more than chance.
+  keywords (with retrieval, also whether the notes shown held them); --compare_with=<an earlier
+  eval_results.json>: the questions gained and lost against that run, and a sign test of whether
+  the difference is more than chance.
 - A fixed list of prompts answered greedily, printed and saved.
 Results go to eval_results.json and eval_results.md beside the checkpoint (or in eval_out).
 """
