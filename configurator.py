@@ -271,6 +271,9 @@ KEYS = {
                       "questions.jsonl): asked through chat, greedy, one at a time; '' = skip"),
     'compare_with': ('', "eval.py: an earlier run's eval_results.json: the questions gained "
                          "and lost against it, and a sign test; '' = none"),
+    'oracle_notes': (False, "eval.py --questions with retrieval: show each question only the "
+                            "chunk of the notes that holds its answer's keywords (retrieval made "
+                            "perfect): how much the model reads when finding is not the problem"),
 
     # --- export.py ---
     'export_dir': ('', "export.py: folder for the Hugging Face folder and the GGUF file; '' = "

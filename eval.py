@@ -28,7 +28,8 @@ Stage 5: how good is a checkpoint?
 - --questions: a file of questions about your notes, each scored right when the answer holds its
   keywords (with retrieval, also whether the notes shown held them); --compare_with=<an earlier
   eval_results.json>: the questions gained and lost against that run, and a sign test of whether
-  the difference is more than chance.
+  the difference is more than chance; --oracle_notes=True: each question shown only the chunk that
+  holds its answer (would better retrieval help?).
 - A fixed list of prompts answered greedily, printed and saved.
 Results go to eval_results.json and eval_results.md beside the checkpoint (or in eval_out).
 """
@@ -50,7 +51,7 @@ from common import Progress, atomic_file, check_writable, die, runtime
 from configurator import configure
 from data import (bits_per_byte, is_prepared, load_split, loss_sums, pair_sequences,
                   split_sequences, windows)
-from retrieval import notes_index, with_notes
+from retrieval import notes_index, shown, with_notes
 from tokenizer import load_tokenizer, render_for_reply, system_prompt
 
 HF = download.HF_DATASETS
@@ -339,16 +340,24 @@ def holds(text, groups):
     return all(any(w.lower() in text for w in group) for group in groups)
 
 
-def questions(model, tok, rows, system, notes, k, autocast):
+def questions(model, tok, rows, system, notes, k, autocast, oracle=False):
     """Each row asked (retrieval.with_notes when notes is an index) under the config's system
     prompt, or the row's own ('system': does the model follow one it was not tuned on?); per
     kind: right / asked. With retrieval, also whether the notes shown held the answer's keywords
     (`in_notes`, for the questions the notes answer): a wrong answer with the answer in front of
-    the model is a reading failure, one without it a finding failure (chunking, retrieve_k)."""
+    the model is a reading failure, one without it a finding failure (chunking, retrieve_k).
+    oracle: each question the notes answer is shown only the best-ranked chunk that holds its
+    keywords (as if retrieval were perfect; those no single chunk answers as retrieval shows them):
+    if the model gets no more right this way, better finding cannot help it, only better reading."""
     answers, by_kind = [], {}
     progress = Progress('questions', len(rows), every=5)
     for i, row in enumerate(rows):
         content = with_notes(notes, row['question'], k)
+        if oracle and row.get('kind') != 'unknown':
+            held = [j for j in notes.ranked(row['question'])
+                    if holds(notes.chunks[j], row['keywords'])]
+            held = held or [j for j, c in enumerate(notes.chunks) if holds(c, row['keywords'])]
+            content = shown([notes.chunks[held[0]]], row['question']) if held else content
         answer = ask(model, tok, row.get('system') or system,  # (null in a parquet row: none)
                      content, autocast)
         text = answer.lower()
@@ -356,8 +365,8 @@ def questions(model, tok, rows, system, notes, k, autocast):
              'answer': answer, 'right': holds(answer, row['keywords']),
              'said_idk': any(w in text for w in IDK)}
         if notes is not None and a['kind'] != 'unknown':
-            shown = content[:content.rfind(row['question'])]  # the notes, not the question
-            a['in_notes'] = holds(shown, row['keywords'])
+            in_front = content[:content.rfind(row['question'])]  # the notes, not the question
+            a['in_notes'] = holds(in_front, row['keywords'])
         answers.append(a)
         kind = by_kind.setdefault(row.get('kind', '') or 'all', [0, 0])
         kind[0] += a['right']
@@ -489,6 +498,10 @@ def main():
         die("--compare_with compares the answers to --questions: give --questions too")
     earlier = earlier_answers(cfg.compare_with) if cfg.compare_with else None
     notes = notes_index(cfg) if asked else None  # (retrieval, when the config has it)
+    if cfg.oracle_notes and notes is None:
+        need = 'a config with retrieval (retrieve_from)' if asked else '--questions too'
+        die("--oracle_notes shows each of --questions only the chunk of the notes that holds its "
+            f"answer: give {need}")
     text = None
     if cfg.text_file:
         if not os.path.isfile(cfg.text_file):
@@ -543,9 +556,11 @@ def main():
         print(f"{name} (n={r['n']}): {benchmark_line(name, r)}")
     if asked:
         results['questions'] = r = questions(model, tok, asked, system_prompt(cfg), notes,
-                                             cfg.retrieve_k, autocast)
-        print(f"questions ({cfg.questions}{', with retrieval' if notes else ''}): "
-              f"{questions_line(r)}")
+                                             cfg.retrieve_k, autocast, cfg.oracle_notes)
+        r['oracle_notes'] = cfg.oracle_notes
+        how = (", each shown the chunk that holds its answer (oracle_notes)" if cfg.oracle_notes
+               else ', with retrieval' if notes else '')
+        print(f"questions ({cfg.questions}{how}): {questions_line(r)}")
         for a in r['answers']:
             missing = ' (its answer not in the notes shown)' if a.get('in_notes') is False else ''
             print(f"  {'+' if a['right'] else '-'} [{a['kind']}] {a['question']}{missing}\n"

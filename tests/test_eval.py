@@ -227,6 +227,34 @@ def test_questions_say_whether_the_notes_shown_held_the_answer(monkeypatch):
     r = evaluate.questions(None, None, rows[:1], 'sys', None, 1, nullcontext())  # retrieval off
     assert 'in_notes' not in r['answers'][0] and 'notes shown' not in evaluate.questions_line(r)
 
+
+def test_oracle_notes_show_each_question_the_chunk_that_holds_its_answer(monkeypatch):
+    """--oracle_notes: retrieval made perfect. Each answerable question is shown only the chunk
+    that holds its keywords, the best ranked where several do, found even when it shares no word
+    with the question; a question no chunk answers, and an 'unknown' one, as retrieval shows it."""
+    import retrieval
+    index = retrieval.Index(['[Biscuit]\n- hates the hoover', '[Biscuit]\n- a ginger cat, nine',
+                             '[Dev]\n- owns Harbour Cycles', '[Biscuit]\n- ginger.'],
+                            ['Biscuit', 'Biscuit', 'Dev', 'Biscuit'])
+    heard = {}
+
+    def ask(model, tok, system, content, autocast):
+        heard[content.split('question: ')[-1]] = content
+        return 'ginger.'
+    monkeypatch.setattr(evaluate, 'ask', ask)
+    rows = [{'question': 'what colour is biscuit?', 'keywords': [['ginger']], 'kind': 'fact'},
+            {'question': 'who owns the bike shop?', 'keywords': [['dev']], 'kind': 'fact'},
+            {'question': 'how old is biscuit?', 'keywords': [['twelve']], 'kind': 'fact'},
+            {'question': 'what does biscuit love?', 'keywords': [['ginger']], 'kind': 'unknown'}]
+    r = evaluate.questions(None, None, rows, 'sys', index, 2, nullcontext(), oracle=True)
+    notes = {q: c.split('\n\nquestion: ')[0] for q, c in heard.items()}
+    # two chunks say ginger; the shorter one, which BM25 ranks first, is shown, alone
+    assert notes['what colour is biscuit?'] == 'notes:\n[Biscuit]\n- ginger.'
+    assert notes['who owns the bike shop?'] == 'notes:\n[Dev]\n- owns Harbour Cycles'
+    for q in ('how old is biscuit?', 'what does biscuit love?'):  # as retrieval shows them
+        assert heard[q] == retrieval.with_notes(index, q, 2)
+    assert [a.get('in_notes') for a in r['answers']] == [True, True, False, None]
+
 def test_answers_are_compared_with_an_earlier_run_by_a_sign_test(tmp_path):
     """--compare_with: the questions one run gets right and the other wrong, each way, and the
     chance (two-sided) of a split at least that lopsided if the change did nothing."""
@@ -281,6 +309,11 @@ def test_eval_cli_writes_results_and_a_table(trained, tmp_path):
     assert p.returncode != 0 and 'none.jsonl' in p.stderr and not (tmp_path / 'res3').exists()
     p = run('eval.py', cfg, f'--compare_with={tmp_path}/res/eval_results.json')
     assert p.returncode != 0 and 'give --questions too' in p.stderr
+    for args, says in (([], 'give --questions too'),
+                       ([f'--questions={tmp_path}/q.jsonl'], 'a config with retrieval')):
+        (tmp_path / 'q.jsonl').write_text('{"question": "who?", "keywords": [["dev"]]}\n')
+        p = run('eval.py', cfg, '--oracle_notes=True', *args)
+        assert p.returncode != 0 and 'oracle_notes' in p.stderr and says in p.stderr
 
 
 def test_benchmark_files_download_with_the_project_download_code(trained, tmp_path):
