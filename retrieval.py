@@ -26,6 +26,7 @@ than from a few pages (BENCHMARKS.md, "Smaller chunks").
 import hashlib
 import math
 import re
+import unicodedata
 from collections import Counter
 
 import sources
@@ -42,9 +43,12 @@ TITLE_WEIGHT = 3  # a page title's words count this many times in each of its ch
 
 
 def words(text):
-    """Lowercase words, stopwords out, a plural's 's' off ('bikes' finds 'bike')."""
+    """Lowercase words without their accents ('ines' finds 'Inês', 'cafe' 'Café'), stopwords out,
+    a plural's 's' off ('bikes' finds 'bike')."""
+    text = unicodedata.normalize('NFKD', text.lower())  # 'ê' -> 'e' + a combining circumflex
+    text = ''.join(c for c in text if not unicodedata.combining(c))
     out = []
-    for w in re.findall(r"[^\W_]+", text.lower()):
+    for w in re.findall(r"[^\W_]+", text):
         if w in STOPWORDS:
             continue
         if len(w) > 3 and w.endswith('s') and not w.endswith('ss'):

@@ -35,6 +35,10 @@ def test_the_page_that_shares_rare_words_comes_first():
     assert index.search('what happened on november 3rd', 1)[0].startswith('[November 3rd')
     # plurals meet singulars; stopwords and unknown words find nothing
     assert index.search('tyres', 1)[0].startswith('[November 3rd')
+    # accents do not count: a question typed without them finds the note written with them
+    accents = index_of({'Café Brisa': '- run by Inês', 'Bakery': '- run by Ines'})
+    assert [c[:6] for c in accents.search('which cafe?', 2)] == ['[Café ']
+    assert len(accents.search('ines', 3)) == 2
     assert index.search('what is the who', 3) == []
     assert index.search('zeppelin', 3) == []
 
