@@ -14,13 +14,13 @@ Each key's valid values sit beside its default (a range for every number): every
 final values before it does any work, so `batch_size=0` or `dropout=1.5` stops at once with the key,
 where it was set and what is allowed.
 
-Three conveniences for config files:
+Four conveniences for config files:
   - command-line values are visible while a config file runs, so a file can branch on them
     (config/demo.py does `if phase == 'sft': ...`);
   - `include('other.py')` runs another config file (path relative to the including file) in the
     same namespace, so config/prod_sft.py can start from config/prod_pretrain.py;
   - `include_text('file.txt')` is the stripped text of a file beside the config file (the system
-    prompt config/demo.py, dev_sft.py and prod_sft.py share is config/mara_system.txt);
+    prompt config/demo.py, dev_sft.py, prod_sft.py and notes.py share is config/mara_system.txt);
   - `{out_dir}` and `{phase}` in a string value are filled in at the very end, so a path such as
     init_from = '{out_dir}/pretrain/best.pt' follows --out_dir (and the out_dir of a copied
     profile).

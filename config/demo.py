@@ -34,7 +34,7 @@ if phase == 'pretrain':
     max_iters = 400
     # Muon + WSD: held-out notes at 2.05 bits per byte (step 100) against AdamW + cosine's 2.09
     # (step 150), and lower at equal seconds too, though a Muon step costs ~40% more here
-    # (BENCHMARKS.md, "Muon and WSD")
+    # (BENCHMARKS.md, "Muon + WSD against AdamW + cosine")
     optimizer = 'muon'
     lr_schedule = 'wsd'
     decay_frac = 0.4

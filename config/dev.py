@@ -26,7 +26,7 @@ compile = True
 mixture = {'tinyshakespeare': 0.91, 'roam': 0.06, 'primer': 0.03}
 max_iters = 600
 # Muon + WSD: in a 150-step run of this profile it reached AdamW + cosine's final 2.26 bits per byte in 0.48x
-# the seconds and ended at 2.07 (BENCHMARKS.md, "Muon and WSD"). --optimizer=adamw --lr_schedule=cosine
+# the seconds and ended at 2.07 (BENCHMARKS.md, "Muon + WSD"). --optimizer=adamw --lr_schedule=cosine
 # --learning_rate=1e-3 --min_lr=1e-4 is the AdamW run it was measured against.
 optimizer = 'muon'
 lr_schedule = 'wsd'

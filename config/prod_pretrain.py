@@ -1,6 +1,7 @@
 # prod_pretrain: a 124M-parameter model, block 1024, on fineweb-edu + wikitext-103 + your notes + the primer.
-# 2.6B tokens x 0.88 GFLOP/token: ~1.5-2 hours on one H100 at 40-50% MFU (an estimate: not yet timed on a GPU),
-# ~15 minutes on 8 (torchrun). ~10 GB of downloads.
+# 2.6B tokens x 0.88 GFLOP/token: ~1.5-2 hours on one H100 at 40-50% MFU (1.15 s a step in a
+# short prod-shaped run on an H100; the full run not yet timed), ~15 minutes on 8 (torchrun).
+# ~10 GB of downloads.
 #   ./run.sh prod        or   TRAIN="torchrun --standalone --nproc_per_node=8" ./run.sh prod
 out_dir = 'out/prod'
 sources = {

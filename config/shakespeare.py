@@ -3,8 +3,8 @@
 # steps in them), then val bits per byte on that last 10%.
 #   ./run.sh shakespeare
 # python eval.py config/shakespeare.py --text_file=<the last 10% of input.txt> (the same figure)
-# Every setting below was chosen by measurement for that budget (BENCHMARKS.md, "Muon and WSD" and
-# "CPU efficiency, time budgets").
+# Every setting below was chosen by measurement for that budget (BENCHMARKS.md, "Muon + WSD against
+# AdamW + cosine" and "CPU efficiency, time budgets").
 out_dir = 'out/shakespeare'
 # separator=None: train and val are each one stream, as nanoGPT reads the file. Split into speeches
 # (separator='\n\n') each speech is a document that starts with <s>; pretraining windows still span
