@@ -243,14 +243,14 @@ def test_oracle_notes_show_each_question_the_chunk_that_holds_its_answer(monkeyp
         return 'ginger.'
     monkeypatch.setattr(evaluate, 'ask', ask)
     rows = [{'question': 'what colour is biscuit?', 'keywords': [['ginger']], 'kind': 'fact'},
-            {'question': 'who owns the bike shop?', 'keywords': [['dev']], 'kind': 'fact'},
+            {'question': 'who runs the bike shop?', 'keywords': [['dev']], 'kind': 'fact'},
             {'question': 'how old is biscuit?', 'keywords': [['twelve']], 'kind': 'fact'},
             {'question': 'what does biscuit love?', 'keywords': [['ginger']], 'kind': 'unknown'}]
     r = evaluate.questions(None, None, rows, 'sys', index, 2, nullcontext(), oracle=True)
     notes = {q: c.split('\n\nquestion: ')[0] for q, c in heard.items()}
     # two chunks say ginger; the shorter one, which BM25 ranks first, is shown, alone
     assert notes['what colour is biscuit?'] == 'notes:\n[Biscuit]\n- ginger.'
-    assert notes['who owns the bike shop?'] == 'notes:\n[Dev]\n- owns Harbour Cycles'
+    assert notes['who runs the bike shop?'] == 'notes:\n[Dev]\n- owns Harbour Cycles'
     for q in ('how old is biscuit?', 'what does biscuit love?'):  # as retrieval shows them
         assert heard[q] == retrieval.with_notes(index, q, 2)
     assert [a.get('in_notes') for a in r['answers']] == [True, True, False, None]
