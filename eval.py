@@ -479,7 +479,9 @@ def markdown(results):
             r = results[name]
             lines += ['', f"**{name}** (n={r['n']}): {benchmark_line(name, r)}"]
     if 'questions' in results:
-        lines += ['', f"**questions**: {questions_line(results['questions'])}"]
+        oracle = ' (each shown the chunk that holds its answer: oracle_notes)' if results[
+            'questions'].get('oracle_notes') else ''
+        lines += ['', f"**questions**{oracle}: {questions_line(results['questions'])}"]
         if 'compared' in results['questions']:
             lines += ['', compared_line(results['questions']['compared'])]
     return '\n'.join(lines) + '\n'
