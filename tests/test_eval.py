@@ -254,6 +254,9 @@ def test_oracle_notes_show_each_question_the_chunk_that_holds_its_answer(monkeyp
     for q in ('how old is biscuit?', 'what does biscuit love?'):  # as retrieval shows them
         assert heard[q] == retrieval.with_notes(index, q, 2)
     assert [a.get('in_notes') for a in r['answers']] == [True, True, False, None]
+    table = evaluate.markdown({'ckpt': 'x.pt', 'iter': 1, 'splits': {},
+                               'questions': {**r, 'oracle_notes': True}})
+    assert '**questions** (each shown the chunk that holds its answer: oracle_notes): 2/4' in table
 
 def test_answers_are_compared_with_an_earlier_run_by_a_sign_test(tmp_path):
     """--compare_with: the questions one run gets right and the other wrong, each way, and the
