@@ -28,7 +28,8 @@ retrieve_chunk_chars = 120
 # answered "i don't know." (retrieval.unanswerable_rows): 0 -> 5 of 10 "i don't know"s where the
 # notes are silent, 13 -> 16 of 51 in all, at the price of "i don't know" to 11 answerable ones
 # (at 0.5: 6 of 10, 15 of 51, 16; BENCHMARKS.md, "Rows that teach"; measured with 3 chunks of 500
-# characters; with today's chunks: 5 of 10, 24 of 51, 8)
+# characters; with today's chunks: 5 of 10, 24 of 51, 8; and at 0, on an AMD EPYC, 1 of 10, 22 of
+# 51, 2, and 0 of 8 "i don't know"s on the unseen 40: BENCHMARKS.md, "unanswerable_frac 0")
 unanswerable_frac = 0.25
 system = include_text('mara_system.txt')
 # chat decodes at ~15 tokens/s eager and ~25 compiled, but compiling takes ~95 s a process on 2
