@@ -354,10 +354,10 @@ def questions(model, tok, rows, system, notes, k, autocast, oracle=False):
     for i, row in enumerate(rows):
         content = with_notes(notes, row['question'], k)
         if oracle and row.get('kind') != 'unknown':
-            held = [j for j in notes.ranked(row['question'])
-                    if holds(notes.chunks[j], row['keywords'])]
-            held = held or [j for j, c in enumerate(notes.chunks) if holds(c, row['keywords'])]
-            content = shown([notes.chunks[held[0]]], row['question']) if held else content
+            # the best-ranked chunk that holds the answer, else the first of the others that does
+            order = notes.ranked(row['question']) + list(range(len(notes.chunks)))
+            best = next((j for j in order if holds(notes.chunks[j], row['keywords'])), None)
+            content = content if best is None else shown([notes.chunks[best]], row['question'])
         answer = ask(model, tok, row.get('system') or system,  # (null in a parquet row: none)
                      content, autocast)
         text = answer.lower()
